@@ -1,0 +1,221 @@
+"""The ``fedlvc`` command line: compress, decompress, evaluate, demo-data, public-data, train.
+
+Errors a user can cause print one line (``fedlvc: error: ...``) and exit with code 2; no output file is left
+behind and the input is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.errors import FedlvcError
+
+EXIT_USER_ERROR = 2
+
+
+def _quality(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"quality must be an integer, not {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return v
+
+
+def cmd_compress(args) -> int:
+    from common.codec import compress_file
+    from common.checkpoint import load_model
+
+    model = load_model(args.model)
+    summary = compress_file(args.input, args.output, model, quality=args.quality,
+                            progress=not args.quiet)
+    print(json.dumps(summary) if args.json else
+          f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}, "
+          f"{summary['bytes']} bytes, {summary['bpp']:.4f} bpp (quality {summary['quality']})")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from common.codec import decompress_file
+    from common.checkpoint import load_model
+
+    model = load_model(args.model)
+    summary = decompress_file(args.input, args.output, model, progress=not args.quiet)
+    print(f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from common.checkpoint import load_model
+    from common.evaluate import evaluate_clip, print_report
+
+    model = load_model(args.model)
+    report = evaluate_clip(args.input, model, max_frames=args.frames, json_path=args.json, plot_path=args.plot,
+                           grid_path=args.grid, qualities=args.qualities, crfs=args.crfs,
+                           progress=not args.quiet)
+    print_report(report)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from common.data import write_demo_data
+
+    total = args.sites * args.clips
+    with tqdm(total=total, desc="demo clips", unit="clip", disable=args.quiet) as bar:
+        folders = write_demo_data(args.outdir, args.sites, args.clips, args.frames, args.width, args.height,
+                                  progress=lambda: bar.update(1))
+    print(f"wrote {total} clips for {len(folders)} sites under {args.outdir}")
+    return 0
+
+
+def cmd_public_data(args) -> int:
+    from common.data import PUBLIC_STILLS, write_public_pans
+
+    with tqdm(total=len(PUBLIC_STILLS), desc="public pans", unit="clip", disable=args.quiet) as bar:
+        paths = write_public_pans(args.outdir, args.frames, progress=lambda: bar.update(1))
+    print(f"wrote {len(paths)} camera pans over scikit-image stills under {args.outdir}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from common.privacy import DPConfig, plan_noise_multiplier
+    from common.training import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
+                      learning_rate=args.lr, checkpoint_seconds=args.checkpoint_seconds,
+                      validate_every=args.validate_every, every=args.every, seed=args.seed,
+                      max_frames_per_video=args.max_frames_per_video)
+    dp = None
+    if args.target_epsilon is not None and args.noise_multiplier is not None:
+        raise FedlvcError("give either --noise-multiplier or --target-epsilon, not both")
+    if args.noise_multiplier is not None or args.target_epsilon is not None:
+        sigma = args.noise_multiplier
+        if sigma is None:
+            from common.data import find_videos, load_frames
+
+            n = len(load_frames(find_videos(args.video_dirs), args.every, args.max_frames_per_video))
+            n -= len(range(0, n, 20))  # held-out validation frames
+            sigma = plan_noise_multiplier(args.target_epsilon, args.delta, args.batch_size / max(n, 1), args.steps,
+                                          args.accountant)
+        dp = DPConfig(noise_multiplier=sigma, max_grad_norm=args.max_grad_norm, delta=args.delta,
+                      accountant=args.accountant, grad_sample_mode=args.grad_sample_mode)
+    with tqdm(total=args.steps, desc="training", unit="step", disable=args.quiet) as bar:
+        def progress(step, loss):
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.refresh()
+
+        summary = train(args.video_dirs, args.out, cfg, dp=dp, init_model=args.init_model,
+                        log=(lambda s: tqdm.write(s)), progress=progress)
+    eps = summary["epsilon"]
+    print(f"{args.out}: {summary['steps']} steps on {summary['frames']} frames"
+          + ("" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedlvc", description="Federated, privacy-preserving learned video codec.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a video into a .lvc bitstream")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
+    c.add_argument("--quality", type=_quality, default=4, help="quality level 1..N (default 4)")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("decompress", help="decode a .lvc bitstream to .mkv (FFV1 RGB), .y4m or .mp4")
+    d.add_argument("input")
+    d.add_argument("output")
+    d.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_decompress)
+
+    e = sub.add_parser("evaluate", help="RD of every quality level against x264/x265 on the same frames")
+    e.add_argument("input")
+    e.add_argument("--model")
+    e.add_argument("--json", help="write the report as JSON here")
+    e.add_argument("--plot", help="write the RD plot (PNG) here")
+    e.add_argument("--grid", help="write an original-vs-reconstruction grid (PNG) here")
+    e.add_argument("--frames", type=_positive_int, default=None, help="use only the first N frames")
+    e.add_argument("--qualities", type=_quality, nargs="+", default=None, help="quality levels (default: all)")
+    e.add_argument("--crfs", type=int, nargs="+", default=None, help="x264/x265 CRFs (default 18 23 28 33 38)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("demo-data", help="generate distinct, deterministic clips for N sites")
+    g.add_argument("outdir")
+    g.add_argument("--sites", type=_positive_int, default=4)
+    g.add_argument("--clips", type=_positive_int, default=2)
+    g.add_argument("--frames", type=_positive_int, default=120)
+    g.add_argument("--width", type=_positive_int, default=320)
+    g.add_argument("--height", type=_positive_int, default=240)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_demo_data)
+
+    pub = sub.add_parser("public-data", help="camera pans over the stills scikit-image ships (public training data)")
+    pub.add_argument("outdir")
+    pub.add_argument("--frames", type=_positive_int, default=48)
+    pub.add_argument("--quiet", action="store_true")
+    pub.set_defaults(func=cmd_public_data)
+
+    t = sub.add_parser("train", help="train the codec on one site's videos (non-private or DP-SGD)")
+    t.add_argument("video_dirs", nargs="+")
+    t.add_argument("--out", required=True, help="checkpoint to write (.safetensors); resumes if its state exists")
+    t.add_argument("--init-model", help="start from this checkpoint (e.g. the shipped public model)")
+    t.add_argument("--steps", type=_positive_int, default=20000)
+    t.add_argument("--batch-size", type=_positive_int, default=16)
+    t.add_argument("--crop-size", type=_positive_int, default=96)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--every", type=_positive_int, default=1, help="use every n-th frame")
+    t.add_argument("--max-frames-per-video", type=_positive_int, default=None)
+    t.add_argument("--checkpoint-seconds", type=float, default=120.0)
+    t.add_argument("--validate-every", type=_positive_int, default=250)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    dpg = t.add_argument_group("differential privacy (DP-SGD with Opacus; off unless a noise option is given)")
+    dpg.add_argument("--noise-multiplier", type=float, default=None, help="sigma (0 = clipping only)")
+    dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")
+    dpg.add_argument("--max-grad-norm", type=float, default=1.0)
+    dpg.add_argument("--delta", type=float, default=1e-5)
+    dpg.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"])
+    dpg.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch", "ew"])
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FedlvcError as e:
+        print(f"fedlvc: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fedlvc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

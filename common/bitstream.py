@@ -1,0 +1,122 @@
+"""The ``.lvc`` container: a versioned, checksummed header and one length-prefixed chunk per frame.
+
+Layout (all integers big-endian)::
+
+    header  (47 bytes)
+      magic        4s   b"FLVC"
+      version      B    1
+      flags        B    0 (reserved)
+      fingerprint  16s  hash of the model that wrote the stream (see common.checkpoint.fingerprint)
+      quality      B    1..N
+      width        I    frame width in pixels (before padding to the model stride)
+      height       I
+      fps_num      I    frame rate as a fraction
+      fps_den      I
+      frames       I    number of frame chunks that follow
+      gop          H    group-of-pictures length (1: every frame is an intra frame)
+      header_crc   I    CRC-32 of the 43 bytes before it
+    chunk × frames
+      type         B    0 = intra (I) frame; other values are reserved for predicted frames
+      length       I    payload bytes (a multiple of 4: ANS words)
+      crc          I    CRC-32 of the payload
+      payload      length bytes
+    end of file (trailing bytes are an error)
+
+Every size is checked against hard limits and against the file's own length before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import BinaryIO
+
+from .errors import FedlvcError
+
+MAGIC = b"FLVC"
+VERSION = 1
+HEADER = struct.Struct(">4sBB16sBIIIIIH")
+HEADER_CRC = struct.Struct(">I")
+HEADER_SIZE = HEADER.size + HEADER_CRC.size
+CHUNK = struct.Struct(">BII")
+FRAME_INTRA = 0
+
+MAX_SIDE = 16384  # pixels
+MAX_PIXELS = 8192 * 8192
+MAX_FRAMES = 10_000_000
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    fingerprint: bytes
+    quality: int  # 1..N as the user sees it
+    width: int
+    height: int
+    fps: Fraction
+    frames: int
+    gop: int = 1
+    version: int = VERSION
+
+    def pack(self) -> bytes:
+        fps = Fraction(self.fps).limit_denominator(1_000_000)
+        body = HEADER.pack(MAGIC, self.version, 0, self.fingerprint, self.quality, self.width, self.height,
+                           fps.numerator, fps.denominator, self.frames, self.gop)
+        return body + HEADER_CRC.pack(zlib.crc32(body))
+
+
+def max_payload_bytes(latent_elements: int) -> int:
+    """Upper bound on one frame's ANS payload: constriction spends < 32 bits on any symbol here."""
+    return 4 * latent_elements + 64
+
+
+def read_header(f: BinaryIO, file_size: int) -> StreamHeader:
+    raw = f.read(HEADER_SIZE)
+    if len(raw) < 4 or raw[:4] != MAGIC:
+        raise FedlvcError("not a fedlvc bitstream (bad magic bytes)")
+    if len(raw) < HEADER_SIZE:
+        raise FedlvcError("bitstream is truncated inside its header")
+    magic, version, flags, fp, quality, width, height, fps_num, fps_den, frames, gop = HEADER.unpack(raw[: HEADER.size])
+    if version != VERSION:
+        raise FedlvcError(f"bitstream version {version} is not supported (this fedlvc reads version {VERSION})")
+    (crc,) = HEADER_CRC.unpack(raw[HEADER.size :])
+    if crc != zlib.crc32(raw[: HEADER.size]):
+        raise FedlvcError("bitstream header is damaged (checksum mismatch)")
+    if flags != 0:
+        raise FedlvcError(f"bitstream uses unknown flags {flags:#x}")
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE and width * height <= MAX_PIXELS):
+        raise FedlvcError(f"bitstream claims an unsupported frame size {width}x{height}")
+    if fps_num == 0 or fps_den == 0:
+        raise FedlvcError("bitstream claims a zero frame rate")
+    if frames > MAX_FRAMES or frames * (CHUNK.size + 4) > file_size - HEADER_SIZE:
+        raise FedlvcError(f"bitstream claims {frames} frames, more than its {file_size} bytes can hold (truncated?)")
+    if gop < 1:
+        raise FedlvcError("bitstream claims a group-of-pictures length of 0")
+    return StreamHeader(fp, quality, width, height, Fraction(fps_num, fps_den), frames, gop, version)
+
+
+def write_chunk(f: BinaryIO, payload: bytes, frame_type: int = FRAME_INTRA) -> int:
+    f.write(CHUNK.pack(frame_type, len(payload), zlib.crc32(payload)))
+    f.write(payload)
+    return CHUNK.size + len(payload)
+
+
+def read_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int) -> tuple[int, bytes]:
+    """Read frame chunk ``index``; ``remaining`` is the number of bytes left in the file."""
+    raw = f.read(CHUNK.size)
+    if len(raw) < CHUNK.size:
+        raise FedlvcError(f"bitstream is truncated at frame {index}")
+    frame_type, length, crc = CHUNK.unpack(raw)
+    if frame_type != FRAME_INTRA:
+        raise FedlvcError(f"frame {index} has unknown frame type {frame_type}")
+    if length > max_payload or length % 4:
+        raise FedlvcError(f"frame {index} claims an impossible payload size of {length} bytes")
+    if length > remaining - CHUNK.size:
+        raise FedlvcError(f"bitstream is truncated at frame {index}")
+    payload = f.read(length)
+    if len(payload) != length:
+        raise FedlvcError(f"bitstream is truncated at frame {index}")
+    if zlib.crc32(payload) != crc:
+        raise FedlvcError(f"frame {index} is damaged (checksum mismatch)")
+    return frame_type, payload

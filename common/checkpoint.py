@@ -1,0 +1,98 @@
+"""Model checkpoints: safetensors weights + a JSON config beside them, never pickles.
+
+A checkpoint ``NAME.safetensors`` has ``NAME.json`` next to it holding ``{"config": CodecConfig, "meta": {...},
+"fingerprint": hex}``. The fingerprint (a hash of the architecture config and every weight's name, shape,
+dtype and bytes) goes into each ``.lvc`` header so a stream is never decoded with another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import FedlvcError
+from .model import CodecConfig, FedlvcCodec
+from .video import atomic_output
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_MODEL = PRETRAINED_DIR / "fedlvc-default.safetensors"
+FINGERPRINT_BYTES = 16
+
+
+def fingerprint(model: FedlvcCodec) -> bytes:
+    """16-byte SHA-256 prefix over the architecture config and the weights (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.digest()[:FINGERPRINT_BYTES]
+
+
+def config_path(weights: str | os.PathLike) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_model(path: str | os.PathLike, model: FedlvcCodec, meta: dict | None = None) -> None:
+    """Write ``path`` (.safetensors) and its ``.json`` atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise FedlvcError(f"a checkpoint path must end in .safetensors: {path}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    doc = {"config": model.cfg.to_dict(), "meta": meta or {}, "fingerprint": fingerprint(model).hex()}
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp))
+    with atomic_output(config_path(path)) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2))
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads(config_path(path).read_text()).get("meta", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
+    """Load a checkpoint (the shipped default when ``path`` is None) in eval mode; refuse anything that is
+    not a safetensors file matching its JSON config and fingerprint."""
+    path = Path(path) if path is not None else DEFAULT_MODEL
+    if not path.is_file():
+        if path == DEFAULT_MODEL:
+            raise FedlvcError(f"the shipped default model is missing ({path}); pass --model")
+        raise FedlvcError(f"model checkpoint not found: {path}")
+    cfg_file = config_path(path)
+    if not cfg_file.is_file():
+        raise FedlvcError(f"model config not found next to the checkpoint: {cfg_file}")
+    try:
+        doc = json.loads(cfg_file.read_text())
+        cfg = CodecConfig.from_dict(doc["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FedlvcError(f"model config {cfg_file} is not valid: {e}") from None
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FedlvcError(f"model checkpoint {path} is not a valid safetensors file: {e}") from None
+    model = FedlvcCodec(cfg)
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise FedlvcError(f"model checkpoint {path} does not match its config (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+            raise FedlvcError(
+                f"model checkpoint {path}: tensor {k} has shape {tuple(v.shape)} {v.dtype}, "
+                f"expected {tuple(expected[k].shape)} {expected[k].dtype}"
+            )
+        if not torch.isfinite(v).all():
+            raise FedlvcError(f"model checkpoint {path}: tensor {k} holds non-finite values")
+    model.load_state_dict(state)
+    if "fingerprint" in doc and doc["fingerprint"] != fingerprint(model).hex():
+        raise FedlvcError(f"model checkpoint {path} does not match the fingerprint in {cfg_file.name}")
+    return model.eval()

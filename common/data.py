@@ -1,0 +1,222 @@
+"""Training data: generated site clips, public camera pans over the stills scikit-image ships, and the
+map-style frame dataset DP-SGD samples from (one row = one frame = one privacy unit)."""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import FedlvcError
+from .video import iter_frames, write_video
+
+VIDEO_SUFFIXES = (".mkv", ".mp4", ".avi", ".mov", ".webm", ".y4m", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".gif")
+
+SITE_KINDS = ("classroom", "street", "corridor", "park")
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid upsampled bilinearly."""
+    gh, gw = h // cell + 2, w // cell + 2
+    g = rng.random((gh, gw))
+    ys = np.linspace(0, gh - 1.001, h)
+    xs = np.linspace(0, gw - 1.001, w)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    a, b = g[y0][:, x0], g[y0][:, x0 + 1]
+    c, d = g[y0 + 1][:, x0], g[y0 + 1][:, x0 + 1]
+    return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+
+
+def _scene(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
+    """A static background in [0, 255] float: gradient, textured blocks (walls, desks, cars, trees)."""
+    palettes = {
+        "classroom": ([200, 180, 150], [120, 90, 60]),
+        "street": ([150, 170, 200], [80, 80, 85]),
+        "corridor": ([220, 220, 210], [140, 130, 120]),
+        "park": ([140, 190, 230], [60, 120, 50]),
+    }
+    top, bottom = (np.array(c, float) for c in palettes[kind])
+    t = np.linspace(0, 1, h)[:, None, None]
+    img = top * (1 - t) + bottom * t + np.zeros((h, w, 3))
+    img += 40 * (_smooth_noise(rng, h, w, 24)[..., None] - 0.5)
+    for _ in range(int(rng.integers(6, 14))):
+        bh, bw = int(rng.integers(h // 10, h // 2)), int(rng.integers(w // 10, w // 2))
+        y, x = int(rng.integers(0, h - bh)), int(rng.integers(0, w - bw))
+        color = rng.uniform(30, 230, 3)
+        tex = 30 * (_smooth_noise(rng, bh, bw, int(rng.integers(3, 12)))[..., None] - 0.5)
+        block = color + tex
+        if rng.random() < 0.5:  # windows, shelves or stripes
+            period = int(rng.integers(4, 16))
+            block[:: period, :] *= 0.6
+        img[y : y + bh, x : x + bw] = block
+    return np.clip(img, 0, 255)
+
+
+def generate_site_clip(site: int, clip: int, width: int = 320, height: int = 240, frames: int = 120):
+    """Yield the frames of one deterministic clip of a site: a fixed camera on a scene of the site's kind
+    with people/vehicles moving through it, slow light changes and sensor noise. Distinct per site."""
+    kind = SITE_KINDS[site % len(SITE_KINDS)]
+    rng = np.random.default_rng([site, clip, 7919])
+    pan = kind == "park"  # one kind has a slowly panning camera
+    canvas_w = width + (frames if pan else 0)
+    background = _scene(rng, height, canvas_w, kind)
+    movers = []
+    speed = {"classroom": 0.8, "street": 3.0, "corridor": 1.5, "park": 1.0}[kind]
+    for _ in range(int(rng.integers(2, 7))):
+        r = rng.uniform(height / 20, height / 7, 2)
+        movers.append({
+            "pos": rng.uniform([0, 0], [height, width]),
+            "vel": rng.normal(0, speed, 2),
+            "r": r,
+            "color": rng.uniform(20, 235, 3),
+        })
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for t in range(frames):
+        x0 = t if pan else 0
+        frame = background[:, x0 : x0 + width].copy()
+        frame *= 1.0 + 0.03 * np.sin(2 * np.pi * (t / 90.0 + site))
+        for m in movers:
+            cy, cx = m["pos"]
+            mask = ((yy - cy) / m["r"][0]) ** 2 + ((xx - cx) / m["r"][1]) ** 2 <= 1.0
+            frame[mask] = m["color"]
+            m["pos"] = m["pos"] + m["vel"]
+            for k, lim in ((0, height), (1, width)):
+                if not 0 <= m["pos"][k] <= lim:
+                    m["vel"][k] *= -1
+        frame += rng.normal(0, 1.5, frame.shape)
+        yield np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+
+
+def write_demo_data(outdir: str | os.PathLike, sites: int, clips: int = 2, frames: int = 120,
+                    width: int = 320, height: int = 240, progress=None) -> list[Path]:
+    """Write ``site_<k>/clip_<j>.mkv`` (FFV1 lossless) for every site; returns the site folders."""
+    if sites < 1:
+        raise FedlvcError("--sites must be at least 1")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for s in range(sites):
+        folder = out / f"site_{s}"
+        folder.mkdir(exist_ok=True)
+        for c in range(clips):
+            write_video(folder / f"clip_{c}.mkv", generate_site_clip(s, c, width, height, frames), Fraction(25))
+            if progress:
+                progress()
+        folders.append(folder)
+    return folders
+
+
+PUBLIC_STILLS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "stereo_motorcycle", "retina", "camera", "brick", "grass", "gravel", "coins", "page", "moon",
+                 "text", "horse", "cell", "colorwheel", "logo", "clock")
+
+
+def _public_still(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = getattr(skimage.data, name)()
+    img = np.asarray(img[0] if isinstance(img, tuple) else img)  # stereo pairs: the left view
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.dtype != np.uint8:
+        img = np.clip(img * (255.0 if img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return img[..., :3]
+
+
+def generate_pan(image: np.ndarray, width: int, height: int, frames: int, seed: int):
+    """A camera pan (with slow zoom) over a still image; frames of size (height, width)."""
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    scale = max(height / h, width / w) * rng.uniform(1.2, 2.0)
+    big = (resize(image, (int(h * scale) + 1, int(w * scale) + 1), anti_aliasing=True) * 255).astype(np.float32)
+    bh, bw = big.shape[:2]
+    start = rng.uniform([0, 0], [bh - height, bw - width])
+    end = rng.uniform([0, 0], [bh - height, bw - width])
+    for t in range(frames):
+        a = t / max(frames - 1, 1)
+        y, x = (start * (1 - a) + end * a).astype(int)
+        yield np.clip(np.rint(big[y : y + height, x : x + width]), 0, 255).astype(np.uint8)
+
+
+def write_public_pans(outdir: str | os.PathLike, frames: int = 48, width: int = 256, height: int = 192,
+                      progress=None) -> list[Path]:
+    """Camera pans over every colour/grey still scikit-image ships (no download), as FFV1 ``.mkv``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, name in enumerate(PUBLIC_STILLS):
+        img = _public_still(name)
+        path = out / f"pan_{name}.mkv"
+        write_video(path, generate_pan(img, width, height, frames, seed=i), Fraction(25))
+        paths.append(path)
+        if progress:
+            progress()
+    return paths
+
+
+def find_videos(dirs) -> list[Path]:
+    """Video files under the given folders (recursively) or the files themselves, sorted."""
+    found = []
+    for d in dirs:
+        p = Path(d)
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_SUFFIXES and q.is_file()))
+        else:
+            raise FedlvcError(f"video folder not found: {p}")
+    if not found:
+        raise FedlvcError(f"no video files found in {', '.join(str(d) for d in dirs)}")
+    return found
+
+
+def load_frames(paths, every: int = 1, max_frames_per_video: int | None = None) -> list[np.ndarray]:
+    """Frames of the given videos (every ``every``-th frame, at most ``max_frames_per_video`` each)."""
+    frames = []
+    for path in paths:
+        n = 0
+        for i, f in enumerate(iter_frames(path)):
+            if i % every:
+                continue
+            frames.append(f)
+            n += 1
+            if max_frames_per_video and n >= max_frames_per_video:
+                break
+    return frames
+
+
+class FrameCrops(Dataset):
+    """Map-style dataset: row ``i`` is frame ``i``; each access takes a fresh random crop (and flip) of that
+    frame and a random quality level, so one row is one privacy unit (a frame) whatever the crop.
+
+    Returns (crop float32 (3, c, c) in [0, 1], level int64)."""
+
+    def __init__(self, frames: list[np.ndarray], crop: int, num_levels: int, seed: int = 0):
+        self.frames, self.crop, self.num_levels = frames, crop, num_levels
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int):
+        f = self.frames[i]
+        c = self.crop
+        h, w = f.shape[:2]
+        if h < c or w < c:
+            f = np.pad(f, ((0, max(0, c - h)), (0, max(0, c - w)), (0, 0)), mode="reflect")
+            h, w = f.shape[:2]
+        y, x = int(self.rng.integers(0, h - c + 1)), int(self.rng.integers(0, w - c + 1))
+        crop = f[y : y + c, x : x + c]
+        if self.rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
+        return t, torch.tensor(int(self.rng.integers(0, self.num_levels)), dtype=torch.long)

@@ -1,0 +1,222 @@
+"""The fedlvc codec: a convolutional VAE with a uniform posterior and a learned factorized prior.
+
+Ballé et al., "End-to-end optimized image compression" (ICLR 2017) with the quality-level gain vectors
+of Cui et al., "Asymmetric gained deep image compression with continuous rate adaptation" (CVPR 2021)::
+
+    x ─► g_a ─► y ─► ×gain[q] ─► (+U(-½,½) | round) ─► ŷ ─► ×inv_gain[q] ─► g_s ─► x̂
+                                                       │
+                                              prior[q]: p(ŷ) = Σ_k w_k [σ((ŷ+½-μ_k)/s_k) − σ((ŷ-½-μ_k)/s_k)]
+
+One model serves every quality level ``q``: a level scales the latent before quantization (a larger gain
+means a finer quantization step) and selects its own factorized prior. With the unit-width uniform
+posterior the KL term of the ELBO is exactly the rate ``−log2 p(ŷ)`` in bits, so the per-sample loss is
+``λ_q · 255² · MSE + bits per pixel``.
+
+Opacus: only Conv2d and Embedding hold parameters (both have per-sample gradient samplers), the
+noise is added in the parent, and every parameter is reached through a module's ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FedlvcError
+
+ARCHITECTURE = "fedlvc-factorized-gain-v1"
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Architecture of the codec; serialised next to the weights and hashed into the fingerprint."""
+
+    architecture: str = ARCHITECTURE
+    channels: int = 64  # width of the transforms
+    latent_channels: int = 96  # channels of y
+    mixtures: int = 3  # logistic components per channel of the prior
+    support: int = 255  # coded symbols lie in [-support, support]
+    lambdas: tuple[float, ...] = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.05)  # one per quality level
+    stride: int = 16  # total downsampling of g_a; frames are padded to a multiple of it
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.lambdas)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lambdas"] = list(self.lambdas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CodecConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise FedlvcError(f"model config has unknown keys: {sorted(unknown)}")
+        d = dict(d)
+        if "lambdas" in d:
+            d["lambdas"] = tuple(float(v) for v in d["lambdas"])
+        cfg = cls(**d)
+        if cfg.architecture != ARCHITECTURE:
+            raise FedlvcError(f"model architecture {cfg.architecture!r} is not supported (expected {ARCHITECTURE!r})")
+        return cfg
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+
+
+class AnalysisTransform(nn.Module):
+    """g_a: RGB in [-½, ½] → latent y at 1/16 resolution."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        n, m = cfg.channels, cfg.latent_channels
+        self.layers = nn.Sequential(
+            _conv(3, n, 5, 2), nn.LeakyReLU(0.1),
+            _conv(n, n, 5, 2), nn.LeakyReLU(0.1),
+            _conv(n, n, 5, 2), nn.LeakyReLU(0.1),
+            _conv(n, m, 5, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SynthesisTransform(nn.Module):
+    """g_s: latent → RGB in [-½, ½] (before clamping), by 3×3 convs and PixelShuffle."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        n, m = cfg.channels, cfg.latent_channels
+        self.layers = nn.Sequential(
+            _conv(m, 4 * n, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            _conv(n, 4 * n, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            _conv(n, 4 * n, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            _conv(n, 4 * 3, 3), nn.PixelShuffle(2),
+        )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.layers(y)
+
+
+class LevelGains(nn.Module):
+    """Per-level log-gain vectors: ``forward(levels)`` → gains of shape (B, C, 1, 1)."""
+
+    def __init__(self, num_levels: int, channels: int, init: torch.Tensor):
+        super().__init__()
+        self.log_gain = nn.Embedding(num_levels, channels)
+        with torch.no_grad():
+            self.log_gain.weight.copy_(init[:, None].expand(num_levels, channels))
+
+    def forward(self, levels: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_gain(levels))[:, :, None, None]
+
+
+class LevelPriorParams(nn.Module):
+    """Per-level, per-channel logistic-mixture parameters: ``forward(levels)`` → (logits, means, log_scales),
+    each of shape (B, C, K). Kept as an Embedding so DP-SGD gives it per-sample gradients."""
+
+    def __init__(self, num_levels: int, channels: int, mixtures: int):
+        super().__init__()
+        self.channels, self.mixtures = channels, mixtures
+        self.table = nn.Embedding(num_levels, channels * mixtures * 3)
+        with torch.no_grad():
+            p = torch.zeros(num_levels, channels, mixtures, 3)
+            p[..., 1] = torch.linspace(-1.0, 1.0, mixtures)  # spread the component means
+            p[..., 2] = math.log(2.0)  # scales start at 2 quantization steps
+            self.table.weight.copy_(p.reshape(num_levels, -1))
+
+    def forward(self, levels: torch.Tensor):
+        p = self.table(levels).view(-1, self.channels, self.mixtures, 3)
+        return p[..., 0], p[..., 1], p[..., 2]
+
+
+def mixture_cdf(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """CDF of the logistic mixture at ``x`` (..., ) with parameters broadcast as (..., K)."""
+    scales = 0.05 + F.softplus(log_scales)  # bounded below: no collapse to a spike
+    weights = torch.softmax(logits, dim=-1)
+    return (weights * torch.sigmoid((x[..., None] - means) / scales)).sum(-1)
+
+
+LIKELIHOOD_FLOOR = 1e-9
+
+
+def latent_likelihood(y: torch.Tensor, logits, means, log_scales) -> torch.Tensor:
+    """p(ŷ) of each latent element under the discretised prior: CDF(ŷ+½) − CDF(ŷ−½).
+
+    y: (B, C, H, W); parameters (B, C, K). Computed on the lower tail side for the upper half so that
+    the difference of two CDFs close to 1 does not lose precision."""
+    b, c = y.shape[:2]
+    yf = y.reshape(b, c, -1)
+    lg, mu, ls = (t[:, :, None, :] for t in (logits, means, log_scales))
+    upper = mixture_cdf(yf + 0.5, lg, mu, ls)
+    lower = mixture_cdf(yf - 0.5, lg, mu, ls)
+    # For the mirrored tail use survival functions: 1-CDF(a) is the CDF of the negated mixture at -a.
+    upper_s = mixture_cdf(-(yf - 0.5), lg, -mu, ls)
+    lower_s = mixture_cdf(-(yf + 0.5), lg, -mu, ls)
+    p = torch.where(yf > mu.mean(-1), upper_s - lower_s, upper - lower)
+    return p.clamp_min(LIKELIHOOD_FLOOR).view_as(y)
+
+
+class FedlvcCodec(nn.Module):
+    """The codec. ``forward(x, levels)`` is the training path; coding lives in :mod:`common.codec`.
+
+    x: (B, 3, H, W) RGB in [0, 1] with H, W multiples of ``cfg.stride``; levels: (B,) int64 in [0, L).
+    """
+
+    def __init__(self, cfg: CodecConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or CodecConfig()
+        n = self.cfg.num_levels
+        self.g_a = AnalysisTransform(self.cfg)
+        self.g_s = SynthesisTransform(self.cfg)
+        # Higher levels quantize more finely: gains from 0.5× to 2× of the middle level at start.
+        init = torch.linspace(math.log(0.5), math.log(2.0), n)
+        self.gain = LevelGains(n, self.cfg.latent_channels, init)
+        self.inv_gain = LevelGains(n, self.cfg.latent_channels, -init)
+        self.prior = LevelPriorParams(n, self.cfg.latent_channels, self.cfg.mixtures)
+
+    def check_level(self, level: int) -> None:
+        if not 0 <= level < self.cfg.num_levels:
+            raise FedlvcError(
+                f"quality {level + 1} is out of range: this model has qualities 1..{self.cfg.num_levels}"
+            )
+
+    def analysis(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (before quantization) of frames in [0, 1]."""
+        return self.g_a(x - 0.5) * self.gain(levels)
+
+    def synthesis(self, y_hat: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Frames in [0, 1] (unclamped) from quantized latents."""
+        return self.g_s(y_hat * self.inv_gain(levels)) + 0.5
+
+    def forward(self, x: torch.Tensor, levels: torch.Tensor) -> dict:
+        y = self.analysis(x, levels)
+        if self.training:
+            y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+        else:
+            y_tilde = torch.round(y)
+        x_hat = self.synthesis(y_tilde, levels)
+        likelihood = latent_likelihood(y_tilde, *self.prior(levels))
+        return {"x_hat": x_hat, "likelihoods": likelihood}
+
+
+@dataclass
+class RateDistortion:
+    """Per-sample rate–distortion loss ``λ_q·255²·MSE + bpp`` (a vector over the batch)."""
+
+    lambdas: tuple[float, ...]
+    terms: dict = field(default_factory=dict)
+
+    def __call__(self, out: dict, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        mse = ((out["x_hat"] - x) ** 2).reshape(b, -1).mean(1)
+        bpp = -torch.log2(out["likelihoods"]).reshape(b, -1).sum(1) / (h * w)
+        lam = torch.tensor(self.lambdas, dtype=x.dtype, device=x.device)[levels]
+        self.terms = {"mse": mse.detach(), "bpp": bpp.detach()}
+        return lam * 255.0**2 * mse + bpp

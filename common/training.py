@@ -1,0 +1,210 @@
+"""Single-site training of the codec (non-private or DP-SGD), resumable, keeping the best checkpoint
+by validation rate–distortion loss rather than the last one (training can diverge late)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_model, save_model
+from .data import FrameCrops, find_videos, load_frames
+from .errors import FedlvcError
+from .model import CodecConfig, FedlvcCodec, RateDistortion
+from .privacy import DPConfig, epsilon_from_history, make_private
+from .video import atomic_output
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000  # total optimizer steps (a resumed run continues up to this)
+    batch_size: int = 16  # expected batch size (Poisson under DP)
+    crop_size: int = 96  # pixels, a multiple of the model stride
+    learning_rate: float = 1e-3
+    lr_drop_at: float = 0.75  # fraction of `steps` after which the learning rate is divided by 10
+    clip_norm: float = 1.0  # global gradient clipping for non-private training (stability)
+    checkpoint_seconds: float = 120.0
+    validate_every: int = 250  # steps
+    seed: int = 0
+    every: int = 1  # use every n-th frame of each video
+    max_frames_per_video: int | None = None
+
+
+def _validation_crops(frames: list[np.ndarray], size: int, limit: int = 48) -> torch.Tensor:
+    crops = []
+    for f in frames[:limit]:
+        h, w = f.shape[:2]
+        s = min(size, h // 16 * 16, w // 16 * 16)
+        y, x = (h - s) // 2, (w - s) // 2
+        crops.append(torch.from_numpy(np.ascontiguousarray(f[y : y + s, x : x + s])).permute(2, 0, 1).float() / 255)
+    s = min(c.shape[-1] for c in crops)
+    return torch.stack([c[:, :s, :s] for c in crops])
+
+
+@torch.no_grad()
+def validation_loss(model: FedlvcCodec, crops: torch.Tensor) -> dict:
+    """Mean RD loss over every quality level with real rounding (eval mode), plus bpp/PSNR per level."""
+    was_training = model.training
+    model.eval()
+    loss_fn = RateDistortion(model.cfg.lambdas)
+    total, per_level = 0.0, []
+    for q in range(model.cfg.num_levels):
+        levels = torch.full((crops.shape[0],), q, dtype=torch.long)
+        out = model(crops, levels)
+        out["x_hat"] = out["x_hat"].clamp(0, 1)
+        total += loss_fn(out, crops, levels).mean().item()
+        mse = loss_fn.terms["mse"].mean().item()
+        per_level.append({"bpp": loss_fn.terms["bpp"].mean().item(), "psnr": 10 * math.log10(1 / max(mse, 1e-12))})
+    model.train(was_training)
+    return {"loss": total / model.cfg.num_levels, "levels": per_level}
+
+
+def _state_paths(out: Path):
+    stem = out.with_suffix("")
+    return Path(f"{stem}.train-state.safetensors"), Path(f"{stem}.train-state.json")
+
+
+def _save_state(out: Path, model, optimizer, info: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, st in optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+    tpath, jpath = _state_paths(out)
+    with atomic_output(tpath) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_output(jpath) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
+
+
+def _load_state(out: Path, model, optimizer) -> dict | None:
+    tpath, jpath = _state_paths(out)
+    if not (tpath.is_file() and jpath.is_file()):
+        return None
+    info = json.loads(jpath.read_text())
+    tensors = load_file(str(tpath))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state = optimizer.state_dict()
+    for i in opt_state["param_groups"][0]["params"]:
+        st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if st:
+            opt_state["state"][i] = st
+    optimizer.load_state_dict(opt_state)
+    return info
+
+
+def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = None,
+          init_model: str | Path | None = None, model_cfg: CodecConfig | None = None, log=print,
+          progress=None) -> dict:
+    """Train on the frames of ``video_dirs`` and write the best checkpoint to ``out`` (.safetensors).
+
+    Resumes from ``<out>.train-state.*`` when present. Returns a summary (steps, validation, ε)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise FedlvcError(f"--out must end in .safetensors: {out}")
+    if not out.parent.is_dir():
+        raise FedlvcError(f"output folder does not exist: {out.parent}")
+    torch.manual_seed(cfg.seed)
+    paths = find_videos(video_dirs)
+    frames = load_frames(paths, cfg.every, cfg.max_frames_per_video)
+    held_out = frames[::20]
+    train_frames = [f for i, f in enumerate(frames) if i % 20] or frames
+    if model_cfg is None:
+        model_cfg = CodecConfig()
+    if cfg.crop_size % model_cfg.stride:
+        raise FedlvcError(f"crop size must be a multiple of {model_cfg.stride}")
+    model = load_model(init_model).train() if init_model else FedlvcCodec(model_cfg)
+    model = model.to(memory_format=torch.channels_last)
+    val_crops = _validation_crops(held_out, 128).contiguous(memory_format=torch.channels_last)
+    dataset = FrameCrops(train_frames, cfg.crop_size, model.cfg.num_levels, seed=cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    info = _load_state(out, model, optimizer) or {
+        "step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0,
+    }
+    if info["step"]:
+        log(f"resuming from step {info['step']} (best validation loss {info['best_val']})")
+    loss_fn = RateDistortion(model.cfg.lambdas)
+    engine = None
+    if dp is not None:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size)
+        engine, model, optimizer, loader = make_private(model, optimizer, loader, dp, info["dp_history"])
+        raw_model = model._module
+    else:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+        raw_model = model
+    sample_rate = cfg.batch_size / len(dataset)
+    meta_base = {"frames": len(train_frames), "videos": [p.name for p in paths], "train": asdict(cfg),
+                 "privacy_unit": "frame"}
+
+    def epsilon():
+        if dp is None:
+            return None
+        hist = engine.accountant.history
+        return epsilon_from_history(hist, dp.delta, dp.accountant) if dp.noise_multiplier > 0 else float("inf")
+
+    def checkpoint(val):
+        meta = dict(meta_base, steps=info["step"], wall_seconds=round(info["wall_seconds"], 1), validation=val)
+        if dp is not None:
+            meta["dp"] = dict(asdict(dp), epsilon=epsilon(), sample_rate=sample_rate,
+                              dp_history=[list(h) for h in engine.accountant.history])
+        if info["best_val"] is None or val["loss"] <= info["best_val"] or dp is not None:
+            # Under DP every step is spent privacy: the released model is the last one, not a cherry-pick.
+            info["best_val"] = val["loss"]
+            save_model(out, raw_model, meta)
+        if dp is not None:
+            info["dp_history"] = [list(h) for h in engine.accountant.history]
+        _save_state(out, raw_model, optimizer, info)
+
+    last_ckpt = time.time()
+    t0 = time.time() - info["wall_seconds"]
+    running = []
+    model.train()
+    while info["step"] < cfg.steps:
+        for x, levels in loader:
+            if info["step"] >= cfg.steps:
+                break
+            lr = cfg.learning_rate * (0.1 if info["step"] >= cfg.lr_drop_at * cfg.steps else 1.0)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            if x.shape[0] == 0:  # an empty Poisson batch still spends a step: noise only
+                optimizer.step()
+                info["step"] += 1
+                continue
+            loss = loss_fn(model(x, levels), x, levels).mean()
+            if not torch.isfinite(loss):
+                info["nonfinite_steps"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            loss.backward()
+            if dp is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            optimizer.step()
+            info["step"] += 1
+            running.append(loss.item())
+            if progress:
+                progress(info["step"], loss.item())
+            if info["step"] % cfg.validate_every == 0 or time.time() - last_ckpt > cfg.checkpoint_seconds \
+                    or info["step"] == cfg.steps:
+                info["wall_seconds"] = time.time() - t0
+                val = validation_loss(raw_model, val_crops)
+                log(json.dumps({"step": info["step"], "train_loss": round(float(np.mean(running)), 4),
+                                "val_loss": round(val["loss"], 4), "lr": lr,
+                                "levels": [[round(v["bpp"], 3), round(v["psnr"], 2)] for v in val["levels"]],
+                                "epsilon": epsilon(), "wall_s": round(info["wall_seconds"])}))
+                running = []
+                checkpoint(val)
+                last_ckpt = time.time()
+    info["wall_seconds"] = time.time() - t0
+    val = validation_loss(raw_model, val_crops)
+    checkpoint(val)
+    return {"steps": info["step"], "validation": val, "epsilon": epsilon(), "frames": len(train_frames),
+            "sample_rate": sample_rate}
