@@ -93,7 +93,7 @@ def cmd_public_data(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
-    from common.privacy import DPConfig, plan_noise_multiplier
+    from common.privacy import DPConfig, plan_noise_multiplier, poisson_sample_rate
     from common.training import TrainConfig, train
 
     if args.threads:
@@ -112,8 +112,8 @@ def cmd_train(args) -> int:
 
             n = len(load_frames(find_videos(args.video_dirs), args.every, args.max_frames_per_video))
             n -= len(range(0, n, 20))  # held-out validation frames
-            sigma = plan_noise_multiplier(args.target_epsilon, args.delta, args.batch_size / max(n, 1), args.steps,
-                                          args.accountant)
+            sigma = plan_noise_multiplier(args.target_epsilon, args.delta, poisson_sample_rate(max(n, 1), args.batch_size),
+                                          args.steps, args.accountant)
         dp = DPConfig(noise_multiplier=sigma, max_grad_norm=args.max_grad_norm, delta=args.delta,
                       accountant=args.accountant, grad_sample_mode=args.grad_sample_mode)
     with tqdm(total=args.steps, desc="training", unit="step", disable=args.quiet) as bar:

@@ -2,7 +2,7 @@
 
 Layout (all integers big-endian)::
 
-    header  (47 bytes)
+    header  (49 bytes)
       magic        4s   b"FLVC"
       version      B    1
       flags        B    0 (reserved)
@@ -14,7 +14,7 @@ Layout (all integers big-endian)::
       fps_den      I
       frames       I    number of frame chunks that follow
       gop          H    group-of-pictures length (1: every frame is an intra frame)
-      header_crc   I    CRC-32 of the 43 bytes before it
+      header_crc   I    CRC-32 of the 45 bytes before it
     chunk × frames
       type         B    0 = intra (I) frame; other values are reserved for predicted frames
       length       I    payload bytes (a multiple of 4: ANS words)

@@ -21,7 +21,31 @@ from .model import CodecConfig, FedlvcCodec
 from .video import atomic_output
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-DEFAULT_MODEL = PRETRAINED_DIR / "fedlvc-default.safetensors"
+DEFAULT_MODEL_NAME = "fedlvc-default.safetensors"
+DEFAULT_MODEL = PRETRAINED_DIR / DEFAULT_MODEL_NAME
+
+
+def default_model_path() -> Path:
+    """The shipped model. Flower runs apps from a copy of their Python sources (the FAB), which carries no
+    weights, so also look in the installed ``fedlvc`` distribution (or its editable source tree)."""
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        dist = distribution("fedlvc")
+        candidate = Path(str(dist.locate_file(f"common/pretrained/{DEFAULT_MODEL_NAME}")))
+        if candidate.is_file():
+            return candidate
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+        url = direct.get("url", "")
+        if direct.get("dir_info", {}).get("editable") and url.startswith("file://"):
+            candidate = Path(url[len("file://"):]) / "common" / "pretrained" / DEFAULT_MODEL_NAME
+            if candidate.is_file():
+                return candidate
+    except (PackageNotFoundError, ValueError, OSError):
+        pass
+    return DEFAULT_MODEL
 FINGERPRINT_BYTES = 16
 
 
@@ -62,7 +86,7 @@ def read_meta(path: str | os.PathLike) -> dict:
 def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
     """Load a checkpoint (the shipped default when ``path`` is None) in eval mode; refuse anything that is
     not a safetensors file matching its JSON config and fingerprint."""
-    path = Path(path) if path is not None else DEFAULT_MODEL
+    path = Path(path) if path is not None else default_model_path()
     if not path.is_file():
         if path == DEFAULT_MODEL:
             raise FedlvcError(f"the shipped default model is missing ({path}); pass --model")

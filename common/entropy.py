@@ -16,6 +16,13 @@ from .errors import FedlvcError
 from .model import FedlvcCodec, mixture_cdf
 
 
+# Each payload ends (in decoding order) with a fixed 32-bit sentinel: decoding a payload as a larger latent
+# than it holds would eat into the sentinel, so a header forged to claim another frame size is caught.
+SENTINEL = np.array([0xF1, 0x7C], dtype=np.int32)  # two 16-bit symbols under a uniform model
+_SENTINEL_MODEL = constriction.stream.model.Uniform(1 << 16)
+MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at least about this much
+
+
 class LatentCoder:
     """ANS coding of one frame's latent ``(C, h, w)`` int array per quality level."""
 
@@ -54,13 +61,14 @@ class LatentCoder:
         """Ideal code length −Σ log2 p(ŷ) in bits of a latent (C, h, w) under the coding tables."""
         sym = (self.clip(y_hat) + self.support).reshape(y_hat.shape[0], -1).astype(np.int64)
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
-        return float(-np.log2(p).sum())
+        return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
     def encode(self, y_hat: np.ndarray, level: int) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words)."""
         models = self._categoricals(level)
         sym = (self.clip(y_hat) + self.support).astype(np.int32).reshape(y_hat.shape[0], -1)
         coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(SENTINEL, _SENTINEL_MODEL)  # bottom of the stack: decoded last
         for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
             coder.encode_reverse(sym[c], models[c])
         return coder.get_compressed().astype("<u4").tobytes()
@@ -75,8 +83,11 @@ class LatentCoder:
         try:
             coder = constriction.stream.stack.AnsCoder(words)
             out = np.stack([coder.decode(models[i], h * w) for i in range(c)])
+            sentinel = coder.decode(_SENTINEL_MODEL, len(SENTINEL))
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None
+        if not np.array_equal(sentinel, SENTINEL):
+            raise FedlvcError("bitstream chunk does not decode to the frame size in the header (forged or foreign stream)")
         if not coder.is_empty():
             raise FedlvcError("bitstream chunk has data left over after decoding (damaged or foreign stream)")
         return (out.astype(np.int64) - self.support).reshape(c, h, w)

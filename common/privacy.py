@@ -7,6 +7,7 @@ history ``[(σ, q, steps), ...]`` is kept so ε can be recomputed by anyone and 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +38,11 @@ class DPConfig:
             raise FedlvcError("delta must be in (0, 1)")
         if self.accountant not in ("rdp", "prv", "gdp"):
             raise FedlvcError(f"accountant must be rdp, prv or gdp, not {self.accountant!r}")
+
+
+def poisson_sample_rate(rows: int, batch_size: int) -> float:
+    """The sampling rate Opacus' Poisson loader uses: 1 / (number of batches per epoch)."""
+    return 1.0 / math.ceil(rows / batch_size)
 
 
 def make_private(model, optimizer, loader, dp: DPConfig, history=None):

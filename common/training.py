@@ -18,7 +18,7 @@ from .checkpoint import load_model, save_model
 from .data import FrameCrops, find_videos, load_frames
 from .errors import FedlvcError
 from .model import CodecConfig, FedlvcCodec, RateDistortion
-from .privacy import DPConfig, epsilon_from_history, make_private
+from .privacy import DPConfig, epsilon_from_history, make_private, poisson_sample_rate
 from .video import atomic_output
 
 
@@ -35,6 +35,15 @@ class TrainConfig:
     seed: int = 0
     every: int = 1  # use every n-th frame of each video
     max_frames_per_video: int | None = None
+
+
+def empty_batch_step(model, optimizer) -> None:
+    """An empty Poisson batch is still a DP-SGD step (the accountant counts it): zero per-sample
+    gradients, so the update is the Gaussian noise alone."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
 
 
 def _validation_crops(frames: list[np.ndarray], size: int, limit: int = 48) -> torch.Tensor:
@@ -139,7 +148,7 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
     else:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
         raw_model = model
-    sample_rate = cfg.batch_size / len(dataset)
+    sample_rate = poisson_sample_rate(len(dataset), cfg.batch_size)
     meta_base = {"frames": len(train_frames), "videos": [p.name for p in paths], "train": asdict(cfg),
                  "privacy_unit": "frame"}
 
@@ -176,7 +185,7 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
             x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             if x.shape[0] == 0:  # an empty Poisson batch still spends a step: noise only
-                optimizer.step()
+                empty_batch_step(model, optimizer)
                 info["step"] += 1
                 continue
             loss = loss_fn(model(x, levels), x, levels).mean()
@@ -208,3 +217,48 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
     checkpoint(val)
     return {"steps": info["step"], "validation": val, "epsilon": epsilon(), "frames": len(train_frames),
             "sample_rate": sample_rate}
+
+
+def local_train(model: FedlvcCodec, frames: list[np.ndarray], steps: int, batch_size: int, crop_size: int,
+                learning_rate: float, dp: DPConfig | None = None, history=None, seed: int = 0,
+                device: str | torch.device = "cpu") -> dict:
+    """One site's local work in a federated round: ``steps`` optimizer steps on crops of its frames,
+    DP-SGD (Poisson sampling, per-sample clipping, noise on every parameter) when ``dp`` is given.
+
+    Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "history" (accountant, cumulative)}."""
+    torch.manual_seed(seed)
+    dataset = FrameCrops(frames, crop_size, model.cfg.num_levels, seed=seed)
+    sample_rate = poisson_sample_rate(len(dataset), batch_size)
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    loss_fn = RateDistortion(model.cfg.lambdas)
+    if dp is not None:
+        loader = DataLoader(dataset, batch_size=batch_size)
+        engine, wrapped, optimizer, loader = make_private(model, optimizer, loader, dp, history)
+    else:
+        engine, wrapped = None, model
+        loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
+    done, losses = 0, []
+    while done < steps:
+        for x, levels in loader:
+            if done >= steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if x.shape[0] == 0:
+                empty_batch_step(wrapped, optimizer)
+                continue
+            x, levels = x.to(device), levels.to(device)
+            loss = loss_fn(wrapped(x, levels), x, levels).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss in local training")
+            loss.backward()
+            losses.append(loss.item())
+            if dp is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+    if engine is not None:
+        wrapped._close()  # remove Opacus' hooks so the module can be wrapped again next round
+    model.cpu()
+    return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": done, "sample_rate": sample_rate,
+            "history": [list(h) for h in engine.accountant.history] if engine is not None else list(history or [])}

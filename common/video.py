@@ -19,6 +19,8 @@ import numpy as np
 from .errors import FedlvcError
 
 DEFAULT_FPS = Fraction(25)
+TEXT_DEMUXERS = {"tty"}
+TEXT_CODECS = {"ansi", "bintext", "xbin", "idf"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ def _open_input(path: str | os.PathLike):
     if not container.streams.video:
         container.close()
         raise FedlvcError(f"{p} has no video stream")
+    if container.format.name in TEXT_DEMUXERS or container.streams.video[0].codec_context.name in TEXT_CODECS:
+        container.close()  # FFmpeg renders any text file as "video" (its tty demuxer); that is not a video
+        raise FedlvcError(f"{p} is a text file, not a video")
     return container
 
 
@@ -109,11 +114,11 @@ def atomic_output(path: str | os.PathLike):
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the usual permissions
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the usual permissions
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,130 @@
+"""The fedlvc Flower ClientApp: DP local training, federated evaluation, and the final compression of the
+site's own video. Replies carry the model's arrays and scalar metrics only; frames stay at the site."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.codec import decode_stream, encode_frames
+from common.fedconfig import RunConfig
+from common.metrics import ms_ssim, psnr_rgb
+from common.model import CodecConfig, FedlvcCodec
+from common.privacy import DPConfig, poisson_sample_rate
+from common.training import local_train
+
+from .site import PrivacyLedger, load_site, site_clips, site_identity
+
+app = ClientApp()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_from(msg: Message) -> FedlvcCodec:
+    cfg = CodecConfig.from_dict(json.loads(msg.content["config"]["model-config"]))
+    model = FedlvcCodec(cfg)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    rc = RunConfig.from_mapping(context.run_config)
+    site = load_site(context.node_config, rc)
+    ledger = PrivacyLedger.load(context, rc)
+    model = _model_from(msg)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    q = poisson_sample_rate(len(site.train_frames), rc.batch_size)
+    dp = None
+    declined = False
+    if rc.private:
+        dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, rc.delta, rc.accountant, rc.grad_sample_mode)
+        # Refuse before spending: the ε this round would reach, from the ledger plus the planned steps.
+        declined = ledger.epsilon([(rc.noise_multiplier, q, rc.local_steps)]) > rc.epsilon_budget
+    if declined:
+        loss, steps = float("nan"), 0
+    else:
+        result = local_train(model, site.train_frames, rc.local_steps, rc.batch_size, rc.crop_size,
+                             rc.learning_rate, dp=dp, history=ledger.history,
+                             seed=rc.seed + 1000 * server_round + site.site_id, device=_device())
+        loss, steps = result["loss"], result["steps"]
+        if dp is not None:
+            ledger.history = [tuple(h) for h in result["history"]]
+        else:  # a non-private round is recorded too: σ = 0 means ε = ∞ for this site's data from now on
+            ledger.history.append((0.0, result["sample_rate"], steps))
+        ledger.save(context)
+    metrics = {
+        "num-examples": 0 if declined else len(site.train_frames),
+        "site_id": site.site_id,
+        "train_loss": 0.0 if math.isnan(loss) else loss,
+        "epsilon": ledger.epsilon(),
+        "delta": rc.delta,
+        "noise_multiplier": rc.noise_multiplier,
+        "max_grad_norm": rc.max_grad_norm,
+        "sample_rate": q,
+        "steps": steps,
+        "declined": int(declined),
+        "units": len(site.train_frames),  # privacy units (frames) this site holds
+        **ledger.flat(),
+    }
+    if not ledger.history:  # metric lists must not be empty: a site that never trained has spent nothing
+        metrics.update(dp_sigma=[0.0], dp_sample_rate=[0.0], dp_steps=[0])
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, fps=25) -> dict:
+    """Real bpp (file bytes of a .lvc) and PSNR/MS-SSIM of decoded frames."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "eval.lvc"
+        summary = encode_frames(iter(frames), path, model, quality, fps)
+        _, it = decode_stream(path, model)
+        decoded = np.stack(list(it))
+    return {"bpp": summary["bpp"], "psnr": psnr_rgb(frames, decoded), "ms_ssim": ms_ssim(frames, decoded),
+            "bytes": summary["bytes"]}
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    rc = RunConfig.from_mapping(context.run_config)
+    site = load_site(context.node_config, rc)
+    model = _model_from(msg).eval()
+    m = _measure(model, np.stack(site.held_out), rc.eval_quality)
+    metrics = {"num-examples": len(site.held_out), "site_id": site.site_id, "bpp": m["bpp"], "psnr": m["psnr"],
+               "ms_ssim": m["ms_ssim"]}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("compress")
+def compress(msg: Message, context: Context) -> Message:
+    """Compress every clip of this site with the final global model into its out-dir; reply with a summary."""
+    rc = RunConfig.from_mapping(context.run_config)
+    name, site_id = site_identity(context.node_config)
+    model = _model_from(msg).eval()
+    out_dir = str(context.node_config.get("out-dir", "") or "")
+    out = Path(out_dir) if out_dir else rc.resolved_out_dir() / "sites" / name
+    out.mkdir(parents=True, exist_ok=True)
+    quality = int(msg.content["config"].get("quality", rc.final_quality))
+    total_bytes, total_pixels, psnr_sum, frames_total = 0, 0, 0.0, 0
+    for clip, frames, fps in site_clips(context.node_config, rc):
+        path = out / f"{clip}.lvc"
+        summary = encode_frames(frames(), path, model, quality, fps)
+        _, decoded = decode_stream(path, model)
+        for ref, dec in zip(frames(), decoded):  # stream both: the clip is never held in memory
+            psnr_sum += psnr_rgb(ref, dec)
+        total_bytes += summary["bytes"]
+        total_pixels += summary["frames"] * summary["width"] * summary["height"]
+        frames_total += summary["frames"]
+    metrics = {"site_id": site_id, "bytes": total_bytes, "frames": frames_total,
+               "bpp": total_bytes * 8 / max(total_pixels, 1), "psnr": psnr_sum / max(frames_total, 1),
+               "quality": quality}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,83 @@
+"""Typed run configuration of the federation: the one source of defaults for the ServerApp, the ClientApp
+and the sweep. Keys are Flower run-config names (``num-server-rounds``...), a contract for scripts and docs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import FedlvcError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_server_rounds: int = 3
+    local_steps: int = 12  # DP-SGD steps per site per round
+    batch_size: int = 16  # expected (Poisson) batch size; sampling rate q = batch-size / frames at the site
+    crop_size: int = 64  # pixels, a multiple of 16
+    learning_rate: float = 3e-4
+    noise_multiplier: float = 1.0  # σ; 0 = non-private (no clipping, no noise)
+    max_grad_norm: float = 1.0  # C
+    delta: float = 1e-5
+    epsilon_budget: float = 10.0  # a site stops training before its ε would pass this
+    accountant: str = "rdp"
+    init_model: str = ""  # "" = the shipped public model
+    resume_from: str = ""  # a round checkpoint (.safetensors) of an earlier run: continue its numbering
+    out_dir: str = "runs/default"
+    eval_quality: int = 4  # quality level used by the federated evaluation
+    eval_frames: int = 4  # held-out frames per site used by the federated evaluation
+    final_quality: int = 4  # quality of each site's final compression
+    demo_frames: int = 96  # frames per generated clip when a site has no video-dir (simulation)
+    demo_clips: int = 2
+    demo_width: int = 160
+    demo_height: int = 120
+    min_sites: int = 2  # FedAvg's min train / evaluate / available nodes
+    round_timeout: float = 3600.0  # seconds the server waits for replies in a round
+    grad_sample_mode: str = "hooks"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "RunConfig":
+        """From Flower's ``context.run_config`` (or YAML): dashed keys, unknown keys are an error."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "extra"}
+        values = {}
+        for key, value in dict(mapping).items():
+            if key not in names:
+                raise FedlvcError(f"unknown run-config key {key!r} (known: {', '.join(sorted(names))})")
+            f = names[key]
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            try:
+                if typ is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                values[f.name] = typ(value)
+            except (TypeError, ValueError):
+                raise FedlvcError(f"run-config key {key!r} must be {typ.__name__}, got {value!r}") from None
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(cond, key, what):
+            if not cond:
+                raise FedlvcError(f"run-config key {key!r} {what}")
+
+        need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        need(self.local_steps >= 1, "local-steps", "must be >= 1")
+        need(self.batch_size >= 1, "batch-size", "must be >= 1")
+        need(self.crop_size >= 16 and self.crop_size % 16 == 0, "crop-size", "must be a positive multiple of 16")
+        need(self.learning_rate > 0, "learning-rate", "must be > 0")
+        need(self.noise_multiplier >= 0, "noise-multiplier", "must be >= 0")
+        need(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
+        need(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        need(self.epsilon_budget > 0, "epsilon-budget", "must be > 0")
+        need(self.accountant in ("rdp", "prv", "gdp"), "accountant", "must be rdp, prv or gdp")
+        need(self.min_sites >= 1, "min-sites", "must be >= 1")
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def resolved_out_dir(self) -> Path:
+        return Path(os.path.expanduser(self.out_dir)).resolve()

