@@ -2,13 +2,17 @@
 TLS on real sockets, each site with its own video-dir / out-dir / state-dir, then ``flwr run`` against them.
 
     python simulations/deploy_local.py WORKDIR --sites 2 --rounds 2 [--port 39500] [--insecure]
-        [--video-dirs DIR ...] [--run-config "local-steps=4 ..."] [--keep-running]
+        [--auth] [--video-dirs DIR ...] [--run-config "local-steps=4 ..."] [--keep-running]
 
 WORKDIR receives: certs/ (from simulations/make_certs.sh), site_<i>/{videos,out,state}, server/ (checkpoints,
 history.json, summary.json), logs/, and a Flower CLI home with a ``deploy`` connection. Sites without a
 ``--video-dirs`` entry get generated clips. Prints one JSON line (run id, status, paths) and exits 0 only when
 the run's status is ``finished:completed`` (``flwr run --stream`` itself exits 0 even when a run fails).
 Every process it started is stopped by PID at the end unless ``--keep-running``.
+
+With ``--auth`` the SuperLink runs with ``--enable-supernode-auth``: each site gets an EC (SECP384R1) key
+pair in OpenSSH format, its public key is registered with ``flwr supernode register``, and the SuperNode
+signs in with ``--auth-supernode-private-key``; a SuperNode whose key was not registered is refused.
 """
 
 from __future__ import annotations
@@ -61,6 +65,21 @@ def _generate_site_videos(folder: Path, site: int, frames: int) -> None:
             write_video(path, generate_site_clip(site, c, 160, 120, frames), Fraction(25))
 
 
+def make_node_key(path: Path) -> Path:
+    """An EC SECP384R1 key pair in OpenSSH format (what Flower's SuperNode authentication expects)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+        Path(f"{path}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                      serialization.PublicFormat.OpenSSH))
+    return path
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     """Stop what we started: SIGTERM to each process group, then SIGKILL after a grace period."""
     for p in procs:
@@ -88,12 +107,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--port", type=int, default=39500, help="SuperLink port; SuperNodes use port+1+i")
     ap.add_argument("--insecure", action="store_true", help="plain HTTP instead of TLS (not for real sites)")
+    ap.add_argument("--auth", action="store_true", help="SuperNode authentication with registered keys (needs TLS)")
     ap.add_argument("--video-dirs", nargs="*", default=[])
     ap.add_argument("--frames", type=int, default=48, help="frames per generated clip")
     ap.add_argument("--run-config", default="", help="extra run-config overrides, 'key=value ...'")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--keep-running", action="store_true")
     args = ap.parse_args(argv)
+    if args.auth and args.insecure:
+        ap.error("--auth needs TLS; drop --insecure")
 
     work = Path(args.workdir).resolve()
     logs = work / "logs"
@@ -114,10 +136,16 @@ def main(argv=None) -> int:
         link_home.mkdir(parents=True, exist_ok=True)
         procs.append(subprocess.Popen(
             [_bin("flower-superlink"), *tls_link, "--host", "127.0.0.1", "--port", str(args.port),
-             "--disable-runtime-dependency-installation", "--database", str(work / "superlink.db")],
+             "--disable-runtime-dependency-installation", "--database", str(work / "superlink.db"),
+             *(["--enable-supernode-auth"] if args.auth else [])],
             cwd=work, env=_env(link_home), stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True))
         _wait_port(args.port)
+        cli_home = work / "flwr-home" / "cli"
+        cli_home.mkdir(parents=True, exist_ok=True)
+        conn = f'address = "127.0.0.1:{args.port}"\n' + (
+            "insecure = true\n" if args.insecure else f'root-certificates = "{certs / "ca.crt"}"\n')
+        (cli_home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
         for i in range(args.sites):
             site = work / f"site_{i}"
             video_dir = Path(args.video_dirs[i]).resolve() if i < len(args.video_dirs) else site / "videos"
@@ -129,17 +157,20 @@ def main(argv=None) -> int:
                            f"video-dir='{video_dir}' out-dir='{site / 'out'}' state-dir='{site / 'state'}'")
             home = work / "flwr-home" / f"supernode_{i}"
             home.mkdir(parents=True, exist_ok=True)
+            auth = []
+            if args.auth:
+                (work / "keys").mkdir(exist_ok=True)
+                key = make_node_key(work / "keys" / f"site_{i}")
+                subprocess.run([_bin("flwr"), "supernode", "register", f"{key}.pub", "deploy"], cwd=work,
+                               env=_env(cli_home), check=True, stdout=open(logs / f"register_{i}.log", "w"),
+                               stderr=subprocess.STDOUT, timeout=120)
+                auth = ["--auth-supernode-private-key", str(key)]
             procs.append(subprocess.Popen(
-                [_bin("flower-supernode"), *tls_node, "--superlink", f"127.0.0.1:{args.port}",
+                [_bin("flower-supernode"), *tls_node, *auth, "--superlink", f"127.0.0.1:{args.port}",
                  "--port", str(args.port + 1 + i), "--node-config", node_config],
                 cwd=site, env=_env(home), stdout=open(logs / f"supernode_{i}.log", "w"),
                 stderr=subprocess.STDOUT, start_new_session=True))
 
-        cli_home = work / "flwr-home" / "cli"
-        cli_home.mkdir(parents=True, exist_ok=True)
-        conn = f'address = "127.0.0.1:{args.port}"\n' + (
-            "insecure = true\n" if args.insecure else f'root-certificates = "{certs / "ca.crt"}"\n')
-        (cli_home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
         run_config = (f"out-dir='{work / 'server'}' num-server-rounds={args.rounds} min-sites={args.sites} "
                       + args.run_config).strip()
         run = subprocess.run([_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config, "--stream"],
@@ -151,7 +182,7 @@ def main(argv=None) -> int:
         latest = max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
         result = {"run_id": latest.get("run-id"), "status": latest.get("status"), "flwr_run_rc": run.returncode,
                   "server_out": str(work / "server"), "sites": [str(work / f"site_{i}") for i in range(args.sites)],
-                  "tls": not args.insecure, "logs": str(logs)}
+                  "tls": not args.insecure, "auth": args.auth, "logs": str(logs)}
         if args.keep_running:
             result["pids"] = [p.pid for p in procs]
     finally:

@@ -226,15 +226,15 @@ def test_simulation_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
-    """SuperLink + 2 SuperNodes on 127.0.0.1 over TLS (real sockets), run status from ``flwr list``."""
+    """SuperLink + 2 authenticated SuperNodes on 127.0.0.1 over TLS (real sockets), status from ``flwr list``."""
     port = _free_port()
     proc = subprocess.run([sys.executable, str(REPO / "simulations" / "deploy_local.py"), str(tmp_path / "w"),
-                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12",
+                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12", "--auth",
                            "--run-config", "local-steps=3 batch-size=8 crop-size=32 eval-frames=2"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and result["status"] == "finished:completed", proc.stdout + proc.stderr
-    assert result["tls"] is True
+    assert result["tls"] is True and result["auth"] is True  # TLS and registered SuperNode keys
     for i in range(2):
         site = tmp_path / "w" / f"site_{i}"
         assert len(list((site / "out").glob("*.lvc"))) == 2
@@ -252,3 +252,17 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
     from common.video import read_frames
 
     assert read_frames(tmp_path / "d.mkv").shape == (12, 120, 160, 3)
+
+
+def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
+    from common.checkpoint import save_model
+    from server.app import _initial_model
+
+    model = _model(3)
+    save_model(tmp_path / "round_003.safetensors", model, {"round": 3})
+    rounds = [{"round": r, "sites": {}} for r in (1, 2, 3, 4)]  # a round 4 written after the checkpoint is dropped
+    (tmp_path / "history.json").write_text(json.dumps({"rounds": rounds}))
+    rc = RunConfig.from_mapping({"resume-from": str(tmp_path / "round_003.safetensors")})
+    resumed, done, earlier = _initial_model(rc)
+    assert done == 3 and [r["round"] for r in earlier] == [1, 2, 3]
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in model.state_dict().items())
