@@ -46,8 +46,9 @@ def train(msg: Message, context: Context) -> Message:
     q = poisson_sample_rate(len(site.train_frames), rc.batch_size)
     dp = None
     declined = False
-    if rc.private:
+    if rc.private or rc.clip_only:
         dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, rc.delta, rc.accountant, rc.grad_sample_mode)
+    if rc.private:
         # Refuse before spending: the ε this round would reach, from the ledger plus the planned steps.
         declined = ledger.epsilon([(rc.noise_multiplier, q, rc.local_steps)]) > rc.epsilon_budget
     if declined:
@@ -57,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
                              rc.learning_rate, dp=dp, history=ledger.history,
                              seed=rc.seed + 1000 * server_round + site.site_id, device=_device())
         loss, steps = result["loss"], result["steps"]
-        if dp is not None:
+        if rc.private:
             ledger.history = [tuple(h) for h in result["history"]]
         else:  # a non-private round is recorded too: σ = 0 means ε = ∞ for this site's data from now on
             ledger.history.append((0.0, result["sample_rate"], steps))

@@ -130,6 +130,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from simulations.sweep import run_sweep
+
+    out = run_sweep(args.config, args.out, progress=not args.quiet)
+    print(f"results in {out / 'results.csv'}; plots privacy_quality.png, rd_curves.png, recon_grid.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlvc", description="Federated, privacy-preserving learned video codec.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     dpg.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch", "ew"])
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    w = sub.add_parser("sweep", help="privacy vs quality: one federated simulation per noise setting")
+    w.add_argument("config", help="YAML: noise-multipliers, num-sites, and any run-config key")
+    w.add_argument("--out", required=True, help="output folder (a finished setting there is not rerun)")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=cmd_sweep)
     return p
 
 
@@ -210,7 +224,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except FedlvcError as e:
-        print(f"fedlvc: error: {e}", file=sys.stderr)
+        print(f"fedlvc: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("fedlvc: interrupted", file=sys.stderr)

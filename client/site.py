@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import find_videos, generate_site_clip, load_frames
+from common.data import find_videos, generate_site_clip, generated_site_frames, load_frames, split_held_out
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.privacy import epsilon_from_history
@@ -51,11 +51,10 @@ def load_site(node_config, rc: RunConfig) -> SiteData:
         generated = False
     else:
         videos = []
-        frames = [f for c in range(rc.demo_clips)
-                  for f in generate_site_clip(pid, c, rc.demo_width, rc.demo_height, rc.demo_frames)]
+        frames = generated_site_frames(pid, rc.demo_clips, rc.demo_frames, rc.demo_width, rc.demo_height)
         generated = True
-    n_hold = min(rc.eval_frames, max(0, len(frames) - 1))
-    data = SiteData(name, pid, frames[: len(frames) - n_hold], frames[len(frames) - n_hold :], videos, generated)
+    train, held_out = split_held_out(frames, rc.eval_frames)
+    data = SiteData(name, pid, train, held_out, videos, generated)
     _CACHE[key] = data
     return data
 

@@ -111,6 +111,17 @@ def write_demo_data(outdir: str | os.PathLike, sites: int, clips: int = 2, frame
     return folders
 
 
+def generated_site_frames(site: int, clips: int, frames: int, width: int, height: int) -> list[np.ndarray]:
+    """All frames of a generated site (its clips one after the other)."""
+    return [f for c in range(clips) for f in generate_site_clip(site, c, width, height, frames)]
+
+
+def split_held_out(frames: list, held_out: int) -> tuple[list, list]:
+    """(training frames, held-out frames): the last ``held_out`` frames are never trained on."""
+    n = min(held_out, max(0, len(frames) - 1))
+    return frames[: len(frames) - n], frames[len(frames) - n :]
+
+
 PUBLIC_STILLS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                  "stereo_motorcycle", "retina", "camera", "brick", "grass", "gravel", "coins", "page", "moon",
                  "text", "horse", "cell", "colorwheel", "logo", "clock")

@@ -17,7 +17,8 @@ class RunConfig:
     batch_size: int = 16  # expected (Poisson) batch size; sampling rate q = batch-size / frames at the site
     crop_size: int = 64  # pixels, a multiple of 16
     learning_rate: float = 3e-4
-    noise_multiplier: float = 1.0  # σ; 0 = non-private (no clipping, no noise)
+    noise_multiplier: float = 1.0  # σ; 0 = non-private (no noise; no clipping unless clip-only)
+    clip_only: bool = False  # with noise-multiplier 0: per-sample clipping without noise (a reference, ε = ∞)
     max_grad_norm: float = 1.0  # C
     delta: float = 1e-5
     epsilon_budget: float = 10.0  # a site stops training before its ε would pass this
@@ -47,9 +48,17 @@ class RunConfig:
             if key not in names:
                 raise FedlvcError(f"unknown run-config key {key!r} (known: {', '.join(sorted(names))})")
             f = names[key]
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            typ = {"int": int, "float": float, "str": str, "bool": bool}[
+                f.type if isinstance(f.type, str) else f.type.__name__]
             try:
                 if typ is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                if typ is bool:
+                    if isinstance(value, str) and value.lower() in ("true", "false"):
+                        value = value.lower() == "true"
+                    if not isinstance(value, bool):
+                        raise ValueError
+                if typ in (int, float) and isinstance(value, bool):
                     raise ValueError
                 values[f.name] = typ(value)
             except (TypeError, ValueError):
@@ -74,6 +83,7 @@ class RunConfig:
         need(self.epsilon_budget > 0, "epsilon-budget", "must be > 0")
         need(self.accountant in ("rdp", "prv", "gdp"), "accountant", "must be rdp, prv or gdp")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
+        need(not (self.clip_only and self.noise_multiplier > 0), "clip-only", "needs noise-multiplier = 0")
 
     @property
     def private(self) -> bool:

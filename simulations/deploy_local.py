@@ -28,30 +28,9 @@ from fractions import Fraction
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(APP_DIR))
 
-
-def _env(flwr_home: Path) -> dict:
-    env = dict(os.environ)
-    env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def _wait_port(port: int, timeout: float = 60.0) -> None:
-    import socket
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+from simulations.local_runtime import flwr_bin, flwr_env, wait_port  # noqa: E402
 
 
 def _generate_site_videos(folder: Path, site: int, frames: int) -> None:
@@ -135,12 +114,12 @@ def main(argv=None) -> int:
         link_home = work / "flwr-home" / "superlink"
         link_home.mkdir(parents=True, exist_ok=True)
         procs.append(subprocess.Popen(
-            [_bin("flower-superlink"), *tls_link, "--host", "127.0.0.1", "--port", str(args.port),
+            [flwr_bin("flower-superlink"), *tls_link, "--host", "127.0.0.1", "--port", str(args.port),
              "--disable-runtime-dependency-installation", "--database", str(work / "superlink.db"),
              *(["--enable-supernode-auth"] if args.auth else [])],
-            cwd=work, env=_env(link_home), stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT,
+            cwd=work, env=flwr_env(link_home), stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True))
-        _wait_port(args.port)
+        wait_port(args.port)
         cli_home = work / "flwr-home" / "cli"
         cli_home.mkdir(parents=True, exist_ok=True)
         conn = f'address = "127.0.0.1:{args.port}"\n' + (
@@ -161,23 +140,23 @@ def main(argv=None) -> int:
             if args.auth:
                 (work / "keys").mkdir(exist_ok=True)
                 key = make_node_key(work / "keys" / f"site_{i}")
-                subprocess.run([_bin("flwr"), "supernode", "register", f"{key}.pub", "deploy"], cwd=work,
-                               env=_env(cli_home), check=True, stdout=open(logs / f"register_{i}.log", "w"),
+                subprocess.run([flwr_bin("flwr"), "supernode", "register", f"{key}.pub", "deploy"], cwd=work,
+                               env=flwr_env(cli_home), check=True, stdout=open(logs / f"register_{i}.log", "w"),
                                stderr=subprocess.STDOUT, timeout=120)
                 auth = ["--auth-supernode-private-key", str(key)]
             procs.append(subprocess.Popen(
-                [_bin("flower-supernode"), *tls_node, *auth, "--superlink", f"127.0.0.1:{args.port}",
+                [flwr_bin("flower-supernode"), *tls_node, *auth, "--superlink", f"127.0.0.1:{args.port}",
                  "--port", str(args.port + 1 + i), "--node-config", node_config],
-                cwd=site, env=_env(home), stdout=open(logs / f"supernode_{i}.log", "w"),
+                cwd=site, env=flwr_env(home), stdout=open(logs / f"supernode_{i}.log", "w"),
                 stderr=subprocess.STDOUT, start_new_session=True))
 
         run_config = (f"out-dir='{work / 'server'}' num-server-rounds={args.rounds} min-sites={args.sites} "
                       + args.run_config).strip()
-        run = subprocess.run([_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config, "--stream"],
-                             cwd=work, env=_env(cli_home), stdout=open(logs / "flwr-run.log", "w"),
+        run = subprocess.run([flwr_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config, "--stream"],
+                             cwd=work, env=flwr_env(cli_home), stdout=open(logs / "flwr-run.log", "w"),
                              stderr=subprocess.STDOUT, timeout=args.timeout)
-        listing = subprocess.run([_bin("flwr"), "list", "deploy", "--format", "json"], cwd=work,
-                                 env=_env(cli_home), capture_output=True, text=True, timeout=120)
+        listing = subprocess.run([flwr_bin("flwr"), "list", "deploy", "--format", "json"], cwd=work,
+                                 env=flwr_env(cli_home), capture_output=True, text=True, timeout=120)
         runs = json.loads(listing.stdout[listing.stdout.index("{"):]).get("runs", [])
         latest = max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
         result = {"run_id": latest.get("run-id"), "status": latest.get("status"), "flwr_run_rc": run.returncode,
@@ -193,5 +172,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(APP_DIR))
     sys.exit(main())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -163,23 +162,6 @@ def test_pyproject_run_config_matches_the_typed_defaults():
 
 # ---------------------------------------------------------------- end to end (real Flower processes)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flwr_env(home: Path) -> dict:
-    env = dict(os.environ)
-    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1")
-    return env
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
 TINY_RUN = ("num-server-rounds=2 local-steps=3 batch-size=8 crop-size=32 demo-frames=16 demo-clips=1 "
             "demo-width=64 demo-height=48 eval-frames=2 noise-multiplier=1.0 epsilon-budget=50.0")
 
@@ -187,47 +169,31 @@ TINY_RUN = ("num-server-rounds=2 local-steps=3 batch-size=8 crop-size=32 demo-fr
 @pytest.mark.slow
 def test_simulation_runs_end_to_end(tmp_path):
     """``flwr run`` on the simulation runtime with a SuperLink we start (and stop by PID) ourselves."""
-    home, port = tmp_path / "flwr", _free_port()
-    home.mkdir()
-    link = subprocess.Popen([_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-                             "--port", str(port), "--disable-runtime-dependency-installation"],
-                            cwd=tmp_path, env=_flwr_env(home), stdout=open(tmp_path / "superlink.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
-                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-        deadline = time.time() + 60
-        while socket.socket().connect_ex(("127.0.0.1", port)) and time.time() < deadline:
-            time.sleep(0.5)
-        out = tmp_path / "out"
-        run = subprocess.run([_bin("flwr"), "run", str(REPO), "sim", "--stream",
-                              "--run-config", f"{TINY_RUN} out-dir='{out}'",
-                              "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-                             cwd=tmp_path, env=_flwr_env(home), capture_output=True, text=True, timeout=900)
-        listing = subprocess.run([_bin("flwr"), "list", "sim", "--format", "json"], cwd=tmp_path,
-                                 env=_flwr_env(home), capture_output=True, text=True, timeout=120)
-        runs = json.loads(listing.stdout[listing.stdout.index("{"):])["runs"]
-        assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]
-        history = json.loads((out / "history.json").read_text())
-        assert [r["round"] for r in history["rounds"]] == [1, 2]
-        for site in ("site_0", "site_1"):
-            eps = [r["sites"][site]["epsilon"] for r in history["rounds"]]
-            assert eps[0] < eps[1] <= 50.0
-            assert list((out / "sites" / site).glob("*.lvc"))
-        assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
-        assert "PSNR" in run.stdout
-    finally:
-        link.terminate()
-        try:
-            link.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            link.kill()
+    from simulations.local_runtime import SimulationRuntime
+
+    out = tmp_path / "out"
+    with SimulationRuntime(tmp_path) as runtime:
+        run = runtime.run(f"{TINY_RUN} out-dir='{out}'", num_supernodes=2, timeout=900)
+        port, pid = runtime.port, runtime.process.pid
+    assert run["status"] == "finished:completed", run["output"][-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    for site in ("site_0", "site_1"):
+        eps = [r["sites"][site]["epsilon"] for r in history["rounds"]]
+        assert eps[0] < eps[1] <= 50.0
+        assert list((out / "sites" / site).glob("*.lvc"))
+    assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
+    assert "PSNR" in run["output"]
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
 
 
 @pytest.mark.slow
 def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
     """SuperLink + 2 authenticated SuperNodes on 127.0.0.1 over TLS (real sockets), status from ``flwr list``."""
-    port = _free_port()
+    from simulations.local_runtime import free_port
+
+    port = free_port()
     proc = subprocess.run([sys.executable, str(REPO / "simulations" / "deploy_local.py"), str(tmp_path / "w"),
                            "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12", "--auth",
                            "--run-config", "local-steps=3 batch-size=8 crop-size=32 eval-frames=2"],

@@ -1,0 +1,264 @@
+"""``fedlvc sweep CONFIG.yaml --out DIR``: privacy vs quality, one federated simulation per noise setting.
+
+Each setting runs the same ServerApp/ClientApp on Flower's simulation runtime (a SuperLink this process
+starts and stops). A setting whose ``runs/<name>/summary.json`` exists is not rerun, so a sweep resumes.
+Then every final model is measured at every quality level on the sites' held-out frames (never trained on),
+with x264 on the same frames, into ``results.csv``, ``privacy_quality.png``, ``rd_curves.png`` and
+``recon_grid.png``. Rows also give the public starting model (no fine-tuning, ε = 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from common.checkpoint import load_model
+from common.data import generated_site_frames, split_held_out
+from common.errors import FedlvcError
+from common.evaluate import baseline_points, fedlvc_points
+from common.fedconfig import RunConfig
+from common.metrics import psnr_rgb
+from common.video import atomic_output
+
+SWEEP_KEYS = {"noise-multipliers", "num-sites", "clip-only-reference", "x264-crfs", "matched-bpp"}
+CSV_COLUMNS = ["setting", "codec", "noise_multiplier", "clip_only", "epsilon", "delta", "accountant", "quality",
+               "crf", "bpp", "psnr", "ms_ssim", "max_grad_norm", "sample_rate", "steps", "rounds", "privacy_unit",
+               "units_per_site", "sites"]
+
+
+@dataclass
+class Setting:
+    name: str
+    noise_multiplier: float
+    clip_only: bool = False
+
+
+def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
+    """Read and check the YAML: (sweep options, settings, run config, run-config overrides)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FedlvcError(f"sweep config not found: {p}")
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise FedlvcError(f"sweep config {p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(doc, dict):
+        raise FedlvcError(f"sweep config {p} must be a mapping of keys to values")
+    sweep = {k: doc[k] for k in SWEEP_KEYS if k in doc}
+    overrides = {k: v for k, v in doc.items() if k not in SWEEP_KEYS}
+    for key in ("out-dir", "noise-multiplier", "clip-only", "min-sites"):
+        if key in overrides:
+            raise FedlvcError(f"sweep config key {key!r} is set by the sweep itself; remove it")
+    rc = RunConfig.from_mapping(overrides)  # names the offending key when one is unknown or mistyped
+    sigmas = sweep.get("noise-multipliers")
+    if not isinstance(sigmas, list) or not sigmas or not all(isinstance(s, (int, float)) and s >= 0 for s in sigmas):
+        raise FedlvcError("sweep config key 'noise-multipliers' must be a non-empty list of numbers >= 0")
+    sites = sweep.get("num-sites", 4)
+    if not isinstance(sites, int) or sites < 1:
+        raise FedlvcError("sweep config key 'num-sites' must be a positive integer")
+    sweep["num-sites"] = sites
+    settings = [Setting(f"sigma_{float(s):g}", float(s)) for s in sigmas]
+    if sweep.get("clip-only-reference", True):
+        settings.append(Setting("clip_only", 0.0, clip_only=True))
+    return sweep, settings, rc, overrides
+
+
+def _run_config_text(overrides: dict, setting: Setting, out_dir: Path, sites: int) -> str:
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return "'" + v.replace("'", "") + "'"
+        return repr(v)
+
+    items = dict(overrides)
+    items.update({"noise-multiplier": setting.noise_multiplier, "clip-only": setting.clip_only,
+                  "out-dir": str(out_dir), "min-sites": sites})
+    return " ".join(f"{k}={fmt(v)}" for k, v in items.items())
+
+
+def held_out_frames(rc: RunConfig, sites: int) -> np.ndarray:
+    """The held-out frames of every generated site (the frames the ClientApps never train on)."""
+    frames = []
+    for site in range(sites):
+        all_frames = generated_site_frames(site, rc.demo_clips, rc.demo_frames, rc.demo_width, rc.demo_height)
+        frames += split_held_out(all_frames, rc.eval_frames)[1]
+    return np.stack(frames)
+
+
+def _site_privacy(history_file: Path) -> dict:
+    doc = json.loads(history_file.read_text())
+    last = doc["rounds"][-1]
+    sites = last["sites"].values()
+    return {
+        "epsilon": max((s["epsilon"] for s in sites), default=0.0),
+        "sample_rate": max((s.get("sample_rate", 0.0) for s in sites), default=0.0),
+        "steps": max((sum(n for _, _, n in s.get("dp_history", [])) for s in sites), default=0),
+        "units_per_site": min((s.get("units", 0) for s in sites), default=0),
+        "rounds": last["round"],
+    }
+
+
+def run_sweep(config_path, out_dir, progress: bool = True) -> Path:
+    sweep, settings, rc, overrides = load_sweep(config_path)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config_path, out / "sweep.yaml")
+    sites = sweep["num-sites"]
+    todo = [s for s in settings if not (out / "runs" / s.name / "summary.json").is_file()]
+    if todo:
+        from .local_runtime import SimulationRuntime
+
+        (out / "runtime").mkdir(exist_ok=True)
+        with SimulationRuntime(out / "runtime") as runtime, \
+                tqdm(total=len(settings), initial=len(settings) - len(todo), desc="sweep", unit="run",
+                     disable=not progress) as bar:
+            for s in todo:
+                run_dir = out / "runs" / s.name
+                run_dir.mkdir(parents=True, exist_ok=True)
+                result = runtime.run(_run_config_text(overrides, s, run_dir, sites), num_supernodes=sites,
+                                     log=run_dir / "flwr-run.log")
+                if result["status"] != "finished:completed" or not (run_dir / "summary.json").is_file():
+                    raise FedlvcError(f"sweep setting {s.name} failed (status {result['status']}); "
+                                      f"see {run_dir / 'flwr-run.log'}")
+                bar.update(1)
+    write_results(out, sweep, settings, rc, sites, progress)
+    return out
+
+
+def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig, sites: int, progress: bool) -> None:
+    frames = held_out_frames(rc, sites)
+    crfs = tuple(sweep.get("x264-crfs", (18, 23, 28, 33, 38)))
+    rows, curves, grid = [], {}, []
+    base = {"delta": rc.delta, "accountant": rc.accountant, "max_grad_norm": rc.max_grad_norm,
+            "privacy_unit": "frame", "sites": sites}
+    public = load_model(rc.init_model or None)
+    models = [("public", None, public, {"epsilon": 0.0, "sample_rate": 0.0, "steps": 0, "rounds": 0,
+                                        "units_per_site": ""})]
+    for s in settings:
+        run_dir = out / "runs" / s.name
+        models.append((s.name, s, load_model(run_dir / "final.safetensors"), _site_privacy(run_dir / "history.json")))
+    qualities = list(range(1, public.cfg.num_levels + 1))
+    for name, s, model, privacy in tqdm(models, desc="measure", unit="model", disable=not progress):
+        points, decoded = fedlvc_points(frames, model, qualities, 25, keep_decoded=(rc.final_quality,))
+        curves[name] = points
+        grid.append((name, privacy["epsilon"], decoded[rc.final_quality]))
+        for p in points:
+            rows.append({**base, **privacy, "setting": name, "codec": "fedlvc",
+                         "noise_multiplier": "" if s is None else s.noise_multiplier,
+                         "clip_only": "" if s is None else s.clip_only, "quality": p["quality"], "crf": "",
+                         "bpp": p["bpp"], "psnr": p["psnr"], "ms_ssim": p["ms_ssim"]})
+    x264, _ = baseline_points(frames, 25, ["x264"], crfs)
+    curves["x264"] = x264
+    for p in x264:
+        rows.append({"setting": "x264", "codec": "x264", "crf": p["crf"], "bpp": p["bpp"], "psnr": p["psnr"],
+                     "ms_ssim": p["ms_ssim"], "sites": sites})
+    with atomic_output(out / "results.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                r = dict(r)
+                if isinstance(r.get("epsilon"), float) and math.isinf(r["epsilon"]):
+                    r["epsilon"] = "inf"
+                writer.writerow(r)
+    matched = float(sweep.get("matched-bpp") or np.median([p["bpp"] for p in curves["public"]]))
+    plot_privacy_quality(out / "privacy_quality.png", models, curves, matched)
+    plot_rd_curves(out / "rd_curves.png", curves)
+    plot_recon_grid(out / "recon_grid.png", frames, grid, rc.final_quality)
+
+
+def psnr_at_bpp(points: list[dict], bpp: float) -> float | None:
+    """PSNR of an RD curve at ``bpp`` by linear interpolation in log-rate (None outside the curve)."""
+    pts = sorted((math.log(p["bpp"]), p["psnr"]) for p in points)
+    xs, ys = [x for x, _ in pts], [y for _, y in pts]
+    lb = math.log(bpp)
+    if not xs[0] <= lb <= xs[-1]:
+        return None
+    return float(np.interp(lb, xs, ys))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_privacy_quality(path: Path, models, curves, bpp: float) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    finite = []
+    for name, s, _, privacy in models:
+        q = psnr_at_bpp(curves[name], bpp)
+        if q is None:
+            continue
+        eps = privacy["epsilon"]
+        if name == "public":
+            ax.axhline(q, color="gray", ls=":", label=f"public model (no fine-tuning) {q:.2f} dB")
+        elif math.isinf(eps):
+            ax.axhline(q, ls="--", color="k" if not s.clip_only else "tab:orange",
+                       label=("clip only" if s.clip_only else "non-private") + f" {q:.2f} dB")
+        else:
+            finite.append((eps, q, name))
+    if finite:
+        finite.sort()
+        ax.plot([e for e, _, _ in finite], [q for _, q, _ in finite], "o-", label="DP-SGD (frame-level ε)")
+        for e, q, name in finite:
+            ax.annotate(name, (e, q), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("log")
+    ax.set_xlabel("ε (δ as in results.csv), max over sites")
+    ax.set_ylabel(f"PSNR-RGB at {bpp:.3f} bpp (dB)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_rd_curves(path: Path, curves: dict) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, points in curves.items():
+        pts = sorted((p["bpp"], p["psnr"]) for p in points)
+        ax.plot([b for b, _ in pts], [q for _, q in pts], "s--" if name == "x264" else "o-", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per pixel (whole file)")
+    ax.set_ylabel("PSNR-RGB (dB)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_recon_grid(path: Path, frames: np.ndarray, grid, quality: int) -> None:
+    plt = _plt()
+    i = len(frames) // 2
+    panels = [("original", None, frames)] + grid
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6 * frames.shape[1] / frames.shape[2] + 0.7))
+    for ax, (name, eps, f) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(f[i])
+        label = name if eps is None else f"{name}\nε={'∞' if math.isinf(eps) else f'{eps:.2f}'}, " \
+                                         f"{psnr_rgb(frames[i], f[i]):.2f} dB"
+        ax.set_title(label, fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"held-out frame, quality {quality}", fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""``fedlvc sweep``: config checking, and a tiny real sweep that resumes without rerunning finished settings."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from client.cli import main as cli
+from common.errors import FedlvcError
+from simulations.sweep import CSV_COLUMNS, load_sweep, psnr_at_bpp
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _yaml(tmp_path, text: str) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, key", [
+    ("noise-multipliers: [1.0]\nlocal-stepz: 3\n", "local-stepz"),
+    ("noise-multipliers: [1.0]\nbatch-size: many\n", "batch-size"),
+    ("noise-multipliers: 1.0\n", "noise-multipliers"),
+    ("noise-multipliers: [-1]\n", "noise-multipliers"),
+    ("noise-multipliers: [1.0]\nnum-sites: 0\n", "num-sites"),
+    ("noise-multipliers: [1.0]\nout-dir: x\n", "out-dir"),
+    ("noise-multipliers: [1.0\n", "YAML"),
+])
+def test_config_errors_name_the_offending_key(tmp_path, capsys, text, key):
+    path = _yaml(tmp_path, text)
+    with pytest.raises(FedlvcError, match=key):
+        load_sweep(path)
+    assert cli(["sweep", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedlvc: error:") and key in err[0]
+
+
+def test_default_study_config_is_valid():
+    sweep, settings, rc, _ = load_sweep(REPO / "simulations" / "privacy_quality.yaml")
+    assert [s.noise_multiplier for s in settings if not s.clip_only] == sweep["noise-multipliers"]
+    assert any(s.clip_only for s in settings) and sweep["num-sites"] == 4
+
+
+def test_psnr_at_matched_bpp_interpolates_in_log_rate():
+    pts = [{"bpp": 0.1, "psnr": 30.0}, {"bpp": 0.4, "psnr": 34.0}]
+    assert psnr_at_bpp(pts, 0.2) == pytest.approx(32.0)
+    assert psnr_at_bpp(pts, 0.05) is None
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_results_and_resumes(tmp_path):
+    config = _yaml(tmp_path, """
+noise-multipliers: [0.0, 2.0]
+num-sites: 2
+clip-only-reference: false
+x264-crfs: [23, 33]
+num-server-rounds: 1
+local-steps: 2
+batch-size: 8
+crop-size: 32
+demo-frames: 12
+demo-clips: 1
+demo-width: 64
+demo-height: 48
+eval-frames: 2
+""")
+    out = tmp_path / "out"
+    assert cli(["sweep", str(config), "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert set(CSV_COLUMNS) <= set(rows[0])
+    by_setting = {}
+    for r in rows:
+        by_setting.setdefault(r["setting"], []).append(r)
+    assert set(by_setting) == {"public", "sigma_0", "sigma_2", "x264"}
+    assert len(by_setting["sigma_2"]) == 6  # one row per quality level
+    assert by_setting["sigma_0"][0]["epsilon"] == "inf"
+    eps = float(by_setting["sigma_2"][0]["epsilon"])
+    assert 0 < eps < math.inf and int(by_setting["sigma_2"][0]["steps"]) == 2
+    for name in ("privacy_quality.png", "rd_curves.png", "recon_grid.png"):
+        assert (out / name).stat().st_size > 1000
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    assert cli(["sweep", str(config), "--out", str(out), "--quiet"]) == 0  # resumes: nothing is rerun
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == finished
