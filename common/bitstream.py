@@ -18,7 +18,9 @@ Layout (all integers big-endian)::
     chunk × frames
       type         B    0 = intra (I) frame; other values are reserved for predicted frames
       length       I    payload bytes (a multiple of 4: ANS words)
-      crc          I    CRC-32 of the payload
+      crc          I    CRC-32 of the frame index (I) and the payload, seeded with the stream key: the CRC-32
+                        of the header with its frame count set to 0, so a chunk only checks out at its own
+                        position in a stream with the header it was written under
       payload      length bytes
     end of file (trailing bytes are an error)
 
@@ -59,11 +61,19 @@ class StreamHeader:
     gop: int = 1
     version: int = VERSION
 
-    def pack(self) -> bytes:
+    def _body(self, frames: int) -> bytes:
         fps = Fraction(self.fps).limit_denominator(1_000_000)
-        body = HEADER.pack(MAGIC, self.version, 0, self.fingerprint, self.quality, self.width, self.height,
-                           fps.numerator, fps.denominator, self.frames, self.gop)
+        return HEADER.pack(MAGIC, self.version, 0, self.fingerprint, self.quality, self.width, self.height,
+                           fps.numerator, fps.denominator, frames, self.gop)
+
+    def pack(self) -> bytes:
+        body = self._body(self.frames)
         return body + HEADER_CRC.pack(zlib.crc32(body))
+
+    @property
+    def stream_key(self) -> int:
+        """Seed of every chunk checksum: binds chunks to this header (known before the frame count is)."""
+        return zlib.crc32(self._body(0))
 
 
 def max_payload_bytes(latent_elements: int) -> int:
@@ -91,19 +101,24 @@ def read_header(f: BinaryIO, file_size: int) -> StreamHeader:
         raise FedlvcError("bitstream claims a zero frame rate")
     if frames > MAX_FRAMES or frames * (CHUNK.size + 4) > file_size - HEADER_SIZE:
         raise FedlvcError(f"bitstream claims {frames} frames, more than its {file_size} bytes can hold (truncated?)")
-    if gop < 1:
-        raise FedlvcError("bitstream claims a group-of-pictures length of 0")
+    if gop != 1:  # version 1 codes every frame as an intra frame
+        raise FedlvcError(f"bitstream claims a group-of-pictures length of {gop}; version {VERSION} streams are intra-only")
     return StreamHeader(fp, quality, width, height, Fraction(fps_num, fps_den), frames, gop, version)
 
 
-def write_chunk(f: BinaryIO, payload: bytes, frame_type: int = FRAME_INTRA) -> int:
-    f.write(CHUNK.pack(frame_type, len(payload), zlib.crc32(payload)))
+def chunk_crc(payload: bytes, index: int, key: int) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack(">I", index), key))
+
+
+def write_chunk(f: BinaryIO, payload: bytes, frame_type: int = FRAME_INTRA, *, index: int = 0, key: int = 0) -> int:
+    f.write(CHUNK.pack(frame_type, len(payload), chunk_crc(payload, index, key)))
     f.write(payload)
     return CHUNK.size + len(payload)
 
 
-def read_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int) -> tuple[int, bytes]:
-    """Read frame chunk ``index``; ``remaining`` is the number of bytes left in the file."""
+def read_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int, key: int = 0) -> tuple[int, bytes]:
+    """Read frame chunk ``index``; ``remaining`` is the number of bytes left in the file, ``key`` the stream
+    key of its header."""
     raw = f.read(CHUNK.size)
     if len(raw) < CHUNK.size:
         raise FedlvcError(f"bitstream is truncated at frame {index}")
@@ -117,6 +132,6 @@ def read_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int) -> tup
     payload = f.read(length)
     if len(payload) != length:
         raise FedlvcError(f"bitstream is truncated at frame {index}")
-    if zlib.crc32(payload) != crc:
+    if chunk_crc(payload, index, key) != crc:
         raise FedlvcError(f"frame {index} is damaged (checksum mismatch)")
     return frame_type, payload

@@ -94,16 +94,17 @@ def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model
         raise FedlvcError("only intra coding (--gop 1) is implemented in bitstream version 1")
     encoder = FrameEncoder(model, quality, track_bits=True)
     fp = fingerprint(model)
-    count, size = 0, None
+    count, size, header = 0, None, None
     with atomic_output(output) as tmp, open(tmp, "wb") as f:
         f.write(bytes(bs.HEADER_SIZE))  # placeholder, rewritten once the frame count is known
         for frame in frames:
             if size is None:
                 size = frame.shape[:2]
+                header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), 0, gop)
             elif frame.shape[:2] != size:
                 raise FedlvcError(f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
                                   f"expected {size[1]}x{size[0]} (size changes are not supported)")
-            bs.write_chunk(f, encoder.encode(frame))
+            bs.write_chunk(f, encoder.encode(frame), index=count, key=header.stream_key)
             count += 1
             if progress is not None:
                 progress.update(1)
@@ -180,7 +181,7 @@ def decode_stream(path, model: FedlvcCodec) -> tuple[bs.StreamHeader, Iterator[n
         with f:
             pos = bs.HEADER_SIZE
             for i in range(header.frames):
-                _, payload = bs.read_chunk(f, i, size - pos, decoder.max_payload)
+                _, payload = bs.read_chunk(f, i, size - pos, decoder.max_payload, header.stream_key)
                 pos += bs.CHUNK.size + len(payload)
                 yield decoder.decode(payload)
             if pos != size:

@@ -260,8 +260,8 @@ def test_read_header_refuses_zero_fps_and_zero_gop():
 def test_chunk_round_trip_and_refusals():
     payloads = [b"", b"abcd", bytes(range(256)) * 4]
     f = io.BytesIO()
-    for p in payloads:
-        assert bs.write_chunk(f, p) == bs.CHUNK.size + len(p)
+    for i, p in enumerate(payloads):
+        assert bs.write_chunk(f, p, index=i) == bs.CHUNK.size + len(p)
     data = f.getvalue()
     f = io.BytesIO(data)
     remaining = len(data)

@@ -1,0 +1,115 @@
+"""Property-based mutation tests: any damage to a ``.lvc`` file gives FedlvcError (the CLI's one-line error),
+never another exception, garbage frames, or unbounded work."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import bitstream as bs
+from common.codec import decode_stream, encode_frames
+from common.data import generate_site_clip
+from common.errors import FedlvcError
+from common.model import CodecConfig, FedlvcCodec
+
+import torch
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    torch.manual_seed(0)
+    model = FedlvcCodec(CodecConfig(channels=8, latent_channels=8, mixtures=2)).eval()
+    with torch.no_grad():  # coarse gains would round every latent to 0: make the payloads carry real symbols
+        model.gain.log_gain.weight.fill_(5.0)
+        model.inv_gain.log_gain.weight.fill_(-5.0)
+    path = tmp_path_factory.mktemp("hostile") / "ok.lvc"
+    frames = list(generate_site_clip(1, 0, 48, 32, 3))
+    encode_frames(iter(frames), path, model, 3, Fraction(25))
+    return model, path.read_bytes()
+
+
+def _decode(model, data: bytes, tmp_path) -> list:
+    path = tmp_path / "x.lvc"
+    path.write_bytes(data)
+    _, frames = decode_stream(path, model)
+    return list(frames)
+
+
+def _must_fail_cleanly(model, data, tmp_path, original):
+    start = time.perf_counter()
+    try:
+        frames = _decode(model, data, tmp_path)
+    except FedlvcError:
+        frames = None
+    assert time.perf_counter() - start < 10
+    if frames is not None:
+        # Only a mutation that leaves the meaningful bytes intact may decode, and then to the same frames.
+        assert data == original
+
+
+HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=HEALTH)
+@given(cut=st.integers(min_value=0))
+def test_truncation(stream, tmp_path, cut):
+    model, data = stream
+    _must_fail_cleanly(model, data[: cut % len(data)], tmp_path, data)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=HEALTH)
+@given(pos=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7))
+def test_bit_flip(stream, tmp_path, pos, bit):
+    model, data = stream
+    b = bytearray(data)
+    b[pos % len(b)] ^= 1 << bit
+    _must_fail_cleanly(model, bytes(b), tmp_path, data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=HEALTH)
+@given(pos=st.integers(min_value=0), junk=st.binary(min_size=1, max_size=16))
+def test_inserted_bytes(stream, tmp_path, pos, junk):
+    model, data = stream
+    p = pos % (len(data) + 1)
+    _must_fail_cleanly(model, data[:p] + junk + data[p:], tmp_path, data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=HEALTH)
+@given(pos=st.integers(min_value=0), n=st.integers(min_value=1, max_value=16))
+def test_deleted_bytes(stream, tmp_path, pos, n):
+    model, data = stream
+    p = pos % len(data)
+    _must_fail_cleanly(model, data[:p] + data[p + n:], tmp_path, data)
+
+
+HEADER_FIELDS = {4: 255, 5: 2**32 - 1, 6: 2**32 - 1, 7: 2**32 - 1, 8: 2**32 - 1, 9: 2**32 - 1, 10: 2**16 - 1}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=HEALTH)
+@given(changes=st.dictionaries(st.sampled_from(sorted(HEADER_FIELDS)), st.integers(0, 2**32 - 1), min_size=1))
+def test_forged_header_with_valid_checksum(stream, tmp_path, changes):
+    """A header re-packed with a valid CRC but made-up quality, size, frame rate, frame count or GOP is refused."""
+    model, data = stream
+    fields = list(bs.HEADER.unpack(data[: bs.HEADER.size]))
+    for index, value in changes.items():
+        fields[index] = value % (HEADER_FIELDS[index] + 1)
+    body = bs.HEADER.pack(*fields)
+    forged = body + bs.HEADER_CRC.pack(zlib.crc32(body)) + data[bs.HEADER_SIZE:]
+    if forged == data:
+        return
+    with pytest.raises(FedlvcError):  # the chunk checksums are keyed by the header: any change is caught
+        _decode(model, forged, tmp_path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=HEALTH)
+@given(junk=st.binary(min_size=0, max_size=512))
+def test_arbitrary_bytes(stream, tmp_path, junk):
+    model, data = stream
+    _must_fail_cleanly(model, junk, tmp_path, data)
+    _must_fail_cleanly(model, bs.MAGIC + junk, tmp_path, data)
