@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -36,10 +37,20 @@ def _model_from(msg: Message) -> FedlvcCodec:
     return model
 
 
+FAULT_ENV = "FEDLVC_INJECT_FAULT"  # testing aid: "<site id>:<round>" makes that site crash in that round
+
+
+def _inject_fault(site_id: int, server_round: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec == f"{site_id}:{server_round}":
+        raise RuntimeError(f"fault injected by {FAULT_ENV}={spec}")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     site = load_site(context.node_config, rc)
+    _inject_fault(site.site_id, int(msg.content["config"].get("server-round", 0)))
     ledger = PrivacyLedger.load(context, rc)
     model = _model_from(msg)
     server_round = int(msg.content["config"].get("server-round", 0))

@@ -33,12 +33,21 @@ class SiteFedAvg(FedAvg):
         super().__init__(*args, **kwargs)
         self.train_log: dict[int, dict] = {}
         self.eval_log: dict[int, dict] = {}
+        self.sampled: dict[int, list[int]] = {}  # round → node ids asked to train
+        self.node_sites: dict[int, str] = {}  # node id → site, learned from replies
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled[server_round] = [int(m.metadata.dst_node_id) for m in messages]
+        return messages
 
     def aggregate_train(self, server_round, replies):
+        replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True)
         sites, trained = {}, []
         for msg in valid:
             m = msg.content["metrics"]
+            self.node_sites[int(msg.metadata.src_node_id)] = _site_key(m)
             sites[_site_key(m)] = {
                 "epsilon": float(m["epsilon"]), "delta": float(m["delta"]),
                 "noise_multiplier": float(m["noise_multiplier"]), "max_grad_norm": float(m["max_grad_norm"]),
@@ -50,10 +59,13 @@ class SiteFedAvg(FedAvg):
             }
             if not m["declined"] and m["num-examples"] > 0:
                 trained.append(msg.content)
-        self.train_log[server_round] = {
-            "sites": sites,
-            "dropped": [{"node_id": int(e.metadata.src_node_id), "reason": str(e.error.reason)} for e in errors],
-        }
+        answered = {int(r.metadata.src_node_id) for r in replies}
+        dropped = [{"node_id": int(e.metadata.src_node_id), "reason": str(e.error.reason)} for e in errors]
+        dropped += [{"node_id": nid, "reason": "no reply before the round timeout"}
+                    for nid in self.sampled.get(server_round, []) if nid not in answered]
+        for d in dropped:
+            d["site"] = self.node_sites.get(d["node_id"])
+        self.train_log[server_round] = {"sites": sites, "dropped": dropped}
         if not trained:
             return None, None
         arrays = aggregate_arrayrecords(trained, self.weighted_by_key)

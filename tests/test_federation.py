@@ -232,3 +232,24 @@ def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
     resumed, done, earlier = _initial_model(rc)
     assert done == 3 and [r["round"] for r in earlier] == [1, 2, 3]
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_site_that_crashes_mid_round_does_not_sink_the_round(tmp_path, monkeypatch):
+    """Site 1 crashes in round 2: FedAvg completes with the others and history.json records who dropped."""
+    from simulations.local_runtime import SimulationRuntime
+
+    monkeypatch.setenv("FEDLVC_INJECT_FAULT", "1:2")  # inherited by the SuperLink and its ClientApps
+    out = tmp_path / "out"
+    with SimulationRuntime(tmp_path) as runtime:
+        config = TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=3")
+        run = runtime.run(f"{config} out-dir='{out}' min-sites=2", num_supernodes=3, timeout=900)
+    assert run["status"] == "finished:completed", run["output"][-3000:]
+    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["dropped"] == [] and rounds[2]["dropped"] == []
+    assert [d["site"] for d in rounds[1]["dropped"]] == ["site_1"]
+    assert "fault injected" in rounds[1]["dropped"][0]["reason"]
+    assert set(rounds[1]["sites"]) >= {"site_0", "site_2"} and "site_1" not in {
+        k for k, v in rounds[1]["sites"].items() if "epsilon" in v}
+    assert "site_1" in rounds[2]["sites"]  # back in the next round
