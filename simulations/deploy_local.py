@@ -59,6 +59,32 @@ def make_node_key(path: Path) -> Path:
     return path
 
 
+def registered_nodes(work: Path, cli_home: Path) -> list[dict]:
+    out = subprocess.run([flwr_bin("flwr"), "supernode", "list", "deploy", "--format", "json"], cwd=work,
+                         env=flwr_env(cli_home), capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout[out.stdout.index("{"):]).get("nodes", [])
+
+
+def check_intruder(work: Path, args, tls_node: list, cli_home: Path, logs: Path) -> bool:
+    """Start a SuperNode with a key that was never registered: refused means it exits with an error and
+    the SuperLink's node list does not grow."""
+    before = len(registered_nodes(work, cli_home))
+    key = make_node_key(work / "keys" / "intruder")
+    home = work / "flwr-home" / "intruder"
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([flwr_bin("flower-supernode"), *tls_node, "--auth-supernode-private-key", str(key),
+                             "--superlink", f"127.0.0.1:{args.port}", "--port", str(args.port + 1 + args.sites),
+                             "--node-config", "partition-id=99", "--max-retries", "1"],
+                            cwd=work, env=flwr_env(home), stdout=open(logs / "intruder.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        stop([proc])
+        return False
+    return rc != 0 and len(registered_nodes(work, cli_home)) == before
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     """Stop what we started: SIGTERM to each process group, then SIGKILL after a grace period."""
     for p in procs:
@@ -87,6 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=39500, help="SuperLink port; SuperNodes use port+1+i")
     ap.add_argument("--insecure", action="store_true", help="plain HTTP instead of TLS (not for real sites)")
     ap.add_argument("--auth", action="store_true", help="SuperNode authentication with registered keys (needs TLS)")
+    ap.add_argument("--check-intruder", action="store_true",
+                    help="with --auth: after the run, start a SuperNode whose key was never registered and report "
+                         "whether the SuperLink refused it")
     ap.add_argument("--video-dirs", nargs="*", default=[])
     ap.add_argument("--frames", type=int, default=48, help="frames per generated clip")
     ap.add_argument("--run-config", default="", help="extra run-config overrides, 'key=value ...'")
@@ -162,6 +191,8 @@ def main(argv=None) -> int:
         result = {"run_id": latest.get("run-id"), "status": latest.get("status"), "flwr_run_rc": run.returncode,
                   "server_out": str(work / "server"), "sites": [str(work / f"site_{i}") for i in range(args.sites)],
                   "tls": not args.insecure, "auth": args.auth, "logs": str(logs)}
+        if args.auth and args.check_intruder:
+            result["intruder_refused"] = check_intruder(work, args, tls_node, cli_home, logs)
         if args.keep_running:
             result["pids"] = [p.pid for p in procs]
     finally:

@@ -195,12 +195,13 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
 
     port = free_port()
     proc = subprocess.run([sys.executable, str(REPO / "simulations" / "deploy_local.py"), str(tmp_path / "w"),
-                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12", "--auth",
+                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12", "--auth", "--check-intruder",
                            "--run-config", "local-steps=3 batch-size=8 crop-size=32 eval-frames=2"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and result["status"] == "finished:completed", proc.stdout + proc.stderr
     assert result["tls"] is True and result["auth"] is True  # TLS and registered SuperNode keys
+    assert result["intruder_refused"] is True  # a SuperNode whose key was never registered cannot join
     for i in range(2):
         site = tmp_path / "w" / f"site_{i}"
         assert len(list((site / "out").glob("*.lvc"))) == 2
