@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -91,13 +90,9 @@ def cmd_public_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import torch
-
     from common.privacy import DPConfig, plan_noise_multiplier, poisson_sample_rate
     from common.training import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
                       learning_rate=args.lr, checkpoint_seconds=args.checkpoint_seconds,
                       validate_every=args.validate_every, every=args.every, seed=args.seed,
@@ -140,6 +135,8 @@ def cmd_sweep(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlvc", description="Federated, privacy-preserving learned video codec.")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is fastest for small frames on a busy machine)")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a video into a .lvc bitstream")
@@ -199,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-seconds", type=float, default=120.0)
     t.add_argument("--validate-every", type=_positive_int, default=250)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     dpg = t.add_argument_group("differential privacy (DP-SGD with Opacus; off unless a noise option is given)")
     dpg.add_argument("--noise-multiplier", type=float, default=None, help="sigma (0 = clipping only)")
     dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")
@@ -221,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except FedlvcError as e:
