@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
 from common.fedconfig import RunConfig
@@ -46,7 +48,15 @@ def _inject_fault(site_id: int, server_round: int) -> None:
         raise RuntimeError(f"fault injected by {FAULT_ENV}={spec}")
 
 
-@app.train()
+def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's client-side fixed clipping of the model update, when the server runs central (site-level) DP:
+    the server's DP wrapper puts the clipping norm into the train config."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[central_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     site = load_site(context.node_config, rc)
@@ -86,6 +96,7 @@ def train(msg: Message, context: Context) -> Message:
         "steps": steps,
         "declined": int(declined),
         "units": len(site.train_frames),  # privacy units (frames) this site holds
+        "site-weight": 1,  # equal weights: what central (site-level) DP averaging needs
         **ledger.flat(),
     }
     if not ledger.history:  # metric lists must not be empty: a site that never trained has spent nothing
@@ -111,8 +122,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = load_site(context.node_config, rc)
     model = _model_from(msg).eval()
     m = _measure(model, np.stack(site.held_out), rc.eval_quality)
-    metrics = {"num-examples": len(site.held_out), "site_id": site.site_id, "bpp": m["bpp"], "psnr": m["psnr"],
-               "ms_ssim": m["ms_ssim"]}
+    metrics = {"num-examples": len(site.held_out), "site-weight": 1, "site_id": site.site_id, "bpp": m["bpp"],
+               "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -36,6 +36,10 @@ class RunConfig:
     min_sites: int = 2  # FedAvg's min train / evaluate / available nodes
     round_timeout: float = 3600.0  # seconds the server waits for replies in a round
     grad_sample_mode: str = "hooks"
+    central_dp: str = "off"  # "fixed": site-level DP-FedAvg (Flower's client-side fixed clipping + server noise)
+    central_noise_multiplier: float = 1.0  # z: noise std = z · clipping-norm / sites-per-round
+    central_clipping_norm: float = 1.0  # S: each site's model update is clipped to this L2 norm
+    central_sites: int = 0  # sites sampled per round under central DP (0: min-sites)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -84,6 +88,10 @@ class RunConfig:
         need(self.accountant in ("rdp", "prv", "gdp"), "accountant", "must be rdp, prv or gdp")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(not (self.clip_only and self.noise_multiplier > 0), "clip-only", "needs noise-multiplier = 0")
+        need(self.central_dp in ("off", "fixed"), "central-dp", "must be off or fixed")
+        need(self.central_noise_multiplier > 0, "central-noise-multiplier", "must be > 0")
+        need(self.central_clipping_norm > 0, "central-clipping-norm", "must be > 0")
+        need(self.central_sites >= 0, "central-sites", "must be >= 0")
 
     @property
     def private(self) -> bool:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.checkpoint import load_model, read_meta, save_model
 from common.fedconfig import RunConfig
 from common.model import FedlvcCodec
+from common.privacy import epsilon_from_history
 from common.video import atomic_output
 
 app = ServerApp()
@@ -29,8 +30,11 @@ class SiteFedAvg(FedAvg):
     """FedAvg that records every site's reply, leaves out sites that declined (privacy budget spent) or
     failed, and keeps the previous global model when no site trained in a round."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, average_all: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        # Under central DP every sampled site's (clipped) update is averaged with equal weight, a site that
+        # declined contributing a zero update: the sensitivity S / sites-per-round must not depend on who trained.
+        self.average_all = average_all
         self.train_log: dict[int, dict] = {}
         self.eval_log: dict[int, dict] = {}
         self.sampled: dict[int, list[int]] = {}  # round → node ids asked to train
@@ -57,7 +61,7 @@ class SiteFedAvg(FedAvg):
                 "num_examples": int(m["num-examples"]), "units": int(m["units"]), "privacy_unit": "frame",
                 "declined": bool(m["declined"]), "train_loss": float(m["train_loss"]),
             }
-            if not m["declined"] and m["num-examples"] > 0:
+            if self.average_all or (not m["declined"] and m["num-examples"] > 0):
                 trained.append(msg.content)
         answered = {int(r.metadata.src_node_id) for r in replies}
         dropped = [{"node_id": int(e.metadata.src_node_id), "reason": str(e.error.reason)} for e in errors]
@@ -69,7 +73,7 @@ class SiteFedAvg(FedAvg):
         if not trained:
             return None, None
         arrays = aggregate_arrayrecords(trained, self.weighted_by_key)
-        weights = [float(c["metrics"][self.weighted_by_key]) for c in trained]
+        weights = [float(c["metrics"][self.weighted_by_key]) or 1.0 for c in trained]
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, trained)) / sum(weights)
         return arrays, MetricRecord({"train_loss": loss, "sites_trained": len(trained)})
 
@@ -82,6 +86,40 @@ class SiteFedAvg(FedAvg):
         self.eval_log[server_round] = per_site
         agg = self.evaluate_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
         return agg
+
+
+class CentralDP:
+    """Site-level DP-FedAvg with Flower's client-side fixed clipping wrapper: each sampled site's update is
+    clipped to S (``fixedclipping_mod``), the equal-weight average gets Gaussian noise of std z·S/n. Accounting:
+    the Gaussian mechanism composed over rounds with RDP, no sampling amplification claimed (q = 1)."""
+
+    def __init__(self, rc: RunConfig):
+        self.z, self.clip, self.delta = rc.central_noise_multiplier, rc.central_clipping_norm, rc.delta
+        self.sites = rc.central_sites or rc.min_sites
+        self.accountant = rc.accountant
+
+    def round_record(self, rounds_done: int) -> dict:
+        return {"unit": "site", "noise_multiplier": self.z, "clipping_norm": self.clip,
+                "sites_per_round": self.sites, "rounds": rounds_done, "delta": self.delta,
+                "accountant": self.accountant, "sample_rate": 1.0,
+                "epsilon": epsilon_from_history([(self.z, 1.0, rounds_done)], self.delta, self.accountant)}
+
+
+def make_strategy(rc: RunConfig):
+    """(strategy to run, the SiteFedAvg inside it, CentralDP or None)."""
+    if rc.central_dp == "off":
+        fedavg = SiteFedAvg(min_train_nodes=rc.min_sites, min_evaluate_nodes=rc.min_sites,
+                            min_available_nodes=rc.min_sites)
+        return fedavg, fedavg, None
+    central = CentralDP(rc)
+    # Sample exactly `sites` per round (fraction 0 → FedAvg takes min_train_nodes) so that the noise scale
+    # z·S/n matches the number of updates averaged.
+    fedavg = SiteFedAvg(fraction_train=1e-9, min_train_nodes=central.sites, min_evaluate_nodes=rc.min_sites,
+                        min_available_nodes=max(rc.min_sites, central.sites), weighted_by_key="site-weight",
+                        average_all=True)
+    wrapped = DifferentialPrivacyClientSideFixedClipping(fedavg, noise_multiplier=central.z,
+                                                         clipping_norm=central.clip, num_sampled_clients=central.sites)
+    return wrapped, fedavg, central
 
 
 def _initial_model(rc: RunConfig) -> tuple[FedlvcCodec, int, list]:
@@ -103,8 +141,7 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model, offset, rounds = _initial_model(rc)
     model_config = json.dumps(model.cfg.to_dict())
-    strategy = SiteFedAvg(min_train_nodes=rc.min_sites, min_evaluate_nodes=rc.min_sites,
-                          min_available_nodes=rc.min_sites)
+    strategy, fedavg, central = make_strategy(rc)
     started = time.time()
 
     def write_history():
@@ -115,8 +152,8 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             return None
         r = offset + server_round
-        train = strategy.train_log.get(server_round, {"sites": {}, "dropped": []})
-        evals = strategy.eval_log.get(server_round, {})
+        train = fedavg.train_log.get(server_round, {"sites": {}, "dropped": []})
+        evals = fedavg.eval_log.get(server_round, {})
         sites = train["sites"]
         for key, e in evals.items():
             sites.setdefault(key, {}).update({"eval": e})
@@ -136,6 +173,8 @@ def main(grid: Grid, context: Context) -> None:
             "dropped": train["dropped"],
             "wall_seconds": round(time.time() - started, 1),
         })
+        if central is not None:  # site-level rounds so far, earlier runs resumed from included
+            rounds[-1]["central_dp"] = central.round_record(sum(1 for x in rounds if "central_dp" in x) + 1)
         global_model = FedlvcCodec(model.cfg)
         global_model.load_state_dict(arrays.to_torch_state_dict())
         save_model(out / f"round_{r:03d}.safetensors", global_model,

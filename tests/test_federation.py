@@ -253,3 +253,29 @@ def test_a_site_that_crashes_mid_round_does_not_sink_the_round(tmp_path, monkeyp
     assert set(rounds[1]["sites"]) >= {"site_0", "site_2"} and "site_1" not in {
         k for k, v in rounds[1]["sites"].items() if "epsilon" in v}
     assert "site_1" in rounds[2]["sites"]  # back in the next round
+
+
+@pytest.mark.slow
+def test_central_site_level_dp_clips_updates_and_accounts_per_round(tmp_path):
+    """central-dp=fixed: Flower's client-side clipping wrapper. With a tiny clipping norm the global model
+    can hardly move, whatever the sites do; history.json carries the site-level ε of each round."""
+    from common.checkpoint import load_model
+    from simulations.local_runtime import SimulationRuntime
+
+    out = tmp_path / "out"
+    config = (TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
+              + f" out-dir='{out}' central-dp='fixed' central-clipping-norm=1e-6 central-noise-multiplier=0.5"
+              " learning-rate=0.01")
+    with SimulationRuntime(tmp_path) as runtime:
+        run = runtime.run(config, num_supernodes=2, timeout=900)
+    assert run["status"] == "finished:completed", run["output"][-3000:]
+    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    central = [r["central_dp"] for r in rounds]
+    assert [c["rounds"] for c in central] == [1, 2] and all(c["unit"] == "site" for c in central)
+    for c in central:
+        assert c["epsilon"] == pytest.approx(independent_epsilon([0.5], [1.0], [c["rounds"]], c["delta"]), rel=1e-9)
+    assert central[0]["epsilon"] < central[1]["epsilon"]
+    start, final = load_model().state_dict(), load_model(out / "final.safetensors").state_dict()
+    # Two rounds, each site's update clipped to 1e-6, noise std 0.5 * 1e-6 / 2 per coordinate.
+    drift = max((final[k] - start[k]).abs().max().item() for k in start)
+    assert drift < 2e-5
