@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import find_videos, generate_site_clip, generated_site_frames, load_frames, split_held_out
+from common.data import find_videos, generate_site_clip, generated_site_frames, sample_frames, split_held_out
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.privacy import epsilon_from_history
@@ -40,14 +40,15 @@ def load_site(node_config, rc: RunConfig) -> SiteData:
     The last ``eval-frames`` frames of the site are held out from training."""
     name, pid = site_identity(node_config)
     video_dir = str(node_config.get("video-dir", "") or "")
-    key = (video_dir, pid, rc.demo_frames, rc.demo_clips, rc.demo_width, rc.demo_height, rc.eval_frames)
+    key = (video_dir, pid, rc.demo_frames, rc.demo_clips, rc.demo_width, rc.demo_height, rc.eval_frames,
+           rc.site_max_frames)
     if key in _CACHE:
         return _CACHE[key]
     if video_dir:
         if not Path(video_dir).is_dir():
             raise FedlvcError(f"node-config video-dir does not exist: {video_dir}")
         videos = find_videos([video_dir])
-        frames = load_frames(videos)
+        frames = sample_frames(videos, rc.site_max_frames, seed=pid)
         generated = False
     else:
         videos = []

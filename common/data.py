@@ -205,6 +205,24 @@ def load_frames(paths, every: int = 1, max_frames_per_video: int | None = None) 
     return frames
 
 
+def sample_frames(paths, limit: int, seed: int = 0) -> list[np.ndarray]:
+    """At most ``limit`` frames drawn uniformly from all frames of the given videos (reservoir sampling:
+    one pass, memory bounded by ``limit`` frames whatever the amount of video), in their original order."""
+    rng = np.random.default_rng(seed)
+    kept: list[tuple[int, np.ndarray]] = []
+    seen = 0
+    for path in paths:
+        for f in iter_frames(path):
+            if len(kept) < limit:
+                kept.append((seen, f))
+            else:
+                j = int(rng.integers(0, seen + 1))
+                if j < limit:
+                    kept[j] = (seen, f)
+            seen += 1
+    return [f for _, f in sorted(kept, key=lambda t: t[0])]
+
+
 class FrameCrops(Dataset):
     """Map-style dataset: row ``i`` is frame ``i``; each access takes a fresh random crop (and flip) of that
     frame and a random quality level, so one row is one privacy unit (a frame) whatever the crop.

@@ -29,6 +29,7 @@ class RunConfig:
     eval_quality: int = 4  # quality level used by the federated evaluation
     eval_frames: int = 4  # held-out frames per site used by the federated evaluation
     final_quality: int = 4  # quality of each site's final compression
+    site_max_frames: int = 5000  # a site trains on at most this many of its frames, drawn uniformly (memory bound)
     demo_frames: int = 96  # frames per generated clip when a site has no video-dir (simulation)
     demo_clips: int = 2
     demo_width: int = 160
@@ -87,6 +88,7 @@ class RunConfig:
         need(self.epsilon_budget > 0, "epsilon-budget", "must be > 0")
         need(self.accountant in ("rdp", "prv", "gdp"), "accountant", "must be rdp, prv or gdp")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
+        need(self.site_max_frames >= 2, "site-max-frames", "must be >= 2")
         need(not (self.clip_only and self.noise_multiplier > 0), "clip-only", "needs noise-multiplier = 0")
         need(self.central_dp in ("off", "fixed"), "central-dp", "must be off or fixed")
         need(self.central_noise_multiplier > 0, "central-noise-multiplier", "must be > 0")

@@ -161,3 +161,23 @@ def test_reading_a_truncated_clip_fails_cleanly_or_gives_a_prefix(tmp_path, odd_
             continue
         assert 0 < len(got) <= ODD_FRAMES
         np.testing.assert_array_equal(got[:-1], odd_frames[: len(got) - 1])
+
+
+def test_sample_frames_is_bounded_uniform_and_ordered(tmp_path):
+    from fractions import Fraction
+
+    from common.data import generate_site_clip, sample_frames
+    from common.video import read_frames, write_video
+
+    paths = []
+    for c in range(2):
+        p = tmp_path / f"c{c}.mkv"
+        write_video(p, generate_site_clip(2, c, 32, 24, 15), Fraction(25))
+        paths.append(p)
+    everything = [f for p in paths for f in read_frames(p)]
+    kept = sample_frames(paths, 7, seed=3)
+    assert len(kept) == 7
+    index = [next(i for i, f in enumerate(everything) if np.array_equal(f, k)) for k in kept]
+    assert index == sorted(index) and len(set(index)) == 7  # distinct frames, original order
+    assert max(index) >= 15  # drawn from both videos, not just the first
+    assert len(sample_frames(paths, 100)) == 30  # fewer frames than the limit: all of them
