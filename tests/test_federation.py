@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -279,3 +280,39 @@ def test_central_site_level_dp_clips_updates_and_accounts_per_round(tmp_path):
     # Two rounds, each site's update clipped to 1e-6, noise std 0.5 * 1e-6 / 2 per coordinate.
     drift = max((final[k] - start[k]).abs().max().item() for k in start)
     assert drift < 2e-5
+
+
+@pytest.mark.slow
+def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
+    """Kill the whole SuperLink (ServerApp included) after round 1 is checkpointed, then resume from it:
+    round numbering and history.json continue, and the run completes."""
+    from simulations.local_runtime import SimulationRuntime, flwr_bin, flwr_env
+
+    out = tmp_path / "out"
+    config = TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=3") + f" out-dir='{out}'"
+    (tmp_path / "first").mkdir()
+    runtime = SimulationRuntime(tmp_path / "first").__enter__()
+    try:
+        run = subprocess.Popen([flwr_bin("flwr"), "run", str(REPO), "sim", "--stream", "--run-config", config,
+                                "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+                               cwd=runtime.workdir, env=flwr_env(runtime.home), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while not (out / "round_001.safetensors").is_file() and time.time() < deadline:
+            time.sleep(0.5)
+        assert (out / "round_001.safetensors").is_file()
+        os.killpg(runtime.process.pid, 9)  # the SuperLink and everything it started: no clean shutdown
+        runtime.process.wait()
+        run.wait(timeout=120)
+    finally:
+        runtime.__exit__(None, None, None)
+    assert not (out / "final.safetensors").exists()
+    (tmp_path / "second").mkdir()
+    with SimulationRuntime(tmp_path / "second") as again:
+        resumed = again.run(TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=1")
+                            + f" out-dir='{out}' resume-from='{out / 'round_001.safetensors'}'", num_supernodes=2,
+                            timeout=900)
+    assert resumed["status"] == "finished:completed", resumed["output"][-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
