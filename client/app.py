@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
@@ -49,11 +49,14 @@ def _inject_fault(site_id: int, server_round: int) -> None:
 
 
 def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's client-side fixed clipping of the model update, when the server runs central (site-level) DP:
-    the server's DP wrapper puts the clipping norm into the train config."""
-    if KEY_CLIPPING_NORM in msg.content["config"]:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    """Flower's client-side clipping of the model update when the server runs central (site-level) DP: the
+    server's DP wrapper puts the clipping norm into the train config, our server says fixed or adaptive."""
+    config = msg.content["config"]
+    if KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    if config.get("central-dp") == "adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return fixedclipping_mod(msg, context, call_next)
 
 
 @app.train(mods=[central_dp_mod])

@@ -41,6 +41,9 @@ class RunConfig:
     central_noise_multiplier: float = 1.0  # z: noise std = z · clipping-norm / sites-per-round
     central_clipping_norm: float = 1.0  # S: each site's model update is clipped to this L2 norm
     central_sites: int = 0  # sites sampled per round under central DP (0: min-sites)
+    central_target_quantile: float = 0.5  # adaptive: fraction of site updates the norm should leave unclipped
+    central_clip_lr: float = 0.2  # adaptive: geometric learning rate of the clipping norm
+    central_count_stddev: float = 0.0  # adaptive: noise on the clipped count (0: Flower's default, sites / 20)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -90,7 +93,10 @@ class RunConfig:
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(self.site_max_frames >= 2, "site-max-frames", "must be >= 2")
         need(not (self.clip_only and self.noise_multiplier > 0), "clip-only", "needs noise-multiplier = 0")
-        need(self.central_dp in ("off", "fixed"), "central-dp", "must be off or fixed")
+        need(self.central_dp in ("off", "fixed", "adaptive"), "central-dp", "must be off, fixed or adaptive")
+        need(0 < self.central_target_quantile < 1, "central-target-quantile", "must be in (0, 1)")
+        need(self.central_clip_lr > 0, "central-clip-lr", "must be > 0")
+        need(self.central_count_stddev >= 0, "central-count-stddev", "must be >= 0")
         need(self.central_noise_multiplier > 0, "central-noise-multiplier", "must be > 0")
         need(self.central_clipping_norm > 0, "central-clipping-norm", "must be > 0")
         need(self.central_sites >= 0, "central-sites", "must be >= 0")

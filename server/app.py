@@ -10,8 +10,14 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
 from common.fedconfig import RunConfig
@@ -39,10 +45,13 @@ class SiteFedAvg(FedAvg):
         self.eval_log: dict[int, dict] = {}
         self.sampled: dict[int, list[int]] = {}  # round → node ids asked to train
         self.node_sites: dict[int, str] = {}  # node id → site, learned from replies
+        self.clipping_norms: dict[int, float] = {}  # round → central-DP clipping norm sent to the sites
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [int(m.metadata.dst_node_id) for m in messages]
+        if KEY_CLIPPING_NORM in config:  # set by a central-DP wrapper around us: the norm this round used
+            self.clipping_norms[server_round] = float(config[KEY_CLIPPING_NORM])
         return messages
 
     def aggregate_train(self, server_round, replies):
@@ -95,11 +104,13 @@ class CentralDP:
 
     def __init__(self, rc: RunConfig):
         self.z, self.clip, self.delta = rc.central_noise_multiplier, rc.central_clipping_norm, rc.delta
+        self.mode = rc.central_dp
         self.sites = rc.central_sites or rc.min_sites
         self.accountant = rc.accountant
 
-    def round_record(self, rounds_done: int) -> dict:
-        return {"unit": "site", "noise_multiplier": self.z, "clipping_norm": self.clip,
+    def round_record(self, rounds_done: int, clipping_norm: float | None = None) -> dict:
+        return {"unit": "site", "mode": self.mode, "noise_multiplier": self.z,
+                "clipping_norm": self.clip if clipping_norm is None else clipping_norm,
                 "sites_per_round": self.sites, "rounds": rounds_done, "delta": self.delta,
                 "accountant": self.accountant, "sample_rate": 1.0,
                 "epsilon": epsilon_from_history([(self.z, 1.0, rounds_done)], self.delta, self.accountant)}
@@ -117,8 +128,17 @@ def make_strategy(rc: RunConfig):
     fedavg = SiteFedAvg(fraction_train=1e-9, min_train_nodes=central.sites, min_evaluate_nodes=rc.min_sites,
                         min_available_nodes=max(rc.min_sites, central.sites), weighted_by_key="site-weight",
                         average_all=True)
-    wrapped = DifferentialPrivacyClientSideFixedClipping(fedavg, noise_multiplier=central.z,
-                                                         clipping_norm=central.clip, num_sampled_clients=central.sites)
+    if rc.central_dp == "adaptive":
+        # Andrew et al. 2021: Flower splits z between the update and the clipped-count query so that the two
+        # together are one Gaussian mechanism with multiplier z; the accounting below is the same as fixed.
+        wrapped = DifferentialPrivacyClientSideAdaptiveClipping(
+            fedavg, noise_multiplier=central.z, num_sampled_clients=central.sites,
+            initial_clipping_norm=central.clip, target_clipped_quantile=rc.central_target_quantile,
+            clip_norm_lr=rc.central_clip_lr, clipped_count_stddev=rc.central_count_stddev or None)
+    else:
+        wrapped = DifferentialPrivacyClientSideFixedClipping(fedavg, noise_multiplier=central.z,
+                                                             clipping_norm=central.clip,
+                                                             num_sampled_clients=central.sites)
     return wrapped, fedavg, central
 
 
@@ -174,7 +194,8 @@ def main(grid: Grid, context: Context) -> None:
             "wall_seconds": round(time.time() - started, 1),
         })
         if central is not None:  # site-level rounds so far, earlier runs resumed from included
-            rounds[-1]["central_dp"] = central.round_record(sum(1 for x in rounds if "central_dp" in x) + 1)
+            rounds[-1]["central_dp"] = central.round_record(sum(1 for x in rounds if "central_dp" in x) + 1,
+                                                            fedavg.clipping_norms.get(server_round))
         global_model = FedlvcCodec(model.cfg)
         global_model.load_state_dict(arrays.to_torch_state_dict())
         save_model(out / f"round_{r:03d}.safetensors", global_model,
@@ -187,7 +208,7 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=rc.num_server_rounds,
         timeout=rc.round_timeout,
-        train_config=ConfigRecord({"model-config": model_config}),
+        train_config=ConfigRecord({"model-config": model_config, "central-dp": rc.central_dp}),
         evaluate_config=ConfigRecord({"model-config": model_config}),
         evaluate_fn=after_round,
     )

@@ -316,3 +316,23 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_central_dp_with_adaptive_clipping_adapts_the_norm_and_accounts(tmp_path):
+    from simulations.local_runtime import SimulationRuntime
+
+    out = tmp_path / "out"
+    config = (TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
+              + f" out-dir='{out}' central-dp='adaptive' central-clipping-norm=1e-4 central-noise-multiplier=0.5"
+              " central-count-stddev=1.0 central-target-quantile=0.5 central-clip-lr=0.5")
+    with SimulationRuntime(tmp_path) as runtime:
+        run = runtime.run(config, num_supernodes=2, timeout=900)
+    assert run["status"] == "finished:completed", run["output"][-3000:]
+    central = [r["central_dp"] for r in json.loads((out / "history.json").read_text())["rounds"]]
+    assert [c["mode"] for c in central] == ["adaptive", "adaptive"]
+    assert central[0]["clipping_norm"] == pytest.approx(1e-4)
+    # Every update is far larger than 1e-4, so (up to the count noise) the norm grows towards the quantile.
+    assert central[1]["clipping_norm"] != pytest.approx(1e-4)
+    for c in central:
+        assert c["epsilon"] == pytest.approx(independent_epsilon([0.5], [1.0], [c["rounds"]], c["delta"]), rel=1e-9)
