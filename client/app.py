@@ -7,6 +7,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,16 @@ def _model_from(msg: Message) -> FedlvcCodec:
 
 
 FAULT_ENV = "FEDLVC_INJECT_FAULT"  # testing aid: "<site id>:<round>" makes that site crash in that round
+HANG_ENV = "FEDLVC_INJECT_HANG"  # testing aid: "<site id>:<round>:<seconds>" makes that site stall
 
 
 def _inject_fault(site_id: int, server_round: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
     if spec and spec == f"{site_id}:{server_round}":
         raise RuntimeError(f"fault injected by {FAULT_ENV}={spec}")
+    hang = os.environ.get(HANG_ENV, "").split(":")
+    if len(hang) == 3 and hang[:2] == [str(site_id), str(server_round)]:
+        time.sleep(float(hang[2]))
 
 
 def central_dp_mod(msg: Message, context: Context, call_next) -> Message:

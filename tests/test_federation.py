@@ -336,3 +336,20 @@ def test_central_dp_with_adaptive_clipping_adapts_the_norm_and_accounts(tmp_path
     assert central[1]["clipping_norm"] != pytest.approx(1e-4)
     for c in central:
         assert c["epsilon"] == pytest.approx(independent_epsilon([0.5], [1.0], [c["rounds"]], c["delta"]), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_site_that_times_out_does_not_sink_the_round(tmp_path, monkeypatch):
+    from simulations.local_runtime import SimulationRuntime
+
+    monkeypatch.setenv("FEDLVC_INJECT_HANG", "1:1:45")  # site 1 stalls 45 s in round 1; rounds wait 15 s
+    out = tmp_path / "out"
+    with SimulationRuntime(tmp_path) as runtime:
+        run = runtime.run(f"{TINY_RUN} out-dir='{out}' min-sites=2 round-timeout=15.0", num_supernodes=3,
+                          timeout=900)
+    assert run["status"] == "finished:completed", run["output"][-3000:]
+    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    dropped = rounds[0]["dropped"]
+    assert len(dropped) == 1 and "timeout" in dropped[0]["reason"]
+    assert {k for k, v in rounds[0]["sites"].items() if "epsilon" in v} == {"site_0", "site_2"}
