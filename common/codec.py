@@ -7,6 +7,7 @@ Outputs are written under a temporary name and renamed at the end, so a failure 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -110,7 +111,7 @@ def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model
                 progress.update(1)
         if count == 0:
             raise FedlvcError("the input has no frames to compress")
-        header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), count, gop)
+        header = replace(header, frames=count)
         f.seek(0)
         f.write(header.pack())
         f.flush()

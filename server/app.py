@@ -82,7 +82,7 @@ class SiteFedAvg(FedAvg):
         if not trained:
             return None, None
         arrays = aggregate_arrayrecords(trained, self.weighted_by_key)
-        weights = [float(c["metrics"][self.weighted_by_key]) or 1.0 for c in trained]
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in trained]
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, trained)) / sum(weights)
         return arrays, MetricRecord({"train_loss": loss, "sites_trained": len(trained)})
 

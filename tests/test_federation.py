@@ -166,6 +166,17 @@ TINY_RUN = ("num-server-rounds=2 local-steps=3 batch-size=8 crop-size=32 demo-fr
             "demo-width=64 demo-height=48 eval-frames=2 noise-multiplier=1.0 epsilon-budget=50.0")
 
 
+def _simulate(tmp_path, config: str, out: Path, sites: int = 2) -> list[dict]:
+    """One ``flwr run`` of the app on our own simulation SuperLink; asserts it completed and returns the
+    rounds of ``out/history.json``."""
+    from simulations.local_runtime import SimulationRuntime
+
+    with SimulationRuntime(tmp_path) as runtime:
+        run = runtime.run(f"{config} out-dir='{out}'", num_supernodes=sites, timeout=900)
+    assert run["status"] == "finished:completed", run["output"][-3000:]
+    return json.loads((out / "history.json").read_text())["rounds"]
+
+
 @pytest.mark.slow
 def test_simulation_runs_end_to_end(tmp_path):
     """``flwr run`` on the simulation runtime with a SuperLink we start (and stop by PID) ourselves."""
@@ -238,15 +249,9 @@ def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
 @pytest.mark.slow
 def test_a_site_that_crashes_mid_round_does_not_sink_the_round(tmp_path, monkeypatch):
     """Site 1 crashes in round 2: FedAvg completes with the others and history.json records who dropped."""
-    from simulations.local_runtime import SimulationRuntime
-
     monkeypatch.setenv("FEDLVC_INJECT_FAULT", "1:2")  # inherited by the SuperLink and its ClientApps
-    out = tmp_path / "out"
-    with SimulationRuntime(tmp_path) as runtime:
-        config = TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=3")
-        run = runtime.run(f"{config} out-dir='{out}' min-sites=2", num_supernodes=3, timeout=900)
-    assert run["status"] == "finished:completed", run["output"][-3000:]
-    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    config = TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=3") + " min-sites=2"
+    rounds = _simulate(tmp_path, config, tmp_path / "out", sites=3)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["dropped"] == [] and rounds[2]["dropped"] == []
     assert [d["site"] for d in rounds[1]["dropped"]] == ["site_1"]
@@ -261,16 +266,11 @@ def test_central_site_level_dp_clips_updates_and_accounts_per_round(tmp_path):
     """central-dp=fixed: Flower's client-side clipping wrapper. With a tiny clipping norm the global model
     can hardly move, whatever the sites do; history.json carries the site-level ε of each round."""
     from common.checkpoint import load_model
-    from simulations.local_runtime import SimulationRuntime
 
     out = tmp_path / "out"
     config = (TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
-              + f" out-dir='{out}' central-dp='fixed' central-clipping-norm=1e-6 central-noise-multiplier=0.5"
-              " learning-rate=0.01")
-    with SimulationRuntime(tmp_path) as runtime:
-        run = runtime.run(config, num_supernodes=2, timeout=900)
-    assert run["status"] == "finished:completed", run["output"][-3000:]
-    rounds = json.loads((out / "history.json").read_text())["rounds"]
+              + " central-dp='fixed' central-clipping-norm=1e-6 central-noise-multiplier=0.5 learning-rate=0.01")
+    rounds = _simulate(tmp_path, config, out)
     central = [r["central_dp"] for r in rounds]
     assert [c["rounds"] for c in central] == [1, 2] and all(c["unit"] == "site" for c in central)
     for c in central:
@@ -320,16 +320,10 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_central_dp_with_adaptive_clipping_adapts_the_norm_and_accounts(tmp_path):
-    from simulations.local_runtime import SimulationRuntime
-
-    out = tmp_path / "out"
     config = (TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
-              + f" out-dir='{out}' central-dp='adaptive' central-clipping-norm=1e-4 central-noise-multiplier=0.5"
+              + " central-dp='adaptive' central-clipping-norm=1e-4 central-noise-multiplier=0.5"
               " central-count-stddev=1.0 central-target-quantile=0.5 central-clip-lr=0.5")
-    with SimulationRuntime(tmp_path) as runtime:
-        run = runtime.run(config, num_supernodes=2, timeout=900)
-    assert run["status"] == "finished:completed", run["output"][-3000:]
-    central = [r["central_dp"] for r in json.loads((out / "history.json").read_text())["rounds"]]
+    central = [r["central_dp"] for r in _simulate(tmp_path, config, tmp_path / "out")]
     assert [c["mode"] for c in central] == ["adaptive", "adaptive"]
     assert central[0]["clipping_norm"] == pytest.approx(1e-4)
     # Every update is far larger than 1e-4, so (up to the count noise) the norm grows towards the quantile.
@@ -340,15 +334,8 @@ def test_central_dp_with_adaptive_clipping_adapts_the_norm_and_accounts(tmp_path
 
 @pytest.mark.slow
 def test_a_site_that_times_out_does_not_sink_the_round(tmp_path, monkeypatch):
-    from simulations.local_runtime import SimulationRuntime
-
     monkeypatch.setenv("FEDLVC_INJECT_HANG", "1:1:45")  # site 1 stalls 45 s in round 1; rounds wait 15 s
-    out = tmp_path / "out"
-    with SimulationRuntime(tmp_path) as runtime:
-        run = runtime.run(f"{TINY_RUN} out-dir='{out}' min-sites=2 round-timeout=15.0", num_supernodes=3,
-                          timeout=900)
-    assert run["status"] == "finished:completed", run["output"][-3000:]
-    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    rounds = _simulate(tmp_path, f"{TINY_RUN} min-sites=2 round-timeout=15.0", tmp_path / "out", sites=3)
     assert [r["round"] for r in rounds] == [1, 2]
     dropped = rounds[0]["dropped"]
     assert len(dropped) == 1 and "timeout" in dropped[0]["reason"]
