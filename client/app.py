@@ -72,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     ledger = PrivacyLedger.load(context, rc)
     model = _model_from(msg)
     server_round = int(msg.content["config"].get("server-round", 0))
-    q = poisson_sample_rate(len(site.train_frames), rc.batch_size)
+    q = poisson_sample_rate(len(site.train_rows), rc.batch_size)
     dp = None
     declined = False
     if rc.private or rc.clip_only:
@@ -83,9 +83,10 @@ def train(msg: Message, context: Context) -> Message:
     if declined:
         loss, steps = float("nan"), 0
     else:
-        result = local_train(model, site.train_frames, rc.local_steps, rc.batch_size, rc.crop_size,
+        result = local_train(model, site.train_rows, rc.local_steps, rc.batch_size, rc.crop_size,
                              rc.learning_rate, dp=dp, history=ledger.history,
-                             seed=rc.seed + 1000 * server_round + site.site_id, device=_device())
+                             seed=rc.seed + 1000 * server_round + site.site_id, device=_device(),
+                             segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0)
         loss, steps = result["loss"], result["steps"]
         if rc.private:
             ledger.history = [tuple(h) for h in result["history"]]
@@ -93,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
             ledger.history.append((0.0, result["sample_rate"], steps))
         ledger.save(context)
     metrics = {
-        "num-examples": 0 if declined else len(site.train_frames),
+        "num-examples": 0 if declined else len(site.train_rows),
         "site_id": site.site_id,
         "train_loss": 0.0 if math.isnan(loss) else loss,
         "epsilon": ledger.epsilon(),
@@ -103,7 +104,8 @@ def train(msg: Message, context: Context) -> Message:
         "sample_rate": q,
         "steps": steps,
         "declined": int(declined),
-        "units": len(site.train_frames),  # privacy units (frames) this site holds
+        "units": len(site.train_rows),  # privacy units (frames or segments) this site holds
+        "unit-frames": rc.unit_frames,  # frames per privacy unit (1: frame; S: segment)
         "site-weight": 1,  # equal weights: what central (site-level) DP averaging needs
         **ledger.flat(),
     }
@@ -113,11 +115,15 @@ def train(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, fps=25) -> dict:
+def _gop(model: FedlvcCodec, rc: RunConfig) -> int:
+    return rc.gop if model.cfg.temporal else 1
+
+
+def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, gop: int, fps=25) -> dict:
     """Real bpp (file bytes of a .lvc) and PSNR/MS-SSIM of decoded frames."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eval.lvc"
-        summary = encode_frames(iter(frames), path, model, quality, fps)
+        summary = encode_frames(iter(frames), path, model, quality, fps, gop)
         _, it = decode_stream(path, model)
         decoded = np.stack(list(it))
     return {"bpp": summary["bpp"], "psnr": psnr_rgb(frames, decoded), "ms_ssim": ms_ssim(frames, decoded),
@@ -129,7 +135,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     site = load_site(context.node_config, rc)
     model = _model_from(msg).eval()
-    m = _measure(model, np.stack(site.held_out), rc.eval_quality)
+    m = _measure(model, np.stack(site.held_out), rc.eval_quality, _gop(model, rc))
     metrics = {"num-examples": len(site.held_out), "site-weight": 1, "site_id": site.site_id, "bpp": m["bpp"],
                "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -148,7 +154,7 @@ def compress(msg: Message, context: Context) -> Message:
     total_bytes, total_pixels, psnr_sum, frames_total = 0, 0, 0.0, 0
     for clip, frames, fps in site_clips(context.node_config, rc):
         path = out / f"{clip}.lvc"
-        summary = encode_frames(frames(), path, model, quality, fps)
+        summary = encode_frames(frames(), path, model, quality, fps, _gop(model, rc))
         _, decoded = decode_stream(path, model)
         for ref, dec in zip(frames(), decoded):  # stream both: the clip is never held in memory
             psnr_sum += psnr_rgb(ref, dec)

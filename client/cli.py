@@ -12,6 +12,7 @@ import sys
 
 from tqdm import tqdm
 
+from common.bitstream import DEFAULT_GOP
 from common.errors import FedlvcError
 
 EXIT_USER_ERROR = 2
@@ -39,11 +40,12 @@ def cmd_compress(args) -> int:
     from common.checkpoint import load_model
 
     model = load_model(args.model)
-    summary = compress_file(args.input, args.output, model, quality=args.quality,
-                            progress=not args.quiet)
+    summary = compress_file(args.input, args.output, model, quality=args.quality, gop=args.gop,
+                            progress=not args.quiet, skip_threshold=args.skip_threshold)
     print(json.dumps(summary) if args.json else
           f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}, "
-          f"{summary['bytes']} bytes, {summary['bpp']:.4f} bpp (quality {summary['quality']})")
+          f"{summary['bytes']} bytes, {summary['bpp']:.4f} bpp (quality {summary['quality']}, gop {summary['gop']}: "
+          f"{summary['frames_by_type']['I']} I-frames, {summary['frames_by_type']['P']} P-frames)")
     return 0
 
 
@@ -52,7 +54,8 @@ def cmd_decompress(args) -> int:
     from common.checkpoint import load_model
 
     model = load_model(args.model)
-    summary = decompress_file(args.input, args.output, model, progress=not args.quiet)
+    summary = decompress_file(args.input, args.output, model, progress=not args.quiet, start=args.start,
+                              count=args.frames)
     print(f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}")
     return 0
 
@@ -64,7 +67,7 @@ def cmd_evaluate(args) -> int:
     model = load_model(args.model)
     report = evaluate_clip(args.input, model, max_frames=args.frames, json_path=args.json, plot_path=args.plot,
                            grid_path=args.grid, qualities=args.qualities, crfs=args.crfs,
-                           progress=not args.quiet)
+                           progress=not args.quiet, gop=args.gop)
     print_report(report)
     return 0
 
@@ -96,17 +99,22 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
                       learning_rate=args.lr, checkpoint_seconds=args.checkpoint_seconds,
                       validate_every=args.validate_every, every=args.every, seed=args.seed,
-                      max_frames_per_video=args.max_frames_per_video)
+                      max_frames_per_video=args.max_frames_per_video,
+                      segment_frames=args.segment_frames if args.privacy_unit == "segment" else 0,
+                      train_parts=args.train_parts)
+    if args.privacy_unit == "segment" and args.segment_frames < 2:
+        raise FedlvcError("--segment-frames must be at least 2")
     dp = None
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise FedlvcError("give either --noise-multiplier or --target-epsilon, not both")
     if args.noise_multiplier is not None or args.target_epsilon is not None:
         sigma = args.noise_multiplier
         if sigma is None:
-            from common.data import find_videos, load_frames
+            from common.data import find_videos, load_clips, make_segments
 
-            n = len(load_frames(find_videos(args.video_dirs), args.every, args.max_frames_per_video))
-            n -= len(range(0, n, 20))  # held-out validation frames
+            clips = load_clips(find_videos(args.video_dirs), args.every, args.max_frames_per_video)
+            n = len(make_segments(clips, cfg.segment_frames)) if cfg.segment_frames else sum(map(len, clips))
+            n -= len(range(0, n, 20))  # held-out validation rows
             sigma = plan_noise_multiplier(args.target_epsilon, args.delta, poisson_sample_rate(max(n, 1), args.batch_size),
                                           args.steps, args.accountant)
         dp = DPConfig(noise_multiplier=sigma, max_grad_norm=args.max_grad_norm, delta=args.delta,
@@ -120,7 +128,8 @@ def cmd_train(args) -> int:
         summary = train(args.video_dirs, args.out, cfg, dp=dp, init_model=args.init_model,
                         log=(lambda s: tqdm.write(s)), progress=progress)
     eps = summary["epsilon"]
-    print(f"{args.out}: {summary['steps']} steps on {summary['frames']} frames"
+    unit = "segments" if cfg.segment_frames else "frames"
+    print(f"{args.out}: {summary['steps']} steps on {summary['rows']} {unit}"
           + ("" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}"))
     return 0
 
@@ -144,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
     c.add_argument("--quality", type=_quality, default=4, help="quality level 1..N (default 4)")
+    c.add_argument("--gop", type=_positive_int, default=None,
+                   help=f"group-of-pictures length: an I-frame every N frames, P-frames between "
+                        f"(default {DEFAULT_GOP}, or 1 for an intra-only model; 1 = intra-only)")
+    c.add_argument("--skip-threshold", type=float, default=0.0,
+                   help="P-frames keep the previous latent where the new one is within 0.5+T of it "
+                        "(fewer bits, some distortion; default 0)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
@@ -152,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
+    d.add_argument("--start", type=int, default=0, help="first frame to output (decoding starts at the I-frame "
+                                                         "before it; default 0)")
+    d.add_argument("--frames", type=_positive_int, default=None, help="output at most N frames")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_decompress)
 
@@ -164,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frames", type=_positive_int, default=None, help="use only the first N frames")
     e.add_argument("--qualities", type=_quality, nargs="+", default=None, help="quality levels (default: all)")
     e.add_argument("--crfs", type=int, nargs="+", default=None, help="x264/x265 CRFs (default 18 23 28 33 38)")
+    e.add_argument("--gop", type=_positive_int, nargs="+", default=None,
+                   help=f"fedlvc group lengths to measure (default: {DEFAULT_GOP} and 1, i.e. I+P and intra-only)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -196,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-seconds", type=float, default=120.0)
     t.add_argument("--validate-every", type=_positive_int, default=250)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--privacy-unit", choices=["frame", "segment"], default="frame",
+                   help="one training row (and DP unit): a frame (I-frame training) or a segment of "
+                        "--segment-frames consecutive frames (I+P training; the default model needs it for P-frames)")
+    t.add_argument("--segment-frames", type=int, default=4)
+    t.add_argument("--train-parts", choices=["all", "temporal"], default="all",
+                   help="temporal: train only the P-frame prior (segments), the transforms stay frozen")
     dpg = t.add_argument_group("differential privacy (DP-SGD with Opacus; off unless a noise option is given)")
     dpg.add_argument("--noise-multiplier", type=float, default=None, help="sigma (0 = clipping only)")
     dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import find_videos, generate_site_clip, generated_site_frames, sample_frames, split_held_out
+from common.data import (find_videos, generate_site_clip, make_segments, sample_frames, sample_segments,
+                         split_held_out)
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.privacy import epsilon_from_history
@@ -20,8 +21,8 @@ _CACHE: dict = {}
 class SiteData:
     name: str
     site_id: int
-    train_frames: list  # uint8 (H, W, 3): one row = one privacy unit (a frame)
-    held_out: list  # frames never trained on, for evaluation
+    train_rows: list  # one row = one privacy unit: a frame (H, W, 3) uint8, or a segment (list of S frames)
+    held_out: list  # consecutive frames never trained on, for evaluation
     videos: list = field(default_factory=list)  # paths (deployment) or None (generated)
     generated: bool = False
 
@@ -41,20 +42,32 @@ def load_site(node_config, rc: RunConfig) -> SiteData:
     name, pid = site_identity(node_config)
     video_dir = str(node_config.get("video-dir", "") or "")
     key = (video_dir, pid, rc.demo_frames, rc.demo_clips, rc.demo_width, rc.demo_height, rc.eval_frames,
-           rc.site_max_frames)
+           rc.site_max_frames, rc.unit_frames)
     if key in _CACHE:
         return _CACHE[key]
+    s = rc.unit_frames
     if video_dir:
         if not Path(video_dir).is_dir():
             raise FedlvcError(f"node-config video-dir does not exist: {video_dir}")
         videos = find_videos([video_dir])
-        frames = sample_frames(videos, rc.site_max_frames, seed=pid)
         generated = False
+        if s == 1:
+            rows = sample_frames(videos, rc.site_max_frames, seed=pid)
+        else:
+            rows = sample_segments(videos, max(1, rc.site_max_frames // s), s, seed=pid)
     else:
         videos = []
-        frames = generated_site_frames(pid, rc.demo_clips, rc.demo_frames, rc.demo_width, rc.demo_height)
         generated = True
-    train, held_out = split_held_out(frames, rc.eval_frames)
+        clips = [list(generate_site_clip(pid, c, rc.demo_width, rc.demo_height, rc.demo_frames))
+                 for c in range(rc.demo_clips)]
+        rows = [f for c in clips for f in c] if s == 1 else make_segments(clips, s)
+    if s == 1:
+        train, held_out = split_held_out(rows, rc.eval_frames)
+    else:  # hold out whole segments at the end: at least eval-frames consecutive frames
+        train, tail = split_held_out(rows, -(-rc.eval_frames // s))
+        held_out = [f for seg in tail for f in seg][: max(rc.eval_frames, 1)]
+    if not train:
+        raise FedlvcError(f"site {name} has no {'frames' if s == 1 else f'segments of {s} frames'} to train on")
     data = SiteData(name, pid, train, held_out, videos, generated)
     _CACHE[key] = data
     return data

@@ -1,6 +1,11 @@
 """Compressing and decompressing whole videos: frames ─► pad ─► g_a ─► round ─► ANS ─► .lvc, and back.
 
-Both directions stream: the encoder holds one frame at a time, the decoder one chunk and one frame.
+Frames come in groups of pictures of length ``gop``: the first of each group is an I-frame (its latent
+coded under the factorized prior), the others P-frames (their latent coded under the temporal prior,
+around the previous decoded latent). Decoding can start at any I-frame.
+
+Both directions stream: the encoder holds one frame and the two previous latents, the decoder one chunk,
+one frame and the two previous latents.
 Outputs are written under a temporary name and renamed at the end, so a failure leaves no file.
 """
 
@@ -43,32 +48,89 @@ def _to_frame(x_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
     return x.permute(1, 2, 0).contiguous().numpy()
 
 
-class FrameEncoder:
-    """Encodes frames of one size at one quality level to chunk payloads."""
+def check_gop(model: FedlvcCodec, gop: int) -> None:
+    if not 1 <= gop <= bs.MAX_GOP:
+        raise FedlvcError(f"--gop must be between 1 and {bs.MAX_GOP}, not {gop}")
+    if gop > 1 and not model.cfg.temporal:
+        raise FedlvcError("this model is intra-only (no temporal prior): use --gop 1")
 
-    def __init__(self, model: FedlvcCodec, quality: int, track_bits: bool = False):
+
+class _GroupState:
+    """The two previous decoded latents of the current group of pictures (all a P-frame depends on)."""
+
+    def __init__(self, gop: int):
+        self.gop, self.index = gop, 0
+        self.prev = self.prev2 = None
+
+    @property
+    def frame_type(self) -> int:
+        return bs.frame_type_at(self.index, self.gop)
+
+    def advance(self, y_hat: np.ndarray) -> None:
+        if self.frame_type == bs.FRAME_INTRA:
+            self.prev, self.prev2 = y_hat, None
+        else:
+            self.prev, self.prev2 = y_hat, self.prev
+        self.index += 1
+
+
+class FrameEncoder:
+    """Encodes frames of one size at one quality level to (frame type, chunk payload), in groups of
+    ``gop`` frames. ``skip_threshold`` T > 0 lets a P-frame keep the previous latent value wherever the
+    new latent lies within ½ + T of it (fewer bits on noise and slow drift, some distortion); the decoder
+    does not need to know T."""
+
+    def __init__(self, model: FedlvcCodec, quality: int, track_bits: bool = False, gop: int = 1,
+                 skip_threshold: float = 0.0):
         model.check_level(quality - 1)
+        check_gop(model, gop)
+        if not 0.0 <= skip_threshold < 10.0:
+            raise FedlvcError(f"--skip-threshold must be in [0, 10), not {skip_threshold}")
         self.model, self.level = model.eval(), quality - 1
         self.coder = LatentCoder(model)
         self._levels = torch.tensor([self.level])
+        self.state = _GroupState(gop)
+        self.skip_threshold = skip_threshold
         self.track_bits = track_bits
         self.ideal_bits = 0.0  # −Σ log2 p of everything encoded so far (when track_bits)
+        self.bytes_by_type = {"I": 0, "P": 0}
+        self.frames_by_type = {"I": 0, "P": 0}
 
     @torch.inference_mode()
-    def latent(self, frame: np.ndarray) -> np.ndarray:
-        y = self.model.analysis(_to_tensor(frame, self.model.cfg.stride), self._levels)
-        return self.coder.clip(torch.round(y)[0].numpy().astype(np.int64))
+    def analysis(self, frame: np.ndarray) -> np.ndarray:
+        """The frame's scaled latent before quantization (C, h, w) float32."""
+        return self.model.analysis(_to_tensor(frame, self.model.cfg.stride), self._levels)[0].numpy()
 
-    def encode(self, frame: np.ndarray) -> bytes:
-        y_hat = self.latent(frame)
+    def latent(self, frame: np.ndarray) -> np.ndarray:
+        """The quantized latent this encoder would code for ``frame`` as an I-frame."""
+        return self.coder.clip(np.round(self.analysis(frame)).astype(np.int64))
+
+    def encode(self, frame: np.ndarray) -> tuple[int, bytes]:
+        st = self.state
+        y = self.analysis(frame)
+        y_hat = np.round(y).astype(np.int64)
+        if st.frame_type == bs.FRAME_PREDICTED and self.skip_threshold > 0:
+            y_hat = np.where(np.abs(y - st.prev) < 0.5 + self.skip_threshold, st.prev, y_hat)
+        y_hat = self.coder.clip(y_hat)
+        ftype = st.frame_type
+        prev, prev2 = (None, None) if ftype == bs.FRAME_INTRA else (st.prev, st.prev2)
         if self.track_bits:
-            self.ideal_bits += self.coder.bits(y_hat, self.level)
-        return self.coder.encode(y_hat, self.level)
+            self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
+                                else self.coder.bits_p(y_hat, prev, prev2, self.level))
+        payload = self.coder.encode(y_hat, self.level, prev, prev2)
+        name = bs.FRAME_TYPE_NAMES[ftype]
+        self.bytes_by_type[name] += bs.CHUNK.size + len(payload)
+        self.frames_by_type[name] += 1
+        st.advance(y_hat)
+        return ftype, payload
 
 
 class FrameDecoder:
-    def __init__(self, model: FedlvcCodec, quality: int, height: int, width: int):
+    def __init__(self, model: FedlvcCodec, quality: int, height: int, width: int, gop: int = 1):
         model.check_level(quality - 1)
+        if gop > 1 and not model.cfg.temporal:
+            raise FedlvcError("the bitstream has P-frames but the model is intra-only (no temporal prior)")
+        self.state = _GroupState(gop)
         self.model, self.level = model.eval(), quality - 1
         self.height, self.width = height, width
         ph, pw = padded_size(height, width, model.cfg.stride)
@@ -81,19 +143,37 @@ class FrameDecoder:
     def max_payload(self) -> int:
         return bs.max_payload_bytes(int(np.prod(self.shape)))
 
+    def seek(self, index: int) -> None:
+        """Continue at frame ``index``, which must be an I-frame."""
+        if bs.frame_type_at(index, self.state.gop) != bs.FRAME_INTRA:
+            raise ValueError("decoding can only start at an I-frame")
+        self.state = _GroupState(self.state.gop)
+        self.state.index = index
+
+    @property
+    def frame_type(self) -> int:
+        return self.state.frame_type
+
+    def decode_latent(self, payload: bytes) -> np.ndarray:
+        """Entropy-decode the next frame's latent (and move on); all that is needed of a frame that is only
+        a reference for the frames after it."""
+        st = self.state
+        prev, prev2 = (None, None) if st.frame_type == bs.FRAME_INTRA else (st.prev, st.prev2)
+        y_hat = self.coder.decode(payload, self.level, self.shape, prev, prev2)
+        st.advance(y_hat)
+        return y_hat
+
     @torch.inference_mode()
     def decode(self, payload: bytes) -> np.ndarray:
-        y_hat = self.coder.decode(payload, self.level, self.shape)
+        y_hat = self.decode_latent(payload)
         y = torch.from_numpy(y_hat).float()[None].contiguous(memory_format=torch.channels_last)
         return _to_frame(self.model.synthesis(y, self._levels), self.height, self.width)
 
 
 def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model: FedlvcCodec, quality: int,
-                  fps: Fraction, gop: int = 1, progress: tqdm | None = None) -> dict:
+                  fps: Fraction, gop: int = 1, progress: tqdm | None = None, skip_threshold: float = 0.0) -> dict:
     """Write ``frames`` (RGB uint8, all one size) as a ``.lvc`` file at ``output`` (atomically)."""
-    if gop != 1:
-        raise FedlvcError("only intra coding (--gop 1) is implemented in bitstream version 1")
-    encoder = FrameEncoder(model, quality, track_bits=True)
+    encoder = FrameEncoder(model, quality, track_bits=True, gop=gop, skip_threshold=skip_threshold)
     fp = fingerprint(model)
     count, size, header = 0, None, None
     with atomic_output(output) as tmp, open(tmp, "wb") as f:
@@ -105,7 +185,8 @@ def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model
             elif frame.shape[:2] != size:
                 raise FedlvcError(f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
                                   f"expected {size[1]}x{size[0]} (size changes are not supported)")
-            bs.write_chunk(f, encoder.encode(frame), index=count, key=header.stream_key)
+            ftype, payload = encoder.encode(frame)
+            bs.write_chunk(f, payload, ftype, index=count, key=header.stream_key)
             count += 1
             if progress is not None:
                 progress.update(1)
@@ -117,8 +198,9 @@ def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model
         f.flush()
         total = f.seek(0, os.SEEK_END)
     pixels = count * size[0] * size[1]
-    return {"frames": count, "width": size[1], "height": size[0], "quality": quality, "bytes": total,
-            "bpp": total * 8 / pixels, "ideal_bpp": encoder.ideal_bits / pixels}
+    return {"frames": count, "width": size[1], "height": size[0], "quality": quality, "gop": gop, "bytes": total,
+            "bpp": total * 8 / pixels, "ideal_bpp": encoder.ideal_bits / pixels,
+            "frames_by_type": dict(encoder.frames_by_type), "chunk_bytes_by_type": dict(encoder.bytes_by_type)}
 
 
 def _same_file(a, b) -> bool:
@@ -128,9 +210,15 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4, gop: int = 1,
-                  progress: bool = False) -> dict:
-    """Compress any video PyAV reads into ``output_path`` (.lvc)."""
+def default_gop(model: FedlvcCodec) -> int:
+    return bs.DEFAULT_GOP if model.cfg.temporal else 1
+
+
+def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4, gop: int | None = None,
+                  progress: bool = False, skip_threshold: float = 0.0) -> dict:
+    """Compress any video PyAV reads into ``output_path`` (.lvc); ``gop`` None: the model's default (an
+    I-frame every DEFAULT_GOP frames, or 1 for an intra-only model)."""
+    gop = default_gop(model) if gop is None else gop
     out = Path(output_path)
     if out.suffix.lower() != ".lvc":
         raise FedlvcError(f"the compressed output must end in .lvc: {out}")
@@ -138,9 +226,10 @@ def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4,
     if _same_file(input_path, out):
         raise FedlvcError("the output would overwrite the input")
     model.check_level(quality - 1)
+    check_gop(model, gop)
     info = probe(input_path)
     with tqdm(total=info.frames, desc="compress", unit="frame", disable=not progress) as bar:
-        return encode_frames(iter_frames(input_path), out, model, quality, info.fps, gop, bar)
+        return encode_frames(iter_frames(input_path), out, model, quality, info.fps, gop, bar, skip_threshold)
 
 
 def open_stream(path) -> tuple[object, bs.StreamHeader, int]:
@@ -168,38 +257,59 @@ def check_model(header: bs.StreamHeader, model: FedlvcCodec) -> None:
         raise FedlvcError(f"bitstream quality {header.quality} is out of range 1..{model.cfg.num_levels}")
 
 
-def decode_stream(path, model: FedlvcCodec) -> tuple[bs.StreamHeader, Iterator[np.ndarray]]:
-    """Parse and check the header now; return it and a generator of decoded frames (one at a time)."""
+def decode_stream(path, model: FedlvcCodec, start: int = 0,
+                  count: int | None = None) -> tuple[bs.StreamHeader, Iterator[np.ndarray]]:
+    """Parse and check the header now; return it and a generator of decoded frames (one at a time).
+
+    ``start``/``count`` select frames start .. start+count-1 (random access): the chunks before the I-frame
+    that opens ``start``'s group are skipped unread, decoding runs from that I-frame and stops after the
+    last requested frame."""
     f, header, size = open_stream(path)
     try:
         check_model(header, model)
+        if start < 0 or start >= header.frames:
+            raise FedlvcError(f"--start {start} is outside the stream's frames 0..{header.frames - 1}")
+        if count is not None and count < 1:
+            raise FedlvcError("--frames must be at least 1")
+        decoder = FrameDecoder(model, header.quality, header.height, header.width, header.gop)
     except BaseException:
         f.close()
         raise
-    decoder = FrameDecoder(model, header.quality, header.height, header.width)
+    end = header.frames if count is None else min(header.frames, start + count)
+    first = start - start % header.gop  # the I-frame that opens start's group
 
     def frames():
         with f:
             pos = bs.HEADER_SIZE
-            for i in range(header.frames):
-                _, payload = bs.read_chunk(f, i, size - pos, decoder.max_payload, header.stream_key)
+            for i in range(first):
+                pos += bs.skip_chunk(f, i, size - pos, decoder.max_payload, bs.frame_type_at(i, header.gop))
+            decoder.seek(first)
+            for i in range(first, end):
+                _, payload = bs.read_chunk(f, i, size - pos, decoder.max_payload, header.stream_key,
+                                           decoder.frame_type)
                 pos += bs.CHUNK.size + len(payload)
-                yield decoder.decode(payload)
-            if pos != size:
+                if i >= start:
+                    yield decoder.decode(payload)
+                else:  # a frame before start in its group: only its latent is needed
+                    decoder.decode_latent(payload)
+            if end == header.frames and pos != size:
                 raise FedlvcError(f"bitstream has {size - pos} unexpected bytes after frame {header.frames - 1}")
 
-    return header, frames()
+    return replace(header, frames=end - start) if (start, end) != (0, header.frames) else header, frames()
 
 
-def decompress_file(input_path, output_path, model: FedlvcCodec, progress: bool = False) -> dict:
-    """Decode a ``.lvc`` file to ``.mkv`` (FFV1 RGB), ``.y4m`` or ``.mp4``; no output is left on error."""
+def decompress_file(input_path, output_path, model: FedlvcCodec, progress: bool = False, start: int = 0,
+                    count: int | None = None) -> dict:
+    """Decode a ``.lvc`` file (or frames start .. start+count-1 of it) to ``.mkv`` (FFV1 RGB), ``.y4m`` or
+    ``.mp4``; no output is left on error."""
     check_output_path(output_path)
     if _same_file(input_path, output_path):
         raise FedlvcError("the output would overwrite the input")
-    header, frames = decode_stream(input_path, model)
+    header, frames = decode_stream(input_path, model, start, count)
     with VideoWriter(output_path, header.width, header.height, header.fps) as writer, \
             tqdm(total=header.frames, desc="decompress", unit="frame", disable=not progress) as bar:
         for frame in frames:
             writer.write(frame)
             bar.update(1)
-    return {"frames": header.frames, "width": header.width, "height": header.height, "quality": header.quality}
+    return {"frames": header.frames, "width": header.width, "height": header.height, "quality": header.quality,
+            "gop": header.gop, "start": start}

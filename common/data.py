@@ -1,5 +1,6 @@
 """Training data: generated site clips, public camera pans over the stills scikit-image ships, and the
-map-style frame dataset DP-SGD samples from (one row = one frame = one privacy unit)."""
+map-style datasets DP-SGD samples from: one row = one privacy unit, a frame (:class:`FrameCrops`) or a
+segment of consecutive frames (:class:`SegmentCrops`)."""
 
 from __future__ import annotations
 
@@ -205,6 +206,42 @@ def load_frames(paths, every: int = 1, max_frames_per_video: int | None = None) 
     return frames
 
 
+def load_clips(paths, every: int = 1, max_frames_per_video: int | None = None) -> list[list[np.ndarray]]:
+    """Like :func:`load_frames` but one list of frames per video (consecutive frames stay together)."""
+    return [load_frames([p], every, max_frames_per_video) for p in paths]
+
+
+def make_segments(clips, length: int) -> list[list[np.ndarray]]:
+    """Non-overlapping runs of ``length`` consecutive frames within each clip (a clip's tail shorter than
+    ``length`` is dropped). Segments never span two clips."""
+    if length < 2:
+        raise FedlvcError("segment-frames must be at least 2")
+    return [list(c[i : i + length]) for c in clips for i in range(0, len(c) - length + 1, length)]
+
+
+def sample_segments(paths, limit: int, length: int, seed: int = 0) -> list[list[np.ndarray]]:
+    """At most ``limit`` segments (non-overlapping runs of ``length`` consecutive frames of one video) drawn
+    uniformly from all of them in one streaming pass (reservoir sampling), in their original order."""
+    rng = np.random.default_rng(seed)
+    kept: list[tuple[int, list]] = []
+    seen = 0
+    for path in paths:
+        run: list[np.ndarray] = []
+        for f in iter_frames(path):
+            run.append(f)
+            if len(run) < length:
+                continue
+            if len(kept) < limit:
+                kept.append((seen, run))
+            else:
+                j = int(rng.integers(0, seen + 1))
+                if j < limit:
+                    kept[j] = (seen, run)
+            seen += 1
+            run = []
+    return [seg for _, seg in sorted(kept, key=lambda t: t[0])]
+
+
 def sample_frames(paths, limit: int, seed: int = 0) -> list[np.ndarray]:
     """At most ``limit`` frames drawn uniformly from all frames of the given videos (reservoir sampling:
     one pass, memory bounded by ``limit`` frames whatever the amount of video), in their original order."""
@@ -223,6 +260,43 @@ def sample_frames(paths, limit: int, seed: int = 0) -> list[np.ndarray]:
     return [f for _, f in sorted(kept, key=lambda t: t[0])]
 
 
+def _random_crop_box(rng: np.random.Generator, h: int, w: int, c: int) -> tuple[int, int, bool]:
+    y, x = int(rng.integers(0, max(h - c, 0) + 1)), int(rng.integers(0, max(w - c, 0) + 1))
+    return y, x, bool(rng.random() < 0.5)
+
+
+def _crop(f: np.ndarray, c: int, y: int, x: int, flip: bool) -> torch.Tensor:
+    h, w = f.shape[:2]
+    if h < c or w < c:
+        f = np.pad(f, ((0, max(0, c - h)), (0, max(0, c - w)), (0, 0)), mode="reflect")
+    crop = f[y : y + c, x : x + c]
+    if flip:
+        crop = crop[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
+
+
+class SegmentCrops(Dataset):
+    """Map-style dataset: row ``i`` is segment ``i`` (``S`` consecutive frames); each access takes one random
+    crop (and flip) at the same place in every frame of the segment and a random quality level, so one row
+    is one privacy unit (a segment) whatever the crop.
+
+    Returns (crops float32 (S, 3, c, c) in [0, 1], level int64)."""
+
+    def __init__(self, segments: list[list[np.ndarray]], crop: int, num_levels: int, seed: int = 0):
+        self.segments, self.crop, self.num_levels = segments, crop, num_levels
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __getitem__(self, i: int):
+        seg = self.segments[i]
+        h, w = seg[0].shape[:2]
+        y, x, flip = _random_crop_box(self.rng, h, w, self.crop)
+        t = torch.stack([_crop(f, self.crop, y, x, flip) for f in seg])
+        return t, torch.tensor(int(self.rng.integers(0, self.num_levels)), dtype=torch.long)
+
+
 class FrameCrops(Dataset):
     """Map-style dataset: row ``i`` is frame ``i``; each access takes a fresh random crop (and flip) of that
     frame and a random quality level, so one row is one privacy unit (a frame) whatever the crop.
@@ -238,14 +312,6 @@ class FrameCrops(Dataset):
 
     def __getitem__(self, i: int):
         f = self.frames[i]
-        c = self.crop
-        h, w = f.shape[:2]
-        if h < c or w < c:
-            f = np.pad(f, ((0, max(0, c - h)), (0, max(0, c - w)), (0, 0)), mode="reflect")
-            h, w = f.shape[:2]
-        y, x = int(self.rng.integers(0, h - c + 1)), int(self.rng.integers(0, w - c + 1))
-        crop = f[y : y + c, x : x + c]
-        if self.rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
+        y, x, flip = _random_crop_box(self.rng, f.shape[0], f.shape[1], self.crop)
+        t = _crop(f, self.crop, y, x, flip)
         return t, torch.tensor(int(self.rng.integers(0, self.num_levels)), dtype=torch.long)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import FedlvcError
-from .model import FedlvcCodec, mixture_cdf
+from .model import FedlvcCodec, laplace_scale, mixture_cdf, temporal_context
 
 
 # Each payload ends (in decoding order) with a fixed 32-bit sentinel: decoding a payload as a larger latent
@@ -24,13 +24,18 @@ MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at
 
 
 class LatentCoder:
-    """ANS coding of one frame's latent ``(C, h, w)`` int array per quality level."""
+    """ANS coding of one frame's latent ``(C, h, w)`` int array per quality level: I-frames under the
+    factorized prior, P-frames (``prev`` given) under the temporal prior — a quantized Laplace centred on
+    the previous decoded latent with a scale chosen per (level, channel, context), the context computed
+    by integer arithmetic from the previous two decoded latents (:func:`common.model.temporal_context`)."""
 
     def __init__(self, model: FedlvcCodec):
         self.model = model
         self.support = model.cfg.support
         self._pmfs: dict[int, np.ndarray] = {}
         self._models: dict[int, list] = {}
+        self._scales: dict[int, np.ndarray] = {}
+        self._laplace = constriction.stream.model.QuantizedLaplace(-self.support, self.support)
 
     def pmf(self, level: int) -> np.ndarray:
         """(C, 2R+1) float64 probabilities of the symbols -R..R for every channel."""
@@ -54,6 +59,23 @@ class LatentCoder:
             ]
         return self._models[level]
 
+    def scale_table(self, level: int) -> np.ndarray:
+        """(C, TEMPORAL_CONTEXTS) float64 Laplace scales of the P-frame prior."""
+        if level not in self._scales:
+            if not self.model.cfg.temporal:
+                raise FedlvcError("this model is intra-only: it cannot code P-frames (use --gop 1)")
+            with torch.no_grad():
+                raw = self.model.temporal(torch.tensor([level]))[0].double()
+                self._scales[level] = laplace_scale(raw).numpy()
+        return self._scales[level]
+
+    def p_params(self, prev: np.ndarray, prev2: np.ndarray | None, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """Flattened (means, scales) float64 of every element of a P-frame latent, in channel order."""
+        ctx = temporal_context(torch.from_numpy(prev)[None], None if prev2 is None else torch.from_numpy(prev2)[None])
+        ctx = ctx[0].numpy().reshape(prev.shape[0], -1)
+        scales = np.take_along_axis(self.scale_table(level), ctx, axis=1)
+        return prev.reshape(-1).astype(np.float64), scales.reshape(-1)
+
     def clip(self, y_hat: np.ndarray) -> np.ndarray:
         return np.clip(y_hat, -self.support, self.support)
 
@@ -63,26 +85,44 @@ class LatentCoder:
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
-    def encode(self, y_hat: np.ndarray, level: int) -> bytes:
-        """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words)."""
-        models = self._categoricals(level)
-        sym = (self.clip(y_hat) + self.support).astype(np.int32).reshape(y_hat.shape[0], -1)
+    def bits_p(self, y_hat: np.ndarray, prev: np.ndarray, prev2: np.ndarray | None, level: int) -> float:
+        """Ideal code length in bits of a P-frame latent under the temporal prior."""
+        means, scales = self.p_params(prev, prev2, level)
+        y = self.clip(y_hat).reshape(-1).astype(np.float64)
+        p = laplace_pmf(y, means, scales)
+        return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
+
+    def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
+               prev2: np.ndarray | None = None) -> bytes:
+        """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
+        or a P-frame when the previous decoded latent ``prev`` (and the one before, ``prev2``) is given."""
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(SENTINEL, _SENTINEL_MODEL)  # bottom of the stack: decoded last
-        for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
-            coder.encode_reverse(sym[c], models[c])
+        if prev is None:
+            models = self._categoricals(level)
+            sym = (self.clip(y_hat) + self.support).astype(np.int32).reshape(y_hat.shape[0], -1)
+            for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
+                coder.encode_reverse(sym[c], models[c])
+        else:
+            means, scales = self.p_params(prev, prev2, level)
+            coder.encode_reverse(self.clip(y_hat).astype(np.int32).reshape(-1), self._laplace, means, scales)
         return coder.get_compressed().astype("<u4").tobytes()
 
-    def decode(self, payload: bytes, level: int, shape: tuple[int, int, int]) -> np.ndarray:
+    def decode(self, payload: bytes, level: int, shape: tuple[int, int, int], prev: np.ndarray | None = None,
+               prev2: np.ndarray | None = None) -> np.ndarray:
         """Inverse of :meth:`encode`; raises FedlvcError when the payload does not decode to exactly ``shape``."""
         if len(payload) % 4:
             raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
-        models = self._categoricals(level)
         c, h, w = shape
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
         try:
             coder = constriction.stream.stack.AnsCoder(words)
-            out = np.stack([coder.decode(models[i], h * w) for i in range(c)])
+            if prev is None:
+                models = self._categoricals(level)
+                out = np.stack([coder.decode(models[i], h * w) for i in range(c)]).astype(np.int64) - self.support
+            else:
+                means, scales = self.p_params(prev, prev2, level)
+                out = coder.decode(self._laplace, means, scales).astype(np.int64)
             sentinel = coder.decode(_SENTINEL_MODEL, len(SENTINEL))
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None
@@ -90,4 +130,12 @@ class LatentCoder:
             raise FedlvcError("bitstream chunk does not decode to the frame size in the header (forged or foreign stream)")
         if not coder.is_empty():
             raise FedlvcError("bitstream chunk has data left over after decoding (damaged or foreign stream)")
-        return (out.astype(np.int64) - self.support).reshape(c, h, w)
+        return out.reshape(c, h, w)
+
+
+def laplace_pmf(y: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`common.model.laplace_likelihood` (for measuring ideal bits)."""
+    a = np.abs(y - mean)
+    inner = 1.0 - 0.5 * (np.exp(-np.maximum(0.5 - a, 0) / scale) + np.exp(-(0.5 + a) / scale))
+    outer = 0.5 * np.exp(-np.maximum(a - 0.5, 0) / scale) * -np.expm1(-1.0 / scale)
+    return np.where(a < 0.5, inner, outer)

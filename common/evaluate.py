@@ -17,27 +17,31 @@ from tqdm import tqdm
 
 from .baselines import BASELINES, DEFAULT_CRFS, encode_baseline
 from .checkpoint import fingerprint
-from .codec import decode_stream, encode_frames
+from .codec import check_gop, decode_stream, encode_frames
 from .errors import FedlvcError
 from .metrics import bd_rate, ms_ssim, psnr_rgb
 from .model import FedlvcCodec
 from .video import atomic_output, probe, read_frames
 
 
-def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=()):
-    """Code ``frames`` at each quality through a real ``.lvc`` file; returns (points, decoded frames by quality)."""
+def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=(), gop: int = 1,
+                  codec: str = "fedlvc"):
+    """Code ``frames`` at each quality through a real ``.lvc`` file (groups of ``gop`` frames); returns
+    (points, decoded frames by quality)."""
     points, decoded_by_q = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for q in qualities:
             path = Path(tmp) / f"q{q}.lvc"
             t0 = time.perf_counter()
-            summary = encode_frames(iter(frames), path, model, q, fps)
+            summary = encode_frames(iter(frames), path, model, q, fps, gop)
             t1 = time.perf_counter()
             _, it = decode_stream(path, model)
             decoded = np.stack(list(it))
             t2 = time.perf_counter()
             points.append({
-                "codec": "fedlvc", "quality": q, "bytes": summary["bytes"], "bpp": summary["bpp"],
+                "codec": codec, "gop": gop, "quality": q, "bytes": summary["bytes"], "bpp": summary["bpp"],
+                "i_frame_bytes": summary["chunk_bytes_by_type"]["I"], "p_frame_bytes": summary["chunk_bytes_by_type"]["P"],
+                "i_frames": summary["frames_by_type"]["I"], "p_frames": summary["frames_by_type"]["P"],
                 "ideal_bpp": summary["ideal_bpp"], "psnr": psnr_rgb(frames, decoded), "ms_ssim": ms_ssim(frames, decoded),
                 "encode_fps": len(frames) / (t1 - t0), "decode_fps": len(frames) / (t2 - t1),
             })
@@ -67,8 +71,20 @@ def bd_rates(points: list[dict], test: str = "fedlvc") -> dict:
     return {name: bd_rate(curve, by_codec[test]) for name, curve in by_codec.items() if name != test}
 
 
+def fedlvc_codec_names(model: FedlvcCodec, gops=None) -> dict[int, str]:
+    """{gop: codec name}: by default I+P at the default group length as "fedlvc" and intra-only as
+    "fedlvc-intra" (an intra-only model: just "fedlvc", gop 1)."""
+    from .bitstream import DEFAULT_GOP
+
+    gops = list(gops or ([DEFAULT_GOP, 1] if model.cfg.temporal else [1]))
+    names = {}
+    for i, g in enumerate(dict.fromkeys(gops)):
+        names[g] = "fedlvc" if i == 0 else ("fedlvc-intra" if g == 1 else f"fedlvc-gop{g}")
+    return names
+
+
 def evaluate_clip(path, model: FedlvcCodec, max_frames=None, json_path=None, plot_path=None, grid_path=None,
-                  qualities=None, crfs=None, progress=False) -> dict:
+                  qualities=None, crfs=None, progress=False, gop=None) -> dict:
     for out in (json_path, plot_path, grid_path):
         if out is not None and not Path(out).parent.is_dir():
             raise FedlvcError(f"output folder does not exist: {Path(out).parent}")
@@ -76,18 +92,23 @@ def evaluate_clip(path, model: FedlvcCodec, max_frames=None, json_path=None, plo
     for q in qualities:
         model.check_level(q - 1)
     crfs = tuple(crfs or DEFAULT_CRFS)
+    names = fedlvc_codec_names(model, gop)
+    for g in names:
+        check_gop(model, g)
     info = probe(path)
     frames = read_frames(path, max_frames)
-    steps = len(qualities) + len(BASELINES) * len(crfs)
+    steps = len(qualities) * len(names) + len(BASELINES) * len(crfs)
     with tqdm(total=steps, desc="evaluate", unit="point", disable=not progress) as bar:
         mid = qualities[len(qualities) // 2]
         grid_q = sorted({qualities[0], mid, qualities[-1]})
         ours, decoded = [], {}
-        for q in qualities:
-            pts, dec = fedlvc_points(frames, model, [q], info.fps, keep_decoded=grid_q)
-            ours += pts
-            decoded.update(dec)
-            bar.update(1)
+        for i, (g, name) in enumerate(names.items()):
+            for q in qualities:
+                pts, dec = fedlvc_points(frames, model, [q], info.fps, keep_decoded=grid_q if i == 0 else (),
+                                         gop=g, codec=name)
+                ours += pts
+                decoded.update(dec)
+                bar.update(1)
         theirs, kept = [], {}
         for name in BASELINES:
             for crf in crfs:
@@ -112,6 +133,7 @@ def evaluate_clip(path, model: FedlvcCodec, max_frames=None, json_path=None, plo
         rows = [("original", frames)] + [(f"fedlvc q{q}", decoded[q]) for q in grid_q]
         for (name, crf), dec in kept.items():
             rows.append((f"{name} crf {crf}", dec))
+        ours = [p for p in ours if p["codec"] == "fedlvc"]
         bpp_of = {f"fedlvc q{p['quality']}": p["bpp"] for p in ours}
         bpp_of.update({f"{p['codec']} crf {p['crf']}": p["bpp"] for p in theirs})
         psnr_of = {f"fedlvc q{p['quality']}": p["psnr"] for p in ours}
@@ -167,7 +189,7 @@ def print_report(report: dict) -> None:
     print(f"{report['input']}: {report['frames']} frames {report['width']}x{report['height']}")
     print(f"{'codec':<12}{'setting':>9}{'bytes':>10}{'bpp':>9}{'PSNR':>8}{'MS-SSIM':>9}{'enc fps':>9}")
     for p in report["points"]:
-        setting = f"q{p['quality']}" if p["codec"] == "fedlvc" else f"crf{p['crf']}"
+        setting = f"q{p['quality']}" if p["codec"].startswith("fedlvc") else f"crf{p['crf']}"
         print(f"{p['codec']:<12}{setting:>9}{p['bytes']:>10}{p['bpp']:>9.4f}{p['psnr']:>8.2f}{p['ms_ssim']:>9.4f}"
               f"{p['encode_fps']:>9.1f}")
     for name, v in report["bd_rate_vs"].items():

@@ -44,6 +44,9 @@ class RunConfig:
     central_target_quantile: float = 0.5  # adaptive: fraction of site updates the norm should leave unclipped
     central_clip_lr: float = 0.2  # adaptive: geometric learning rate of the clipping norm
     central_count_stddev: float = 0.0  # adaptive: noise on the clipped count (0: Flower's default, sites / 20)
+    privacy_unit: str = "frame"  # frame: one DP row = one frame (I-frame training) | segment: S consecutive frames
+    segment_frames: int = 4  # S, frames per segment when privacy-unit = segment (I+P training)
+    gop: int = 32  # group-of-pictures length of the evaluation and the final compression (1 = intra-only)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -100,6 +103,14 @@ class RunConfig:
         need(self.central_noise_multiplier > 0, "central-noise-multiplier", "must be > 0")
         need(self.central_clipping_norm > 0, "central-clipping-norm", "must be > 0")
         need(self.central_sites >= 0, "central-sites", "must be >= 0")
+        need(self.privacy_unit in ("frame", "segment"), "privacy-unit", "must be frame or segment")
+        need(self.segment_frames >= 2, "segment-frames", "must be >= 2")
+        need(1 <= self.gop <= 65535, "gop", "must be in 1..65535")
+
+    @property
+    def unit_frames(self) -> int:
+        """Frames per privacy unit (a training row): 1, or segment-frames."""
+        return self.segment_frames if self.privacy_unit == "segment" else 1
 
     @property
     def private(self) -> bool:

@@ -27,7 +27,17 @@ from torch import nn
 
 from .errors import FedlvcError
 
-ARCHITECTURE = "fedlvc-factorized-gain-v1"
+ARCHITECTURE = "fedlvc-factorized-gain-v2"  # v1 plus the temporal (P-frame) prior
+ARCHITECTURE_INTRA = "fedlvc-factorized-gain-v1"  # intra-only models still load (and decode their streams)
+ARCHITECTURES = (ARCHITECTURE, ARCHITECTURE_INTRA)
+
+# P-frame contexts (see temporal_context): 5 buckets of the previous latent's local gradient × 6 of the
+# latent change one frame earlier (5 buckets + "no earlier frame in this group").
+GRADIENT_BOUNDS = (1, 2, 4, 8)
+MOTION_BOUNDS = (1, 2, 4, 8)
+NO_MOTION_HISTORY = len(MOTION_BOUNDS) + 1
+TEMPORAL_CONTEXTS = (len(GRADIENT_BOUNDS) + 1) * (NO_MOTION_HISTORY + 1)
+MIN_LAPLACE_SCALE = 0.03
 
 
 @dataclass(frozen=True)
@@ -61,9 +71,14 @@ class CodecConfig:
         if "lambdas" in d:
             d["lambdas"] = tuple(float(v) for v in d["lambdas"])
         cfg = cls(**d)
-        if cfg.architecture != ARCHITECTURE:
+        if cfg.architecture not in ARCHITECTURES:
             raise FedlvcError(f"model architecture {cfg.architecture!r} is not supported (expected {ARCHITECTURE!r})")
         return cfg
+
+    @property
+    def temporal(self) -> bool:
+        """Whether the model has a P-frame prior (can code groups of pictures longer than 1)."""
+        return self.architecture == ARCHITECTURE
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -163,6 +178,65 @@ def latent_likelihood(y: torch.Tensor, logits, means, log_scales) -> torch.Tenso
     return p.clamp_min(LIKELIHOOD_FLOOR).view_as(y)
 
 
+class TemporalPrior(nn.Module):
+    """Per-level, per-channel, per-context Laplace scales of a P-frame latent around the previous decoded
+    latent: ``forward(levels)`` → raw scale parameters (B, C, TEMPORAL_CONTEXTS). An Embedding, so DP-SGD
+    gives it per-sample gradients like the other priors."""
+
+    def __init__(self, num_levels: int, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.table = nn.Embedding(num_levels, channels * TEMPORAL_CONTEXTS)
+        with torch.no_grad():
+            self.table.weight.fill_(0.0)  # softplus(0) + floor ≈ 0.72 quantization steps at start
+
+    def forward(self, levels: torch.Tensor) -> torch.Tensor:
+        return self.table(levels).view(-1, self.channels, TEMPORAL_CONTEXTS)
+
+
+def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
+    return MIN_LAPLACE_SCALE + F.softplus(raw)
+
+
+@torch.no_grad()
+def temporal_context(prev: torch.Tensor, prev2: torch.Tensor | None) -> torch.Tensor:
+    """Context index (B, C, h, w) int64 of every element of a P-frame latent, from integer arithmetic on the
+    two previous decoded latents only (so encoder and decoder agree exactly on any machine):
+
+    * spatial activity of ``prev`` — the largest absolute difference to its 4 neighbours, bucketed by
+      GRADIENT_BOUNDS (a moving edge changes the latent where it is not flat);
+    * recent motion — the largest |prev − prev2| in the 3×3 neighbourhood, bucketed by MOTION_BOUNDS, or
+      NO_MOTION_HISTORY when ``prev`` is the group's I-frame (``prev2`` None)."""
+    p = prev.float().contiguous()
+    padded = F.pad(p, (1, 1, 1, 1), mode="replicate")
+    h, w = p.shape[-2:]
+    grad = torch.zeros_like(p)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        grad = torch.maximum(grad, (padded[..., dy : dy + h, dx : dx + w] - p).abs())
+    g = torch.bucketize(grad, torch.tensor(GRADIENT_BOUNDS, dtype=p.dtype, device=p.device), right=True)
+    if prev2 is None:
+        m = torch.full_like(g, NO_MOTION_HISTORY)
+    else:
+        change = F.max_pool2d((p - prev2.float()).abs(), 3, stride=1, padding=1)
+        m = torch.bucketize(change, torch.tensor(MOTION_BOUNDS, dtype=p.dtype, device=p.device), right=True)
+    return g * (NO_MOTION_HISTORY + 1) + m
+
+
+def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """p(y) of integer-valued y under a Laplace(mean, scale) quantized to unit bins centred on integers."""
+    a = (y - mean).abs()
+    inner = 1.0 - 0.5 * (torch.exp(-(0.5 - a).clamp_min(0) / scale) + torch.exp(-(0.5 + a) / scale))
+    outer = 0.5 * torch.exp(-(a - 0.5).clamp_min(0) / scale) * -torch.expm1(-1.0 / scale)
+    return torch.where(a < 0.5, inner, outer).clamp_min(LIKELIHOOD_FLOOR)
+
+
+def temporal_scales(raw: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Laplace scale of every element: raw (B, C, K) gathered by ctx (B, C, h, w)."""
+    b, c = ctx.shape[:2]
+    picked = torch.gather(raw, 2, ctx.reshape(b, c, -1))
+    return laplace_scale(picked).view_as(ctx)
+
+
 class FedlvcCodec(nn.Module):
     """The codec. ``forward(x, levels)`` is the training path; coding lives in :mod:`common.codec`.
 
@@ -180,6 +254,8 @@ class FedlvcCodec(nn.Module):
         self.gain = LevelGains(n, self.cfg.latent_channels, init)
         self.inv_gain = LevelGains(n, self.cfg.latent_channels, -init)
         self.prior = LevelPriorParams(n, self.cfg.latent_channels, self.cfg.mixtures)
+        if self.cfg.temporal:
+            self.temporal = TemporalPrior(n, self.cfg.latent_channels)
 
     def check_level(self, level: int) -> None:
         if not 0 <= level < self.cfg.num_levels:
@@ -204,6 +280,49 @@ class FedlvcCodec(nn.Module):
         x_hat = self.synthesis(y_tilde, levels)
         likelihood = latent_likelihood(y_tilde, *self.prior(levels))
         return {"x_hat": x_hat, "likelihoods": likelihood}
+
+    def forward_segment(self, x: torch.Tensor, levels: torch.Tensor) -> dict:
+        """Training path for rows of consecutive frames x: (B, S, 3, H, W) coded as one group of pictures:
+        frame 0 as an I-frame, the others as P-frames (rate under the temporal prior of the hard-rounded
+        latent around the previous hard-rounded latent, as the coder will see it; straight-through
+        gradient). Returns x_hat (B, S, 3, H, W) and per-row bits (B,).
+
+        Each module is called once: the transforms and gains on all B·S frames (rows b·S … b·S+S−1 belong
+        to segment b), the priors on the B segments. Under DP-SGD the per-frame gradient samples are summed
+        per segment by :func:`common.privacy.fold_segment_grad_samples` before clipping."""
+        if not self.cfg.temporal:
+            raise FedlvcError("this model has no temporal prior (intra-only architecture)")
+        b, frames = x.shape[:2]
+        flat = x.reshape(b * frames, *x.shape[2:]).contiguous()  # not channels_last: see common.privacy
+        y = self.analysis(flat, levels.repeat_interleave(frames))
+        y_hard = y + (torch.round(y) - y).detach()
+        y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else y_hard
+        x_hat = self.synthesis(y_tilde, levels.repeat_interleave(frames))
+        y_tilde, y_hard = (t.view(b, frames, *t.shape[1:]) for t in (y_tilde, y_hard))
+        bits = -torch.log2(latent_likelihood(y_tilde[:, 0], *self.prior(levels))).flatten(1).sum(1)
+        raw = self.temporal(levels)
+        quantized = y_hard.detach().round()
+        for s in range(1, frames):
+            prev, prev2 = quantized[:, s - 1], (quantized[:, s - 2] if s >= 2 else None)
+            scales = temporal_scales(raw, temporal_context(prev, prev2))
+            bits = bits - torch.log2(laplace_likelihood(y_hard[:, s], prev, scales)).flatten(1).sum(1)
+        return {"x_hat": x_hat.view(b, frames, *x_hat.shape[1:]), "bits": bits}
+
+
+@dataclass
+class SegmentRateDistortion:
+    """Per-row loss of a segment ``λ_q·255²·MSE + bpp`` averaged over its frames (a vector over the batch)."""
+
+    lambdas: tuple[float, ...]
+    terms: dict = field(default_factory=dict)
+
+    def __call__(self, out: dict, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        b, s, _, h, w = x.shape
+        mse = ((out["x_hat"] - x) ** 2).reshape(b, -1).mean(1)
+        bpp = out["bits"] / (s * h * w)
+        lam = torch.tensor(self.lambdas, dtype=x.dtype, device=x.device)[levels]
+        self.terms = {"mse": mse.detach(), "bpp": bpp.detach()}
+        return lam * 255.0**2 * mse + bpp
 
 
 @dataclass

@@ -66,6 +66,24 @@ def make_private(model, optimizer, loader, dp: DPConfig, history=None):
     return engine, model, optimizer, loader
 
 
+def fold_segment_grad_samples(model, batch: int, frames: int) -> None:
+    """Turn per-frame gradient samples into per-segment ones after a backward pass of
+    ``FedlvcCodec.forward_segment`` on ``batch`` segments of ``frames`` frames.
+
+    Modules that ran on all frames hold ``batch·frames`` samples, the segment's frames consecutive; their
+    sum is the segment's gradient. Opacus scaled each by its own row count (``loss_reduction="mean"``),
+    ``batch·frames`` instead of ``batch``, hence the division by ``frames``. Modules that ran once per
+    segment (the priors) already hold ``batch`` samples."""
+    for p in model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None or frames == 1:
+            continue
+        if gs.shape[0] == batch * frames:
+            p.grad_sample = gs.view(batch, frames, *gs.shape[1:]).sum(1) / frames
+        elif gs.shape[0] != batch:
+            raise RuntimeError(f"gradient sample of {tuple(gs.shape)} fits neither {batch} segments nor their frames")
+
+
 def epsilon_from_history(history, delta: float, accountant: str = "rdp") -> float:
     """ε of a recorded history ``[(σ, q, steps), ...]`` by a fresh accountant (inf without noise)."""
     if not history:

@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_model, save_model
-from .data import FrameCrops, find_videos, load_frames
+from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
-from .model import CodecConfig, FedlvcCodec, RateDistortion
-from .privacy import DPConfig, epsilon_from_history, make_private, poisson_sample_rate
+from .model import ARCHITECTURE, CodecConfig, FedlvcCodec, RateDistortion, SegmentRateDistortion
+from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
 from .video import atomic_output
 
 
@@ -35,6 +35,42 @@ class TrainConfig:
     seed: int = 0
     every: int = 1  # use every n-th frame of each video
     max_frames_per_video: int | None = None
+    segment_frames: int = 0  # 0: one row = one frame (I-frame training); S >= 2: one row = S consecutive frames
+    train_parts: str = "all"  # all | temporal (only the P-frame prior; needs segment_frames)
+
+
+def with_temporal_prior(model: FedlvcCodec) -> FedlvcCodec:
+    """An intra-only (v1) model upgraded to the current architecture: same weights, a fresh temporal prior."""
+    if model.cfg.temporal:
+        return model
+    cfg = CodecConfig.from_dict(dict(model.cfg.to_dict(), architecture=ARCHITECTURE))
+    new = FedlvcCodec(cfg)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("temporal.") for k in missing), (missing, unexpected)
+    return new.train(model.training)
+
+
+def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -> list:
+    """Freeze what this kind of training cannot reach; return the trainable parameters.
+
+    Frame rows train the intra path (the temporal prior is frozen: no loss term reaches it); segment rows
+    train everything, or only the temporal prior with ``parts="temporal"``."""
+    if parts not in ("all", "temporal"):
+        raise FedlvcError(f"train parts must be all or temporal, not {parts!r}")
+    if parts == "temporal" and not segment_frames:
+        raise FedlvcError("training only the temporal prior needs segments (segment frames >= 2)")
+    for name, p in model.named_parameters():
+        temporal = name.startswith("temporal.")
+        p.requires_grad_(temporal if parts == "temporal" else (bool(segment_frames) or not temporal))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def rows_dataset(rows: list, crop: int, num_levels: int, segment_frames: int, seed: int):
+    """(dataset, loss function, forward) for frame rows or segment rows."""
+    if segment_frames:
+        return (SegmentCrops(rows, crop, num_levels, seed=seed), SegmentRateDistortion,
+                lambda m, x, lv: m.forward_segment(x, lv))
+    return FrameCrops(rows, crop, num_levels, seed=seed), RateDistortion, lambda m, x, lv: m(x, lv)
 
 
 def empty_batch_step(model, optimizer) -> None:
@@ -46,9 +82,14 @@ def empty_batch_step(model, optimizer) -> None:
     optimizer.step()
 
 
-def _validation_crops(frames: list[np.ndarray], size: int, limit: int = 48) -> torch.Tensor:
+def _validation_crops(rows: list, size: int, limit: int = 48) -> torch.Tensor:
+    """Centre crops (N, 3, s, s) of frame rows, or (N, S, 3, s, s) of segment rows."""
+    if rows and isinstance(rows[0], list):
+        per = [_validation_crops(seg, size, limit=len(seg)) for seg in rows[: max(1, limit // len(rows[0]))]]
+        s = min(p.shape[-1] for p in per)
+        return torch.stack([p[..., :s, :s] for p in per])
     crops = []
-    for f in frames[:limit]:
+    for f in rows[:limit]:
         h, w = f.shape[:2]
         s = min(size, h // 16 * 16, w // 16 * 16)
         y, x = (h - s) // 2, (w - s) // 2
@@ -62,11 +103,12 @@ def validation_loss(model: FedlvcCodec, crops: torch.Tensor) -> dict:
     """Mean RD loss over every quality level with real rounding (eval mode), plus bpp/PSNR per level."""
     was_training = model.training
     model.eval()
-    loss_fn = RateDistortion(model.cfg.lambdas)
+    segments = crops.dim() == 5
+    loss_fn = (SegmentRateDistortion if segments else RateDistortion)(model.cfg.lambdas)
     total, per_level = 0.0, []
     for q in range(model.cfg.num_levels):
         levels = torch.full((crops.shape[0],), q, dtype=torch.long)
-        out = model(crops, levels)
+        out = model.forward_segment(crops, levels) if segments else model(crops, levels)
         out["x_hat"] = out["x_hat"].clamp(0, 1)
         total += loss_fn(out, crops, levels).mean().item()
         mse = loss_fn.terms["mse"].mean().item()
@@ -122,24 +164,34 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
         raise FedlvcError(f"output folder does not exist: {out.parent}")
     torch.manual_seed(cfg.seed)
     paths = find_videos(video_dirs)
-    frames = load_frames(paths, cfg.every, cfg.max_frames_per_video)
-    held_out = frames[::20]
-    train_frames = [f for i, f in enumerate(frames) if i % 20] or frames
+    clips = load_clips(paths, cfg.every, cfg.max_frames_per_video)
+    rows = make_segments(clips, cfg.segment_frames) if cfg.segment_frames else [f for c in clips for f in c]
+    if not rows:
+        raise FedlvcError(f"the videos hold no segment of {cfg.segment_frames} consecutive frames")
+    held_out = rows[::20]
+    train_rows = [f for i, f in enumerate(rows) if i % 20] or rows
     if model_cfg is None:
         model_cfg = CodecConfig()
     if cfg.crop_size % model_cfg.stride:
         raise FedlvcError(f"crop size must be a multiple of {model_cfg.stride}")
     model = load_model(init_model).train() if init_model else FedlvcCodec(model_cfg)
-    model = model.to(memory_format=torch.channels_last)
-    val_crops = _validation_crops(held_out, 128).contiguous(memory_format=torch.channels_last)
-    dataset = FrameCrops(train_frames, cfg.crop_size, model.cfg.num_levels, seed=cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    if cfg.segment_frames:
+        model = with_temporal_prior(model)
+    # channels_last is faster on CPU, but Opacus' convolution gradient sampler gives wrong per-sample
+    # gradients on channels_last activations or weights (tests/test_dp_grad_samples.py), so DP stays NCHW.
+    fast_layout = dp is None
+    if fast_layout:
+        model = model.to(memory_format=torch.channels_last)
+    val_crops = _validation_crops(held_out, 128)
+    dataset, loss_cls, forward = rows_dataset(train_rows, cfg.crop_size, model.cfg.num_levels, cfg.segment_frames,
+                                              cfg.seed)
+    optimizer = torch.optim.Adam(set_trainable(model, cfg.segment_frames, cfg.train_parts), lr=cfg.learning_rate)
     info = _load_state(out, model, optimizer) or {
         "step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0,
     }
     if info["step"]:
         log(f"resuming from step {info['step']} (best validation loss {info['best_val']})")
-    loss_fn = RateDistortion(model.cfg.lambdas)
+    loss_fn = loss_cls(model.cfg.lambdas)
     engine = None
     if dp is not None:
         loader = DataLoader(dataset, batch_size=cfg.batch_size)
@@ -149,8 +201,8 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
         raw_model = model
     sample_rate = poisson_sample_rate(len(dataset), cfg.batch_size)
-    meta_base = {"frames": len(train_frames), "videos": [p.name for p in paths], "train": asdict(cfg),
-                 "privacy_unit": "frame"}
+    meta_base = {"rows": len(train_rows), "videos": [p.name for p in paths], "train": asdict(cfg),
+                 "privacy_unit": "segment" if cfg.segment_frames else "frame"}
 
     def epsilon():
         if dp is None:
@@ -182,20 +234,23 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
             lr = cfg.learning_rate * (0.1 if info["step"] >= cfg.lr_drop_at * cfg.steps else 1.0)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x = x.contiguous(memory_format=torch.channels_last)
+            if fast_layout and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             if x.shape[0] == 0:  # an empty Poisson batch still spends a step: noise only
                 empty_batch_step(model, optimizer)
                 info["step"] += 1
                 continue
-            loss = loss_fn(model(x, levels), x, levels).mean()
+            loss = loss_fn(forward(raw_model, x, levels), x, levels).mean()
             if not torch.isfinite(loss):
                 info["nonfinite_steps"] += 1
                 optimizer.zero_grad(set_to_none=True)
                 continue
             loss.backward()
             if dp is None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_norm)
+            elif x.dim() == 5:
+                fold_segment_grad_samples(raw_model, x.shape[0], x.shape[1])
             optimizer.step()
             info["step"] += 1
             running.append(loss.item())
@@ -215,23 +270,25 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
     info["wall_seconds"] = time.time() - t0
     val = validation_loss(raw_model, val_crops)
     checkpoint(val)
-    return {"steps": info["step"], "validation": val, "epsilon": epsilon(), "frames": len(train_frames),
+    return {"steps": info["step"], "validation": val, "epsilon": epsilon(), "rows": len(train_rows),
             "sample_rate": sample_rate}
 
 
-def local_train(model: FedlvcCodec, frames: list[np.ndarray], steps: int, batch_size: int, crop_size: int,
+def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, crop_size: int,
                 learning_rate: float, dp: DPConfig | None = None, history=None, seed: int = 0,
-                device: str | torch.device = "cpu") -> dict:
-    """One site's local work in a federated round: ``steps`` optimizer steps on crops of its frames,
-    DP-SGD (Poisson sampling, per-sample clipping, noise on every parameter) when ``dp`` is given.
+                device: str | torch.device = "cpu", segment_frames: int = 0) -> dict:
+    """One site's local work in a federated round: ``steps`` optimizer steps on crops of its rows (frames,
+    or segments of ``segment_frames`` consecutive frames), DP-SGD (Poisson sampling, per-sample clipping,
+    noise on every trainable parameter) when ``dp`` is given.
 
     Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "history" (accountant, cumulative)}."""
     torch.manual_seed(seed)
-    dataset = FrameCrops(frames, crop_size, model.cfg.num_levels, seed=seed)
+    dataset, loss_cls, forward = rows_dataset(rows, crop_size, model.cfg.num_levels, segment_frames, seed)
     sample_rate = poisson_sample_rate(len(dataset), batch_size)
     model = model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    loss_fn = RateDistortion(model.cfg.lambdas)
+    params = set_trainable(model, segment_frames)
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    loss_fn = loss_cls(model.cfg.lambdas)
     if dp is not None:
         loader = DataLoader(dataset, batch_size=batch_size)
         engine, wrapped, optimizer, loader = make_private(model, optimizer, loader, dp, history)
@@ -249,14 +306,18 @@ def local_train(model: FedlvcCodec, frames: list[np.ndarray], steps: int, batch_
                 empty_batch_step(wrapped, optimizer)
                 continue
             x, levels = x.to(device), levels.to(device)
-            loss = loss_fn(wrapped(x, levels), x, levels).mean()
+            loss = loss_fn(forward(model, x, levels), x, levels).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError("non-finite loss in local training")
             loss.backward()
             losses.append(loss.item())
             if dp is None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            elif x.dim() == 5:
+                fold_segment_grad_samples(model, x.shape[0], x.shape[1])
             optimizer.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
     if engine is not None:
         wrapped._close()  # remove Opacus' hooks so the module can be wrapped again next round
     model.cpu()

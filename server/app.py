@@ -20,6 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
+from common.training import with_temporal_prior
 from common.fedconfig import RunConfig
 from common.model import FedlvcCodec
 from common.privacy import epsilon_from_history
@@ -67,7 +68,9 @@ class SiteFedAvg(FedAvg):
                 "sample_rate": float(m["sample_rate"]), "steps": int(m["steps"]),
                 "dp_history": [[float(s), float(q), int(n)] for s, q, n in
                                zip(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"]) if n > 0],
-                "num_examples": int(m["num-examples"]), "units": int(m["units"]), "privacy_unit": "frame",
+                "num_examples": int(m["num-examples"]), "units": int(m["units"]),
+                "privacy_unit": "segment" if int(m.get("unit-frames", 1)) > 1 else "frame",
+                "unit_frames": int(m.get("unit-frames", 1)),
                 "declined": bool(m["declined"]), "train_loss": float(m["train_loss"]),
             }
             if self.average_all or (not m["declined"] and m["num-examples"] > 0):
@@ -160,6 +163,8 @@ def main(grid: Grid, context: Context) -> None:
     out = rc.resolved_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     model, offset, rounds = _initial_model(rc)
+    if rc.privacy_unit == "segment":
+        model = with_temporal_prior(model)  # an intra-only starting model gains a P-frame prior to train
     model_config = json.dumps(model.cfg.to_dict())
     strategy, fedavg, central = make_strategy(rc)
     started = time.time()

@@ -31,7 +31,7 @@ from common.video import atomic_output
 SWEEP_KEYS = {"noise-multipliers", "num-sites", "clip-only-reference", "x264-crfs", "matched-bpp"}
 CSV_COLUMNS = ["setting", "codec", "noise_multiplier", "clip_only", "epsilon", "delta", "accountant", "quality",
                "crf", "bpp", "psnr", "ms_ssim", "max_grad_norm", "sample_rate", "steps", "rounds", "privacy_unit",
-               "units_per_site", "sites"]
+               "unit_frames", "units_per_site", "sites"]
 
 
 @dataclass
@@ -141,7 +141,7 @@ def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig
     crfs = tuple(sweep.get("x264-crfs", (18, 23, 28, 33, 38)))
     rows, curves, grid = [], {}, []
     base = {"delta": rc.delta, "accountant": rc.accountant, "max_grad_norm": rc.max_grad_norm,
-            "privacy_unit": "frame", "sites": sites}
+            "privacy_unit": rc.privacy_unit, "unit_frames": rc.unit_frames, "sites": sites}
     public = load_model(rc.init_model or None)
     models = [("public", None, public, {"epsilon": 0.0, "sample_rate": 0.0, "steps": 0, "rounds": 0,
                                         "units_per_site": ""})]

@@ -121,7 +121,7 @@ def test_compress_reports_size_and_bpp(capsys, odd_clip, tiny_model_path, dirs):
     # The header says what the summary says.
     with open(out, "rb") as f:
         h = bs.read_header(f, size)
-    assert (h.width, h.height, h.frames, h.quality, h.gop) == (ODD_WIDTH, ODD_HEIGHT, ODD_FRAMES, 4, 1)
+    assert (h.width, h.height, h.frames, h.quality, h.gop) == (ODD_WIDTH, ODD_HEIGHT, ODD_FRAMES, 4, bs.DEFAULT_GOP)
     assert h.fps == probe(odd_clip).fps == 25
     assert h.fingerprint == fingerprint(load_model(tiny_model_path))
 

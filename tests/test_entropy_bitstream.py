@@ -89,7 +89,7 @@ def test_coded_size_matches_ideal_bits(big_frame, quality):
     encoder = FrameEncoder(model, quality, track_bits=True)
     y_hat = encoder.latent(big_frame)
     assert np.unique(y_hat).size >= 10, "latents too degenerate for a meaningful rate check"
-    payload = encoder.encode(big_frame)
+    _, payload = encoder.encode(big_frame)
     ideal = encoder.ideal_bits
     assert math.isfinite(ideal) and ideal > 5000
     bits = len(payload) * 8
@@ -114,7 +114,7 @@ def test_coding_tables_agree_with_training_rate(big_frame, quality):
 def test_default_model_coded_size_matches_ideal_and_training_rate(default_model, big_frame):
     for quality in (1, default_model.cfg.num_levels):
         encoder = FrameEncoder(default_model, quality, track_bits=True)
-        payload = encoder.encode(big_frame)
+        _, payload = encoder.encode(big_frame)
         ideal = encoder.ideal_bits
         assert math.isfinite(ideal) and ideal > 0
         assert abs(len(payload) * 8 - ideal) <= 0.01 * ideal + ANS_OVERHEAD_BITS
@@ -125,7 +125,7 @@ def test_default_model_coded_size_matches_ideal_and_training_rate(default_model,
 
 def test_higher_quality_spends_more_bits(big_frame):
     model = coding_model()
-    sizes = [len(FrameEncoder(model, q).encode(big_frame)) for q in range(1, model.cfg.num_levels + 1)]
+    sizes = [len(FrameEncoder(model, q).encode(big_frame)[1]) for q in range(1, model.cfg.num_levels + 1)]
     assert sizes[-1] > sizes[0], sizes
 
 
@@ -151,7 +151,7 @@ def recrc(raw: bytes) -> bytes:
 def test_header_size_and_layout():
     raw = header().pack()
     assert len(raw) == bs.HEADER_SIZE == 49
-    assert raw[:4] == b"FLVC" and raw[4] == bs.VERSION == 1
+    assert raw[:4] == b"FLVC" and raw[4] == bs.VERSION == 2
     assert struct.unpack(">I", raw[-4:])[0] == zlib.crc32(raw[:-4])
 
 
@@ -196,9 +196,9 @@ def test_read_header_refuses_truncated_header():
 
 
 def test_read_header_refuses_other_version():
-    raw = header(version=2).pack() + bytes(200)
+    raw = header(version=3).pack() + bytes(200)
     msg = _refused(raw, "version")
-    assert "2" in msg
+    assert "3" in msg
 
 
 def test_read_header_refuses_crc_mismatch():

@@ -1,0 +1,88 @@
+"""Opacus' per-sample gradients are the gradients of each privacy unit's own loss — for frame rows and for
+segment rows (per-frame samples folded per segment) — checked against one backward pass per unit.
+
+The layout matters: on channels_last tensors Opacus' convolution sampler returns wrong per-sample
+gradients, which would silently break the clipping bound (so DP training stays NCHW)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from common.model import CodecConfig, FedlvcCodec, RateDistortion, SegmentRateDistortion
+from common.privacy import fold_segment_grad_samples
+from common.training import set_trainable
+
+CFG = CodecConfig(channels=8, latent_channels=8, mixtures=2)
+
+
+@pytest.fixture
+def no_noise(monkeypatch):
+    """Training-mode forward without the uniform quantization noise, so separate passes are comparable."""
+    orig = torch.Tensor.uniform_
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.zero_() if not k else orig(self, *a, **k))
+
+
+def _per_unit_grads(model, loss_fn, forward, x, levels):
+    grads = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss_fn(forward(model, x[i : i + 1], levels[i : i + 1]), x[i : i + 1], levels[i : i + 1]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return grads
+
+
+def _max_rel_error(model, expected) -> float:
+    worst = 0.0
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        for i, g in enumerate(expected):
+            worst = max(worst, ((p.grad_sample[i] - g[n]).abs().max() / (g[n].abs().max() + 1e-12)).item())
+    return worst
+
+
+def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise):
+    torch.manual_seed(0)
+    model = FedlvcCodec(CFG).train()
+    set_trainable(model, 0)
+    x, levels = torch.rand(3, 3, 32, 32), torch.tensor([0, 2, 5])
+    loss_fn = RateDistortion(model.cfg.lambdas)
+    expected = _per_unit_grads(model, loss_fn, lambda m, a, b: m(a, b), x, levels)
+    GradSampleModule(model)
+    model.zero_grad()
+    loss_fn(model(x, levels), x, levels).mean().backward()
+    assert _max_rel_error(model, expected) < 1e-4
+
+
+@pytest.mark.parametrize("frames", [2, 4])
+def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames):
+    torch.manual_seed(1)
+    model = FedlvcCodec(CFG).train()
+    set_trainable(model, frames)
+    x, levels = torch.rand(3, frames, 3, 32, 32), torch.tensor([1, 3, 4])
+    loss_fn = SegmentRateDistortion(model.cfg.lambdas)
+    forward = lambda m, a, b: m.forward_segment(a, b)  # noqa: E731
+    expected = _per_unit_grads(model, loss_fn, forward, x, levels)
+    assert expected[0]["temporal.table.weight"].abs().sum() > 0  # the P-frame prior is trained by segments
+    GradSampleModule(model)
+    model.zero_grad()
+    loss_fn(forward(model, x, levels), x, levels).mean().backward()
+    fold_segment_grad_samples(model, 3, frames)
+    assert all(p.grad_sample.shape[0] == 3 for p in model.parameters())
+    assert _max_rel_error(model, expected) < 1e-4
+
+
+def test_channels_last_breaks_opacus_conv_sampler(no_noise):
+    """Why training keeps DP in NCHW: if this starts passing (Opacus fixed), channels_last could be used."""
+    torch.manual_seed(0)
+    model = FedlvcCodec(CFG).train()
+    set_trainable(model, 0)
+    x, levels = torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([0, 2, 5])
+    loss_fn = RateDistortion(model.cfg.lambdas)
+    expected = _per_unit_grads(model, loss_fn, lambda m, a, b: m(a, b), x, levels)
+    GradSampleModule(model)
+    model.zero_grad()
+    loss_fn(model(x, levels), x, levels).mean().backward()
+    assert _max_rel_error(model, expected) > 1e-2
