@@ -2,6 +2,12 @@
 """Rate–distortion of fedlvc (every quality level) against x264, x264 intra-only and x265 on real and
 generated clips: BD-rate table plus extrapolation-free equal-quality comparisons.
 
+fedlvc is measured twice on the same frames: I+P (an I-frame every ``--gop`` frames, P-frames between:
+codec "fedlvc") and intra-only (gop 1: "fedlvc-intra"); BD-rates are of I+P against everything else.
+``p_vs_i`` gives, per quality, the mean P-frame chunk against the mean I-frame chunk of the same stream and
+against intra-only bytes per frame at the same PSNR; ``speed`` the encode/decode frames per second of
+every codec in this run.
+
 The numbers come from the same code as ``fedlvc evaluate`` (``common.evaluate.fedlvc_points``,
 ``baseline_points`` and ``bd_rates``): fedlvc's rate is the size of a real ``.lvc`` file, the baselines'
 the whole mp4; PSNR-RGB and MS-SSIM are measured on frames decoded back from those files.
@@ -100,16 +106,49 @@ def parse_clips(spec: str, frames_override: int | None):
     return out
 
 
-def run_clip(name, frames_n, model, qualities, names, crfs, gen_size) -> dict:
-    from common.evaluate import baseline_points, bd_rates, fedlvc_points
+def p_versus_i(ip_points: list[dict], intra_points: list[dict]) -> list[dict]:
+    """Per quality of the I+P stream: mean bytes of its P-frame chunks against its I-frame chunks (same
+    latent quantization), and against what intra-only coding spends per frame at the I+P stream's PSNR
+    (PCHIP on the intra curve, only inside its measured range)."""
+    import numpy as np
+    from scipy.interpolate import PchipInterpolator
+
+    intra = [dict(p, log_bpf=math.log(p["bytes"] / (p["i_frames"] + p["p_frames"]))) for p in intra_points]
+    ps, lr = _curve(intra, "psnr", "log_bpf") if intra else (np.array([]), np.array([]))
+    rate_at = PchipInterpolator(ps, lr) if len(ps) >= 2 else None
+    rows = []
+    for p in sorted(ip_points, key=lambda p: p["quality"]):
+        if not p["p_frames"] or not p["i_frames"]:
+            continue
+        i_b, p_b = p["i_frame_bytes"] / p["i_frames"], p["p_frame_bytes"] / p["p_frames"]
+        row = {"quality": p["quality"], "psnr": p["psnr"], "i_frame_bytes": i_b, "p_frame_bytes": p_b,
+               "p_over_i": p_b / i_b}
+        if rate_at is not None and ps[0] <= p["psnr"] <= ps[-1]:
+            intra_b = math.exp(float(rate_at(p["psnr"])))
+            row["intra_bytes_per_frame_at_same_psnr"] = intra_b
+            row["p_over_intra_at_same_psnr"] = p_b / intra_b
+        rows.append(row)
+    return rows
+
+
+def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), skip_threshold=0.0) -> dict:
+    from common.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
 
     t0 = time.perf_counter()
     frames, fps, source = C.load_clip(name, frames_n, gen_size)
     t, h, w = frames.shape[:3]
     C.log(f"rd: {name}: {source}: {t} frames {w}x{h} @ {float(fps):.3f} fps")
-    ours, _ = fedlvc_points(frames, model, qualities, fps)
-    for p in ours:
-        C.log(f"  fedlvc q{p['quality']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB")
+    codec_names = fedlvc_codec_names(model, gops)
+    by_codec = {}
+    for g, cname in codec_names.items():
+        pts, _ = fedlvc_points(frames, model, qualities, fps, gop=g, codec=cname,
+                               skip_threshold=skip_threshold if g > 1 else 0.0)
+        by_codec[cname] = pts
+        for p in pts:
+            C.log(f"  {cname} (gop {g}) q{p['quality']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB "
+                  f"(I {p['i_frames']} / P {p['p_frames']} frames)")
+    ours = by_codec["fedlvc"]
+    p_vs_i = p_versus_i(ours, by_codec.get("fedlvc-intra", []))
     theirs, failures = [], []
     for n in names:
         for crf in crfs:
@@ -124,7 +163,7 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size) -> dict:
                 p = pts[0]
                 C.log(f"  {p['codec']} crf {p['crf']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB")
                 break
-    points = ours + theirs
+    points = [p for pts in by_codec.values() for p in pts] + theirs
     bd = bd_rates(points)
     ranges = {}
     for codec in dict.fromkeys(p["codec"] for p in points):
@@ -134,8 +173,22 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size) -> dict:
     eq = {n: equal_quality(ours, [p for p in theirs if p["codec"] == n], n) for n in names}
     C.log("  BD-rate vs " + ", ".join(f"{k}: {'no overlap' if v is None else f'{v:+.1f} %'}" for k, v in bd.items()))
     return {"source": source, "frames": int(t), "width": int(w), "height": int(h), "fps": float(fps),
+            "gops": {v: k for k, v in codec_names.items()},
             "points": points, "bd_rate_vs": bd, "baseline_failures": failures, "ranges": ranges, "equal_quality": eq,
-            "wall_seconds": time.perf_counter() - t0}
+            "p_vs_i": p_vs_i, "speed": _speed(points), "wall_seconds": time.perf_counter() - t0}
+
+
+def _speed(points: list[dict]) -> dict:
+    """Mean encode (and, for fedlvc, decode) frames per second per codec, all measured in this run."""
+    out = {}
+    for codec in dict.fromkeys(p["codec"] for p in points):
+        pts = [p for p in points if p["codec"] == codec]
+        out[codec] = {"encode_fps": sum(p["encode_fps"] for p in pts) / len(pts)}
+        if "decode_fps" in pts[0]:
+            out[codec]["decode_fps"] = sum(p["decode_fps"] for p in pts) / len(pts)
+    if "fedlvc" in out and "x264" in out:
+        out["fedlvc_over_x264_encode"] = out["fedlvc"]["encode_fps"] / out["x264"]["encode_fps"]
+    return out
 
 
 def _fmt_bd(v) -> str:
@@ -143,17 +196,26 @@ def _fmt_bd(v) -> str:
 
 
 def markdown(result: dict, names) -> str:
-    cols = {"x264": "BD-rate vs x264", "x264-intra": "vs x264-intra", "x265": "vs x265"}
-    head = ["clip"] + [cols.get(n, f"vs {n}") for n in names] + ["fedlvc bpp range", "fedlvc PSNR range (dB)"]
+    cols = {"fedlvc-intra": "BD-rate vs fedlvc intra-only", "x264": "vs x264", "x264-intra": "vs x264-intra",
+            "x265": "vs x265"}
+    names = (["fedlvc-intra"] if any("fedlvc-intra" in c["ranges"] for c in result["clips"].values()) else []) + list(names)
+    head = (["clip"] + [cols.get(n, f"vs {n}") for n in names]
+            + ["P/I frame bytes", "P-frame / intra bytes at equal PSNR", "fedlvc bpp range", "fedlvc PSNR range (dB)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     notes = []
     for key, c in result["clips"].items():
         r = c["ranges"]["fedlvc"]
         cells = [f"{key} ({c['width']}x{c['height']}, {c['frames']} f)"]
         cells += [_fmt_bd(c["bd_rate_vs"].get(n)) if n in c["ranges"] else "encode failed" for n in names]
+        pvi = c.get("p_vs_i") or []
+        cells.append(f"{min(x['p_over_i'] for x in pvi):.3f}–{max(x['p_over_i'] for x in pvi):.3f}" if pvi else "–")
+        eq = [x["p_over_intra_at_same_psnr"] for x in pvi if "p_over_intra_at_same_psnr" in x]
+        cells.append(f"{min(eq):.3f}–{max(eq):.3f}" if eq else "out of range")
         cells += [f"{r['bpp'][0]:.3f}–{r['bpp'][1]:.3f}", f"{r['psnr'][0]:.2f}–{r['psnr'][1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
         for n in names:
+            if n.startswith("fedlvc"):
+                continue
             if c["bd_rate_vs"].get(n) is None and n in c["ranges"]:
                 best = max(c["equal_quality"][n], key=lambda row: row["fedlvc_psnr"])
                 same_bpp = best[f"{n}_psnr_at_same_bpp"]
@@ -171,7 +233,9 @@ def markdown(result: dict, names) -> str:
     out = "\n".join(lines)
     out += (f"\n\nBD-rate: PSNR-RGB, negative = fedlvc needs fewer bits; model `{result['model_fingerprint'][:12]}`"
             + (f" ({meta.get('steps')} training steps)" if meta.get("steps") is not None else "")
-            + f"; baselines at crf {', '.join(map(str, result['crfs']))}, preset medium.\n")
+            + f"; baselines at crf {', '.join(map(str, result['crfs']))}, preset medium; fedlvc = I+P with an I-frame "
+              f"every {result.get('gop', 32)} frames. P/I: mean P-frame chunk over mean I-frame chunk of the same "
+              f"stream; at equal PSNR: mean P-frame chunk over intra-only bytes per frame at the I+P stream's PSNR.\n")
     if notes:
         out += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     return out
@@ -187,6 +251,10 @@ def main(argv=None) -> int:
     p.add_argument("--crfs", default=None, help="comma list of baseline crfs (default 18,23,28,33,38)")
     p.add_argument("--qualities", default=None, help="comma list of fedlvc quality levels (default: all)")
     p.add_argument("--baselines", default="x264,x264-intra,x265", help="comma list of baselines")
+    p.add_argument("--skip-threshold", type=float, default=0.2,
+                   help="fedlvc encoder skip threshold of P-frames (default 0.2, fedlvc compress's default)")
+    p.add_argument("--gop", type=int, default=32, help="fedlvc group length of the I+P curve (default 32); "
+                                                      "fedlvc intra-only (gop 1) is always measured too")
     p.add_argument("--gen-size", default="320x240", help="WxH of the generated clips (default 320x240)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--no-ms-ssim", action="store_true",
@@ -231,14 +299,16 @@ def main(argv=None) -> int:
         gen_size = (int(gw), int(gh))
         clips = {}
         for key, name, n in parse_clips(args.clips, args.frames):
-            clips[key] = run_clip(name, n, model, qualities, names, crfs, gen_size)
+            clips[key] = run_clip(name, n, model, qualities, names, crfs, gen_size,
+                                  gops=(args.gop, 1) if model.cfg.temporal else (1,), skip_threshold=args.skip_threshold)
             px = clips[key]["width"] * clips[key]["height"]
             clips[key]["ms_ssim_computed"] = not (args.no_ms_ssim or (args.ms_ssim_max_pixels and px > args.ms_ssim_max_pixels))
         result = {
             "benchmark": "rd",
             **C.model_info(args.model, model),
             "model_meta": read_meta(C.model_path(args.model)),
-            "qualities": qualities, "crfs": list(crfs), "baselines": names,
+            "qualities": qualities, "crfs": list(crfs), "baselines": names, "gop": args.gop,
+            "skip_threshold": args.skip_threshold,
             "ms_ssim": "none" if args.no_ms_ssim else (f"frames up to {args.ms_ssim_max_pixels} pixels"
                                                        if args.ms_ssim_max_pixels else "all"),
             "clips": clips,

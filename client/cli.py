@@ -12,7 +12,7 @@ import sys
 
 from tqdm import tqdm
 
-from common.bitstream import DEFAULT_GOP
+from common.bitstream import DEFAULT_GOP, DEFAULT_SKIP_THRESHOLD
 from common.errors import FedlvcError
 
 EXIT_USER_ERROR = 2
@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gop", type=_positive_int, default=None,
                    help=f"group-of-pictures length: an I-frame every N frames, P-frames between "
                         f"(default {DEFAULT_GOP}, or 1 for an intra-only model; 1 = intra-only)")
-    c.add_argument("--skip-threshold", type=float, default=0.0,
+    c.add_argument("--skip-threshold", type=float, default=DEFAULT_SKIP_THRESHOLD,
                    help="P-frames keep the previous latent where the new one is within 0.5+T of it "
-                        "(fewer bits, some distortion; default 0)")
+                        f"(fewer bits, some distortion; default {DEFAULT_SKIP_THRESHOLD}; 0 = plain rounding)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)

@@ -55,6 +55,7 @@ MAX_PIXELS = 8192 * 8192
 MAX_FRAMES = 10_000_000
 MAX_GOP = 65535  # the header field is 16 bits
 DEFAULT_GOP = 32  # an I-frame (random-access point) every 32 frames
+DEFAULT_SKIP_THRESHOLD = 0.2  # encoder choice (see common.codec.FrameEncoder); benchmarks/rd.py measured it
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class FrameDecoder:
 
 
 def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model: FedlvcCodec, quality: int,
-                  fps: Fraction, gop: int = 1, progress: tqdm | None = None, skip_threshold: float = 0.0) -> dict:
+                  fps: Fraction, gop: int = 1, progress: tqdm | None = None,
+                  skip_threshold: float = bs.DEFAULT_SKIP_THRESHOLD) -> dict:
     """Write ``frames`` (RGB uint8, all one size) as a ``.lvc`` file at ``output`` (atomically)."""
     encoder = FrameEncoder(model, quality, track_bits=True, gop=gop, skip_threshold=skip_threshold)
     fp = fingerprint(model)
@@ -215,7 +216,7 @@ def default_gop(model: FedlvcCodec) -> int:
 
 
 def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4, gop: int | None = None,
-                  progress: bool = False, skip_threshold: float = 0.0) -> dict:
+                  progress: bool = False, skip_threshold: float = bs.DEFAULT_SKIP_THRESHOLD) -> dict:
     """Compress any video PyAV reads into ``output_path`` (.lvc); ``gop`` None: the model's default (an
     I-frame every DEFAULT_GOP frames, or 1 for an intra-only model)."""
     gop = default_gop(model) if gop is None else gop

@@ -25,7 +25,7 @@ from .video import atomic_output, probe, read_frames
 
 
 def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=(), gop: int = 1,
-                  codec: str = "fedlvc"):
+                  codec: str = "fedlvc", skip_threshold: float | None = None):
     """Code ``frames`` at each quality through a real ``.lvc`` file (groups of ``gop`` frames); returns
     (points, decoded frames by quality)."""
     points, decoded_by_q = [], {}
@@ -33,7 +33,8 @@ def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_d
         for q in qualities:
             path = Path(tmp) / f"q{q}.lvc"
             t0 = time.perf_counter()
-            summary = encode_frames(iter(frames), path, model, q, fps, gop)
+            kw = {} if skip_threshold is None else {"skip_threshold": skip_threshold}
+            summary = encode_frames(iter(frames), path, model, q, fps, gop, **kw)
             t1 = time.perf_counter()
             _, it = decode_stream(path, model)
             decoded = np.stack(list(it))

@@ -340,3 +340,40 @@ def test_a_site_that_times_out_does_not_sink_the_round(tmp_path, monkeypatch):
     dropped = rounds[0]["dropped"]
     assert len(dropped) == 1 and "timeout" in dropped[0]["reason"]
     assert {k for k, v in rounds[0]["sites"].items() if "epsilon" in v} == {"site_0", "site_2"}
+
+
+def test_segment_privacy_unit_trains_the_temporal_prior_and_accounts_per_segment():
+    """privacy-unit = segment: a row is segment-frames consecutive frames, q and the units count segments,
+    the P-frame prior is trained (it is frozen under frame rows), and ε matches an independent accountant."""
+    run = {"privacy-unit": "segment", "segment-frames": 3, "demo-frames": 24, "eval-frames": 3}
+    ctx, model = _context(run), _model(5)
+    reply = client_app.train(_message(model, "train"), ctx)
+    m = reply.content["metrics"]
+    # 24 frames - 1 held-out segment = 7 segments of 3 frames; Poisson rate 1/ceil(7/4)
+    assert m["units"] == 7 and m["unit-frames"] == 3 and m["num-examples"] == 7
+    assert m["sample_rate"] == pytest.approx(1 / 2)
+    assert m["epsilon"] == pytest.approx(independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"],
+                                                             m["delta"]), rel=1e-9)
+    after = reply.content["arrays"].to_torch_state_dict()
+    assert not torch.equal(after["temporal.table.weight"], model.state_dict()["temporal.table.weight"])
+    frame_reply = client_app.train(_message(model, "train"), _context())
+    frame_after = frame_reply.content["arrays"].to_torch_state_dict()
+    assert torch.equal(frame_after["temporal.table.weight"], model.state_dict()["temporal.table.weight"])
+    assert frame_reply.content["metrics"]["unit-frames"] == 1
+
+
+@pytest.mark.slow
+def test_simulation_with_segment_privacy_unit_records_the_unit(tmp_path):
+    """The same ServerApp/ClientApp train the temporal model on segments; history.json names the unit and
+    each site's final compression is an I+P stream."""
+    from common import bitstream as bs
+
+    out = tmp_path / "out"
+    rounds = _simulate(tmp_path, f"{TINY_RUN} privacy-unit='segment' segment-frames=3 gop=4", out)
+    for site in ("site_0", "site_1"):
+        s = rounds[-1]["sites"][site]
+        assert s["privacy_unit"] == "segment" and s["unit_frames"] == 3 and s["units"] >= 1
+        lvc = sorted((out / "sites" / site).glob("*.lvc"))[0]
+        with open(lvc, "rb") as f:
+            header = bs.read_header(f, lvc.stat().st_size)
+        assert header.gop == 4 and header.version == bs.VERSION
