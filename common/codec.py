@@ -262,9 +262,9 @@ def decode_stream(path, model: FedlvcCodec, start: int = 0,
                   count: int | None = None) -> tuple[bs.StreamHeader, Iterator[np.ndarray]]:
     """Parse and check the header now; return it and a generator of decoded frames (one at a time).
 
-    ``start``/``count`` select frames start .. start+count-1 (random access): the chunks before the I-frame
-    that opens ``start``'s group are skipped unread, decoding runs from that I-frame and stops after the
-    last requested frame."""
+    ``start``/``count`` select frames start .. start+count-1 (random access): the payloads of the chunks
+    before the I-frame that opens ``start``'s group are skipped unread (their 9-byte chunk headers are still
+    checked: type and length), decoding runs from that I-frame and stops after the last requested frame."""
     f, header, size = open_stream(path)
     try:
         check_model(header, model)

@@ -21,22 +21,51 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def stream(tmp_path_factory):
+def model():
     torch.manual_seed(0)
     model = FedlvcCodec(CodecConfig(channels=8, latent_channels=8, mixtures=2)).eval()
     with torch.no_grad():  # coarse gains would round every latent to 0: make the payloads carry real symbols
         model.gain.log_gain.weight.fill_(5.0)
         model.inv_gain.log_gain.weight.fill_(-5.0)
-    path = tmp_path_factory.mktemp("hostile") / "ok.lvc"
-    frames = list(generate_site_clip(1, 0, 48, 32, 3))
-    encode_frames(iter(frames), path, model, 3, Fraction(25))
-    return model, path.read_bytes()
+        # P-frame scales that differ per context, so a P payload decoded under a wrong context goes astray
+        model.temporal.table.weight.copy_(torch.rand(model.temporal.table.weight.shape) * 3 - 2)
+    return model
 
 
-def _decode(model, data: bytes, tmp_path) -> list:
+# gop 1: three I-frames; gop 3: I P P I P (P-frames coded against the two previous latents, random access).
+STREAMS = {"gop1": (1, 3), "gop3": (3, 5)}
+
+
+@pytest.fixture(scope="module", params=sorted(STREAMS))
+def stream(request, model, tmp_path_factory):
+    gop, count = STREAMS[request.param]
+    path = tmp_path_factory.mktemp("hostile") / f"{request.param}.lvc"
+    frames = list(generate_site_clip(1, 0, 48, 32, count))
+    summary = encode_frames(iter(frames), path, model, 3, Fraction(25), gop=gop)
+    assert summary["frames_by_type"]["P"] == count - -(-count // gop)
+    data = path.read_bytes()
+    types = []
+    pos = bs.HEADER_SIZE
+    while pos < len(data):
+        ftype, length, _ = bs.CHUNK.unpack_from(data, pos)
+        assert length >= 8  # every payload carries symbols besides the sentinel
+        types.append(ftype)
+        pos += bs.CHUNK.size + length
+    assert types == [bs.frame_type_at(i, gop) for i in range(count)]
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def decoded(stream, tmp_path_factory):
+    """The frames of the undamaged stream."""
+    model, data = stream
+    return _decode(model, data, tmp_path_factory.mktemp("hostile_ok"))
+
+
+def _decode(model, data: bytes, tmp_path, start: int = 0) -> list:
     path = tmp_path / "x.lvc"
     path.write_bytes(data)
-    _, frames = decode_stream(path, model)
+    _, frames = decode_stream(path, model, start)
     return list(frames)
 
 
@@ -112,3 +141,24 @@ def test_arbitrary_bytes(stream, tmp_path, junk):
     model, data = stream
     _must_fail_cleanly(model, junk, tmp_path, data)
     _must_fail_cleanly(model, bs.MAGIC + junk, tmp_path, data)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=HEALTH)
+@given(pos=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7), start=st.integers(0, 4))
+def test_bit_flip_with_random_access(stream, decoded, tmp_path, pos, bit, start):
+    """Decoding from a later frame skips the chunks before its group's I-frame unread: damage there may go
+    unnoticed, but what is output is then exactly the undamaged frames; any other outcome is FedlvcError."""
+    model, data = stream
+    start %= len(decoded)
+    b = bytearray(data)
+    b[pos % len(b)] ^= 1 << bit
+    t0 = time.perf_counter()
+    try:
+        frames = _decode(model, bytes(b), tmp_path, start)
+    except FedlvcError:
+        frames = None
+    assert time.perf_counter() - t0 < 10
+    if frames is not None:
+        assert len(frames) == len(decoded) - start
+        for got, want in zip(frames, decoded[start:]):
+            assert (got == want).all()
