@@ -4,10 +4,15 @@
 The private side is wired exactly as training wires it (``common.privacy.make_private``: Opacus
 ``PrivacyEngine.make_private`` with Poisson sampling, per-sample clipping to C = 1 and Gaussian noise
 σ·C on an Adam optimizer). Poisson sampling only changes which rows form a batch, so to compare like
-with like both sides are timed on one identical, fixed batch fed directly to the wrapped model (the
-DP data loader is built but never iterated): forward + RD loss + backward + optimizer step, in
-``channels_last`` as ``common.training`` does. The non-private step is the training loop's one
-(plain Adam with global gradient-norm clipping). Both models start from the same weights.
+with like both sides are timed on one identical, fixed batch fed directly to the model (the
+DP data loader is built but never iterated): forward + RD loss + backward + optimizer step. Both sides
+use the layout ``common.training`` uses for them: the DP model and batch stay in the default contiguous
+NCHW layout (Opacus' convolution gradient sampler returns wrong per-sample gradients on ``channels_last``
+tensors, tests/test_dp_grad_samples.py), the non-private model is ``channels_last`` and its batch is
+converted to ``channels_last`` inside the timed step, as the training loop converts each batch. The
+non-private step is the training loop's one (plain Adam with global gradient-norm clipping). Both sides
+freeze what frame-row training cannot reach (``common.training.set_trainable(model, 0)``: the temporal
+prior) and optimise only the remaining parameters. Both models start from the same weights.
 
 Steps alternate (plain, DP, DP, plain, ...) so load changes hit both sides alike; ``--warmup`` steps of
 each are excluded. The ratio is the median DP step time over the median plain step time. Prints one
@@ -54,28 +59,35 @@ def fixed_batch(batch: int, crop: int, num_levels: int, seed: int = 0):
     frames = list(generate_site_clip(1, 0, max(320, crop), max(240, crop), n))
     ds = FrameCrops(frames, crop, num_levels, seed=seed)
     items = [ds[i % len(ds)] for i in range(batch)]
-    x = torch.stack([t for t, _ in items]).contiguous(memory_format=torch.channels_last)
+    x = torch.stack([t for t, _ in items]).contiguous()  # as the default collate gives it: NCHW
     levels = torch.stack([lv for _, lv in items])
     assert np.isfinite(x.numpy()).all()
     return ds, x, levels
 
 
 class Stepper:
-    """One optimizer step of a given kind on the fixed batch."""
+    """One optimizer step of a given kind on the fixed batch.
 
-    def __init__(self, model, optimizer, loss_fn, private: bool, clip_norm: float = 1.0):
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.private, self.clip_norm = private, clip_norm
+    ``model`` is the raw module the forward runs on (under DP: the module Opacus wrapped, as
+    ``common.training`` calls it), ``params`` its trainable parameters, ``channels_last`` whether each
+    batch is converted to that layout first (the non-private training loop does; DP training does not)."""
+
+    def __init__(self, model, params, optimizer, loss_fn, private: bool, channels_last: bool,
+                 clip_norm: float = 1.0):
+        self.model, self.params, self.optimizer, self.loss_fn = model, params, optimizer, loss_fn
+        self.private, self.channels_last, self.clip_norm = private, channels_last, clip_norm
 
     def __call__(self, x, levels) -> float:
         import torch
 
         t0 = time.perf_counter()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x, levels), x, levels).mean()
         loss.backward()
         if not self.private:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         self.optimizer.step()
         seconds = time.perf_counter() - t0
         if not torch.isfinite(loss):
@@ -84,12 +96,17 @@ class Stepper:
 
 
 def make_plain(base, lr):
+    """The non-private side as ``common.training.train`` builds it: channels_last model, Adam over the
+    parameters frame-row training reaches."""
     import torch
 
     from common.model import RateDistortion
+    from common.training import set_trainable
 
     model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
-    return Stepper(model, torch.optim.Adam(model.parameters(), lr=lr), RateDistortion(model.cfg.lambdas), private=False)
+    params = set_trainable(model, 0)
+    return Stepper(model, params, torch.optim.Adam(params, lr=lr), RateDistortion(model.cfg.lambdas),
+                   private=False, channels_last=True)
 
 
 def make_dp(base, dataset, batch, mode, sigma, lr):
@@ -98,13 +115,18 @@ def make_dp(base, dataset, batch, mode, sigma, lr):
 
     from common.model import RateDistortion
     from common.privacy import DPConfig, make_private
+    from common.training import set_trainable
 
-    model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # As common.training does under DP: no channels_last (Opacus' conv sampler is wrong on it), the
+    # temporal prior frozen before make_private so Opacus only samples gradients of trainable parameters.
+    model = copy.deepcopy(base).to(memory_format=torch.contiguous_format).train()  # a no-op on NCHW weights
+    params = set_trainable(model, 0)
+    optimizer = torch.optim.Adam(params, lr=lr)
     loader = DataLoader(dataset, batch_size=batch)
     dp = DPConfig(noise_multiplier=sigma, max_grad_norm=1.0, grad_sample_mode=mode)
-    _, model, optimizer, _ = make_private(model, optimizer, loader, dp)
-    return Stepper(model, optimizer, RateDistortion(base.cfg.lambdas), private=True)
+    _, wrapped, optimizer, _ = make_private(model, optimizer, loader, dp)
+    return Stepper(wrapped._module, params, optimizer, RateDistortion(base.cfg.lambdas), private=True,
+                   channels_last=False)
 
 
 def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:
@@ -161,6 +183,7 @@ def main(argv=None) -> int:
         C.log(f"dp_overhead: {source}, {params} parameters, batch {args.batch_size}, crop {args.crop_size}, "
               f"torch threads {torch.get_num_threads()}")
         plain = make_plain(base, args.lr)
+        trainable = sum(p.numel() for p in plain.params)
 
         modes = [args.grad_sample_mode] + ([m for m in MODES if m != args.grad_sample_mode] if args.all_modes else [])
         per_mode: dict[str, object] = {}
@@ -190,7 +213,9 @@ def main(argv=None) -> int:
             "error": None if ok else sel,
             "batch": args.batch_size, "crop": args.crop_size, "steps": args.steps, "warmup": args.warmup,
             "statistic": "median step seconds over alternating (ABBA) plain/DP steps after warm-up",
-            "noise_multiplier": args.noise_multiplier, "max_grad_norm": 1.0, "memory_format": "channels_last",
+            "noise_multiplier": args.noise_multiplier, "max_grad_norm": 1.0,
+            "memory_format": {"dp": "contiguous", "plain": "channels_last"},
+            "trainable_parameters": trainable, "frozen": "temporal prior (set_trainable(model, 0))",
             "model_source": source, "parameters": params, "config": base.cfg.to_dict(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "opacus": __import__("opacus").__version__, "hardware": hw,
