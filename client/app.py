@@ -86,7 +86,8 @@ def train(msg: Message, context: Context) -> Message:
         result = local_train(model, site.train_rows, rc.local_steps, rc.batch_size, rc.crop_size,
                              rc.learning_rate, dp=dp, history=ledger.history,
                              seed=rc.seed + 1000 * server_round + site.site_id, device=_device(),
-                             segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0)
+                             segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
+                             skip_threshold=rc.skip_threshold)
         loss, steps = result["loss"], result["steps"]
         if rc.private:
             ledger.history = [tuple(h) for h in result["history"]]
@@ -119,14 +120,16 @@ def _gop(model: FedlvcCodec, rc: RunConfig) -> int:
     return rc.gop if model.cfg.temporal else 1
 
 
-def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, gop: int, fps=25) -> dict:
+def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, gop: int, skip_threshold: float, fps=25,
+             with_ms_ssim: bool = True) -> dict:
     """Real bpp (file bytes of a .lvc) and PSNR/MS-SSIM of decoded frames."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eval.lvc"
-        summary = encode_frames(iter(frames), path, model, quality, fps, gop)
+        summary = encode_frames(iter(frames), path, model, quality, fps, gop, skip_threshold=skip_threshold)
         _, it = decode_stream(path, model)
         decoded = np.stack(list(it))
-    return {"bpp": summary["bpp"], "psnr": psnr_rgb(frames, decoded), "ms_ssim": ms_ssim(frames, decoded),
+    return {"bpp": summary["bpp"], "psnr": psnr_rgb(frames, decoded),
+            "ms_ssim": ms_ssim(frames, decoded) if with_ms_ssim else None,
             "bytes": summary["bytes"]}
 
 
@@ -135,7 +138,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     site = load_site(context.node_config, rc)
     model = _model_from(msg).eval()
-    m = _measure(model, np.stack(site.held_out), rc.eval_quality, _gop(model, rc))
+    m = _measure(model, np.stack(site.held_out), rc.eval_quality, _gop(model, rc), rc.skip_threshold)
     metrics = {"num-examples": len(site.held_out), "site-weight": 1, "site_id": site.site_id, "bpp": m["bpp"],
                "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -154,7 +157,7 @@ def compress(msg: Message, context: Context) -> Message:
     total_bytes, total_pixels, psnr_sum, frames_total = 0, 0, 0.0, 0
     for clip, frames, fps in site_clips(context.node_config, rc):
         path = out / f"{clip}.lvc"
-        summary = encode_frames(frames(), path, model, quality, fps, _gop(model, rc))
+        summary = encode_frames(frames(), path, model, quality, fps, _gop(model, rc), skip_threshold=rc.skip_threshold)
         _, decoded = decode_stream(path, model)
         for ref, dec in zip(frames(), decoded):  # stream both: the clip is never held in memory
             psnr_sum += psnr_rgb(ref, dec)
@@ -164,4 +167,22 @@ def compress(msg: Message, context: Context) -> Message:
     metrics = {"site_id": site_id, "bytes": total_bytes, "frames": frames_total,
                "bpp": total_bytes * 8 / max(total_pixels, 1), "psnr": psnr_sum / max(frames_total, 1),
                "quality": quality}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("rd")
+def rd(msg: Message, context: Context) -> Message:
+    """Rate–distortion of the model in the message on this site's held-out frames (never trained on): bpp and
+    PSNR at every quality level, coded as in the final compression. Lets the server compare the federated
+    model with the public one on each site's own video; only the two curves come back."""
+    rc = RunConfig.from_mapping(context.run_config)
+    site = load_site(context.node_config, rc)
+    model = _model_from(msg).eval()
+    frames = np.stack(site.held_out)
+    bpp, psnr = [], []
+    for quality in range(1, model.cfg.num_levels + 1):
+        m = _measure(model, frames, quality, _gop(model, rc), rc.skip_threshold, with_ms_ssim=False)
+        bpp.append(m["bpp"])
+        psnr.append(m["psnr"])
+    metrics = {"site_id": site.site_id, "frames": len(site.held_out), "bpp": bpp, "psnr": psnr}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
                       validate_every=args.validate_every, every=args.every, seed=args.seed,
                       max_frames_per_video=args.max_frames_per_video,
                       segment_frames=args.segment_frames if args.privacy_unit == "segment" else 0,
-                      train_parts=args.train_parts)
+                      train_parts=args.train_parts, skip_threshold=args.skip_threshold)
     if args.privacy_unit == "segment" and args.segment_frames < 2:
         raise FedlvcError("--segment-frames must be at least 2")
     dp = None
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one training row (and DP unit): a frame (I-frame training) or a segment of "
                         "--segment-frames consecutive frames (I+P training; the default model needs it for P-frames)")
     t.add_argument("--segment-frames", type=int, default=4)
+    t.add_argument("--skip-threshold", type=float, default=DEFAULT_SKIP_THRESHOLD,
+                   help="the P-frame skip rule of the encoder the prior is trained for (segments; default "
+                        f"{DEFAULT_SKIP_THRESHOLD})")
     t.add_argument("--train-parts", choices=["all", "temporal"], default="all",
                    help="temporal: train only the P-frame prior (segments), the transforms stay frozen")
     dpg = t.add_argument_group("differential privacy (DP-SGD with Opacus; off unless a noise option is given)")

@@ -47,6 +47,7 @@ class RunConfig:
     privacy_unit: str = "frame"  # frame: one DP row = one frame (I-frame training) | segment: S consecutive frames
     segment_frames: int = 4  # S, frames per segment when privacy-unit = segment (I+P training)
     gop: int = 32  # group-of-pictures length of the evaluation and the final compression (1 = intra-only)
+    skip_threshold: float = 0.2  # encoder P-frame skip rule (evaluation, final compression, segment training)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -106,6 +107,7 @@ class RunConfig:
         need(self.privacy_unit in ("frame", "segment"), "privacy-unit", "must be frame or segment")
         need(self.segment_frames >= 2, "segment-frames", "must be >= 2")
         need(1 <= self.gop <= 65535, "gop", "must be in 1..65535")
+        need(0 <= self.skip_threshold < 10, "skip-threshold", "must be in [0, 10)")
 
     @property
     def unit_frames(self) -> int:

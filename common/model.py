@@ -281,11 +281,13 @@ class FedlvcCodec(nn.Module):
         likelihood = latent_likelihood(y_tilde, *self.prior(levels))
         return {"x_hat": x_hat, "likelihoods": likelihood}
 
-    def forward_segment(self, x: torch.Tensor, levels: torch.Tensor) -> dict:
+    def forward_segment(self, x: torch.Tensor, levels: torch.Tensor, skip_threshold: float = 0.0) -> dict:
         """Training path for rows of consecutive frames x: (B, S, 3, H, W) coded as one group of pictures:
         frame 0 as an I-frame, the others as P-frames (rate under the temporal prior of the hard-rounded
         latent around the previous hard-rounded latent, as the coder will see it; straight-through
-        gradient). Returns x_hat (B, S, 3, H, W) and per-row bits (B,).
+        gradient). ``skip_threshold`` T applies the encoder's rule (common.codec.FrameEncoder): a P-frame
+        element keeps the previous value where |y − previous| < ½ + T, so the prior learns the statistics the
+        coder will see. Returns x_hat (B, S, 3, H, W) and per-row bits (B,).
 
         Each module is called once: the transforms and gains on all B·S frames (rows b·S … b·S+S−1 belong
         to segment b), the priors on the B segments. Under DP-SGD the per-frame gradient samples are summed
@@ -295,18 +297,29 @@ class FedlvcCodec(nn.Module):
         b, frames = x.shape[:2]
         flat = x.reshape(b * frames, *x.shape[2:]).contiguous()  # not channels_last: see common.privacy
         y = self.analysis(flat, levels.repeat_interleave(frames))
-        y_hard = y + (torch.round(y) - y).detach()
-        y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else y_hard
+        yv = y.reshape(b, frames, *y.shape[1:])
+        # The latents the coder will hold: rounding, with the skip rule on P-frames (straight-through).
+        targets, coded = [], []
+        for s in range(frames):
+            ys = yv[:, s]
+            q = torch.round(ys.detach())
+            if s > 0 and skip_threshold > 0:
+                q = torch.where((ys.detach() - coded[-1]).abs() < 0.5 + skip_threshold, coded[-1], q)
+            targets.append(ys + (q - ys).detach())
+            coded.append(q)
+        if self.training:
+            y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+        else:
+            y_tilde = torch.stack(targets, 1).reshape(y.shape)
         x_hat = self.synthesis(y_tilde, levels.repeat_interleave(frames))
-        y_tilde, y_hard = (t.view(b, frames, *t.shape[1:]) for t in (y_tilde, y_hard))
-        bits = -torch.log2(latent_likelihood(y_tilde[:, 0], *self.prior(levels))).flatten(1).sum(1)
+        first = y_tilde.reshape(b, frames, *y.shape[1:])[:, 0]
+        bits = -torch.log2(latent_likelihood(first, *self.prior(levels))).flatten(1).sum(1)
         raw = self.temporal(levels)
-        quantized = y_hard.detach().round()
         for s in range(1, frames):
-            prev, prev2 = quantized[:, s - 1], (quantized[:, s - 2] if s >= 2 else None)
+            prev, prev2 = coded[s - 1], (coded[s - 2] if s >= 2 else None)
             scales = temporal_scales(raw, temporal_context(prev, prev2))
-            bits = bits - torch.log2(laplace_likelihood(y_hard[:, s], prev, scales)).flatten(1).sum(1)
-        return {"x_hat": x_hat.view(b, frames, *x_hat.shape[1:]), "bits": bits}
+            bits = bits - torch.log2(laplace_likelihood(targets[s], prev, scales)).flatten(1).sum(1)
+        return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
 
 
 @dataclass

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
+from common.metrics import bd_rate
 from common.training import with_temporal_prior
 from common.fedconfig import RunConfig
 from common.model import FedlvcCodec
@@ -234,24 +235,63 @@ def main(grid: Grid, context: Context) -> None:
             continue
         m = reply.content["metrics"]
         compressed[_site_key(m)] = {k: float(m[k]) for k in ("bytes", "frames", "bpp", "psnr", "quality")}
+    gains = gain_over_public(grid, rc, final, public_model(rc))
     last = rounds[-1] if rounds else {"sites": {}}
     summary = {"rounds": offset + rc.num_server_rounds, "delta": rc.delta, "accountant": rc.accountant,
                "sites": {k: {"epsilon": last["sites"].get(k, {}).get("epsilon"),
-                             "units": last["sites"].get(k, {}).get("units"), **v}
+                             "units": last["sites"].get(k, {}).get("units"), **v,
+                             "gain_over_public": gains.get(k)}
                          for k, v in sorted(compressed.items())}}
     with atomic_output(out / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1))
     print(summary_table(summary, out))
 
 
+def public_model(rc: RunConfig) -> FedlvcCodec:
+    """The public starting point the federation fine-tunes: init-model, or the shipped model."""
+    model = load_model(rc.init_model or None)
+    return with_temporal_prior(model) if rc.privacy_unit == "segment" else model
+
+
+def _rd_curves(grid: Grid, rc: RunConfig, model: FedlvcCodec) -> dict:
+    """{site: [(bpp, psnr) per quality]} of ``model`` on each site's held-out frames (query.rd)."""
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "config": ConfigRecord({"model-config": json.dumps(model.cfg.to_dict())})})
+    messages = [Message(content=content, dst_node_id=nid, message_type="query.rd") for nid in grid.get_node_ids()]
+    curves = {}
+    for reply in grid.send_and_receive(messages, timeout=rc.round_timeout):
+        if not reply.has_error():
+            m = reply.content["metrics"]
+            curves[_site_key(m)] = list(zip(m["bpp"], m["psnr"]))
+    return curves
+
+
+def gain_over_public(grid: Grid, rc: RunConfig, final: FedlvcCodec, public: FedlvcCodec) -> dict:
+    """Per site: BD-rate of the federated model against the public one on the site's own held-out frames
+    (every quality level, coded as the final compression is), and the PSNR / bpp change at final-quality."""
+    ours, theirs = _rd_curves(grid, rc, final), _rd_curves(grid, rc, public)
+    gains = {}
+    for site in sorted(set(ours) & set(theirs)):
+        q = rc.final_quality - 1
+        gains[site] = {"bd_rate_percent": bd_rate(theirs[site], ours[site]),
+                       "psnr_db": ours[site][q][1] - theirs[site][q][1],
+                       "bpp_ratio": ours[site][q][0] / theirs[site][q][0],
+                       "public": theirs[site], "federated": ours[site]}
+    return gains
+
+
 def summary_table(summary: dict, out: Path) -> str:
     lines = [f"fedlvc: {summary['rounds']} rounds, delta={summary['delta']}, accountant={summary['accountant']}; "
              f"history in {out / 'history.json'}; each site's .lvc files are in its node-config out-dir "
              f"(default {out / 'sites' / '<site>'})",
-             f"{'site':<10}{'frames':>8}{'epsilon':>10}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"]
+             f"{'site':<10}{'frames':>8}{'epsilon':>10}{'bytes':>10}{'bpp':>8}{'PSNR':>8}{'BD-rate vs public':>19}"]
     for name, s in summary["sites"].items():
         eps = s["epsilon"]
         eps_text = "-" if eps is None else ("inf" if math.isinf(eps) else f"{eps:.2f}")
+        gain = (s.get("gain_over_public") or {}).get("bd_rate_percent")
+        gain_text = "-" if gain is None else f"{gain:+.1f} %"
         lines.append(f"{name:<10}{int(s['frames']):>8}{eps_text:>10}{int(s['bytes']):>10}{s['bpp']:>8.3f}"
-                     f"{s['psnr']:>8.2f}")
+                     f"{s['psnr']:>8.2f}{gain_text:>19}")
+    lines.append("BD-rate vs public: the federated model against the public starting model on each site's "
+                 "held-out frames (every quality; negative = fewer bits for the same PSNR)")
     return "\n".join(lines)

@@ -116,6 +116,16 @@ def test_non_private_round_reports_infinite_epsilon():
     assert m["declined"] == 0 and math.isinf(m["epsilon"]) and m["dp_sigma"] == [0.0]
 
 
+def test_rd_query_measures_every_quality_on_held_out_frames():
+    """query.rd: bpp and PSNR per quality of the model sent, on the site's held-out frames; nothing else."""
+    ctx, model = _context(), _model(3)
+    reply = client_app.rd(_message(model, "query.rd"), ctx)
+    m = reply.content["metrics"]
+    assert set(reply.content.keys()) == {"metrics"}
+    assert len(m["bpp"]) == len(m["psnr"]) == model.cfg.num_levels and m["frames"] == RUN["eval-frames"]
+    assert all(b > 0 and math.isfinite(p) for b, p in zip(m["bpp"], m["psnr"]))
+
+
 RESTART_SCRIPT = """
 import json, sys, torch
 from flwr.supercore.task_identity import TaskIdentity
@@ -194,7 +204,13 @@ def test_simulation_runs_end_to_end(tmp_path):
         assert eps[0] < eps[1] <= 50.0
         assert list((out / "sites" / site).glob("*.lvc"))
     assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
-    assert "PSNR" in run["output"]
+    assert "PSNR" in run["output"] and "BD-rate vs public" in run["output"]
+    summary = json.loads((out / "summary.json").read_text())
+    for site in ("site_0", "site_1"):  # the federated model against the public one on the site's own frames
+        gain = summary["sites"][site]["gain_over_public"]
+        assert len(gain["public"]) == len(gain["federated"]) == 6
+        assert gain["bd_rate_percent"] is None or math.isfinite(gain["bd_rate_percent"])
+        assert gain["federated"][3][1] - gain["public"][3][1] == pytest.approx(gain["psnr_db"])
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
 

@@ -544,8 +544,8 @@ def test_cli_temporal_model_defaults_to_default_gop(capsys, tmp_path, model_path
 # ------------------------------------------------------------------------ 6. training rate = coder's rate
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed):
+@pytest.mark.parametrize("seed,skip", [(0, 0.0), (1, 0.0), (0, 0.3)])
+def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, skip):
     """Eval-mode forward_segment's per-row bits are the ideal code length the coder spends on the same frames
     coded as one group (I-frame then P-frames), per row and level, with a temporal table that differs per
     (level, channel, context) so a wrong context or level shows."""
@@ -556,11 +556,11 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed):
     x = torch.stack([torch.stack([_to_tensor(f, 16)[0] for f in fr]) for fr, _ in rows]).contiguous()
     levels = torch.tensor([level for _, level in rows])
     with torch.no_grad():
-        out = model.forward_segment(x, levels)
+        out = model.forward_segment(x, levels, skip)
     assert out["bits"].shape == (len(rows),)
     assert out["x_hat"].shape == x.shape
     for b, (fr, level) in enumerate(rows):
-        encoder = FrameEncoder(model, level + 1, track_bits=True, gop=s)
+        encoder = FrameEncoder(model, level + 1, track_bits=True, gop=s, skip_threshold=skip)
         for f in fr:
             encoder.encode(f)
         assert encoder.frames_by_type == {"I": 1, "P": s - 1}
@@ -571,7 +571,7 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed):
             intra.encode(f)
         assert abs(intra.ideal_bits - encoder.ideal_bits) > 0.01 * encoder.ideal_bits
     # The decoded frames are the training path's eval reconstructions.
-    encoder = FrameEncoder(model, 4, gop=s)
+    encoder = FrameEncoder(model, 4, gop=s, skip_threshold=skip)
     for i, f in enumerate(rows[0][0]):
         encoder.encode(f)
         expected = out["x_hat"][0, i].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
