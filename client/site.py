@@ -41,8 +41,8 @@ def load_site(node_config, rc: RunConfig) -> SiteData:
     The last ``eval-frames`` frames of the site are held out from training."""
     name, pid = site_identity(node_config)
     video_dir = str(node_config.get("video-dir", "") or "")
-    key = (video_dir, pid, rc.demo_frames, rc.demo_clips, rc.demo_width, rc.demo_height, rc.eval_frames,
-           rc.site_max_frames, rc.unit_frames)
+    key = (video_dir, pid, rc.demo_frames, rc.demo_clips, rc.demo_width, rc.demo_height, rc.demo_site_offset,
+           rc.eval_frames, rc.site_max_frames, rc.unit_frames)
     if key in _CACHE:
         return _CACHE[key]
     s = rc.unit_frames
@@ -58,7 +58,7 @@ def load_site(node_config, rc: RunConfig) -> SiteData:
     else:
         videos = []
         generated = True
-        clips = [list(generate_site_clip(pid, c, rc.demo_width, rc.demo_height, rc.demo_frames))
+        clips = [list(generate_site_clip(pid + rc.demo_site_offset, c, rc.demo_width, rc.demo_height, rc.demo_frames))
                  for c in range(rc.demo_clips)]
         rows = [f for c in clips for f in c] if s == 1 else make_segments(clips, s)
     if s == 1:
@@ -87,7 +87,8 @@ def site_clips(node_config, rc: RunConfig):
             yield path.stem, (lambda p=path: iter_frames(p)), probe(path).fps
     else:
         for c in range(rc.demo_clips):
-            yield (f"clip_{c}", (lambda c=c: generate_site_clip(pid, c, rc.demo_width, rc.demo_height, rc.demo_frames)),
+            yield (f"clip_{c}", (lambda c=c: generate_site_clip(pid + rc.demo_site_offset, c, rc.demo_width,
+                                                                rc.demo_height, rc.demo_frames)),
                    Fraction(25))
 
 

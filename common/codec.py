@@ -4,8 +4,8 @@ Frames come in groups of pictures of length ``gop``: the first of each group is 
 coded under the factorized prior), the others P-frames (their latent coded under the temporal prior,
 around the previous decoded latent). Decoding can start at any I-frame.
 
-Both directions stream: the encoder holds one frame and the two previous latents, the decoder one chunk,
-one frame and the two previous latents.
+Both directions stream: the encoder holds one frame, the previous latent and the group's motion history
+(two arrays of the latent's size), the decoder one chunk, one frame and the same.
 Outputs are written under a temporary name and renamed at the end, so a failure leaves no file.
 """
 
@@ -25,7 +25,7 @@ from . import bitstream as bs
 from .checkpoint import fingerprint
 from .entropy import LatentCoder
 from .errors import FedlvcError
-from .model import FedlvcCodec
+from .model import FedlvcCodec, next_history
 from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 
 
@@ -56,21 +56,27 @@ def check_gop(model: FedlvcCodec, gop: int) -> None:
 
 
 class _GroupState:
-    """The two previous decoded latents of the current group of pictures (all a P-frame depends on)."""
+    """The previous decoded latent of the current group of pictures and the group's motion history (all a
+    P-frame depends on)."""
 
     def __init__(self, gop: int):
         self.gop, self.index = gop, 0
-        self.prev = self.prev2 = None
+        self.prev, self.history = None, None
 
     @property
     def frame_type(self) -> int:
         return bs.frame_type_at(self.index, self.gop)
 
+    def references(self) -> tuple:
+        """(prev, history) for the next frame: (None, None) when it is an I-frame."""
+        return (None, None) if self.frame_type == bs.FRAME_INTRA else (self.prev, self.history)
+
     def advance(self, y_hat: np.ndarray) -> None:
         if self.frame_type == bs.FRAME_INTRA:
-            self.prev, self.prev2 = y_hat, None
+            self.history = None
         else:
-            self.prev, self.prev2 = y_hat, self.prev
+            self.history = next_history(self.history, torch.from_numpy(self.prev)[None], torch.from_numpy(y_hat)[None])
+        self.prev = y_hat
         self.index += 1
 
 
@@ -113,11 +119,11 @@ class FrameEncoder:
             y_hat = np.where(np.abs(y - st.prev) < 0.5 + self.skip_threshold, st.prev, y_hat)
         y_hat = self.coder.clip(y_hat)
         ftype = st.frame_type
-        prev, prev2 = (None, None) if ftype == bs.FRAME_INTRA else (st.prev, st.prev2)
+        prev, history = st.references()
         if self.track_bits:
             self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
-                                else self.coder.bits_p(y_hat, prev, prev2, self.level))
-        payload = self.coder.encode(y_hat, self.level, prev, prev2)
+                                else self.coder.bits_p(y_hat, prev, history, self.level))
+        payload = self.coder.encode(y_hat, self.level, prev, history)
         name = bs.FRAME_TYPE_NAMES[ftype]
         self.bytes_by_type[name] += bs.CHUNK.size + len(payload)
         self.frames_by_type[name] += 1
@@ -158,8 +164,7 @@ class FrameDecoder:
         """Entropy-decode the next frame's latent (and move on); all that is needed of a frame that is only
         a reference for the frames after it."""
         st = self.state
-        prev, prev2 = (None, None) if st.frame_type == bs.FRAME_INTRA else (st.prev, st.prev2)
-        y_hat = self.coder.decode(payload, self.level, self.shape, prev, prev2)
+        y_hat = self.coder.decode(payload, self.level, self.shape, *st.references())
         st.advance(y_hat)
         return y_hat
 

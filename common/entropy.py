@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import FedlvcError
-from .model import FedlvcCodec, laplace_scale, mixture_cdf, temporal_context
+from .model import FedlvcCodec, MotionHistory, laplace_scale, mixture_cdf, temporal_context
 
 
 # Each payload ends (in decoding order) with a fixed 32-bit sentinel: decoding a payload as a larger latent
@@ -27,7 +27,8 @@ class LatentCoder:
     """ANS coding of one frame's latent ``(C, h, w)`` int array per quality level: I-frames under the
     factorized prior, P-frames (``prev`` given) under the temporal prior — a quantized Laplace centred on
     the previous decoded latent with a scale chosen per (level, channel, context), the context computed
-    by integer arithmetic from the previous two decoded latents (:func:`common.model.temporal_context`)."""
+    by integer arithmetic from the previous decoded latent and the group's motion history
+    (:func:`common.model.temporal_context`)."""
 
     def __init__(self, model: FedlvcCodec):
         self.model = model
@@ -69,9 +70,9 @@ class LatentCoder:
                 self._scales[level] = laplace_scale(raw).numpy()
         return self._scales[level]
 
-    def p_params(self, prev: np.ndarray, prev2: np.ndarray | None, level: int) -> tuple[np.ndarray, np.ndarray]:
+    def p_params(self, prev: np.ndarray, history: MotionHistory | None, level: int) -> tuple[np.ndarray, np.ndarray]:
         """Flattened (means, scales) float64 of every element of a P-frame latent, in channel order."""
-        ctx = temporal_context(torch.from_numpy(prev)[None], None if prev2 is None else torch.from_numpy(prev2)[None])
+        ctx = temporal_context(torch.from_numpy(prev)[None], history)
         ctx = ctx[0].numpy().reshape(prev.shape[0], -1)
         scales = np.take_along_axis(self.scale_table(level), ctx, axis=1)
         return prev.reshape(-1).astype(np.float64), scales.reshape(-1)
@@ -85,17 +86,17 @@ class LatentCoder:
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
-    def bits_p(self, y_hat: np.ndarray, prev: np.ndarray, prev2: np.ndarray | None, level: int) -> float:
+    def bits_p(self, y_hat: np.ndarray, prev: np.ndarray, history: MotionHistory | None, level: int) -> float:
         """Ideal code length in bits of a P-frame latent under the temporal prior."""
-        means, scales = self.p_params(prev, prev2, level)
+        means, scales = self.p_params(prev, history, level)
         y = self.clip(y_hat).reshape(-1).astype(np.float64)
         p = laplace_pmf(y, means, scales)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
     def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
-               prev2: np.ndarray | None = None) -> bytes:
+               history: MotionHistory | None = None) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
-        or a P-frame when the previous decoded latent ``prev`` (and the one before, ``prev2``) is given."""
+        or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given."""
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(SENTINEL, _SENTINEL_MODEL)  # bottom of the stack: decoded last
         if prev is None:
@@ -104,12 +105,12 @@ class LatentCoder:
             for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
                 coder.encode_reverse(sym[c], models[c])
         else:
-            means, scales = self.p_params(prev, prev2, level)
+            means, scales = self.p_params(prev, history, level)
             coder.encode_reverse(self.clip(y_hat).astype(np.int32).reshape(-1), self._laplace, means, scales)
         return coder.get_compressed().astype("<u4").tobytes()
 
     def decode(self, payload: bytes, level: int, shape: tuple[int, int, int], prev: np.ndarray | None = None,
-               prev2: np.ndarray | None = None) -> np.ndarray:
+               history: MotionHistory | None = None) -> np.ndarray:
         """Inverse of :meth:`encode`; raises FedlvcError when the payload does not decode to exactly ``shape``."""
         if len(payload) % 4:
             raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
@@ -121,7 +122,7 @@ class LatentCoder:
                 models = self._categoricals(level)
                 out = np.stack([coder.decode(models[i], h * w) for i in range(c)]).astype(np.int64) - self.support
             else:
-                means, scales = self.p_params(prev, prev2, level)
+                means, scales = self.p_params(prev, history, level)
                 out = coder.decode(self._laplace, means, scales).astype(np.int64)
             sentinel = coder.decode(_SENTINEL_MODEL, len(SENTINEL))
         except (ValueError, RuntimeError, AssertionError) as e:

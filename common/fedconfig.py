@@ -32,6 +32,7 @@ class RunConfig:
     site_max_frames: int = 5000  # a site trains on at most this many of its frames, drawn uniformly (memory bound)
     demo_frames: int = 96  # frames per generated clip when a site has no video-dir (simulation)
     demo_clips: int = 2
+    demo_site_offset: int = 100  # site k generates the scenes of generator site k + offset (the shipped model trained on 0-3)
     demo_width: int = 160
     demo_height: int = 120
     min_sites: int = 2  # FedAvg's min train / evaluate / available nodes
@@ -96,6 +97,7 @@ class RunConfig:
         need(self.accountant in ("rdp", "prv", "gdp"), "accountant", "must be rdp, prv or gdp")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(self.site_max_frames >= 2, "site-max-frames", "must be >= 2")
+        need(self.demo_site_offset >= 0, "demo-site-offset", "must be >= 0")
         need(not (self.clip_only and self.noise_multiplier > 0), "clip-only", "needs noise-multiplier = 0")
         need(self.central_dp in ("off", "fixed", "adaptive"), "central-dp", "must be off, fixed or adaptive")
         need(0 < self.central_target_quantile < 1, "central-target-quantile", "must be in (0, 1)")

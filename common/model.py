@@ -31,12 +31,16 @@ ARCHITECTURE = "fedlvc-factorized-gain-v2"  # v1 plus the temporal (P-frame) pri
 ARCHITECTURE_INTRA = "fedlvc-factorized-gain-v1"  # intra-only models still load (and decode their streams)
 ARCHITECTURES = (ARCHITECTURE, ARCHITECTURE_INTRA)
 
-# P-frame contexts (see temporal_context): 5 buckets of the previous latent's local gradient × 6 of the
-# latent change one frame earlier (5 buckets + "no earlier frame in this group").
+# P-frame contexts (see temporal_context): 5 buckets of the previous latent's local gradient × 8 motion values:
+# no history yet (the first P-frame of a group), 4 buckets of the last change in the 3×3 neighbourhood, or
+# 3 buckets of how many frames the neighbourhood has been still.
 GRADIENT_BOUNDS = (1, 2, 4, 8)
-MOTION_BOUNDS = (1, 2, 4, 8)
-NO_MOTION_HISTORY = len(MOTION_BOUNDS) + 1
-TEMPORAL_CONTEXTS = (len(GRADIENT_BOUNDS) + 1) * (NO_MOTION_HISTORY + 1)
+MOTION_BOUNDS = (2, 4, 8)  # a change of 1 | 2-3 | 4-7 | >= 8
+STILL_BOUNDS = (2, 4)  # still for 1 | 2-3 | >= 4 frames
+STILL_CAP = 255
+NO_MOTION_HISTORY = 0
+MOTION_VALUES = 1 + (len(MOTION_BOUNDS) + 1) + (len(STILL_BOUNDS) + 1)
+TEMPORAL_CONTEXTS = (len(GRADIENT_BOUNDS) + 1) * MOTION_VALUES
 MIN_LAPLACE_SCALE = 0.03
 
 
@@ -198,15 +202,35 @@ def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
     return MIN_LAPLACE_SCALE + F.softplus(raw)
 
 
+@dataclass
+class MotionHistory:
+    """What the P-frames of a group have shown so far, per latent element (float tensors (B, C, h, w) holding
+    integers): ``change`` — the largest |ŷ_t − ŷ_{t−1}| of the last P-frame in the 3×3 neighbourhood;
+    ``still`` — for how many frames in a row that neighbourhood has not changed (capped)."""
+
+    change: torch.Tensor
+    still: torch.Tensor
+
+
 @torch.no_grad()
-def temporal_context(prev: torch.Tensor, prev2: torch.Tensor | None) -> torch.Tensor:
-    """Context index (B, C, h, w) int64 of every element of a P-frame latent, from integer arithmetic on the
-    two previous decoded latents only (so encoder and decoder agree exactly on any machine):
+def next_history(history: MotionHistory | None, prev: torch.Tensor, current: torch.Tensor) -> MotionHistory:
+    """The history after decoding P-frame latent ``current`` on top of ``prev`` (None: right after the I-frame)."""
+    change = F.max_pool2d((current.float() - prev.float()).abs().contiguous(), 3, stride=1, padding=1)
+    still = torch.zeros_like(change) if history is None else history.still
+    still = torch.where(change > 0, torch.zeros_like(still), (still + 1).clamp_max(STILL_CAP))
+    return MotionHistory(change, still)
+
+
+@torch.no_grad()
+def temporal_context(prev: torch.Tensor, history: MotionHistory | None) -> torch.Tensor:
+    """Context index (B, C, h, w) int64 of every element of a P-frame latent, by integer arithmetic on the
+    decoded latents only (so encoder and decoder agree exactly on any machine):
 
     * spatial activity of ``prev`` — the largest absolute difference to its 4 neighbours, bucketed by
       GRADIENT_BOUNDS (a moving edge changes the latent where it is not flat);
-    * recent motion — the largest |prev − prev2| in the 3×3 neighbourhood, bucketed by MOTION_BOUNDS, or
-      NO_MOTION_HISTORY when ``prev`` is the group's I-frame (``prev2`` None)."""
+    * motion — NO_MOTION_HISTORY for the group's first P-frame; else, where the neighbourhood changed in
+      the last frame, that change bucketed by MOTION_BOUNDS (1..4), and where it did not, for how long it has
+      been still, bucketed by STILL_BOUNDS (5..7): a background still for many frames stays still."""
     p = prev.float().contiguous()
     padded = F.pad(p, (1, 1, 1, 1), mode="replicate")
     h, w = p.shape[-2:]
@@ -214,12 +238,15 @@ def temporal_context(prev: torch.Tensor, prev2: torch.Tensor | None) -> torch.Te
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
         grad = torch.maximum(grad, (padded[..., dy : dy + h, dx : dx + w] - p).abs())
     g = torch.bucketize(grad, torch.tensor(GRADIENT_BOUNDS, dtype=p.dtype, device=p.device), right=True)
-    if prev2 is None:
+    if history is None:
         m = torch.full_like(g, NO_MOTION_HISTORY)
     else:
-        change = F.max_pool2d((p - prev2.float()).abs(), 3, stride=1, padding=1)
-        m = torch.bucketize(change, torch.tensor(MOTION_BOUNDS, dtype=p.dtype, device=p.device), right=True)
-    return g * (NO_MOTION_HISTORY + 1) + m
+        moved = 1 + torch.bucketize(history.change, torch.tensor(MOTION_BOUNDS, dtype=p.dtype, device=p.device),
+                                    right=True)
+        still = 1 + len(MOTION_BOUNDS) + 1 + torch.bucketize(
+            history.still, torch.tensor(STILL_BOUNDS, dtype=p.dtype, device=p.device), right=True)
+        m = torch.where(history.change > 0, moved, still)
+    return g * MOTION_VALUES + m
 
 
 def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -315,9 +342,12 @@ class FedlvcCodec(nn.Module):
         first = y_tilde.reshape(b, frames, *y.shape[1:])[:, 0]
         bits = -torch.log2(latent_likelihood(first, *self.prior(levels))).flatten(1).sum(1)
         raw = self.temporal(levels)
+        history = None
         for s in range(1, frames):
-            prev, prev2 = coded[s - 1], (coded[s - 2] if s >= 2 else None)
-            scales = temporal_scales(raw, temporal_context(prev, prev2))
+            prev = coded[s - 1]
+            if s >= 2:
+                history = next_history(history, coded[s - 2], prev)
+            scales = temporal_scales(raw, temporal_context(prev, history))
             bits = bits - torch.log2(laplace_likelihood(targets[s], prev, scales)).flatten(1).sum(1)
         return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
 

@@ -91,7 +91,8 @@ def held_out_frames(rc: RunConfig, sites: int) -> np.ndarray:
     """The held-out frames of every generated site (the frames the ClientApps never train on)."""
     frames = []
     for site in range(sites):
-        all_frames = generated_site_frames(site, rc.demo_clips, rc.demo_frames, rc.demo_width, rc.demo_height)
+        all_frames = generated_site_frames(site + rc.demo_site_offset, rc.demo_clips, rc.demo_frames, rc.demo_width,
+                                           rc.demo_height)
         frames += split_held_out(all_frames, rc.eval_frames)[1]
     return np.stack(frames)
 
@@ -172,10 +173,34 @@ def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig
                 if isinstance(r.get("epsilon"), float) and math.isinf(r["epsilon"]):
                     r["epsilon"] = "inf"
                 writer.writerow(r)
+    write_site_gains(out, settings)
     matched = float(sweep.get("matched-bpp") or np.median([p["bpp"] for p in curves["public"]]))
     plot_privacy_quality(out / "privacy_quality.png", models, curves, matched)
     plot_rd_curves(out / "rd_curves.png", curves)
     plot_recon_grid(out / "recon_grid.png", frames, grid, rc.final_quality)
+
+
+SITE_GAIN_COLUMNS = ["setting", "site", "epsilon", "bd_rate_vs_public_percent", "psnr_gain_db_at_final_quality",
+                     "bpp_ratio_at_final_quality"]
+
+
+def write_site_gains(out: Path, settings: list[Setting]) -> None:
+    """``site_gains.csv``: per setting and site, what the federated model gains over the public one on the
+    site's own held-out frames (from each run's summary.json, measured by the sites: query.rd)."""
+    with atomic_output(out / "site_gains.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SITE_GAIN_COLUMNS)
+            writer.writeheader()
+            for st in settings:
+                summary = json.loads((out / "runs" / st.name / "summary.json").read_text())
+                for site, v in summary["sites"].items():
+                    gain = v.get("gain_over_public") or {}
+                    eps = v.get("epsilon")
+                    writer.writerow({"setting": st.name, "site": site,
+                                     "epsilon": "inf" if isinstance(eps, float) and math.isinf(eps) else eps,
+                                     "bd_rate_vs_public_percent": gain.get("bd_rate_percent"),
+                                     "psnr_gain_db_at_final_quality": gain.get("psnr_db"),
+                                     "bpp_ratio_at_final_quality": gain.get("bpp_ratio")})
 
 
 def psnr_at_bpp(points: list[dict], bpp: float) -> float | None:

@@ -82,6 +82,11 @@ eval-frames: 2
     assert 0 < eps < math.inf and int(by_setting["sigma_2"][0]["steps"]) == 2
     for name in ("privacy_quality.png", "rd_curves.png", "recon_grid.png"):
         assert (out / name).stat().st_size > 1000
+    gains = list(csv.DictReader(open(out / "site_gains.csv")))  # per site: federated vs public on its own frames
+    assert {(g["setting"], g["site"]) for g in gains} == {(st, site) for st in ("sigma_0", "sigma_2")
+                                                          for site in ("site_0", "site_1")}
+    assert all(math.isfinite(float(g["psnr_gain_db_at_final_quality"])) for g in gains)
+    assert {g["epsilon"] for g in gains if g["setting"] == "sigma_0"} == {"inf"}
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert cli(["sweep", str(config), "--out", str(out), "--quiet"]) == 0  # resumes: nothing is rerun
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == finished

@@ -21,7 +21,8 @@ from common.checkpoint import load_model, save_model
 from common.codec import FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
 from common.data import generate_site_clip
 from common.errors import FedlvcError
-from common.model import ARCHITECTURE_INTRA, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, FedlvcCodec, temporal_context
+from common.model import (ARCHITECTURE_INTRA, MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, FedlvcCodec,
+                          next_history, temporal_context)
 from common.video import read_frames, write_video
 
 from conftest import TINY_CONFIG, make_coding_model, sha256
@@ -280,22 +281,43 @@ def test_ideal_bpp_matches_the_file_size_of_a_p_heavy_stream(tmp_path, model):
 
 
 def test_temporal_context_buckets():
-    """Context = gradient bucket of prev (largest difference to its 4 neighbours, edges replicated) × 6 + motion
-    bucket (largest |prev − prev2| in the 3×3 neighbourhood), or NO_MOTION_HISTORY right after the I-frame."""
+    """Context = gradient bucket of prev (largest difference to its 4 neighbours, edges replicated) ×
+    MOTION_VALUES + motion value: NO_MOTION_HISTORY for the first P-frame of a group; where the 3×3
+    neighbourhood changed in the last frame, 1 + bucket of that change; where it did not, 5 + bucket of how
+    many frames it has been still."""
     prev = torch.tensor([[0, 0, 0], [0, 5, 0], [0, 0, 0]], dtype=torch.int64)[None, None]
-    k = NO_MOTION_HISTORY + 1
     ctx = temporal_context(prev, None)
     g = torch.tensor([[0, 3, 0], [3, 3, 3], [0, 3, 0]])  # |5 - 0| = 5 lies in [4, 8): bucket 3
     assert ctx.dtype == torch.int64
-    assert torch.equal(ctx[0, 0], g * k + NO_MOTION_HISTORY)
-    prev2 = prev.clone()
-    prev2[0, 0, 0, 0] = -2  # a change of 2 (bucket 2) seen by the 3x3 neighbourhood of the corner
-    m = torch.tensor([[2, 2, 0], [2, 2, 0], [0, 0, 0]])
-    assert torch.equal(temporal_context(prev, prev2)[0, 0], g * k + m)
+    assert torch.equal(ctx[0, 0], g * MOTION_VALUES + NO_MOTION_HISTORY)
+    earlier = prev.clone()
+    earlier[0, 0, 0, 0] = -2  # a change of 2 (bucket 1 of MOTION_BOUNDS) seen by the corner's 3x3 neighbourhood
+    history = next_history(None, earlier, prev)
+    moved = torch.tensor([[2, 2, 0], [2, 2, 0], [0, 0, 0]])
+    still1 = 5  # still for one frame
+    m = torch.where(moved > 0, moved, torch.full_like(moved, still1))
+    assert torch.equal(temporal_context(prev, history)[0, 0], g * MOTION_VALUES + m)
+    # Two and then four more still frames move the still elements to the next still buckets; a change resets.
+    def still_value(frames_still):  # 1 | 2-3 | >= 4 frames
+        return 5 if frames_still == 1 else (6 if frames_still < 4 else 7)
+
+    for frames in (1, 2, 3, 10):
+        h = history
+        for _ in range(frames):
+            h = next_history(h, prev, prev)
+        # the corner's neighbourhood changed one frame later than the rest
+        expected = torch.where(moved > 0, torch.full_like(moved, still_value(frames)),
+                               torch.full_like(moved, still_value(frames + 1)))
+        assert torch.equal(temporal_context(prev, h)[0, 0], g * MOTION_VALUES + expected), frames
+    moved_again = next_history(next_history(history, prev, prev), prev, earlier)  # the corner moves again
+    m_again = torch.where(moved > 0, moved, torch.full_like(moved, still_value(3)))  # the rest: still 3 frames
+    assert torch.equal(temporal_context(prev, moved_again)[0, 0], g * MOTION_VALUES + m_again)
     big = torch.randint(-255, 256, (2, 8, 5, 7))
-    for ctx in (temporal_context(big, None), temporal_context(big, torch.randint(-255, 256, big.shape))):
+    other = torch.randint(-255, 256, big.shape)
+    for h in (None, next_history(None, other, big), next_history(next_history(None, big, big), big, big)):
+        ctx = temporal_context(big, h)
         assert int(ctx.min()) >= 0 and int(ctx.max()) < TEMPORAL_CONTEXTS
-    assert int(temporal_context(big, big.flip(0)).max()) >= TEMPORAL_CONTEXTS - k  # the top gradient bucket is used
+    assert int(temporal_context(big, next_history(None, big.flip(0), big)).max()) >= TEMPORAL_CONTEXTS - MOTION_VALUES
 
 
 # ------------------------------------------------------------------------------------------ 3. random access
