@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is reported (default 3)")
     p.add_argument("--crf", type=int, default=23, help="x264 crf (default 23)")
+    p.add_argument("--gop", type=int, default=None,
+                   help="fedlvc group length (default: fedlvc compress's, 32 with a temporal model; 1 = intra-only)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.frames < 1:
         p.error("--repeats and --frames must be >= 1")
@@ -83,13 +85,14 @@ def main(argv=None) -> int:
         import torch
 
         from common.baselines import encode_baseline
-        from common.codec import decode_stream, encode_frames
+        from common.codec import decode_stream, default_gop, encode_frames
         from common.metrics import psnr_rgb
 
         C.set_threads(args.threads)
         hw = C.hardware()
         model = C.load_model(args.model)
         model.check_level(args.quality - 1)
+        gop = default_gop(model) if args.gop is None else args.gop
         frames, fps, source = C.load_clip(args.clip, args.frames)
         n, h, w = frames.shape[:3]
         C.log(f"codec_speed: {source}: {n} frames {w}x{h}, quality {args.quality}, torch threads {torch.get_num_threads()}")
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
                 warm = r == 0
                 sub = frames[: min(n, 4)] if warm else frames
                 t0 = time.perf_counter()
-                summary = encode_frames(iter(sub), path, model, args.quality, fps)
+                summary = encode_frames(iter(sub), path, model, args.quality, fps, gop)
                 t1 = time.perf_counter()
                 _, it = decode_stream(path, model)
                 decoded = list(it)
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
             "statistic": f"best of {args.repeats} interleaved rounds (after 1 warm-up round)",
             "seconds": times,
             "clip": args.clip, "source": source, "frames": n, "size": f"{w}x{h}",
-            "quality": args.quality, "x264_crf": args.crf,
+            "quality": args.quality, "gop": gop, "x264_crf": args.crf,
             "fedlvc_bpp": last["summary"]["bpp"], "fedlvc_psnr": psnr_rgb(frames, np.stack(last["decoded"])),
             "x264_bpp": last["x264"].bpp, "x264_psnr": psnr_rgb(frames, last["x264"].decoded),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
