@@ -87,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
                              rc.learning_rate, dp=dp, history=ledger.history,
                              seed=rc.seed + 1000 * server_round + site.site_id, device=_device(),
                              segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
-                             skip_threshold=rc.skip_threshold)
+                             skip_threshold=rc.skip_threshold, parts=rc.train_parts)
         loss, steps = result["loss"], result["steps"]
         if rc.private:
             ledger.history = [tuple(h) for h in result["history"]]

@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-threshold", type=float, default=DEFAULT_SKIP_THRESHOLD,
                    help="the P-frame skip rule of the encoder the prior is trained for (segments; default "
                         f"{DEFAULT_SKIP_THRESHOLD})")
-    t.add_argument("--train-parts", choices=["all", "temporal"], default="all",
-                   help="temporal: train only the P-frame prior (segments), the transforms stay frozen")
+    t.add_argument("--train-parts", choices=["all", "entropy", "temporal"], default="all",
+                   help="entropy: only the quantization gains and priors; temporal: only the P-frame prior "
+                        "(segments); the rest stays frozen")
     dpg = t.add_argument_group("differential privacy (DP-SGD with Opacus; off unless a noise option is given)")
     dpg.add_argument("--noise-multiplier", type=float, default=None, help="sigma (0 = clipping only)")
     dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")

@@ -49,6 +49,7 @@ class RunConfig:
     segment_frames: int = 4  # S, frames per segment when privacy-unit = segment (I+P training)
     gop: int = 32  # group-of-pictures length of the evaluation and the final compression (1 = intra-only)
     skip_threshold: float = 0.2  # encoder P-frame skip rule (evaluation, final compression, segment training)
+    train_parts: str = "all"  # all | entropy: sites fine-tune only the gains and priors (fewer coordinates under DP)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -110,6 +111,7 @@ class RunConfig:
         need(self.segment_frames >= 2, "segment-frames", "must be >= 2")
         need(1 <= self.gop <= 65535, "gop", "must be in 1..65535")
         need(0 <= self.skip_threshold < 10, "skip-threshold", "must be in [0, 10)")
+        need(self.train_parts in ("all", "entropy"), "train-parts", "must be all or entropy")
 
     @property
     def unit_frames(self) -> int:

@@ -116,6 +116,15 @@ def test_non_private_round_reports_infinite_epsilon():
     assert m["declined"] == 0 and math.isinf(m["epsilon"]) and m["dp_sigma"] == [0.0]
 
 
+def test_train_parts_entropy_changes_only_gains_and_priors():
+    """train-parts = entropy: a DP round moves the quantization gains and the I-frame prior, nothing else."""
+    model = _model(7)
+    reply = client_app.train(_message(model, "train"), _context({"train-parts": "entropy"}))
+    before, after = model.state_dict(), reply.content["arrays"].to_torch_state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"gain.log_gain.weight", "inv_gain.log_gain.weight", "prior.table.weight"}
+
+
 def test_rd_query_measures_every_quality_on_held_out_frames():
     """query.rd: bpp and PSNR per quality of the model sent, on the site's held-out frames; nothing else."""
     ctx, model = _context(), _model(3)
