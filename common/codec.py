@@ -120,10 +120,11 @@ class FrameEncoder:
         y_hat = self.coder.clip(y_hat)
         ftype = st.frame_type
         prev, history = st.references()
+        params = None if prev is None else self.coder.p_params(prev, history, self.level)
         if self.track_bits:
             self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
-                                else self.coder.bits_p(y_hat, prev, history, self.level))
-        payload = self.coder.encode(y_hat, self.level, prev, history)
+                                else self.coder.bits_p(y_hat, prev, history, self.level, params))
+        payload = self.coder.encode(y_hat, self.level, prev, history, params)
         name = bs.FRAME_TYPE_NAMES[ftype]
         self.bytes_by_type[name] += bs.CHUNK.size + len(payload)
         self.frames_by_type[name] += 1

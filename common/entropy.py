@@ -86,15 +86,17 @@ class LatentCoder:
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
-    def bits_p(self, y_hat: np.ndarray, prev: np.ndarray, history: MotionHistory | None, level: int) -> float:
-        """Ideal code length in bits of a P-frame latent under the temporal prior."""
-        means, scales = self.p_params(prev, history, level)
+    def bits_p(self, y_hat: np.ndarray, prev: np.ndarray, history: MotionHistory | None, level: int,
+               params: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+        """Ideal code length in bits of a P-frame latent under the temporal prior (``params``: the
+        :meth:`p_params` of this frame, when already computed)."""
+        means, scales = params if params is not None else self.p_params(prev, history, level)
         y = self.clip(y_hat).reshape(-1).astype(np.float64)
         p = laplace_pmf(y, means, scales)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
     def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
-               history: MotionHistory | None = None) -> bytes:
+               history: MotionHistory | None = None, params: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
         or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given."""
         coder = constriction.stream.stack.AnsCoder()
@@ -105,7 +107,7 @@ class LatentCoder:
             for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
                 coder.encode_reverse(sym[c], models[c])
         else:
-            means, scales = self.p_params(prev, history, level)
+            means, scales = params if params is not None else self.p_params(prev, history, level)
             coder.encode_reverse(self.clip(y_hat).astype(np.int32).reshape(-1), self._laplace, means, scales)
         return coder.get_compressed().astype("<u4").tobytes()
 
