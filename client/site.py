@@ -99,9 +99,9 @@ class PrivacyLedger:
 
     FILE = "privacy_ledger.json"
 
-    def __init__(self, history, accountant: str, delta: float, path: Path | None):
+    def __init__(self, history, accountant: str, delta: float, path: Path | None, unit_frames: int = 1):
         self.history = [tuple(h) for h in history]
-        self.accountant, self.delta, self.path = accountant, delta, path
+        self.accountant, self.delta, self.path, self.unit_frames = accountant, delta, path, unit_frames
 
     @classmethod
     def load(cls, context, rc: RunConfig) -> "PrivacyLedger":
@@ -117,10 +117,15 @@ class PrivacyLedger:
             if doc.get("accountant", rc.accountant) != rc.accountant:
                 raise FedlvcError(f"privacy ledger {path} was kept with the {doc['accountant']} accountant, "
                                   f"run-config asks for {rc.accountant}")
+            if history and int(doc.get("unit_frames", 1)) != rc.unit_frames:
+                # ε of one frame and ε of one segment are different guarantees: they do not simply add up.
+                raise FedlvcError(f"privacy ledger {path} counts privacy units of {doc.get('unit_frames', 1)} "
+                                  f"frame(s); run-config asks for {rc.unit_frames} (privacy-unit/segment-frames): "
+                                  f"use another state-dir or the same unit")
         elif "privacy" in context.state:
             rec = context.state["privacy"]
             history = list(zip(rec["sigma"], rec["q"], rec["steps"]))
-        return cls(history, rc.accountant, rc.delta, path)
+        return cls(history, rc.accountant, rc.delta, path, rc.unit_frames)
 
     def epsilon(self, extra=()) -> float:
         return epsilon_from_history(self.history + list(extra), self.delta, self.accountant)
@@ -138,6 +143,7 @@ class PrivacyLedger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(self.path) as tmp:
                 Path(tmp).write_text(json.dumps({"accountant": self.accountant, "delta": self.delta,
+                                                 "unit_frames": self.unit_frames,
                                                  "history": [list(h) for h in self.history]}, indent=1))
 
     def flat(self) -> dict:

@@ -116,6 +116,17 @@ def test_non_private_round_reports_infinite_epsilon():
     assert m["declined"] == 0 and math.isinf(m["epsilon"]) and m["dp_sigma"] == [0.0]
 
 
+def test_a_ledger_refuses_to_mix_privacy_units(tmp_path):
+    """A site's ledger kept for frames is not continued by segment rounds (different guarantees)."""
+    node = {"state-dir": str(tmp_path / "state")}
+    client_app.train(_message(_model(), "train"), _context(node=node))
+    doc = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text())
+    assert doc["unit_frames"] == 1 and doc["history"]
+    segment = {"privacy-unit": "segment", "segment-frames": 3, "demo-frames": 24, "eval-frames": 3}
+    with pytest.raises(FedlvcError, match="privacy units"):
+        client_app.train(_message(_model(), "train"), _context(segment, node=node))
+
+
 def test_train_parts_entropy_changes_only_gains_and_priors():
     """train-parts = entropy: a DP round moves the quantization gains and the I-frame prior, nothing else."""
     model = _model(7)
