@@ -41,16 +41,9 @@ BASELINE_ATTEMPTS = 3  # a baseline encode that raises is retried (the failure s
 
 def _curve(points, x_key, y_key):
     """Strictly increasing x (dropping later duplicates, as ``common.metrics.bd_rate`` does) → arrays."""
-    import numpy as np
+    from common.metrics import increasing_curve
 
-    pts = sorted((p[x_key], p[y_key]) for p in points if p["bpp"] > 0 and math.isfinite(p["psnr"]))
-    xs, ys = [], []
-    for x, y in pts:
-        if xs and x <= xs[-1]:
-            continue
-        xs.append(x)
-        ys.append(y)
-    return np.array(xs, float), np.array(ys, float)
+    return increasing_curve((p[x_key], p[y_key]) for p in points if p["bpp"] > 0 and math.isfinite(p["psnr"]))
 
 
 def equal_quality(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import FedlvcError
-from .model import FedlvcCodec, MotionHistory, laplace_scale, mixture_cdf, temporal_context
+from .model import FedlvcCodec, MotionHistory, laplace_likelihood, laplace_scale, mixture_cdf, temporal_context
 
 
 # Each payload ends (in decoding order) with a fixed 32-bit sentinel: decoding a payload as a larger latent
@@ -92,7 +92,7 @@ class LatentCoder:
         :meth:`p_params` of this frame, when already computed)."""
         means, scales = params if params is not None else self.p_params(prev, history, level)
         y = self.clip(y_hat).reshape(-1).astype(np.float64)
-        p = laplace_pmf(y, means, scales)
+        p = laplace_likelihood(*(torch.from_numpy(a) for a in (y, means, scales))).numpy()
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
     def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
@@ -135,10 +135,3 @@ class LatentCoder:
             raise FedlvcError("bitstream chunk has data left over after decoding (damaged or foreign stream)")
         return out.reshape(c, h, w)
 
-
-def laplace_pmf(y: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """NumPy twin of :func:`common.model.laplace_likelihood` (for measuring ideal bits)."""
-    a = np.abs(y - mean)
-    inner = 1.0 - 0.5 * (np.exp(-np.maximum(0.5 - a, 0) / scale) + np.exp(-(0.5 + a) / scale))
-    outer = 0.5 * np.exp(-np.maximum(a - 0.5, 0) / scale) * -np.expm1(-1.0 / scale)
-    return np.where(a < 0.5, inner, outer)

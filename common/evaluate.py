@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .baselines import BASELINES, DEFAULT_CRFS, encode_baseline
 from .checkpoint import fingerprint
+from .bitstream import DEFAULT_SKIP_THRESHOLD
 from .codec import check_gop, decode_stream, encode_frames
 from .errors import FedlvcError
 from .metrics import bd_rate, ms_ssim, psnr_rgb
@@ -25,7 +26,7 @@ from .video import atomic_output, probe, read_frames
 
 
 def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=(), gop: int = 1,
-                  codec: str = "fedlvc", skip_threshold: float | None = None):
+                  codec: str = "fedlvc", skip_threshold: float = DEFAULT_SKIP_THRESHOLD):
     """Code ``frames`` at each quality through a real ``.lvc`` file (groups of ``gop`` frames); returns
     (points, decoded frames by quality)."""
     points, decoded_by_q = [], {}
@@ -33,8 +34,7 @@ def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_d
         for q in qualities:
             path = Path(tmp) / f"q{q}.lvc"
             t0 = time.perf_counter()
-            kw = {} if skip_threshold is None else {"skip_threshold": skip_threshold}
-            summary = encode_frames(iter(frames), path, model, q, fps, gop, **kw)
+            summary = encode_frames(iter(frames), path, model, q, fps, gop, skip_threshold=skip_threshold)
             t1 = time.perf_counter()
             _, it = decode_stream(path, model)
             decoded = np.stack(list(it))

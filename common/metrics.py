@@ -80,6 +80,18 @@ def ms_ssim(ref: np.ndarray, test: np.ndarray) -> float:
     return float(result.mean())
 
 
+def increasing_curve(pairs) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) pairs sorted by x with later duplicates of an x dropped: the strictly increasing abscissa
+    PCHIP interpolation needs."""
+    xs, ys = [], []
+    for x, y in sorted(pairs):
+        if xs and x <= xs[-1]:
+            continue
+        xs.append(x)
+        ys.append(y)
+    return np.array(xs, float), np.array(ys, float)
+
+
 def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float | None:
     """Bjøntegaard delta rate in % of ``test`` against ``anchor``, each a list of (bpp, psnr) points:
     the average difference of log-rate over the overlapping PSNR range, with monotone piecewise cubic
@@ -87,14 +99,7 @@ def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) 
     from scipy.interpolate import PchipInterpolator
 
     def curve(points):
-        pts = sorted((p, math.log(r)) for r, p in points if r > 0 and math.isfinite(p))
-        xs, ys = [], []
-        for p, lr in pts:
-            if xs and p <= xs[-1]:
-                continue  # PCHIP needs strictly increasing PSNR
-            xs.append(p)
-            ys.append(lr)
-        return np.array(xs), np.array(ys)
+        return increasing_curve((p, math.log(r)) for r, p in points if r > 0 and math.isfinite(p))
 
     pa, ra = curve(anchor)
     pt, rt = curve(test)

@@ -57,26 +57,26 @@ def sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _saved(tmp_path_factory, folder: str, name: str, model: FedlvcCodec) -> Path:
+    path = tmp_path_factory.mktemp(folder) / name
+    save_model(path, model)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
-    save_model(path, make_tiny_model(0))
-    return path
+    return _saved(tmp_path_factory, "models", "tiny.safetensors", make_tiny_model(0))
 
 
 @pytest.fixture(scope="session")
 def other_model_path(tmp_path_factory) -> Path:
     """A second tiny model of the same architecture but other weights (another seed)."""
-    path = tmp_path_factory.mktemp("models_other") / "tiny-other.safetensors"
-    save_model(path, make_tiny_model(1))
-    return path
+    return _saved(tmp_path_factory, "models_other", "tiny-other.safetensors", make_tiny_model(1))
 
 
 @pytest.fixture(scope="session")
 def coding_model_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("models_coding") / "tiny-coding.safetensors"
-    save_model(path, make_coding_model(0))
-    return path
+    return _saved(tmp_path_factory, "models_coding", "tiny-coding.safetensors", make_coding_model(0))
 
 
 @pytest.fixture(scope="session")
