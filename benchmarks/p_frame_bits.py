@@ -2,7 +2,7 @@
 """Where a static camera's P-frame bits go: inside the regions that moved, or on the still background.
 
 Codes a generated static-camera clip (default: site 4, which the shipped model never trained on) as one
-group of pictures with ``fedlvc compress``'s defaults (skip threshold 0.2) and splits every P-frame's ideal
+group of pictures with ``fedlvc compress``'s P-frame rule and splits every P-frame's ideal
 bits (−log2 p under the temporal prior, per latent element) between "moving" latent pixels — those whose
 16×16 source block changed by more than ``--threshold`` grey levels against the previous frame somewhere,
 dilated by one latent pixel — and the rest. Prints one JSON line per quality.
@@ -24,11 +24,10 @@ def split_bits(frames, model, quality: int, threshold: int) -> dict:
     import numpy as np
     import torch
 
-    from common.bitstream import DEFAULT_SKIP_THRESHOLD
-    from common.codec import FrameEncoder
+    from common.codec import DEFAULT_P_RULE, FrameEncoder
     from common.model import laplace_likelihood
 
-    encoder = FrameEncoder(model, quality, track_bits=True, gop=len(frames), skip_threshold=DEFAULT_SKIP_THRESHOLD)
+    encoder = FrameEncoder(model, quality, track_bits=True, gop=len(frames), rule=DEFAULT_P_RULE)
     stride = model.cfg.stride
     moving_bits = still_bits = moving_area = 0.0
     for t, frame in enumerate(frames):
@@ -37,8 +36,8 @@ def split_bits(frames, model, quality: int, threshold: int) -> dict:
             i_bits = encoder.ideal_bits
             continue
         prev, history = encoder.state.references()
-        means, scales = encoder.coder.p_params(prev, history, quality - 1)
         encoder.encode(frame)
+        means, scales = encoder.coder.p_params(prev, history, quality - 1, encoder.state.prev)
         y = encoder.state.prev.reshape(-1).astype(np.float64)
         p = laplace_likelihood(*(torch.from_numpy(a) for a in (y, means, scales))).numpy()
         bits = -np.log2(np.maximum(p, 2.0**-24)).reshape(encoder.state.prev.shape)

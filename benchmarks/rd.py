@@ -124,7 +124,7 @@ def p_versus_i(ip_points: list[dict], intra_points: list[dict]) -> list[dict]:
     return rows
 
 
-def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), skip_threshold=0.0) -> dict:
+def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None) -> dict:
     from common.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
 
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
     by_codec = {}
     for g, cname in codec_names.items():
         pts, _ = fedlvc_points(frames, model, qualities, fps, gop=g, codec=cname,
-                               skip_threshold=skip_threshold if g > 1 else 0.0)
+                               rule=rule)
         by_codec[cname] = pts
         for p in pts:
             C.log(f"  {cname} (gop {g}) q{p['quality']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB "
@@ -244,8 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--crfs", default=None, help="comma list of baseline crfs (default 18,23,28,33,38)")
     p.add_argument("--qualities", default=None, help="comma list of fedlvc quality levels (default: all)")
     p.add_argument("--baselines", default="x264,x264-intra,x265", help="comma list of baselines")
-    p.add_argument("--skip-threshold", type=float, default=0.2,
-                   help="fedlvc encoder skip threshold of P-frames (default 0.2, fedlvc compress's default)")
+    p.add_argument("--rd-weight", type=float, default=None,
+                   help="fedlvc encoder's P-frame rate-distortion weight (default: fedlvc compress's)")
+    p.add_argument("--skip-threshold", type=float, default=None,
+                   help="with --rd-weight 0: fedlvc encoder's P-frame skip threshold")
     p.add_argument("--gop", type=int, default=32, help="fedlvc group length of the I+P curve (default 32); "
                                                       "fedlvc intra-only (gop 1) is always measured too")
     p.add_argument("--gen-size", default="320x240", help="WxH of the generated clips (default 320x240)")
@@ -264,6 +266,9 @@ def main(argv=None) -> int:
     with C.json_stdout() as emit:
         from common.baselines import BASELINES, DEFAULT_CRFS
         from common.checkpoint import read_meta
+        from common.codec import p_rule
+
+        rule = p_rule(args.rd_weight, args.skip_threshold)
 
         C.set_threads(args.threads)
         import common.evaluate
@@ -293,7 +298,7 @@ def main(argv=None) -> int:
         clips = {}
         for key, name, n in parse_clips(args.clips, args.frames):
             clips[key] = run_clip(name, n, model, qualities, names, crfs, gen_size,
-                                  gops=(args.gop, 1) if model.cfg.temporal else (1,), skip_threshold=args.skip_threshold)
+                                  gops=(args.gop, 1) if model.cfg.temporal else (1,), rule=rule)
             px = clips[key]["width"] * clips[key]["height"]
             clips[key]["ms_ssim_computed"] = not (args.no_ms_ssim or (args.ms_ssim_max_pixels and px > args.ms_ssim_max_pixels))
         result = {
@@ -301,7 +306,7 @@ def main(argv=None) -> int:
             **C.model_info(args.model, model),
             "model_meta": read_meta(C.model_path(args.model)),
             "qualities": qualities, "crfs": list(crfs), "baselines": names, "gop": args.gop,
-            "skip_threshold": args.skip_threshold,
+            "p_rule": {"rd_weight": rule.rd_weight, "skip_threshold": rule.skip_threshold},
             "ms_ssim": "none" if args.no_ms_ssim else (f"frames up to {args.ms_ssim_max_pixels} pixels"
                                                        if args.ms_ssim_max_pixels else "all"),
             "clips": clips,

@@ -20,7 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common.codec import decode_stream, encode_frames
 from common.fedconfig import RunConfig
 from common.metrics import ms_ssim, psnr_rgb
-from common.model import CodecConfig, FedlvcCodec
+from common.model import CodecConfig, FedlvcCodec, PFrameRule
 from common.privacy import DPConfig, poisson_sample_rate
 from common.training import local_train
 
@@ -87,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
                              rc.learning_rate, dp=dp, history=ledger.history,
                              seed=rc.seed + 1000 * server_round + site.site_id, device=_device(),
                              segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
-                             skip_threshold=rc.skip_threshold, parts=rc.train_parts)
+                             rule=rc.p_rule, parts=rc.train_parts)
         loss, steps = result["loss"], result["steps"]
         if rc.private:
             ledger.history = [tuple(h) for h in result["history"]]
@@ -120,12 +120,12 @@ def _gop(model: FedlvcCodec, rc: RunConfig) -> int:
     return rc.gop if model.cfg.temporal else 1
 
 
-def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, gop: int, skip_threshold: float, fps=25,
+def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, gop: int, rule: PFrameRule, fps=25,
              with_ms_ssim: bool = True) -> dict:
     """Real bpp (file bytes of a .lvc) and PSNR/MS-SSIM of decoded frames."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eval.lvc"
-        summary = encode_frames(iter(frames), path, model, quality, fps, gop, skip_threshold=skip_threshold)
+        summary = encode_frames(iter(frames), path, model, quality, fps, gop, rule=rule)
         _, it = decode_stream(path, model)
         decoded = np.stack(list(it))
     return {"bpp": summary["bpp"], "psnr": psnr_rgb(frames, decoded),
@@ -138,7 +138,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     site = load_site(context.node_config, rc)
     model = _model_from(msg).eval()
-    m = _measure(model, np.stack(site.held_out), rc.eval_quality, _gop(model, rc), rc.skip_threshold)
+    m = _measure(model, np.stack(site.held_out), rc.eval_quality, _gop(model, rc), rc.p_rule)
     metrics = {"num-examples": len(site.held_out), "site-weight": 1, "site_id": site.site_id, "bpp": m["bpp"],
                "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -157,7 +157,7 @@ def compress(msg: Message, context: Context) -> Message:
     total_bytes, total_pixels, psnr_sum, frames_total = 0, 0, 0.0, 0
     for clip, frames, fps in site_clips(context.node_config, rc):
         path = out / f"{clip}.lvc"
-        summary = encode_frames(frames(), path, model, quality, fps, _gop(model, rc), skip_threshold=rc.skip_threshold)
+        summary = encode_frames(frames(), path, model, quality, fps, _gop(model, rc), rule=rc.p_rule)
         _, decoded = decode_stream(path, model)
         for ref, dec in zip(frames(), decoded):  # stream both: the clip is never held in memory
             psnr_sum += psnr_rgb(ref, dec)
@@ -181,7 +181,7 @@ def rd(msg: Message, context: Context) -> Message:
     frames = np.stack(site.held_out)
     bpp, psnr = [], []
     for quality in range(1, model.cfg.num_levels + 1):
-        m = _measure(model, frames, quality, _gop(model, rc), rc.skip_threshold, with_ms_ssim=False)
+        m = _measure(model, frames, quality, _gop(model, rc), rc.p_rule, with_ms_ssim=False)
         bpp.append(m["bpp"])
         psnr.append(m["psnr"])
     metrics = {"site_id": site.site_id, "frames": len(site.held_out), "bpp": bpp, "psnr": psnr}

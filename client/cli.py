@@ -12,7 +12,7 @@ import sys
 
 from tqdm import tqdm
 
-from common.bitstream import DEFAULT_GOP, DEFAULT_SKIP_THRESHOLD
+from common.bitstream import DEFAULT_GOP, DEFAULT_RD_WEIGHT, DEFAULT_SKIP_THRESHOLD
 from common.errors import FedlvcError
 
 EXIT_USER_ERROR = 2
@@ -36,12 +36,13 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_compress(args) -> int:
-    from common.codec import compress_file
+    from common.codec import compress_file, p_rule
     from common.checkpoint import load_model
 
+    rule = p_rule(args.rd_weight, args.skip_threshold)
     model = load_model(args.model)
     summary = compress_file(args.input, args.output, model, quality=args.quality, gop=args.gop,
-                            progress=not args.quiet, skip_threshold=args.skip_threshold)
+                            progress=not args.quiet, rule=rule)
     print(json.dumps(summary) if args.json else
           f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}, "
           f"{summary['bytes']} bytes, {summary['bpp']:.4f} bpp (quality {summary['quality']}, gop {summary['gop']}: "
@@ -78,7 +79,7 @@ def cmd_demo_data(args) -> int:
     total = args.sites * args.clips
     with tqdm(total=total, desc="demo clips", unit="clip", disable=args.quiet) as bar:
         folders = write_demo_data(args.outdir, args.sites, args.clips, args.frames, args.width, args.height,
-                                  progress=lambda: bar.update(1))
+                                  progress=lambda: bar.update(1), first_site=args.first_site)
     print(f"wrote {total} clips for {len(folders)} sites under {args.outdir}")
     return 0
 
@@ -93,15 +94,17 @@ def cmd_public_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from common.codec import p_rule
     from common.privacy import DPConfig, plan_noise_multiplier, poisson_sample_rate
     from common.training import TrainConfig, train
 
+    rule = p_rule(args.rd_weight, args.skip_threshold)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
                       learning_rate=args.lr, checkpoint_seconds=args.checkpoint_seconds,
                       validate_every=args.validate_every, every=args.every, seed=args.seed,
                       max_frames_per_video=args.max_frames_per_video,
                       segment_frames=args.segment_frames if args.privacy_unit == "segment" else 0,
-                      train_parts=args.train_parts, skip_threshold=args.skip_threshold)
+                      train_parts=args.train_parts, rd_weight=rule.rd_weight, skip_threshold=rule.skip_threshold)
     if args.privacy_unit == "segment" and args.segment_frames < 2:
         raise FedlvcError("--segment-frames must be at least 2")
     dp = None
@@ -156,9 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gop", type=_positive_int, default=None,
                    help=f"group-of-pictures length: an I-frame every N frames, P-frames between "
                         f"(default {DEFAULT_GOP}, or 1 for an intra-only model; 1 = intra-only)")
-    c.add_argument("--skip-threshold", type=float, default=DEFAULT_SKIP_THRESHOLD,
-                   help="P-frames keep the previous latent where the new one is within 0.5+T of it "
-                        f"(fewer bits, some distortion; default {DEFAULT_SKIP_THRESHOLD}; 0 = plain rounding)")
+    c.add_argument("--rd-weight", type=float, default=None,
+                   help="P-frame latents are chosen by rate-distortion cost, distortion weighted by K times the "
+                        f"quality level's training lambda (default {DEFAULT_RD_WEIGHT:g}; smaller: fewer bits, "
+                        "more distortion; 0 = off: rounding with --skip-threshold)")
+    c.add_argument("--skip-threshold", type=float, default=None,
+                   help="with --rd-weight 0: P-frames keep the previous latent where the new one is within 0.5+T "
+                        f"of it (e.g. {DEFAULT_SKIP_THRESHOLD}; default 0 = plain rounding)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
@@ -190,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("demo-data", help="generate distinct, deterministic clips for N sites")
     g.add_argument("outdir")
     g.add_argument("--sites", type=_positive_int, default=4)
+    g.add_argument("--first-site", type=int, default=0,
+                   help="number of the first site (sites first-site .. first-site+sites-1; default 0)")
     g.add_argument("--clips", type=_positive_int, default=2)
     g.add_argument("--frames", type=_positive_int, default=120)
     g.add_argument("--width", type=_positive_int, default=320)
@@ -220,9 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one training row (and DP unit): a frame (I-frame training) or a segment of "
                         "--segment-frames consecutive frames (I+P training; the default model needs it for P-frames)")
     t.add_argument("--segment-frames", type=int, default=4)
-    t.add_argument("--skip-threshold", type=float, default=DEFAULT_SKIP_THRESHOLD,
-                   help="the P-frame skip rule of the encoder the prior is trained for (segments; default "
-                        f"{DEFAULT_SKIP_THRESHOLD})")
+    t.add_argument("--rd-weight", type=float, default=None,
+                   help="the P-frame rule of the encoder the prior is trained for (segments): rate-distortion "
+                        f"weight, as fedlvc compress (default {DEFAULT_RD_WEIGHT:g})")
+    t.add_argument("--skip-threshold", type=float, default=None,
+                   help="with --rd-weight 0: the encoder's skip threshold the prior is trained for")
     t.add_argument("--train-parts", choices=["all", "entropy", "temporal"], default="all",
                    help="entropy: only the quantization gains and priors; temporal: only the P-frame prior "
                         "(segments); the rest stays frozen")

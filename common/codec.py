@@ -25,8 +25,22 @@ from . import bitstream as bs
 from .checkpoint import fingerprint
 from .entropy import LatentCoder
 from .errors import FedlvcError
-from .model import FedlvcCodec, next_history
+from .model import FedlvcCodec, PFrameRule, choose_p_latent, next_history, synthesis_sensitivity
 from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
+
+
+DEFAULT_P_RULE = PFrameRule(rd_weight=bs.DEFAULT_RD_WEIGHT)  # fedlvc compress's P-frame quantization
+
+
+def p_rule(rd_weight: float | None = None, skip_threshold: float | None = None) -> PFrameRule:
+    """The P-frame rule of the command-line options: rate–distortion optimised with weight ``rd_weight``
+    (default DEFAULT_RD_WEIGHT), or, with ``rd_weight`` 0, rounding with ``skip_threshold``."""
+    rd = bs.DEFAULT_RD_WEIGHT if rd_weight is None else rd_weight
+    if skip_threshold is not None and rd > 0:
+        raise FedlvcError("--skip-threshold applies only without rate-distortion optimisation: add --rd-weight 0")
+    rule = PFrameRule(rd_weight=rd, skip_threshold=skip_threshold or 0.0)
+    check_p_rule(rule)
+    return rule
 
 
 def padded_size(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -80,23 +94,32 @@ class _GroupState:
         self.index += 1
 
 
+def check_p_rule(rule: PFrameRule) -> None:
+    if not 0.0 <= rule.rd_weight <= MAX_RD_WEIGHT:
+        raise FedlvcError(f"--rd-weight must be in [0, {MAX_RD_WEIGHT:g}], not {rule.rd_weight}")
+    if not 0.0 <= rule.skip_threshold < 10.0:
+        raise FedlvcError(f"--skip-threshold must be in [0, 10), not {rule.skip_threshold}")
+
+
+MAX_RD_WEIGHT = 1000.0
+
+
 class FrameEncoder:
     """Encodes frames of one size at one quality level to (frame type, chunk payload), in groups of
-    ``gop`` frames. ``skip_threshold`` T > 0 lets a P-frame keep the previous latent value wherever the
-    new latent lies within ½ + T of it (fewer bits on noise and slow drift, some distortion); the decoder
-    does not need to know T."""
+    ``gop`` frames. ``rule`` says how a P-frame's integer latent is chosen (:class:`common.model.PFrameRule`:
+    rate–distortion optimised, or rounding with a skip threshold); the decoder does not need to know it."""
 
     def __init__(self, model: FedlvcCodec, quality: int, track_bits: bool = False, gop: int = 1,
-                 skip_threshold: float = 0.0):
+                 rule: PFrameRule = PFrameRule()):
         model.check_level(quality - 1)
         check_gop(model, gop)
-        if not 0.0 <= skip_threshold < 10.0:
-            raise FedlvcError(f"--skip-threshold must be in [0, 10), not {skip_threshold}")
+        check_p_rule(rule)
         self.model, self.level = model.eval(), quality - 1
         self.coder = LatentCoder(model)
         self._levels = torch.tensor([self.level])
         self.state = _GroupState(gop)
-        self.skip_threshold = skip_threshold
+        self.rule = rule
+        self._weights = None  # channel sensitivities of the current group (rate-distortion optimisation)
         self.track_bits = track_bits
         self.ideal_bits = 0.0  # −Σ log2 p of everything encoded so far (when track_bits)
         self.bytes_by_type = {"I": 0, "P": 0}
@@ -111,16 +134,28 @@ class FrameEncoder:
         """The quantized latent this encoder would code for ``frame`` as an I-frame."""
         return self.coder.clip(np.round(self.analysis(frame)).astype(np.int64))
 
+    def choose(self, y: np.ndarray) -> np.ndarray:
+        """The integer latent to code for the scaled latent ``y`` of the next frame."""
+        st = self.state
+        if st.frame_type == bs.FRAME_INTRA:
+            y_hat = self.coder.clip(np.round(y).astype(np.int64))
+            if self.rule.uses_rd and st.gop > 1:
+                self._weights = synthesis_sensitivity(self.model, torch.from_numpy(y_hat).float()[None], self._levels)
+            return y_hat
+        prev, history = st.references()
+        lam = torch.tensor([self.model.cfg.lambdas[self.level]])
+        with torch.no_grad():
+            raw = self.model.temporal(self._levels)
+        chosen = choose_p_latent(torch.from_numpy(y)[None], torch.from_numpy(prev).float()[None], history, raw,
+                                 self.model.cfg.p_groups, self.rule, self.coder.support, lam, self._weights)
+        return chosen[0].numpy().astype(np.int64)
+
     def encode(self, frame: np.ndarray) -> tuple[int, bytes]:
         st = self.state
-        y = self.analysis(frame)
-        y_hat = np.round(y).astype(np.int64)
-        if st.frame_type == bs.FRAME_PREDICTED and self.skip_threshold > 0:
-            y_hat = np.where(np.abs(y - st.prev) < 0.5 + self.skip_threshold, st.prev, y_hat)
-        y_hat = self.coder.clip(y_hat)
+        y_hat = self.choose(self.analysis(frame))
         ftype = st.frame_type
         prev, history = st.references()
-        params = None if prev is None else self.coder.p_params(prev, history, self.level)
+        params = None if prev is None else self.coder.p_params(prev, history, self.level, y_hat)
         if self.track_bits:
             self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
                                 else self.coder.bits_p(y_hat, prev, history, self.level, params))
@@ -178,9 +213,10 @@ class FrameDecoder:
 
 def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model: FedlvcCodec, quality: int,
                   fps: Fraction, gop: int = 1, progress: tqdm | None = None,
-                  skip_threshold: float = bs.DEFAULT_SKIP_THRESHOLD) -> dict:
-    """Write ``frames`` (RGB uint8, all one size) as a ``.lvc`` file at ``output`` (atomically)."""
-    encoder = FrameEncoder(model, quality, track_bits=True, gop=gop, skip_threshold=skip_threshold)
+                  rule: PFrameRule | None = None) -> dict:
+    """Write ``frames`` (RGB uint8, all one size) as a ``.lvc`` file at ``output`` (atomically); ``rule``:
+    the P-frame quantization (None: :data:`DEFAULT_P_RULE`)."""
+    encoder = FrameEncoder(model, quality, track_bits=True, gop=gop, rule=DEFAULT_P_RULE if rule is None else rule)
     fp = fingerprint(model)
     count, size, header = 0, None, None
     with atomic_output(output) as tmp, open(tmp, "wb") as f:
@@ -222,7 +258,7 @@ def default_gop(model: FedlvcCodec) -> int:
 
 
 def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4, gop: int | None = None,
-                  progress: bool = False, skip_threshold: float = bs.DEFAULT_SKIP_THRESHOLD) -> dict:
+                  progress: bool = False, rule: PFrameRule | None = None) -> dict:
     """Compress any video PyAV reads into ``output_path`` (.lvc); ``gop`` None: the model's default (an
     I-frame every DEFAULT_GOP frames, or 1 for an intra-only model)."""
     gop = default_gop(model) if gop is None else gop
@@ -234,9 +270,10 @@ def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4,
         raise FedlvcError("the output would overwrite the input")
     model.check_level(quality - 1)
     check_gop(model, gop)
+    check_p_rule(DEFAULT_P_RULE if rule is None else rule)
     info = probe(input_path)
     with tqdm(total=info.frames, desc="compress", unit="frame", disable=not progress) as bar:
-        return encode_frames(iter_frames(input_path), out, model, quality, info.fps, gop, bar, skip_threshold)
+        return encode_frames(iter_frames(input_path), out, model, quality, info.fps, gop, bar, rule)
 
 
 def open_stream(path) -> tuple[object, bs.StreamHeader, int]:

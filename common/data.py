@@ -94,14 +94,17 @@ def generate_site_clip(site: int, clip: int, width: int = 320, height: int = 240
 
 
 def write_demo_data(outdir: str | os.PathLike, sites: int, clips: int = 2, frames: int = 120,
-                    width: int = 320, height: int = 240, progress=None) -> list[Path]:
-    """Write ``site_<k>/clip_<j>.mkv`` (FFV1 lossless) for every site; returns the site folders."""
+                    width: int = 320, height: int = 240, progress=None, first_site: int = 0) -> list[Path]:
+    """Write ``site_<k>/clip_<j>.mkv`` (FFV1 lossless) for sites k = first_site … first_site+sites−1;
+    returns the site folders."""
     if sites < 1:
         raise FedlvcError("--sites must be at least 1")
+    if first_site < 0:
+        raise FedlvcError("--first-site must be >= 0")
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     folders = []
-    for s in range(sites):
+    for s in range(first_site, first_site + sites):
         folder = out / f"site_{s}"
         folder.mkdir(exist_ok=True)
         for c in range(clips):

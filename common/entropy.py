@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .errors import FedlvcError
-from .model import FedlvcCodec, MotionHistory, laplace_likelihood, laplace_scale, mixture_cdf, temporal_context
+from .model import (FedlvcCodec, MotionHistory, PFrameContexts, laplace_likelihood, laplace_scale, mixture_cdf,
+                    p_context)
 
 
 # Each payload ends (in decoding order) with a fixed 32-bit sentinel: decoding a payload as a larger latent
@@ -27,8 +28,9 @@ class LatentCoder:
     """ANS coding of one frame's latent ``(C, h, w)`` int array per quality level: I-frames under the
     factorized prior, P-frames (``prev`` given) under the temporal prior — a quantized Laplace centred on
     the previous decoded latent with a scale chosen per (level, channel, context), the context computed
-    by integer arithmetic from the previous decoded latent and the group's motion history
-    (:func:`common.model.temporal_context`)."""
+    by integer arithmetic from the previous decoded latent, the group's motion history and (architecture
+    v3) the frame's own channel groups decoded before (:func:`common.model.p_context`). The elements go
+    into one ANS stream in channel order, so the decoder can take the channel groups one after the other."""
 
     def __init__(self, model: FedlvcCodec):
         self.model = model
@@ -61,7 +63,7 @@ class LatentCoder:
         return self._models[level]
 
     def scale_table(self, level: int) -> np.ndarray:
-        """(C, TEMPORAL_CONTEXTS) float64 Laplace scales of the P-frame prior."""
+        """(C, contexts) float64 Laplace scales of the P-frame prior."""
         if level not in self._scales:
             if not self.model.cfg.temporal:
                 raise FedlvcError("this model is intra-only: it cannot code P-frames (use --gop 1)")
@@ -70,11 +72,16 @@ class LatentCoder:
                 self._scales[level] = laplace_scale(raw).numpy()
         return self._scales[level]
 
-    def p_params(self, prev: np.ndarray, history: MotionHistory | None, level: int) -> tuple[np.ndarray, np.ndarray]:
-        """Flattened (means, scales) float64 of every element of a P-frame latent, in channel order."""
-        ctx = temporal_context(torch.from_numpy(prev)[None], history)
-        ctx = ctx[0].numpy().reshape(prev.shape[0], -1)
-        scales = np.take_along_axis(self.scale_table(level), ctx, axis=1)
+    def p_params(self, prev: np.ndarray, history: MotionHistory | None, level: int,
+                 current: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Flattened (means, scales) float64 of every element of a P-frame latent, in channel order. With
+        in-frame contexts (architecture v3) ``current`` is the frame's own latent (the encoder knows it)."""
+        groups = self.model.cfg.p_groups
+        if groups > 1 and current is None:
+            raise ValueError("this model's P-frame contexts need the frame's own latent")
+        cur = None if groups == 1 else torch.from_numpy(current)[None]
+        ctx = p_context(torch.from_numpy(prev)[None], history, cur, groups)[0].numpy()
+        scales = np.take_along_axis(self.scale_table(level), ctx.reshape(ctx.shape[0], -1), axis=1)
         return prev.reshape(-1).astype(np.float64), scales.reshape(-1)
 
     def clip(self, y_hat: np.ndarray) -> np.ndarray:
@@ -90,7 +97,7 @@ class LatentCoder:
                params: tuple[np.ndarray, np.ndarray] | None = None) -> float:
         """Ideal code length in bits of a P-frame latent under the temporal prior (``params``: the
         :meth:`p_params` of this frame, when already computed)."""
-        means, scales = params if params is not None else self.p_params(prev, history, level)
+        means, scales = params if params is not None else self.p_params(prev, history, level, y_hat)
         y = self.clip(y_hat).reshape(-1).astype(np.float64)
         p = laplace_likelihood(*(torch.from_numpy(a) for a in (y, means, scales))).numpy()
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
@@ -98,7 +105,8 @@ class LatentCoder:
     def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
                history: MotionHistory | None = None, params: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
-        or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given."""
+        or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given
+        (``params``: its :meth:`p_params` when already computed)."""
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(SENTINEL, _SENTINEL_MODEL)  # bottom of the stack: decoded last
         if prev is None:
@@ -107,7 +115,7 @@ class LatentCoder:
             for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
                 coder.encode_reverse(sym[c], models[c])
         else:
-            means, scales = params if params is not None else self.p_params(prev, history, level)
+            means, scales = params if params is not None else self.p_params(prev, history, level, y_hat)
             coder.encode_reverse(self.clip(y_hat).astype(np.int32).reshape(-1), self._laplace, means, scales)
         return coder.get_compressed().astype("<u4").tobytes()
 
@@ -123,9 +131,16 @@ class LatentCoder:
             if prev is None:
                 models = self._categoricals(level)
                 out = np.stack([coder.decode(models[i], h * w) for i in range(c)]).astype(np.int64) - self.support
-            else:
-                means, scales = self.p_params(prev, history, level)
-                out = coder.decode(self._laplace, means, scales).astype(np.int64)
+            else:  # channel group by channel group: each one's contexts need the groups before it
+                out = np.zeros(shape, dtype=np.int64)
+                contexts = PFrameContexts(torch.from_numpy(prev)[None], history, self.model.cfg.p_groups)
+                table = self.scale_table(level)
+                for g, sl in enumerate(contexts.slices):
+                    ctx = contexts.of(g)[0].numpy().reshape(sl.stop - sl.start, -1)
+                    scales = np.take_along_axis(table[sl], ctx, axis=1).reshape(-1)
+                    out[sl] = coder.decode(self._laplace, prev[sl].reshape(-1).astype(np.float64),
+                                           scales).reshape(-1, h, w)
+                    contexts.add(g, torch.from_numpy(out[sl])[None])
             sentinel = coder.decode(_SENTINEL_MODEL, len(SENTINEL))
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None

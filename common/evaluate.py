@@ -17,24 +17,23 @@ from tqdm import tqdm
 
 from .baselines import BASELINES, DEFAULT_CRFS, encode_baseline
 from .checkpoint import fingerprint
-from .bitstream import DEFAULT_SKIP_THRESHOLD
 from .codec import check_gop, decode_stream, encode_frames
 from .errors import FedlvcError
 from .metrics import bd_rate, ms_ssim, psnr_rgb
-from .model import FedlvcCodec
+from .model import FedlvcCodec, PFrameRule
 from .video import atomic_output, probe, read_frames
 
 
 def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=(), gop: int = 1,
-                  codec: str = "fedlvc", skip_threshold: float = DEFAULT_SKIP_THRESHOLD):
-    """Code ``frames`` at each quality through a real ``.lvc`` file (groups of ``gop`` frames); returns
-    (points, decoded frames by quality)."""
+                  codec: str = "fedlvc", rule: PFrameRule | None = None):
+    """Code ``frames`` at each quality through a real ``.lvc`` file (groups of ``gop`` frames, P-frames chosen
+    by ``rule``, None: fedlvc compress's default); returns (points, decoded frames by quality)."""
     points, decoded_by_q = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for q in qualities:
             path = Path(tmp) / f"q{q}.lvc"
             t0 = time.perf_counter()
-            summary = encode_frames(iter(frames), path, model, q, fps, gop, skip_threshold=skip_threshold)
+            summary = encode_frames(iter(frames), path, model, q, fps, gop, rule=rule)
             t1 = time.perf_counter()
             _, it = decode_stream(path, model)
             decoded = np.stack(list(it))

@@ -48,7 +48,8 @@ class RunConfig:
     privacy_unit: str = "frame"  # frame: one DP row = one frame (I-frame training) | segment: S consecutive frames
     segment_frames: int = 4  # S, frames per segment when privacy-unit = segment (I+P training)
     gop: int = 32  # group-of-pictures length of the evaluation and the final compression (1 = intra-only)
-    skip_threshold: float = 0.2  # encoder P-frame skip rule (evaluation, final compression, segment training)
+    rd_weight: float = 1.0  # encoder P-frame rule (evaluation, final compression, segment training): RDO weight,
+    skip_threshold: float = 0.2  # or with rd-weight 0, rounding with this skip threshold (common.model.PFrameRule)
     train_parts: str = "all"  # all | entropy: sites fine-tune only the gains and priors (fewer coordinates under DP)
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -111,12 +112,19 @@ class RunConfig:
         need(self.segment_frames >= 2, "segment-frames", "must be >= 2")
         need(1 <= self.gop <= 65535, "gop", "must be in 1..65535")
         need(0 <= self.skip_threshold < 10, "skip-threshold", "must be in [0, 10)")
+        need(0 <= self.rd_weight <= 1000, "rd-weight", "must be in [0, 1000]")
         need(self.train_parts in ("all", "entropy"), "train-parts", "must be all or entropy")
 
     @property
     def unit_frames(self) -> int:
         """Frames per privacy unit (a training row): 1, or segment-frames."""
         return self.segment_frames if self.privacy_unit == "segment" else 1
+
+    @property
+    def p_rule(self):
+        from .model import PFrameRule
+
+        return PFrameRule.of(self.rd_weight, self.skip_threshold)
 
     @property
     def private(self) -> bool:

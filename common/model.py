@@ -27,9 +27,10 @@ from torch import nn
 
 from .errors import FedlvcError
 
-ARCHITECTURE = "fedlvc-factorized-gain-v2"  # v1 plus the temporal (P-frame) prior
+ARCHITECTURE = "fedlvc-factorized-gain-v3"  # v2 plus contexts inside a P-frame (channel groups)
+ARCHITECTURE_V2 = "fedlvc-factorized-gain-v2"  # v1 plus the temporal (P-frame) prior; still loads and decodes
 ARCHITECTURE_INTRA = "fedlvc-factorized-gain-v1"  # intra-only models still load (and decode their streams)
-ARCHITECTURES = (ARCHITECTURE, ARCHITECTURE_INTRA)
+ARCHITECTURES = (ARCHITECTURE, ARCHITECTURE_V2, ARCHITECTURE_INTRA)
 
 # P-frame contexts (see temporal_context): 5 buckets of the previous latent's local gradient × 8 motion values:
 # no history yet (the first P-frame of a group), 4 buckets of the last change in the 3×3 neighbourhood, or
@@ -42,6 +43,14 @@ NO_MOTION_HISTORY = 0
 MOTION_VALUES = 1 + (len(MOTION_BOUNDS) + 1) + (len(STILL_BOUNDS) + 1)
 TEMPORAL_CONTEXTS = (len(GRADIENT_BOUNDS) + 1) * MOTION_VALUES
 MIN_LAPLACE_SCALE = 0.03
+
+# Contexts inside a P-frame (architecture v3): the latent's channels are coded in P_GROUPS contiguous groups,
+# one after the other; an element of a later group also sees how many elements of the earlier groups changed
+# at its own position: 0 = none there nor in the 3x3 neighbourhood, 1 = none there but some next to it,
+# 2.. = 1 | 2-3 | >= 4 changed there (IN_FRAME_BOUNDS). Elements of the first group always have value 0.
+P_GROUPS = 4
+IN_FRAME_BOUNDS = (2, 4)
+IN_FRAME_VALUES = 2 + len(IN_FRAME_BOUNDS) + 1
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,17 @@ class CodecConfig:
     @property
     def temporal(self) -> bool:
         """Whether the model has a P-frame prior (can code groups of pictures longer than 1)."""
-        return self.architecture == ARCHITECTURE
+        return self.architecture in (ARCHITECTURE, ARCHITECTURE_V2)
+
+    @property
+    def p_groups(self) -> int:
+        """Channel groups a P-frame latent is coded in (1: all at once, as architecture v2 does)."""
+        return P_GROUPS if self.architecture == ARCHITECTURE else 1
+
+    @property
+    def p_contexts(self) -> int:
+        """Contexts of the P-frame prior per (level, channel)."""
+        return TEMPORAL_CONTEXTS * (IN_FRAME_VALUES if self.p_groups > 1 else 1)
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -184,18 +203,18 @@ def latent_likelihood(y: torch.Tensor, logits, means, log_scales) -> torch.Tenso
 
 class TemporalPrior(nn.Module):
     """Per-level, per-channel, per-context Laplace scales of a P-frame latent around the previous decoded
-    latent: ``forward(levels)`` → raw scale parameters (B, C, TEMPORAL_CONTEXTS). An Embedding, so DP-SGD
-    gives it per-sample gradients like the other priors."""
+    latent: ``forward(levels)`` → raw scale parameters (B, C, contexts). An Embedding, so DP-SGD gives it
+    per-sample gradients like the other priors."""
 
-    def __init__(self, num_levels: int, channels: int):
+    def __init__(self, num_levels: int, channels: int, contexts: int = TEMPORAL_CONTEXTS):
         super().__init__()
-        self.channels = channels
-        self.table = nn.Embedding(num_levels, channels * TEMPORAL_CONTEXTS)
+        self.channels, self.contexts = channels, contexts
+        self.table = nn.Embedding(num_levels, channels * contexts)
         with torch.no_grad():
             self.table.weight.fill_(0.0)  # softplus(0) + floor ≈ 0.72 quantization steps at start
 
     def forward(self, levels: torch.Tensor) -> torch.Tensor:
-        return self.table(levels).view(-1, self.channels, TEMPORAL_CONTEXTS)
+        return self.table(levels).view(-1, self.channels, self.contexts)
 
 
 def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
@@ -249,6 +268,63 @@ def temporal_context(prev: torch.Tensor, history: MotionHistory | None) -> torch
     return g * MOTION_VALUES + m
 
 
+def channel_groups(channels: int, groups: int) -> list[slice]:
+    """The contiguous channel ranges a P-frame latent is coded in, in coding order."""
+    bounds = [round(g * channels / groups) for g in range(groups + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
+def in_frame_value(changed_before: torch.Tensor) -> torch.Tensor:
+    """In-frame context value (B, 1, h, w) int64 from the count (B, 1, h, w) of changed elements of the
+    earlier channel groups at each position (see IN_FRAME_BOUNDS); integer arithmetic only."""
+    c = changed_before.float()
+    near = F.max_pool2d((c > 0).float().contiguous(), 3, stride=1, padding=1).long()
+    counted = 2 + torch.bucketize(c, torch.tensor(IN_FRAME_BOUNDS, dtype=c.dtype, device=c.device), right=True)
+    return torch.where(c > 0, counted, near)
+
+
+class PFrameContexts:
+    """The contexts of one P-frame latent, channel group by channel group in coding order: ``of(g)`` gives
+    group g's context indices (B, n_g, h, w) int64 once ``add`` has been told the values of the groups before
+    it (an encoder knows them all; a decoder has just decoded them)."""
+
+    def __init__(self, prev: torch.Tensor, history: MotionHistory | None, groups: int):
+        self.prev, self.groups = prev, groups
+        self.slices = channel_groups(prev.shape[1], groups)
+        tctx = temporal_context(prev, history)
+        self.base = tctx * IN_FRAME_VALUES if groups > 1 else tctx
+        self.count = torch.zeros_like(prev[:, :1], dtype=torch.float32)
+
+    @torch.no_grad()
+    def of(self, g: int) -> torch.Tensor:
+        sl = self.slices[g]
+        return self.base[:, sl] + in_frame_value(self.count) if self.groups > 1 else self.base[:, sl]
+
+    @torch.no_grad()
+    def add(self, g: int, values: torch.Tensor) -> None:
+        """Group g's chosen (or decoded) values (B, n_g, h, w)."""
+        sl = self.slices[g]
+        self.count = self.count + (values != self.prev[:, sl]).float().sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def p_context(prev: torch.Tensor, history: MotionHistory | None, current: torch.Tensor | None,
+              groups: int) -> torch.Tensor:
+    """Context index (B, C, h, w) int64 of every element of a P-frame latent: :func:`temporal_context`
+    alone (groups 1, architecture v2), or combined with the in-frame value of its channel group computed
+    from ``current`` (only its earlier groups are read, so a decoder may pass a latent whose later groups
+    are not decoded yet)."""
+    contexts = PFrameContexts(prev, history, groups)
+    if groups == 1:
+        return contexts.base
+    out = torch.empty_like(contexts.base)
+    for g, sl in enumerate(contexts.slices):
+        out[:, sl] = contexts.of(g)
+        contexts.add(g, current[:, sl])
+    return out
+
+
 def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """p(y) of integer-valued y under a Laplace(mean, scale) quantized to unit bins centred on integers."""
     a = (y - mean).abs()
@@ -257,11 +333,107 @@ def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor)
     return torch.where(a < 0.5, inner, outer).clamp_min(LIKELIHOOD_FLOOR)
 
 
+def upgrade_temporal_table(v2_weight: torch.Tensor, cfg: CodecConfig) -> torch.Tensor:
+    """A v2 temporal table (levels, C·TEMPORAL_CONTEXTS) as a v3 one (levels, C·p_contexts): each in-frame
+    value of a context starts from the v2 value of that context."""
+    n = v2_weight.shape[0]
+    t = v2_weight.reshape(n, cfg.latent_channels, TEMPORAL_CONTEXTS, 1)
+    return t.expand(-1, -1, -1, cfg.p_contexts // TEMPORAL_CONTEXTS).reshape(n, -1).clone()
+
+
 def temporal_scales(raw: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     """Laplace scale of every element: raw (B, C, K) gathered by ctx (B, C, h, w)."""
     b, c = ctx.shape[:2]
     picked = torch.gather(raw, 2, ctx.reshape(b, c, -1))
     return laplace_scale(picked).view_as(ctx)
+
+
+@dataclass(frozen=True)
+class PFrameRule:
+    """How an encoder picks the integer latent of a P-frame; the decoder needs none of it.
+
+    * ``rd_weight`` κ > 0: rate–distortion optimised quantization. Channel group by channel group (in coding
+      order, so each group sees the in-frame contexts of the decisions before it), every element takes the
+      value among {previous value, round(y), round(y) one step towards the previous value} that minimises
+      ``κ·λ_q·255²/3 · w_c·(y − v)² + bits(v)``: the per-frame training loss ``λ_q·255²·MSE + bpp`` times
+      the pixel count, with the distortion linearised per channel (``w_c``: squared error of the decoded
+      frame, in [0, 1] units summed over RGB, per unit² of latent error, measured at the group's I-frame by
+      :func:`synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little quality (sensor noise, a channel the
+      decoder hardly uses, a still background where a change is improbable) is not coded.
+    * otherwise ``skip_threshold`` T: keep the previous value where |y − previous| < ½ + T, round elsewhere.
+    """
+
+    rd_weight: float = 0.0
+    skip_threshold: float = 0.0
+
+    @classmethod
+    def of(cls, rd_weight: float, skip_threshold: float) -> "PFrameRule":
+        """The rule of a config holding both settings: the skip threshold counts only without RDO."""
+        return cls(rd_weight, 0.0 if rd_weight > 0 else skip_threshold)
+
+    @property
+    def uses_rd(self) -> bool:
+        return self.rd_weight > 0
+
+
+@torch.no_grad()
+def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory | None", raw: torch.Tensor,
+                    groups: int, rule: PFrameRule, support: int, lam: torch.Tensor | None = None,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer latent (B, C, h, w) (float) an encoder codes for the P-frame latent ``y`` on top of the
+    previous decoded latent ``prev`` (see :class:`PFrameRule`). ``raw``: the temporal prior's raw scales
+    (B, C, K); ``lam`` (B,) the λ of each row's level and ``weights`` (B, C) its channel sensitivities
+    (both only for rate–distortion optimisation)."""
+    r = torch.round(y).clamp(-support, support)
+    if not rule.uses_rd:
+        if rule.skip_threshold > 0:
+            r = torch.where((y - prev).abs() < 0.5 + rule.skip_threshold, prev, r)
+        return r
+    towards = torch.where((r - prev).abs() >= 2, r - torch.sign(r - prev), r)
+    dist = (rule.rd_weight * 255.0**2 / 3.0) * (lam[:, None] * weights)[:, :, None, None]
+    contexts = PFrameContexts(prev, history, groups)
+    out = torch.empty_like(r)
+    for g, sl in enumerate(contexts.slices):
+        scale = temporal_scales(raw[:, sl], contexts.of(g))
+        ys, ps = y[:, sl], prev[:, sl]
+        best, best_cost = ps, None
+        for cand in (ps, r[:, sl], towards[:, sl]):
+            cost = dist[:, sl] * (ys - cand) ** 2 - torch.log2(laplace_likelihood(cand, ps, scale))
+            if best_cost is None:
+                best_cost = cost
+            else:
+                better = cost < best_cost
+                best, best_cost = torch.where(better, cand, best), torch.where(better, cost, best_cost)
+        out[:, sl] = best
+        contexts.add(g, best)
+    return out
+
+
+def synthesis_sensitivity(model: "FedlvcCodec", y_hat: torch.Tensor, levels: torch.Tensor, probes: int = 1,
+                          seed: int = 0) -> torch.Tensor:
+    """(B, C) float32: for each row and latent channel, the mean over positions of the squared error of the
+    decoded frame (RGB in [0, 1], summed over pixels and colours) per unit² change of one element of the
+    scaled latent ``y_hat`` (B, C, h, w), i.e. the squared norm of that Jacobian column at ``y_hat``.
+    Estimated with Hutchinson's trick — for a random ±1 vector r, E[(Jᵀr)²] is the squared column norm —
+    so one backward pass serves every channel and position (``probes`` passes are averaged; the probes
+    are fixed by ``seed`` and the same for every row). Runs on a
+    hook-free copy of the synthesis transform, so Opacus' per-sample gradient hooks never see it. Used by
+    the encoder's rate–distortion optimisation (on each group's I-frame), and by training, which models it
+    on each row's own I-frame; the decoder never needs it."""
+    g_s = SynthesisTransform(model.cfg).to(y_hat.device)
+    g_s.load_state_dict(model.g_s.state_dict())
+    inv_gain = torch.exp(model.inv_gain.log_gain.weight.detach()[levels])[:, :, None, None]
+    gen = torch.Generator(device=y_hat.device).manual_seed(seed)
+    with torch.enable_grad():
+        y = y_hat.detach().float().clone().requires_grad_(True)
+        x = g_s(y * inv_gain)
+        acc = torch.zeros(y.shape[:2], device=y.device)
+        for p in range(probes):
+            # One probe for every row: a row's estimate depends on that row alone, whatever the batch.
+            r = (torch.randint(0, 2, (1, *x.shape[1:]), generator=gen, device=x.device).float() * 2 - 1).expand_as(x)
+            (grad,) = torch.autograd.grad(x, y, grad_outputs=r, retain_graph=p < probes - 1)
+            acc += grad.pow(2).mean((2, 3))
+    return acc / probes
 
 
 class FedlvcCodec(nn.Module):
@@ -282,7 +454,7 @@ class FedlvcCodec(nn.Module):
         self.inv_gain = LevelGains(n, self.cfg.latent_channels, -init)
         self.prior = LevelPriorParams(n, self.cfg.latent_channels, self.cfg.mixtures)
         if self.cfg.temporal:
-            self.temporal = TemporalPrior(n, self.cfg.latent_channels)
+            self.temporal = TemporalPrior(n, self.cfg.latent_channels, self.cfg.p_contexts)
 
     def check_level(self, level: int) -> None:
         if not 0 <= level < self.cfg.num_levels:
@@ -308,13 +480,13 @@ class FedlvcCodec(nn.Module):
         likelihood = latent_likelihood(y_tilde, *self.prior(levels))
         return {"x_hat": x_hat, "likelihoods": likelihood}
 
-    def forward_segment(self, x: torch.Tensor, levels: torch.Tensor, skip_threshold: float = 0.0) -> dict:
+    def forward_segment(self, x: torch.Tensor, levels: torch.Tensor, rule: PFrameRule = PFrameRule()) -> dict:
         """Training path for rows of consecutive frames x: (B, S, 3, H, W) coded as one group of pictures:
-        frame 0 as an I-frame, the others as P-frames (rate under the temporal prior of the hard-rounded
-        latent around the previous hard-rounded latent, as the coder will see it; straight-through
-        gradient). ``skip_threshold`` T applies the encoder's rule (common.codec.FrameEncoder): a P-frame
-        element keeps the previous value where |y − previous| < ½ + T, so the prior learns the statistics the
-        coder will see. Returns x_hat (B, S, 3, H, W) and per-row bits (B,).
+        frame 0 as an I-frame, the others as P-frames (rate under the temporal prior of the integer latent the
+        encoder would code, around the previous one, as the coder will see it; straight-through gradient).
+        ``rule`` is the encoder's P-frame quantization (:class:`PFrameRule`; rate–distortion optimisation
+        measures each row's channel sensitivities on its own I-frame, as the encoder does per group), so the
+        prior learns the statistics the coder will see. Returns x_hat (B, S, 3, H, W) and per-row bits (B,).
 
         Each module is called once: the transforms and gains on all B·S frames (rows b·S … b·S+S−1 belong
         to segment b), the priors on the B segments. Under DP-SGD the per-frame gradient samples are summed
@@ -325,13 +497,24 @@ class FedlvcCodec(nn.Module):
         flat = x.reshape(b * frames, *x.shape[2:]).contiguous()  # not channels_last: see common.privacy
         y = self.analysis(flat, levels.repeat_interleave(frames))
         yv = y.reshape(b, frames, *y.shape[1:])
-        # The latents the coder will hold: rounding, with the skip rule on P-frames (straight-through).
-        targets, coded = [], []
+        raw = self.temporal(levels)
+        groups = self.cfg.p_groups
+        lam = torch.tensor(self.cfg.lambdas, dtype=y.dtype, device=y.device)[levels]
+        weights = None
+        # The latents the coder will hold (the encoder's P-frame rule; straight-through), with the motion
+        # history each P-frame is coded under.
+        targets, coded, histories = [], [], [None]
         for s in range(frames):
             ys = yv[:, s]
-            q = torch.round(ys.detach())
-            if s > 0 and skip_threshold > 0:
-                q = torch.where((ys.detach() - coded[-1]).abs() < 0.5 + skip_threshold, coded[-1], q)
+            if s == 0:
+                q = torch.round(ys.detach())
+                if rule.uses_rd:
+                    weights = synthesis_sensitivity(self, q, levels)
+            else:
+                if s >= 2:
+                    histories.append(next_history(histories[-1], coded[s - 2], coded[s - 1]))
+                q = choose_p_latent(ys.detach(), coded[-1], histories[-1], raw.detach(), groups, rule,
+                                    self.cfg.support, lam, weights)
             targets.append(ys + (q - ys).detach())
             coded.append(q)
         if self.training:
@@ -341,13 +524,9 @@ class FedlvcCodec(nn.Module):
         x_hat = self.synthesis(y_tilde, levels.repeat_interleave(frames))
         first = y_tilde.reshape(b, frames, *y.shape[1:])[:, 0]
         bits = -torch.log2(latent_likelihood(first, *self.prior(levels))).flatten(1).sum(1)
-        raw = self.temporal(levels)
-        history = None
         for s in range(1, frames):
             prev = coded[s - 1]
-            if s >= 2:
-                history = next_history(history, coded[s - 2], prev)
-            scales = temporal_scales(raw, temporal_context(prev, history))
+            scales = temporal_scales(raw, p_context(prev, histories[s - 1], coded[s], groups))
             bits = bits - torch.log2(laplace_likelihood(targets[s], prev, scales)).flatten(1).sum(1)
         return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
 

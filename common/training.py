@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .bitstream import DEFAULT_SKIP_THRESHOLD
+from .bitstream import DEFAULT_RD_WEIGHT, DEFAULT_SKIP_THRESHOLD
 from .checkpoint import load_model, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
-from .model import ARCHITECTURE, CodecConfig, FedlvcCodec, RateDistortion, SegmentRateDistortion
+from .model import (ARCHITECTURE, CodecConfig, FedlvcCodec, PFrameRule, RateDistortion, SegmentRateDistortion,
+                    upgrade_temporal_table)
 from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
 from .video import atomic_output
 
@@ -38,16 +39,26 @@ class TrainConfig:
     max_frames_per_video: int | None = None
     segment_frames: int = 0  # 0: one row = one frame (I-frame training); S >= 2: one row = S consecutive frames
     train_parts: str = "all"  # all | temporal (only the P-frame prior; needs segment_frames)
-    skip_threshold: float = DEFAULT_SKIP_THRESHOLD  # the encoder's P-frame skip rule, modelled in training
+    rd_weight: float = DEFAULT_RD_WEIGHT  # the encoder's P-frame rule (common.model.PFrameRule), modelled in
+    skip_threshold: float = DEFAULT_SKIP_THRESHOLD  # training: RDO weight, or (rd_weight 0) the skip threshold
+
+    @property
+    def p_rule(self) -> PFrameRule:
+        return PFrameRule.of(self.rd_weight, self.skip_threshold)
 
 
 def with_temporal_prior(model: FedlvcCodec) -> FedlvcCodec:
-    """An intra-only (v1) model upgraded to the current architecture: same weights, a fresh temporal prior."""
-    if model.cfg.temporal:
+    """A model upgraded to the current architecture, same weights: an intra-only (v1) model gains a fresh
+    temporal prior; a v2 temporal prior gains the in-frame contexts of v3, every in-frame value starting
+    from the v2 scale of its context (so the upgraded model codes as the v2 one did until trained)."""
+    if model.cfg.architecture == ARCHITECTURE:
         return model
     cfg = CodecConfig.from_dict(dict(model.cfg.to_dict(), architecture=ARCHITECTURE))
     new = FedlvcCodec(cfg)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    state = dict(model.state_dict())
+    if model.cfg.temporal:
+        state["temporal.table.weight"] = upgrade_temporal_table(state["temporal.table.weight"], cfg)
+    missing, unexpected = new.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("temporal.") for k in missing), (missing, unexpected)
     return new.train(model.training)
 
@@ -81,11 +92,11 @@ def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -
 
 
 def rows_dataset(rows: list, crop: int, num_levels: int, segment_frames: int, seed: int,
-                 skip_threshold: float = DEFAULT_SKIP_THRESHOLD):
-    """(dataset, loss function, forward) for frame rows or segment rows."""
+                 rule: PFrameRule = PFrameRule()):
+    """(dataset, loss function, forward) for frame rows or segment rows (P-frames chosen by ``rule``)."""
     if segment_frames:
         return (SegmentCrops(rows, crop, num_levels, seed=seed), SegmentRateDistortion,
-                lambda m, x, lv: m.forward_segment(x, lv, skip_threshold))
+                lambda m, x, lv: m.forward_segment(x, lv, rule))
     return FrameCrops(rows, crop, num_levels, seed=seed), RateDistortion, lambda m, x, lv: m(x, lv)
 
 
@@ -115,7 +126,7 @@ def _validation_crops(rows: list, size: int, limit: int = 48) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: FedlvcCodec, crops: torch.Tensor, skip_threshold: float = DEFAULT_SKIP_THRESHOLD) -> dict:
+def validation_loss(model: FedlvcCodec, crops: torch.Tensor, rule: PFrameRule = PFrameRule()) -> dict:
     """Mean RD loss over every quality level with real rounding (eval mode), plus bpp/PSNR per level."""
     was_training = model.training
     model.eval()
@@ -124,7 +135,7 @@ def validation_loss(model: FedlvcCodec, crops: torch.Tensor, skip_threshold: flo
     total, per_level = 0.0, []
     for q in range(model.cfg.num_levels):
         levels = torch.full((crops.shape[0],), q, dtype=torch.long)
-        out = model.forward_segment(crops, levels, skip_threshold) if segments else model(crops, levels)
+        out = model.forward_segment(crops, levels, rule) if segments else model(crops, levels)
         out["x_hat"] = out["x_hat"].clamp(0, 1)
         total += loss_fn(out, crops, levels).mean().item()
         mse = loss_fn.terms["mse"].mean().item()
@@ -200,7 +211,7 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
         model = model.to(memory_format=torch.channels_last)
     val_crops = _validation_crops(held_out, 128)
     dataset, loss_cls, forward = rows_dataset(train_rows, cfg.crop_size, model.cfg.num_levels, cfg.segment_frames,
-                                              cfg.seed, cfg.skip_threshold)
+                                              cfg.seed, cfg.p_rule)
     optimizer = torch.optim.Adam(set_trainable(model, cfg.segment_frames, cfg.train_parts), lr=cfg.learning_rate)
     info = _load_state(out, model, optimizer) or {
         "step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0,
@@ -275,7 +286,7 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
             if info["step"] % cfg.validate_every == 0 or time.time() - last_ckpt > cfg.checkpoint_seconds \
                     or info["step"] == cfg.steps:
                 info["wall_seconds"] = time.time() - t0
-                val = validation_loss(raw_model, val_crops, cfg.skip_threshold)
+                val = validation_loss(raw_model, val_crops, cfg.p_rule)
                 log(json.dumps({"step": info["step"], "train_loss": round(float(np.mean(running)), 4),
                                 "val_loss": round(val["loss"], 4), "lr": lr,
                                 "levels": [[round(v["bpp"], 3), round(v["psnr"], 2)] for v in val["levels"]],
@@ -284,7 +295,7 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
                 checkpoint(val)
                 last_ckpt = time.time()
     info["wall_seconds"] = time.time() - t0
-    val = validation_loss(raw_model, val_crops, cfg.skip_threshold)
+    val = validation_loss(raw_model, val_crops, cfg.p_rule)
     checkpoint(val)
     return {"steps": info["step"], "validation": val, "epsilon": epsilon(), "rows": len(train_rows),
             "sample_rate": sample_rate}
@@ -293,15 +304,14 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
 def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, crop_size: int,
                 learning_rate: float, dp: DPConfig | None = None, history=None, seed: int = 0,
                 device: str | torch.device = "cpu", segment_frames: int = 0,
-                skip_threshold: float = DEFAULT_SKIP_THRESHOLD, parts: str = "all") -> dict:
+                rule: PFrameRule = PFrameRule(), parts: str = "all") -> dict:
     """One site's local work in a federated round: ``steps`` optimizer steps on crops of its rows (frames,
     or segments of ``segment_frames`` consecutive frames), DP-SGD (Poisson sampling, per-sample clipping,
     noise on every trainable parameter) when ``dp`` is given.
 
     Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "history" (accountant, cumulative)}."""
     torch.manual_seed(seed)
-    dataset, loss_cls, forward = rows_dataset(rows, crop_size, model.cfg.num_levels, segment_frames, seed,
-                                              skip_threshold)
+    dataset, loss_cls, forward = rows_dataset(rows, crop_size, model.cfg.num_levels, segment_frames, seed, rule)
     sample_rate = poisson_sample_rate(len(dataset), batch_size)
     model = model.to(device).train()
     params = set_trainable(model, segment_frames, parts)

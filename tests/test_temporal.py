@@ -22,7 +22,7 @@ from common.codec import FrameDecoder, FrameEncoder, _to_frame, _to_tensor, deco
 from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.model import (ARCHITECTURE_INTRA, MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, FedlvcCodec,
-                          next_history, temporal_context)
+                          PFrameRule, next_history, temporal_context)
 from common.video import read_frames, write_video
 
 from conftest import TINY_CONFIG, make_coding_model, sha256
@@ -31,6 +31,7 @@ W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels
 FPS = Fraction(25)
 ANS_OVERHEAD_BITS = 64  # per payload: constriction's flushed state and word rounding (see test_entropy_bitstream)
 ERROR_PREFIX = "fedlvc: error: "
+PLAIN = PFrameRule()  # P-frames code round(y): the latent an I-frame would code
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -149,7 +150,7 @@ def streams(tmp_path_factory, model, frames) -> dict[int, Path]:
     out = {}
     for gop in (1, 3, 4, 7):
         out[gop] = folder / f"gop{gop}.lvc"
-        encode_frames(iter(frames), out[gop], model, 4, FPS, gop=gop, skip_threshold=0.0)
+        encode_frames(iter(frames), out[gop], model, 4, FPS, gop=gop, rule=PLAIN)
     return out
 
 
@@ -176,7 +177,7 @@ def test_round_trip_in_groups(tmp_path, model, frames, gop, skip):
     I = ceil(n/gop) I-frames, and the decoder outputs exactly the frames the encoder's latents give, whether
     decode_stream reads the file or a fresh FrameDecoder is fed chunk by chunk."""
     path = tmp_path / "s.lvc"
-    summary = encode_frames(iter(frames), path, model, 4, FPS, gop=gop, skip_threshold=skip)
+    summary = encode_frames(iter(frames), path, model, 4, FPS, gop=gop, rule=PFrameRule(skip_threshold=skip))
     data = path.read_bytes()
     n_i = math.ceil(N / gop)
     assert summary["gop"] == gop and summary["frames"] == N
@@ -190,7 +191,7 @@ def test_round_trip_in_groups(tmp_path, model, frames, gop, skip):
     assert (h.gop, h.frames, h.version, h.width, h.height) == (gop, N, bs.VERSION, W, H)
 
     # What the encoder coded, frame by frame (an identically configured encoder is deterministic).
-    encoder = FrameEncoder(model, 4, gop=gop, skip_threshold=skip)
+    encoder = FrameEncoder(model, 4, gop=gop, rule=PFrameRule(skip_threshold=skip))
     expected_latents, expected_frames = [], []
     for i, frame in enumerate(frames):
         ftype, payload = encoder.encode(frame)
@@ -230,7 +231,7 @@ def test_identical_frames_cost_little_as_p_frames(tmp_path):
     still = [clip(1, 96, 80)[0]] * n
     path = tmp_path / "still.lvc"
     untrained = make_coding_model(0)  # the temporal table as initialised
-    encode_frames(iter(still), path, untrained, 4, FPS, gop=n, skip_threshold=0.0)
+    encode_frames(iter(still), path, untrained, 4, FPS, gop=n, rule=PLAIN)
     table = chunk_table(path.read_bytes())
     (_, t0, i_size), p_chunks = table[0], table[1:]
     assert t0 == bs.FRAME_INTRA and all(t == bs.FRAME_PREDICTED for _, t, _ in p_chunks)
@@ -257,7 +258,7 @@ def test_confident_temporal_prior_codes_an_unchanged_frame_in_one_word(tmp_path,
         assert len(payload) <= 8, len(payload)
     assert encoder.ideal_bits - i_bits < 1.0
     path = tmp_path / "still.lvc"
-    encode_frames(iter(still), path, confident, 4, FPS, gop=5, skip_threshold=0.0)
+    encode_frames(iter(still), path, confident, 4, FPS, gop=5, rule=PLAIN)
     decoded = decode_all(path, confident)
     assert all(np.array_equal(f, decoded[0]) for f in decoded)
 
@@ -267,7 +268,7 @@ def test_ideal_bpp_matches_the_file_size_of_a_p_heavy_stream(tmp_path, model):
     container and a bounded ANS overhead per chunk."""
     n = 12
     path = tmp_path / "p.lvc"
-    summary = encode_frames(iter(clip(n, 96, 80)), path, model, 4, FPS, gop=n, skip_threshold=0.0)
+    summary = encode_frames(iter(clip(n, 96, 80)), path, model, 4, FPS, gop=n, rule=PLAIN)
     assert summary["frames_by_type"] == {"I": 1, "P": n - 1}
     pixels = n * 96 * 80
     ideal_bits = summary["ideal_bpp"] * pixels
@@ -578,11 +579,11 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, skip):
     x = torch.stack([torch.stack([_to_tensor(f, 16)[0] for f in fr]) for fr, _ in rows]).contiguous()
     levels = torch.tensor([level for _, level in rows])
     with torch.no_grad():
-        out = model.forward_segment(x, levels, skip)
+        out = model.forward_segment(x, levels, PFrameRule(skip_threshold=skip))
     assert out["bits"].shape == (len(rows),)
     assert out["x_hat"].shape == x.shape
     for b, (fr, level) in enumerate(rows):
-        encoder = FrameEncoder(model, level + 1, track_bits=True, gop=s, skip_threshold=skip)
+        encoder = FrameEncoder(model, level + 1, track_bits=True, gop=s, rule=PFrameRule(skip_threshold=skip))
         for f in fr:
             encoder.encode(f)
         assert encoder.frames_by_type == {"I": 1, "P": s - 1}
@@ -593,7 +594,7 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, skip):
             intra.encode(f)
         assert abs(intra.ideal_bits - encoder.ideal_bits) > 0.01 * encoder.ideal_bits
     # The decoded frames are the training path's eval reconstructions.
-    encoder = FrameEncoder(model, 4, gop=s, skip_threshold=skip)
+    encoder = FrameEncoder(model, 4, gop=s, rule=PFrameRule(skip_threshold=skip))
     for i, f in enumerate(rows[0][0]):
         encoder.encode(f)
         expected = out["x_hat"][0, i].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -608,7 +609,7 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, skip):
 
 def test_skip_threshold_keeps_previous_latents(tmp_path, model, frames):
     t = 0.5
-    encoder = FrameEncoder(model, 4, gop=N, skip_threshold=t)
+    encoder = FrameEncoder(model, 4, gop=N, rule=PFrameRule(skip_threshold=t))
     plain = FrameEncoder(model, 4, gop=N)
     kept_total = 0
     for i, frame in enumerate(frames):
@@ -631,14 +632,14 @@ def test_skip_threshold_keeps_previous_latents(tmp_path, model, frames):
     sizes, decoded = {}, {}
     for th in (0.0, t):
         path = tmp_path / f"t{th}.lvc"
-        summary = encode_frames(iter(frames), path, model, 4, FPS, gop=N, skip_threshold=th)
+        summary = encode_frames(iter(frames), path, model, 4, FPS, gop=N, rule=PFrameRule(skip_threshold=th))
         sizes[th] = summary["bytes"]
         decoded[th] = decode_all(path, model)
     assert sizes[t] <= sizes[0.0], sizes
     assert not np.array_equal(decoded[t], decoded[0.0])
     np.testing.assert_array_equal(decoded[t][0], decoded[0.0][0])
     # The decoder needs no knowledge of T: it reproduces the encoder's latents.
-    encoder = FrameEncoder(model, 4, gop=N, skip_threshold=t)
+    encoder = FrameEncoder(model, 4, gop=N, rule=PFrameRule(skip_threshold=t))
     decoder = FrameDecoder(model, 4, H, W, N)
     for frame in frames:
         _, payload = encoder.encode(frame)
@@ -647,12 +648,12 @@ def test_skip_threshold_keeps_previous_latents(tmp_path, model, frames):
 
 def test_skip_threshold_has_no_effect_on_intra_streams(tmp_path, model, frames):
     a, b = tmp_path / "a.lvc", tmp_path / "b.lvc"
-    encode_frames(iter(frames), a, model, 4, FPS, gop=1, skip_threshold=0.0)
-    encode_frames(iter(frames), b, model, 4, FPS, gop=1, skip_threshold=2.0)
+    encode_frames(iter(frames), a, model, 4, FPS, gop=1, rule=PLAIN)
+    encode_frames(iter(frames), b, model, 4, FPS, gop=1, rule=PFrameRule(skip_threshold=2.0))
     assert a.read_bytes() == b.read_bytes()
 
 
 @pytest.mark.parametrize("bad", [-0.1, 10.0, float("nan")])
 def test_skip_threshold_out_of_range(model, bad):
     with pytest.raises(FedlvcError, match="skip-threshold"):
-        FrameEncoder(model, 4, gop=4, skip_threshold=bad)
+        FrameEncoder(model, 4, gop=4, rule=PFrameRule(skip_threshold=bad))
