@@ -120,6 +120,7 @@ class FrameEncoder:
         self.state = _GroupState(gop)
         self.rule = rule
         self._weights = None  # channel sensitivities of the current group (rate-distortion optimisation)
+        self._contexts = None  # context indices of the P-frame latent just chosen
         self.track_bits = track_bits
         self.ideal_bits = 0.0  # −Σ log2 p of everything encoded so far (when track_bits)
         self.bytes_by_type = {"I": 0, "P": 0}
@@ -146,16 +147,23 @@ class FrameEncoder:
         lam = torch.tensor([self.model.cfg.lambdas[self.level]])
         with torch.no_grad():
             raw = self.model.temporal(self._levels)
+        contexts = []
         chosen = choose_p_latent(torch.from_numpy(y)[None], torch.from_numpy(prev).float()[None], history, raw,
-                                 self.model.cfg.p_groups, self.rule, self.coder.support, lam, self._weights)
+                                 self.model.cfg.p_groups, self.rule, self.coder.support, lam, self._weights,
+                                 contexts_out=contexts)
+        self._contexts = contexts[0][0].numpy() if contexts else None
         return chosen[0].numpy().astype(np.int64)
 
     def encode(self, frame: np.ndarray) -> tuple[int, bytes]:
         st = self.state
+        self._contexts = None
         y_hat = self.choose(self.analysis(frame))
         ftype = st.frame_type
         prev, history = st.references()
-        params = None if prev is None else self.coder.p_params(prev, history, self.level, y_hat)
+        params = None
+        if prev is not None:  # the contexts the choice was made under are the ones the frame is coded under
+            params = (self.coder.p_params_of(prev, self._contexts, self.level) if self._contexts is not None
+                      else self.coder.p_params(prev, history, self.level, y_hat))
         if self.track_bits:
             self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
                                 else self.coder.bits_p(y_hat, prev, history, self.level, params))

@@ -80,7 +80,10 @@ class LatentCoder:
         if groups > 1 and current is None:
             raise ValueError("this model's P-frame contexts need the frame's own latent")
         cur = None if groups == 1 else torch.from_numpy(current)[None]
-        ctx = p_context(torch.from_numpy(prev)[None], history, cur, groups)[0].numpy()
+        return self.p_params_of(prev, p_context(torch.from_numpy(prev)[None], history, cur, groups)[0].numpy(), level)
+
+    def p_params_of(self, prev: np.ndarray, ctx: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`p_params` from context indices ``ctx`` (C, h, w) already computed."""
         scales = np.take_along_axis(self.scale_table(level), ctx.reshape(ctx.shape[0], -1), axis=1)
         return prev.reshape(-1).astype(np.float64), scales.reshape(-1)
 

@@ -377,13 +377,22 @@ class PFrameRule:
 
 
 @torch.no_grad()
+def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, scale: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
+    (same floor), given its bits at distance 0 (``zero``) and the constant part of the others (``step``)."""
+    bits = torch.where(distance < 0.5, zero, step + (distance - 0.5) / (scale * math.log(2.0)))
+    return bits.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
+
+
+@torch.no_grad()
 def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory | None", raw: torch.Tensor,
                     groups: int, rule: PFrameRule, support: int, lam: torch.Tensor | None = None,
-                    weights: torch.Tensor | None = None) -> torch.Tensor:
+                    weights: torch.Tensor | None = None, contexts_out: list | None = None) -> torch.Tensor:
     """The integer latent (B, C, h, w) (float) an encoder codes for the P-frame latent ``y`` on top of the
     previous decoded latent ``prev`` (see :class:`PFrameRule`). ``raw``: the temporal prior's raw scales
     (B, C, K); ``lam`` (B,) the λ of each row's level and ``weights`` (B, C) its channel sensitivities
-    (both only for rate–distortion optimisation)."""
+    (both only for rate–distortion optimisation). With RDO, ``contexts_out`` (a list) receives the context
+    indices (B, C, h, w) of the chosen latent — the ones it will be coded under."""
     r = torch.round(y).clamp(-support, support)
     if not rule.uses_rd:
         if rule.skip_threshold > 0:
@@ -393,19 +402,24 @@ def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory
     dist = (rule.rd_weight * 255.0**2 / 3.0) * (lam[:, None] * weights)[:, :, None, None]
     contexts = PFrameContexts(prev, history, groups)
     out = torch.empty_like(r)
+    ctx_all = torch.empty_like(contexts.base) if contexts_out is not None else None
     for g, sl in enumerate(contexts.slices):
-        scale = temporal_scales(raw[:, sl], contexts.of(g))
-        ys, ps = y[:, sl], prev[:, sl]
-        best, best_cost = ps, None
-        for cand in (ps, r[:, sl], towards[:, sl]):
-            cost = dist[:, sl] * (ys - cand) ** 2 - torch.log2(laplace_likelihood(cand, ps, scale))
-            if best_cost is None:
-                best_cost = cost
-            else:
-                better = cost < best_cost
-                best, best_cost = torch.where(better, cand, best), torch.where(better, cost, best_cost)
+        ctx = contexts.of(g)
+        if ctx_all is not None:
+            ctx_all[:, sl] = ctx
+        scale = temporal_scales(raw[:, sl], ctx)
+        zero = -torch.log2(-torch.expm1(-0.5 / scale))
+        step = 1.0 - torch.log2(-torch.expm1(-1.0 / scale))
+        ys, ps, d = y[:, sl], prev[:, sl], dist[:, sl]
+        best, best_cost = ps, d * (ys - ps) ** 2 + zero.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
+        for cand in (r[:, sl], towards[:, sl]):
+            cost = d * (ys - cand) ** 2 + _laplace_bits(zero, step, scale, (cand - ps).abs())
+            better = cost < best_cost
+            best, best_cost = torch.where(better, cand, best), torch.where(better, cost, best_cost)
         out[:, sl] = best
         contexts.add(g, best)
+    if contexts_out is not None:
+        contexts_out.append(ctx_all)
     return out
 
 

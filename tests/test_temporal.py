@@ -567,8 +567,9 @@ def test_cli_temporal_model_defaults_to_default_gop(capsys, tmp_path, model_path
 # ------------------------------------------------------------------------ 6. training rate = coder's rate
 
 
-@pytest.mark.parametrize("seed,skip", [(0, 0.0), (1, 0.0), (0, 0.3)])
-def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, skip):
+@pytest.mark.parametrize("seed,rule", [(0, PLAIN), (1, PLAIN), (0, PFrameRule(skip_threshold=0.3)),
+                                       (0, PFrameRule(rd_weight=1.0)), (1, PFrameRule(rd_weight=0.3))])
+def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, rule):
     """Eval-mode forward_segment's per-row bits are the ideal code length the coder spends on the same frames
     coded as one group (I-frame then P-frames), per row and level, with a temporal table that differs per
     (level, channel, context) so a wrong context or level shows."""
@@ -579,11 +580,11 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, skip):
     x = torch.stack([torch.stack([_to_tensor(f, 16)[0] for f in fr]) for fr, _ in rows]).contiguous()
     levels = torch.tensor([level for _, level in rows])
     with torch.no_grad():
-        out = model.forward_segment(x, levels, PFrameRule(skip_threshold=skip))
+        out = model.forward_segment(x, levels, rule)
     assert out["bits"].shape == (len(rows),)
     assert out["x_hat"].shape == x.shape
     for b, (fr, level) in enumerate(rows):
-        encoder = FrameEncoder(model, level + 1, track_bits=True, gop=s, rule=PFrameRule(skip_threshold=skip))
+        encoder = FrameEncoder(model, level + 1, track_bits=True, gop=s, rule=rule)
         for f in fr:
             encoder.encode(f)
         assert encoder.frames_by_type == {"I": 1, "P": s - 1}
@@ -594,7 +595,7 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, skip):
             intra.encode(f)
         assert abs(intra.ideal_bits - encoder.ideal_bits) > 0.01 * encoder.ideal_bits
     # The decoded frames are the training path's eval reconstructions.
-    encoder = FrameEncoder(model, 4, gop=s, rule=PFrameRule(skip_threshold=skip))
+    encoder = FrameEncoder(model, 4, gop=s, rule=rule)
     for i, f in enumerate(rows[0][0]):
         encoder.encode(f)
         expected = out["x_hat"][0, i].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
