@@ -124,6 +124,18 @@ def p_versus_i(ip_points: list[dict], intra_points: list[dict]) -> list[dict]:
     return rows
 
 
+def p_versus_intra_bd(ip_points: list[dict], intra_points: list[dict]) -> float | None:
+    """The same comparison over the whole curve, Bjøntegaard-style: P-frame bytes per frame (against the I+P
+    stream's PSNR) over intra-only bytes per frame at equal PSNR, averaged in log-rate over the PSNR range
+    both curves cover (PCHIP, as ``bd_rate``); None without overlap."""
+    from common.metrics import bd_rate
+
+    p_curve = [(p["p_frame_bytes"] / p["p_frames"], p["psnr"]) for p in ip_points if p["p_frames"]]
+    intra_curve = [(p["bytes"] / (p["i_frames"] + p["p_frames"]), p["psnr"]) for p in intra_points]
+    bd = bd_rate(intra_curve, p_curve)
+    return None if bd is None else 1 + bd / 100
+
+
 def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None) -> dict:
     from common.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
 
@@ -142,6 +154,7 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
                   f"(I {p['i_frames']} / P {p['p_frames']} frames)")
     ours = by_codec["fedlvc"]
     p_vs_i = p_versus_i(ours, by_codec.get("fedlvc-intra", []))
+    p_vs_intra_bd = p_versus_intra_bd(ours, by_codec.get("fedlvc-intra", []))
     theirs, failures = [], []
     for n in names:
         for crf in crfs:
@@ -168,7 +181,7 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
     return {"source": source, "frames": int(t), "width": int(w), "height": int(h), "fps": float(fps),
             "gops": {v: k for k, v in codec_names.items()},
             "points": points, "bd_rate_vs": bd, "baseline_failures": failures, "ranges": ranges, "equal_quality": eq,
-            "p_vs_i": p_vs_i, "speed": _speed(points), "wall_seconds": time.perf_counter() - t0}
+            "p_vs_i": p_vs_i, "p_over_intra_bd": p_vs_intra_bd, "speed": _speed(points), "wall_seconds": time.perf_counter() - t0}
 
 
 def _speed(points: list[dict]) -> dict:
@@ -203,7 +216,9 @@ def markdown(result: dict, names) -> str:
         pvi = c.get("p_vs_i") or []
         cells.append(f"{min(x['p_over_i'] for x in pvi):.3f}–{max(x['p_over_i'] for x in pvi):.3f}" if pvi else "–")
         eq = [x["p_over_intra_at_same_psnr"] for x in pvi if "p_over_intra_at_same_psnr" in x]
-        cells.append(f"{min(eq):.3f}–{max(eq):.3f}" if eq else "out of range")
+        bd = c.get("p_over_intra_bd")
+        cells.append((f"{min(eq):.3f}–{max(eq):.3f}" if eq else "out of range")
+                     + (f" (BD {bd:.3f})" if bd is not None else ""))
         cells += [f"{r['bpp'][0]:.3f}–{r['bpp'][1]:.3f}", f"{r['psnr'][0]:.2f}–{r['psnr'][1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
         for n in names:
@@ -228,7 +243,8 @@ def markdown(result: dict, names) -> str:
             + (f" ({meta.get('steps')} training steps)" if meta.get("steps") is not None else "")
             + f"; baselines at crf {', '.join(map(str, result['crfs']))}, preset medium; fedlvc = I+P with an I-frame "
               f"every {result.get('gop', 32)} frames. P/I: mean P-frame chunk over mean I-frame chunk of the same "
-              f"stream; at equal PSNR: mean P-frame chunk over intra-only bytes per frame at the I+P stream's PSNR.\n")
+              f"stream; at equal PSNR: mean P-frame chunk over intra-only bytes per frame at the I+P stream's PSNR, per "
+              f"quality (range), and averaged over the common PSNR range in log-rate (BD).\n")
     if notes:
         out += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     return out

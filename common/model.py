@@ -377,10 +377,11 @@ class PFrameRule:
 
 
 @torch.no_grad()
-def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, scale: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
     """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
-    (same floor), given its bits at distance 0 (``zero``) and the constant part of the others (``step``)."""
-    bits = torch.where(distance < 0.5, zero, step + (distance - 0.5) / (scale * math.log(2.0)))
+    (same floor), in closed form from its bits at distance 0 (``zero``: −log2(1 − e^(−½/s))), the constant
+    part of the others (``step``: −log2(½·(1 − e^(−1/s)))) and ``per_step`` = 1/(s·ln 2)."""
+    bits = torch.where(distance < 0.5, zero, step + (distance - 0.5) * per_step)
     return bits.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
 
 
@@ -400,6 +401,11 @@ def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory
         return r
     towards = torch.where((r - prev).abs() >= 2, r - torch.sign(r - prev), r)
     dist = (rule.rd_weight * 255.0**2 / 3.0) * (lam[:, None] * weights)[:, :, None, None]
+    # Per (row, channel, context): the bits of the previous value, the constant part of the bits of any
+    # other value, and 1/(scale·ln 2) — tabulated once, gathered per element below.
+    scale = laplace_scale(raw)
+    tables = (-torch.log2(-torch.expm1(-0.5 / scale)), 1.0 - torch.log2(-torch.expm1(-1.0 / scale)),
+              1.0 / (scale * math.log(2.0)))
     contexts = PFrameContexts(prev, history, groups)
     out = torch.empty_like(r)
     ctx_all = torch.empty_like(contexts.base) if contexts_out is not None else None
@@ -407,13 +413,11 @@ def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory
         ctx = contexts.of(g)
         if ctx_all is not None:
             ctx_all[:, sl] = ctx
-        scale = temporal_scales(raw[:, sl], ctx)
-        zero = -torch.log2(-torch.expm1(-0.5 / scale))
-        step = 1.0 - torch.log2(-torch.expm1(-1.0 / scale))
+        zero, step, per_step = (torch.gather(t[:, sl], 2, ctx.flatten(2)).view_as(ctx) for t in tables)
         ys, ps, d = y[:, sl], prev[:, sl], dist[:, sl]
         best, best_cost = ps, d * (ys - ps) ** 2 + zero.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
         for cand in (r[:, sl], towards[:, sl]):
-            cost = d * (ys - cand) ** 2 + _laplace_bits(zero, step, scale, (cand - ps).abs())
+            cost = d * (ys - cand) ** 2 + _laplace_bits(zero, step, per_step, (cand - ps).abs())
             better = cost < best_cost
             best, best_cost = torch.where(better, cand, best), torch.where(better, cost, best_cost)
         out[:, sl] = best
@@ -423,6 +427,21 @@ def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory
     return out
 
 
+def _hook_free(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)`` with detached weights and without calling any module, so that no hook (Opacus' per-sample
+    gradient capture) sees the pass."""
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            x = F.conv2d(x, m.weight.detach(), None if m.bias is None else m.bias.detach(), m.stride, m.padding)
+        elif isinstance(m, nn.PixelShuffle):
+            x = F.pixel_shuffle(x, m.upscale_factor)
+        elif isinstance(m, nn.LeakyReLU):
+            x = F.leaky_relu(x, m.negative_slope)
+        else:
+            raise TypeError(f"unexpected layer {m!r}")
+    return x
+
+
 def synthesis_sensitivity(model: "FedlvcCodec", y_hat: torch.Tensor, levels: torch.Tensor, probes: int = 1,
                           seed: int = 0) -> torch.Tensor:
     """(B, C) float32: for each row and latent channel, the mean over positions of the squared error of the
@@ -430,17 +449,15 @@ def synthesis_sensitivity(model: "FedlvcCodec", y_hat: torch.Tensor, levels: tor
     scaled latent ``y_hat`` (B, C, h, w), i.e. the squared norm of that Jacobian column at ``y_hat``.
     Estimated with Hutchinson's trick — for a random ±1 vector r, E[(Jᵀr)²] is the squared column norm —
     so one backward pass serves every channel and position (``probes`` passes are averaged; the probes
-    are fixed by ``seed`` and the same for every row). Runs on a
-    hook-free copy of the synthesis transform, so Opacus' per-sample gradient hooks never see it. Used by
+    are fixed by ``seed`` and the same for every row). Runs the synthesis transform's layers without
+    calling its modules, so Opacus' per-sample gradient hooks never see it. Used by
     the encoder's rate–distortion optimisation (on each group's I-frame), and by training, which models it
     on each row's own I-frame; the decoder never needs it."""
-    g_s = SynthesisTransform(model.cfg).to(y_hat.device)
-    g_s.load_state_dict(model.g_s.state_dict())
     inv_gain = torch.exp(model.inv_gain.log_gain.weight.detach()[levels])[:, :, None, None]
     gen = torch.Generator(device=y_hat.device).manual_seed(seed)
     with torch.enable_grad():
         y = y_hat.detach().float().clone().requires_grad_(True)
-        x = g_s(y * inv_gain)
+        x = _hook_free(model.g_s.layers, y * inv_gain)
         acc = torch.zeros(y.shape[:2], device=y.device)
         for p in range(probes):
             # One probe for every row: a row's estimate depends on that row alone, whatever the batch.
