@@ -358,8 +358,9 @@ class PFrameRule:
       ``κ·λ_q·255²/3 · w_c·(y − v)² + bits(v)``: the per-frame training loss ``λ_q·255²·MSE + bpp`` times
       the pixel count, with the distortion linearised per channel (``w_c``: squared error of the decoded
       frame, in [0, 1] units summed over RGB, per unit² of latent error, measured at the group's I-frame by
-      :func:`synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little quality (sensor noise, a channel the
-      decoder hardly uses, a still background where a change is improbable) is not coded.
+      :func:`synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little
+      quality (sensor noise, a channel the decoder hardly uses, a still background where a change is
+      improbable) is not coded.
     * otherwise ``skip_threshold`` T: keep the previous value where |y − previous| < ½ + T, round elsewhere.
     """
 
@@ -377,7 +378,8 @@ class PFrameRule:
 
 
 @torch.no_grad()
-def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor,
+                  distance: torch.Tensor) -> torch.Tensor:
     """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
     (same floor), in closed form from its bits at distance 0 (``zero``: −log2(1 − e^(−½/s))), the constant
     part of the others (``step``: −log2(½·(1 − e^(−1/s)))) and ``per_step`` = 1/(s·ln 2)."""
@@ -450,9 +452,9 @@ def synthesis_sensitivity(model: "FedlvcCodec", y_hat: torch.Tensor, levels: tor
     Estimated with Hutchinson's trick — for a random ±1 vector r, E[(Jᵀr)²] is the squared column norm —
     so one backward pass serves every channel and position (``probes`` passes are averaged; the probes
     are fixed by ``seed`` and the same for every row). Runs the synthesis transform's layers without
-    calling its modules, so Opacus' per-sample gradient hooks never see it. Used by
-    the encoder's rate–distortion optimisation (on each group's I-frame), and by training, which models it
-    on each row's own I-frame; the decoder never needs it."""
+    calling its modules, so Opacus' per-sample gradient hooks never see it. Used by the encoder's
+    rate–distortion optimisation (on each group's I-frame), and by training, which models it on each row's
+    own I-frame; the decoder never needs it."""
     inv_gain = torch.exp(model.inv_gain.log_gain.weight.detach()[levels])[:, :, None, None]
     gen = torch.Generator(device=y_hat.device).manual_seed(seed)
     with torch.enable_grad():
