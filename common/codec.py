@@ -121,6 +121,8 @@ class FrameEncoder:
         self.rule = rule
         self._weights = None  # channel sensitivities of the current group (rate-distortion optimisation)
         self._contexts = None  # context indices of the P-frame latent just chosen
+        self._raw = None  # the temporal prior's raw scales at this level (1, C, contexts)
+        self._lam = torch.tensor([model.cfg.lambdas[self.level]])
         self.track_bits = track_bits
         self.ideal_bits = 0.0  # −Σ log2 p of everything encoded so far (when track_bits)
         self.bytes_by_type = {"I": 0, "P": 0}
@@ -144,13 +146,13 @@ class FrameEncoder:
                 self._weights = synthesis_sensitivity(self.model, torch.from_numpy(y_hat).float()[None], self._levels)
             return y_hat
         prev, history = st.references()
-        lam = torch.tensor([self.model.cfg.lambdas[self.level]])
-        with torch.no_grad():
-            raw = self.model.temporal(self._levels)
+        if self._raw is None:
+            with torch.no_grad():
+                self._raw = self.model.temporal(self._levels)
         contexts = []
-        chosen = choose_p_latent(torch.from_numpy(y)[None], torch.from_numpy(prev).float()[None], history, raw,
-                                 self.model.cfg.p_groups, self.rule, self.coder.support, lam, self._weights,
-                                 contexts_out=contexts)
+        chosen = choose_p_latent(torch.from_numpy(y)[None], torch.from_numpy(prev).float()[None], history,
+                                 self._raw, self.model.cfg.p_groups, self.rule, self.coder.support, self._lam,
+                                 self._weights, contexts_out=contexts)
         self._contexts = contexts[0][0].numpy() if contexts else None
         return chosen[0].numpy().astype(np.int64)
 

@@ -536,7 +536,7 @@ class FedlvcCodec(nn.Module):
         weights = None
         # The latents the coder will hold (the encoder's P-frame rule; straight-through), with the motion
         # history each P-frame is coded under.
-        targets, coded, histories = [], [], [None]
+        targets, coded, histories, contexts = [], [], [None], [None]
         for s in range(frames):
             ys = yv[:, s]
             if s == 0:
@@ -546,8 +546,10 @@ class FedlvcCodec(nn.Module):
             else:
                 if s >= 2:
                     histories.append(next_history(histories[-1], coded[s - 2], coded[s - 1]))
+                found = []  # with RDO: the contexts the choice was made under, which code it
                 q = choose_p_latent(ys.detach(), coded[-1], histories[-1], raw.detach(), groups, rule,
-                                    self.cfg.support, lam, weights)
+                                    self.cfg.support, lam, weights, found)
+                contexts.append(found[0] if found else p_context(coded[-1], histories[-1], q, groups))
             targets.append(ys + (q - ys).detach())
             coded.append(q)
         if self.training:
@@ -559,7 +561,7 @@ class FedlvcCodec(nn.Module):
         bits = -torch.log2(latent_likelihood(first, *self.prior(levels))).flatten(1).sum(1)
         for s in range(1, frames):
             prev = coded[s - 1]
-            scales = temporal_scales(raw, p_context(prev, histories[s - 1], coded[s], groups))
+            scales = temporal_scales(raw, contexts[s])
             bits = bits - torch.log2(laplace_likelihood(targets[s], prev, scales)).flatten(1).sum(1)
         return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
 

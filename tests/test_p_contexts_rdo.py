@@ -314,3 +314,18 @@ def test_cli_train_upgrades_a_v2_model_and_trains_only_its_temporal_prior(capsys
     msg = expect_user_error(capsys, ["train", videos, "--out", tmp_path / "x.safetensors", "--privacy-unit",
                                      "segment", "--skip-threshold", "0.2"], tmp_path)
     assert "--rd-weight 0" in msg
+
+
+def test_rdo_bits_in_closed_form_equal_the_likelihood():
+    """choose_p_latent prices candidates with a closed form of the quantized Laplace (faster than calling
+    laplace_likelihood three times per group); it must stay the same function, floor included."""
+    from common.model import _laplace_bits, laplace_likelihood, laplace_scale
+
+    scale = laplace_scale(torch.linspace(-8, 6, 57, dtype=torch.float64))[:, None]
+    k = torch.arange(0, 40, dtype=torch.float64)[None, :]
+    zero = -torch.log2(-torch.expm1(-0.5 / scale))
+    step = 1.0 - torch.log2(-torch.expm1(-1.0 / scale))
+    closed = _laplace_bits(zero.expand_as(k * scale), step.expand_as(k * scale), 1.0 / (scale * math.log(2.0)), k)
+    exact = -torch.log2(laplace_likelihood(k, torch.zeros(()), scale))
+    torch.testing.assert_close(closed, exact, rtol=1e-9, atol=1e-9)
+    assert exact.max() == pytest.approx(-math.log2(1e-9))  # the floor is reached and matched
