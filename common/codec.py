@@ -150,9 +150,10 @@ class FrameEncoder:
             with torch.no_grad():
                 self._raw = self.model.temporal(self._levels)
         contexts = []
-        chosen = choose_p_latent(torch.from_numpy(y)[None], torch.from_numpy(prev).float()[None], history,
-                                 self._raw, self.model.cfg.p_groups, self.rule, self.coder.support, self._lam,
-                                 self._weights, contexts_out=contexts)
+        with torch.inference_mode():  # many small tensor operations: skip autograd's bookkeeping
+            chosen = choose_p_latent(torch.from_numpy(y)[None], torch.from_numpy(prev).float()[None], history,
+                                     self._raw, self.model.cfg.p_groups, self.rule, self.coder.support, self._lam,
+                                     self._weights, contexts_out=contexts)
         self._contexts = contexts[0][0].numpy() if contexts else None
         return chosen[0].numpy().astype(np.int64)
 

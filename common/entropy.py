@@ -122,6 +122,7 @@ class LatentCoder:
             coder.encode_reverse(self.clip(y_hat).astype(np.int32).reshape(-1), self._laplace, means, scales)
         return coder.get_compressed().astype("<u4").tobytes()
 
+    @torch.inference_mode()
     def decode(self, payload: bytes, level: int, shape: tuple[int, int, int], prev: np.ndarray | None = None,
                history: MotionHistory | None = None) -> np.ndarray:
         """Inverse of :meth:`encode`; raises FedlvcError when the payload does not decode to exactly ``shape``."""
