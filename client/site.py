@@ -104,7 +104,10 @@ class PrivacyLedger:
         self.accountant, self.delta, self.path, self.unit_frames = accountant, delta, path, unit_frames
 
     @classmethod
-    def load(cls, context, rc: RunConfig) -> "PrivacyLedger":
+    def load(cls, context, rc: RunConfig, earlier: dict | None = None) -> "PrivacyLedger":
+        """The ledger on disk (``state-dir``), else this run's ``Context.state``, else ``earlier``: this site's
+        rounds before a ``resume-from``, as the server's ``history.json`` recorded them. Without the last, a
+        site with no ledger on disk (every simulated site) would start again from ε = 0 in a resumed run."""
         state_dir = str(context.node_config.get("state-dir", "") or "")
         path = Path(state_dir) / cls.FILE if state_dir else None
         history = []
@@ -125,6 +128,12 @@ class PrivacyLedger:
         elif "privacy" in context.state:
             rec = context.state["privacy"]
             history = list(zip(rec["sigma"], rec["q"], rec["steps"]))
+        elif earlier and earlier.get("history"):
+            if int(earlier.get("unit_frames", 1)) != rc.unit_frames:
+                raise FedlvcError(f"the rounds before resume-from counted privacy units of "
+                                  f"{earlier.get('unit_frames', 1)} frame(s); run-config asks for {rc.unit_frames} "
+                                  f"(privacy-unit/segment-frames): resume with the same unit")
+            history = [(float(s), float(q), int(n)) for s, q, n in earlier["history"]]
         return cls(history, rc.accountant, rc.delta, path, rc.unit_frames)
 
     def epsilon(self, extra=()) -> float:

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
+from common.errors import FedlvcError
 from common.metrics import bd_rate
 from common.training import with_temporal_prior
 from common.fedconfig import RunConfig
@@ -158,12 +159,30 @@ def _initial_model(rc: RunConfig) -> tuple[FedlvcCodec, int, list]:
     return load_model(rc.init_model or None), 0, []
 
 
+def earlier_ledgers(rounds: list, rc: RunConfig) -> dict:
+    """{site: {"unit_frames", "history"}}: each site's DP history ``[[σ, q, steps], ...]`` as of the last of
+    ``rounds`` (the ones a resumed run continues) it answered in. Sent with every training round, so that a
+    site with no ledger on disk continues its ε instead of starting again from zero."""
+    ledgers = {}
+    for r in rounds:
+        for key, s in r.get("sites", {}).items():
+            if s.get("dp_history"):
+                ledgers[key] = {"unit_frames": int(s.get("unit_frames", 1)), "history": s["dp_history"]}
+    mixed = sorted(k for k, v in ledgers.items() if v["unit_frames"] != rc.unit_frames)
+    if mixed:  # ε per frame and ε per segment are different guarantees: they do not add up
+        raise FedlvcError(f"resume-from: the earlier rounds of {', '.join(mixed)} counted privacy units of "
+                          f"{ledgers[mixed[0]]['unit_frames']} frame(s); run-config asks for {rc.unit_frames} "
+                          f"(privacy-unit/segment-frames): resume with the same unit")
+    return ledgers
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = RunConfig.from_mapping(context.run_config)
     out = rc.resolved_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     model, offset, rounds = _initial_model(rc)
+    ledgers = earlier_ledgers(rounds, rc)
     if rc.privacy_unit == "segment":
         model = with_temporal_prior(model)  # an intra-only starting model gains a P-frame prior to train
     model_config = json.dumps(model.cfg.to_dict())
@@ -202,11 +221,13 @@ def main(grid: Grid, context: Context) -> None:
         if central is not None:  # site-level rounds so far, earlier runs resumed from included
             rounds[-1]["central_dp"] = central.round_record(sum(1 for x in rounds if "central_dp" in x) + 1,
                                                             fedavg.clipping_norms.get(server_round))
+        # History first: a checkpoint on disk then always has its round in history.json (a resume reads both
+        # and drops rounds after the checkpoint's).
+        write_history()
         global_model = FedlvcCodec(model.cfg)
         global_model.load_state_dict(arrays.to_torch_state_dict())
         save_model(out / f"round_{r:03d}.safetensors", global_model,
                    {"round": r, "run_config": dict(context.run_config), "epsilon_max": rounds[-1]["epsilon_max"]})
-        write_history()
         return None
 
     result = strategy.start(
@@ -214,7 +235,8 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=rc.num_server_rounds,
         timeout=rc.round_timeout,
-        train_config=ConfigRecord({"model-config": model_config, "central-dp": rc.central_dp}),
+        train_config=ConfigRecord({"model-config": model_config, "central-dp": rc.central_dp,
+                                   "earlier-ledgers": json.dumps(ledgers)}),
         evaluate_config=ConfigRecord({"model-config": model_config}),
         evaluate_fn=after_round,
     )

@@ -127,6 +127,38 @@ def test_a_ledger_refuses_to_mix_privacy_units(tmp_path):
         client_app.train(_message(_model(), "train"), _context(segment, node=node))
 
 
+def test_a_resumed_run_continues_each_sites_epsilon_from_the_earlier_rounds():
+    """A site without a ledger on disk (every simulated site) takes the rounds before resume-from from the
+    server's history, so ε keeps adding up instead of starting again from zero."""
+    from server.app import earlier_ledgers
+
+    before = [[1.0, 0.25, 3], [1.0, 0.25, 3]]
+    rounds = [{"round": 1, "sites": {"site_0": {"dp_history": before[:1], "unit_frames": 1}}},
+              {"round": 2, "sites": {"site_0": {"dp_history": before, "unit_frames": 1},
+                                     "site_1": {"dp_history": [], "unit_frames": 1}}}]
+    ledgers = earlier_ledgers(rounds, RunConfig.from_mapping({}))
+    assert ledgers == {"site_0": {"unit_frames": 1, "history": before}}  # the latest record of each site
+    msg = _message(_model(), "train", 1)
+    msg.content["config"]["earlier-ledgers"] = json.dumps(ledgers)
+    m = client_app.train(msg, _context()).content["metrics"]  # partition-id 0: site_0
+    assert m["dp_sigma"][:2] == [1.0, 1.0] and m["dp_steps"] == [3, 3, RUN["local-steps"]]
+    assert m["epsilon"] == pytest.approx(
+        independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"]), rel=1e-9)
+    fresh = client_app.train(_message(_model(), "train", 1), _context()).content["metrics"]
+    assert m["epsilon"] > fresh["epsilon"]
+    # Another site's record is not this site's; a record of another privacy unit is refused on both sides.
+    other = _message(_model(), "train", 1)
+    other.content["config"]["earlier-ledgers"] = json.dumps({"site_1": ledgers["site_0"]})
+    assert client_app.train(other, _context()).content["metrics"]["dp_steps"] == [RUN["local-steps"]]
+    segment_rounds = [{"round": 1, "sites": {"site_0": {"dp_history": before, "unit_frames": 4}}}]
+    with pytest.raises(FedlvcError, match="privacy units of 4 frame"):
+        earlier_ledgers(segment_rounds, RunConfig.from_mapping({}))
+    mixed = _message(_model(), "train", 1)
+    mixed.content["config"]["earlier-ledgers"] = json.dumps({"site_0": {"unit_frames": 4, "history": before}})
+    with pytest.raises(FedlvcError, match="privacy units of 4 frame"):
+        client_app.train(mixed, _context())
+
+
 def test_train_parts_entropy_changes_only_gains_and_priors():
     """train-parts = entropy: a DP round moves the quantization gains and the I-frame prior, nothing else."""
     model = _model(7)
@@ -352,6 +384,14 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
+    # The simulated sites keep no ledger on disk: their ε continues from the server's record of round 1.
+    first, second = history["rounds"][0]["sites"], history["rounds"][1]["sites"]
+    assert set(first) == set(second) == {"site_0", "site_1"}
+    for key, s in second.items():
+        assert sum(n for _, _, n in first[key]["dp_history"]) == 3  # local-steps=3
+        assert sum(n for _, _, n in s["dp_history"]) == 2 * 3  # both rounds (equal (σ, q) entries merge)
+        assert s["epsilon"] == pytest.approx(independent_epsilon(*zip(*s["dp_history"]), s["delta"]), rel=1e-9)
+        assert s["epsilon"] > first[key]["epsilon"]
 
 
 @pytest.mark.slow
