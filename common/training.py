@@ -109,6 +109,29 @@ def empty_batch_step(model, optimizer) -> None:
     optimizer.step()
 
 
+def optimizer_step(model, raw_model, optimizer, loss_fn, forward, x: torch.Tensor, levels: torch.Tensor,
+                   dp: DPConfig | None, params: list, clip_norm: float) -> float | None:
+    """One training step on the batch (x, levels): the rate–distortion loss, backward, then gradient-norm
+    clipping (no DP) or Opacus' per-sample clipping and noise (a segment row's per-frame gradient samples
+    summed per segment first). ``model`` is what the optimizer was made for (Opacus' wrapper under DP),
+    ``raw_model`` the codec itself. An empty Poisson batch is still a step (noise only): returns nan. A
+    non-finite loss takes no step: returns None. Otherwise returns the batch's mean loss."""
+    optimizer.zero_grad(set_to_none=True)
+    if x.shape[0] == 0:
+        empty_batch_step(model, optimizer)
+        return float("nan")
+    loss = loss_fn(forward(raw_model, x, levels), x, levels).mean()
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    if dp is None:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    elif x.dim() == 5:
+        fold_segment_grad_samples(raw_model, x.shape[0], x.shape[1])
+    optimizer.step()
+    return loss.item()
+
+
 def _validation_crops(rows: list, size: int, limit: int = 48) -> torch.Tensor:
     """Centre crops (N, 3, s, s) of frame rows, or (N, S, 3, s, s) of segment rows."""
     if rows and isinstance(rows[0], list):
@@ -212,7 +235,8 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
     val_crops = _validation_crops(held_out, 128)
     dataset, loss_cls, forward = rows_dataset(train_rows, cfg.crop_size, model.cfg.num_levels, cfg.segment_frames,
                                               cfg.seed, cfg.p_rule)
-    optimizer = torch.optim.Adam(set_trainable(model, cfg.segment_frames, cfg.train_parts), lr=cfg.learning_rate)
+    params = set_trainable(model, cfg.segment_frames, cfg.train_parts)
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
     info = _load_state(out, model, optimizer) or {
         "step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0,
     }
@@ -263,26 +287,17 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
                 g["lr"] = lr
             if fast_layout and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            if x.shape[0] == 0:  # an empty Poisson batch still spends a step: noise only
-                empty_batch_step(model, optimizer)
-                info["step"] += 1
-                continue
-            loss = loss_fn(forward(raw_model, x, levels), x, levels).mean()
-            if not torch.isfinite(loss):
+            loss = optimizer_step(model, raw_model, optimizer, loss_fn, forward, x, levels, dp, params,
+                                  cfg.clip_norm)
+            if loss is None:
                 info["nonfinite_steps"] += 1
-                optimizer.zero_grad(set_to_none=True)
                 continue
-            loss.backward()
-            if dp is None:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_norm)
-            elif x.dim() == 5:
-                fold_segment_grad_samples(raw_model, x.shape[0], x.shape[1])
-            optimizer.step()
             info["step"] += 1
-            running.append(loss.item())
+            if math.isnan(loss):  # an empty Poisson batch: a step, noise only
+                continue
+            running.append(loss)
             if progress:
-                progress(info["step"], loss.item())
+                progress(info["step"], loss)
             if info["step"] % cfg.validate_every == 0 or time.time() - last_ckpt > cfg.checkpoint_seconds \
                     or info["step"] == cfg.steps:
                 info["wall_seconds"] = time.time() - t0
@@ -328,22 +343,13 @@ def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, cro
         for x, levels in loader:
             if done >= steps:
                 break
-            optimizer.zero_grad(set_to_none=True)
             done += 1
-            if x.shape[0] == 0:
-                empty_batch_step(wrapped, optimizer)
-                continue
-            x, levels = x.to(device), levels.to(device)
-            loss = loss_fn(forward(model, x, levels), x, levels).mean()
-            if not torch.isfinite(loss):
+            loss = optimizer_step(wrapped, model, optimizer, loss_fn, forward, x.to(device), levels.to(device),
+                                  dp, params, 1.0)
+            if loss is None:
                 raise FloatingPointError("non-finite loss in local training")
-            loss.backward()
-            losses.append(loss.item())
-            if dp is None:
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-            elif x.dim() == 5:
-                fold_segment_grad_samples(model, x.shape[0], x.shape[1])
-            optimizer.step()
+            if not math.isnan(loss):  # nan: an empty Poisson batch, a step of noise only
+                losses.append(loss)
     for p in model.parameters():
         p.requires_grad_(True)
     if engine is not None:

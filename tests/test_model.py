@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -297,3 +298,33 @@ def test_dp_training_survives_empty_poisson_batches(tmp_path):
     assert sum(n for _, _, n in meta["dp"]["dp_history"]) == 12  # every step, empty or not, is accounted
     model = load_model(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_plain_training_on_segments_trains_the_p_prior_and_resumes(tmp_path):
+    """train() without DP on segment rows (the shipped model's temporal stage): a resumed run continues from
+    its train-state up to the new step count, and the P-frame prior moves."""
+    from fractions import Fraction
+
+    from common.checkpoint import load_model, read_meta
+    from common.training import TrainConfig, train, with_temporal_prior
+    from common.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mkv", generate_site_clip(0, 0, 48, 48, 20), Fraction(25))
+    out = tmp_path / "m.safetensors"
+    cfg = dict(batch_size=2, crop_size=32, validate_every=1000, checkpoint_seconds=1e9, segment_frames=3)
+    logs = []
+    first = train([videos], out, TrainConfig(steps=3, **cfg), model_cfg=TINY_CONFIG, log=logs.append)
+    assert first["steps"] == 3 and first["epsilon"] is None
+    assert [json.loads(line)["step"] for line in logs] == [3]
+    logs.clear()
+    second = train([videos], out, TrainConfig(steps=5, **cfg), model_cfg=TINY_CONFIG, log=logs.append)
+    assert second["steps"] == 5 and logs[0].startswith("resuming from step 3 ")
+    assert [json.loads(line)["step"] for line in logs[1:]] == [5]
+    assert read_meta(out)["steps"] == 5 and read_meta(out)["privacy_unit"] == "segment"
+    model = load_model(out)
+    torch.manual_seed(0)
+    start = with_temporal_prior(FedlvcCodec(TINY_CONFIG)).state_dict()
+    moved = [k for k, v in model.state_dict().items() if k.startswith("temporal.") and not torch.equal(v, start[k])]
+    assert moved and all(torch.isfinite(p).all() for p in model.parameters())
