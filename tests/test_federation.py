@@ -157,6 +157,11 @@ def test_a_resumed_run_continues_each_sites_epsilon_from_the_earlier_rounds():
     mixed.content["config"]["earlier-ledgers"] = json.dumps({"site_0": {"unit_frames": 4, "history": before}})
     with pytest.raises(FedlvcError, match="privacy units of 4 frame"):
         client_app.train(mixed, _context())
+    for bad in ("not json", json.dumps({"site_0": {"history": [[1.0, 0.25]]}}), json.dumps(["site_0"])):
+        broken = _message(_model(), "train", 1)
+        broken.content["config"]["earlier-ledgers"] = bad
+        with pytest.raises(FedlvcError, match="earlier-ledgers record is malformed"):
+            client_app.train(broken, _context())
 
 
 def test_train_parts_entropy_changes_only_gains_and_priors():
