@@ -92,6 +92,18 @@ def load_model(arg: str | None):
     return _load(model_path(arg))
 
 
+def p_rule_arg(parser, args):
+    """The P-frame rule of ``--rd-weight`` / ``--skip-threshold`` (as ``fedlvc compress`` reads them); a
+    combination it refuses ends the script through ``parser.error`` (one line, exit 2)."""
+    from common.codec import p_rule
+    from common.errors import FedlvcError
+
+    try:
+        return p_rule(args.rd_weight, args.skip_threshold)
+    except FedlvcError as e:
+        parser.error(str(e))
+
+
 def model_info(arg: str | None, model) -> dict:
     from common.checkpoint import fingerprint
 

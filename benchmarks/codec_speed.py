@@ -77,9 +77,15 @@ def main(argv=None) -> int:
     p.add_argument("--crf", type=int, default=23, help="x264 crf (default 23)")
     p.add_argument("--gop", type=int, default=None,
                    help="fedlvc group length (default: fedlvc compress's, 32 with a temporal model; 1 = intra-only)")
+    p.add_argument("--rd-weight", type=float, default=None,
+                   help="fedlvc encoder's P-frame rate-distortion weight (default: fedlvc compress's; 0 with "
+                        "--skip-threshold: the faster skip rule)")
+    p.add_argument("--skip-threshold", type=float, default=None,
+                   help="with --rd-weight 0: fedlvc encoder's P-frame skip threshold")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.frames < 1:
         p.error("--repeats and --frames must be >= 1")
+    rule = C.p_rule_arg(p, args)
 
     with C.json_stdout() as emit:
         import torch
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
                 warm = r == 0
                 sub = frames[: min(n, 4)] if warm else frames
                 t0 = time.perf_counter()
-                summary = encode_frames(iter(sub), path, model, args.quality, fps, gop)
+                summary = encode_frames(iter(sub), path, model, args.quality, fps, gop, rule=rule)
                 t1 = time.perf_counter()
                 _, it = decode_stream(path, model)
                 decoded = list(it)
@@ -143,7 +149,9 @@ def main(argv=None) -> int:
             "statistic": f"best of {args.repeats} interleaved rounds (after 1 warm-up round)",
             "seconds": times,
             "clip": args.clip, "source": source, "frames": n, "size": f"{w}x{h}",
-            "quality": args.quality, "gop": gop, "x264_crf": args.crf,
+            "quality": args.quality, "gop": gop, "p_rule": {"rd_weight": rule.rd_weight,
+                                                             "skip_threshold": rule.skip_threshold},
+            "x264_crf": args.crf,
             "fedlvc_bpp": last["summary"]["bpp"], "fedlvc_psnr": psnr_rgb(frames, np.stack(last["decoded"])),
             "x264_bpp": last["x264"].bpp, "x264_psnr": psnr_rgb(frames, last["x264"].decoded),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),

@@ -278,13 +278,11 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="also print a markdown BD-rate table to stderr")
     p.add_argument("--markdown-out", help="write the markdown table to this file (implies --markdown)")
     args = p.parse_args(argv)
+    rule = C.p_rule_arg(p, args)
 
     with C.json_stdout() as emit:
         from common.baselines import BASELINES, DEFAULT_CRFS
         from common.checkpoint import read_meta
-        from common.codec import p_rule
-
-        rule = p_rule(args.rd_weight, args.skip_threshold)
 
         C.set_threads(args.threads)
         import common.evaluate
