@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,7 +124,12 @@ def optimizer_step(model, raw_model, optimizer, loss_fn, forward, x: torch.Tenso
     loss = loss_fn(forward(raw_model, x, levels), x, levels).mean()
     if not torch.isfinite(loss):
         return None
-    loss.backward()
+    with warnings.catch_warnings():
+        # Opacus' full backward hooks on the first layer, whose input (the frames) needs no gradient: harmless
+        # (tests/test_dp_grad_samples.py checks every per-sample gradient), but torch warns on every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
+                                "with respect to module outputs")
+        loss.backward()
     if dp is None:
         torch.nn.utils.clip_grad_norm_(params, clip_norm)
     elif x.dim() == 5:
