@@ -147,22 +147,26 @@ def make_strategy(rc: RunConfig):
     return wrapped, fedavg, central
 
 
+def _history_rounds(rc: RunConfig) -> list:
+    """Every round of the ``history.json`` beside ``resume-from`` (none without it)."""
+    history_file = Path(rc.resume_from).parent / "history.json" if rc.resume_from else None
+    return json.loads(history_file.read_text())["rounds"] if history_file and history_file.is_file() else []
+
+
 def _initial_model(rc: RunConfig) -> tuple[FedlvcCodec, int, list]:
     """(model, rounds already done, earlier history) from resume-from, init-model or the shipped model."""
     if rc.resume_from:
         model = load_model(rc.resume_from)
-        meta = read_meta(rc.resume_from)
-        history_file = Path(rc.resume_from).parent / "history.json"
-        earlier = json.loads(history_file.read_text())["rounds"] if history_file.is_file() else []
-        done = int(meta.get("round", 0))
-        return model, done, [r for r in earlier if r["round"] <= done]
+        done = int(read_meta(rc.resume_from).get("round", 0))
+        return model, done, [r for r in _history_rounds(rc) if r["round"] <= done]
     return load_model(rc.init_model or None), 0, []
 
 
 def earlier_ledgers(rounds: list, rc: RunConfig) -> dict:
     """{site: {"unit_frames", "history"}}: each site's DP history ``[[σ, q, steps], ...]`` as of the last of
-    ``rounds`` (the ones a resumed run continues) it answered in. Sent with every training round, so that a
-    site with no ledger on disk continues its ε instead of starting again from zero."""
+    ``rounds`` it answered in — every round of the earlier run's ``history.json``, also those after the
+    checkpoint resumed from (their updates were released: their privacy is spent). Sent with every training
+    round, so that a site with no ledger on disk continues its ε instead of starting again from zero."""
     ledgers = {}
     for r in rounds:
         for key, s in r.get("sites", {}).items():
@@ -182,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
     out = rc.resolved_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     model, offset, rounds = _initial_model(rc)
-    ledgers = earlier_ledgers(rounds, rc)
+    ledgers = earlier_ledgers(_history_rounds(rc), rc)
     if rc.privacy_unit == "segment":
         model = with_temporal_prior(model)  # an intra-only starting model gains a P-frame prior to train
     model_config = json.dumps(model.cfg.to_dict())

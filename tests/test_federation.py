@@ -307,16 +307,20 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
 
 def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
     from common.checkpoint import save_model
-    from server.app import _initial_model
+    from server.app import _history_rounds, _initial_model, earlier_ledgers
 
     model = _model(3)
     save_model(tmp_path / "round_003.safetensors", model, {"round": 3})
-    rounds = [{"round": r, "sites": {}} for r in (1, 2, 3, 4)]  # a round 4 written after the checkpoint is dropped
+    # A round 4 written after the checkpoint is dropped from the model's history...
+    rounds = [{"round": r, "sites": {"site_0": {"dp_history": [[1.0, 0.1, 2 * r]], "unit_frames": 1}}}
+              for r in (1, 2, 3, 4)]
     (tmp_path / "history.json").write_text(json.dumps({"rounds": rounds}))
     rc = RunConfig.from_mapping({"resume-from": str(tmp_path / "round_003.safetensors")})
     resumed, done, earlier = _initial_model(rc)
     assert done == 3 and [r["round"] for r in earlier] == [1, 2, 3]
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in model.state_dict().items())
+    # ... but not from the sites' privacy ledgers: its updates were released, its privacy is spent.
+    assert earlier_ledgers(_history_rounds(rc), rc)["site_0"]["history"] == [[1.0, 0.1, 8]]
 
 
 @pytest.mark.slow
