@@ -359,6 +359,24 @@ def test_central_site_level_dp_clips_updates_and_accounts_per_round(tmp_path):
     assert drift < 2e-5
 
 
+def _kill_everything_of(home: Path) -> None:
+    """SIGKILL every process started with ``FLWR_HOME=home``: the SuperLink, SuperExec, the simulation's
+    ServerApp and workers, whatever session they put themselves in — a server machine going down."""
+    mark = f"FLWR_HOME={home}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            started_with = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if mark in started_with:
+            try:
+                os.kill(int(proc.name), 9)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.slow
 def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     """Kill the whole SuperLink (ServerApp included) after round 1 is checkpointed, then resume from it:
@@ -378,12 +396,16 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
         while not (out / "round_001.safetensors").is_file() and time.time() < deadline:
             time.sleep(0.5)
         assert (out / "round_001.safetensors").is_file()
-        os.killpg(runtime.process.pid, 9)  # the SuperLink and everything it started: no clean shutdown
+        _kill_everything_of(runtime.home)  # the SuperLink and everything it started: no clean shutdown
         runtime.process.wait()
         run.wait(timeout=120)
     finally:
         runtime.__exit__(None, None, None)
     assert not (out / "final.safetensors").exists()
+    # Rounds the killed run finished after round 1 (if any) count for the sites' privacy, not for the model.
+    killed = json.loads((out / "history.json").read_text())["rounds"]
+    spent = {k: sum(n for _, _, n in s["dp_history"]) for r in killed for k, s in r["sites"].items()}
+    assert spent and all(n >= 3 for n in spent.values())  # local-steps=3, at least round 1
     (tmp_path / "second").mkdir()
     with SimulationRuntime(tmp_path / "second") as again:
         resumed = again.run(TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=1")
@@ -393,12 +415,12 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
-    # The simulated sites keep no ledger on disk: their ε continues from the server's record of round 1.
+    # The simulated sites keep no ledger on disk: their ε continues from the server's record of the killed run.
     first, second = history["rounds"][0]["sites"], history["rounds"][1]["sites"]
-    assert set(first) == set(second) == {"site_0", "site_1"}
+    assert set(first) == set(second) == set(spent) == {"site_0", "site_1"}
     for key, s in second.items():
         assert sum(n for _, _, n in first[key]["dp_history"]) == 3  # local-steps=3
-        assert sum(n for _, _, n in s["dp_history"]) == 2 * 3  # both rounds (equal (σ, q) entries merge)
+        assert sum(n for _, _, n in s["dp_history"]) == spent[key] + 3  # equal (σ, q) entries merge
         assert s["epsilon"] == pytest.approx(independent_epsilon(*zip(*s["dp_history"]), s["delta"]), rel=1e-9)
         assert s["epsilon"] > first[key]["epsilon"]
 
