@@ -18,14 +18,13 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
-from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.metrics import ms_ssim, psnr_rgb
 from common.model import CodecConfig, FedlvcCodec, PFrameRule
 from common.privacy import DPConfig, poisson_sample_rate
 from common.training import local_train
 
-from .site import PrivacyLedger, load_site, site_clips, site_identity
+from .site import PrivacyLedger, earlier_ledger, load_site, site_clips, site_identity
 
 app = ClientApp()
 
@@ -65,25 +64,12 @@ def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
     return fixedclipping_mod(msg, context, call_next)
 
 
-def _earlier_ledger(msg: Message, site_id: int) -> dict | None:
-    """This site's DP history before a ``resume-from``, as the server sent it (``earlier-ledgers``)."""
-    try:
-        ledgers = json.loads(str(msg.content["config"].get("earlier-ledgers", "{}")))
-        mine = ledgers.get(f"site_{site_id}")
-        if mine is None:
-            return None
-        return {"unit_frames": int(mine.get("unit_frames", 1)),
-                "history": [(float(s), float(q), int(n)) for s, q, n in mine["history"]]}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise FedlvcError(f"the server's earlier-ledgers record is malformed: {e}") from None
-
-
 @app.train(mods=[central_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     site = load_site(context.node_config, rc)
     _inject_fault(site.site_id, int(msg.content["config"].get("server-round", 0)))
-    ledger = PrivacyLedger.load(context, rc, _earlier_ledger(msg, site.site_id))
+    ledger = PrivacyLedger.load(context, rc, earlier_ledger(msg.content["config"], site.site_id))
     model = _model_from(msg)
     server_round = int(msg.content["config"].get("server-round", 0))
     q = poisson_sample_rate(len(site.train_rows), rc.batch_size)

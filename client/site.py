@@ -11,7 +11,7 @@ from common.data import (find_videos, generate_site_clip, make_segments, sample_
                          split_held_out)
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
-from common.privacy import epsilon_from_history
+from common.privacy import check_privacy_unit, epsilon_from_history
 from common.video import atomic_output
 
 _CACHE: dict = {}
@@ -92,6 +92,23 @@ def site_clips(node_config, rc: RunConfig):
                    Fraction(25))
 
 
+def _history_rows(rows) -> list[tuple[float, float, int]]:
+    """An accountant history ``[(σ, q, steps), ...]`` from its JSON form (ValueError/TypeError if malformed)."""
+    return [(float(s), float(q), int(n)) for s, q, n in rows]
+
+
+def earlier_ledger(config, site_id: int) -> dict | None:
+    """This site's record ``{"unit_frames", "history"}`` in the ``earlier-ledgers`` the server sends with
+    a training round of a run continued from ``resume-from`` (None when it has none)."""
+    try:
+        mine = json.loads(str(config.get("earlier-ledgers", "{}"))).get(f"site_{site_id}")
+        if mine is None:
+            return None
+        return {"unit_frames": int(mine.get("unit_frames", 1)), "history": _history_rows(mine["history"])}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FedlvcError(f"the server's earlier-ledgers record is malformed: {e}") from None
+
+
 class PrivacyLedger:
     """The site's DP accountant history ``[(σ, q, steps), ...]``: kept in Flower's ``Context.state`` during a
     run and, when the node config has ``state-dir``, on disk so that ε keeps adding up across SuperNode
@@ -114,26 +131,22 @@ class PrivacyLedger:
         if path is not None and path.is_file():
             try:
                 doc = json.loads(path.read_text())
-                history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
+                history = _history_rows(doc["history"])
             except (ValueError, KeyError, TypeError) as e:
                 raise FedlvcError(f"privacy ledger {path} is unreadable: {e}") from None
             if doc.get("accountant", rc.accountant) != rc.accountant:
                 raise FedlvcError(f"privacy ledger {path} was kept with the {doc['accountant']} accountant, "
                                   f"run-config asks for {rc.accountant}")
-            if history and int(doc.get("unit_frames", 1)) != rc.unit_frames:
-                # ε of one frame and ε of one segment are different guarantees: they do not simply add up.
-                raise FedlvcError(f"privacy ledger {path} counts privacy units of {doc.get('unit_frames', 1)} "
-                                  f"frame(s); run-config asks for {rc.unit_frames} (privacy-unit/segment-frames): "
-                                  f"use another state-dir or the same unit")
+            if history:
+                check_privacy_unit(int(doc.get("unit_frames", 1)), rc.unit_frames, f"privacy ledger {path}",
+                                   "use another state-dir or the same unit")
         elif "privacy" in context.state:
             rec = context.state["privacy"]
             history = list(zip(rec["sigma"], rec["q"], rec["steps"]))
-        elif earlier and earlier.get("history"):
-            if int(earlier.get("unit_frames", 1)) != rc.unit_frames:
-                raise FedlvcError(f"the rounds before resume-from counted privacy units of "
-                                  f"{earlier.get('unit_frames', 1)} frame(s); run-config asks for {rc.unit_frames} "
-                                  f"(privacy-unit/segment-frames): resume with the same unit")
-            history = [(float(s), float(q), int(n)) for s, q, n in earlier["history"]]
+        elif earlier and earlier["history"]:
+            check_privacy_unit(earlier["unit_frames"], rc.unit_frames, "the rounds before resume-from",
+                               "resume with the same unit")
+            history = earlier["history"]
         return cls(history, rc.accountant, rc.delta, path, rc.unit_frames)
 
     def epsilon(self, extra=()) -> float:

@@ -84,6 +84,14 @@ def fold_segment_grad_samples(model, batch: int, frames: int) -> None:
             raise RuntimeError(f"gradient sample of {tuple(gs.shape)} fits neither {batch} segments nor their frames")
 
 
+def check_privacy_unit(recorded_frames: int, unit_frames: int, source: str, remedy: str) -> None:
+    """Refuse to continue ``source``'s record, kept for privacy units of ``recorded_frames`` frames, with units
+    of ``unit_frames``: ε per frame and ε per segment are different guarantees, they do not add up."""
+    if recorded_frames != unit_frames:
+        raise FedlvcError(f"{source} counts privacy units of {recorded_frames} frame(s); run-config asks for "
+                          f"{unit_frames} (privacy-unit/segment-frames): {remedy}")
+
+
 def epsilon_from_history(history, delta: float, accountant: str = "rdp") -> float:
     """ε of a recorded history ``[(σ, q, steps), ...]`` by a fresh accountant (inf without noise)."""
     if not history:

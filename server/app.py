@@ -20,12 +20,11 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
-from common.errors import FedlvcError
 from common.metrics import bd_rate
 from common.training import with_temporal_prior
 from common.fedconfig import RunConfig
 from common.model import FedlvcCodec
-from common.privacy import epsilon_from_history
+from common.privacy import check_privacy_unit, epsilon_from_history
 from common.video import atomic_output
 
 app = ServerApp()
@@ -173,10 +172,9 @@ def earlier_ledgers(rounds: list, rc: RunConfig) -> dict:
             if s.get("dp_history"):
                 ledgers[key] = {"unit_frames": int(s.get("unit_frames", 1)), "history": s["dp_history"]}
     mixed = sorted(k for k, v in ledgers.items() if v["unit_frames"] != rc.unit_frames)
-    if mixed:  # ε per frame and ε per segment are different guarantees: they do not add up
-        raise FedlvcError(f"resume-from: the earlier rounds of {', '.join(mixed)} counted privacy units of "
-                          f"{ledgers[mixed[0]]['unit_frames']} frame(s); run-config asks for {rc.unit_frames} "
-                          f"(privacy-unit/segment-frames): resume with the same unit")
+    if mixed:
+        check_privacy_unit(ledgers[mixed[0]]["unit_frames"], rc.unit_frames,
+                           f"resume-from: the earlier rounds of {', '.join(mixed)}", "resume with the same unit")
     return ledgers
 
 

@@ -127,6 +127,13 @@ def test_a_ledger_refuses_to_mix_privacy_units(tmp_path):
         client_app.train(_message(_model(), "train"), _context(segment, node=node))
 
 
+def _resumed_round(earlier_ledgers: str) -> Message:
+    """A round-1 training message of a run continued from resume-from, carrying the server's record."""
+    msg = _message(_model(), "train", 1)
+    msg.content["config"]["earlier-ledgers"] = earlier_ledgers
+    return msg
+
+
 def test_a_resumed_run_continues_each_sites_epsilon_from_the_earlier_rounds():
     """A site without a ledger on disk (every simulated site) takes the rounds before resume-from from the
     server's history, so ε keeps adding up instead of starting again from zero."""
@@ -138,30 +145,24 @@ def test_a_resumed_run_continues_each_sites_epsilon_from_the_earlier_rounds():
                                      "site_1": {"dp_history": [], "unit_frames": 1}}}]
     ledgers = earlier_ledgers(rounds, RunConfig.from_mapping({}))
     assert ledgers == {"site_0": {"unit_frames": 1, "history": before}}  # the latest record of each site
-    msg = _message(_model(), "train", 1)
-    msg.content["config"]["earlier-ledgers"] = json.dumps(ledgers)
-    m = client_app.train(msg, _context()).content["metrics"]  # partition-id 0: site_0
+    m = client_app.train(_resumed_round(json.dumps(ledgers)), _context()).content["metrics"]  # partition-id 0: site_0
     assert m["dp_sigma"][:2] == [1.0, 1.0] and m["dp_steps"] == [3, 3, RUN["local-steps"]]
     assert m["epsilon"] == pytest.approx(
         independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"]), rel=1e-9)
     fresh = client_app.train(_message(_model(), "train", 1), _context()).content["metrics"]
     assert m["epsilon"] > fresh["epsilon"]
     # Another site's record is not this site's; a record of another privacy unit is refused on both sides.
-    other = _message(_model(), "train", 1)
-    other.content["config"]["earlier-ledgers"] = json.dumps({"site_1": ledgers["site_0"]})
+    other = _resumed_round(json.dumps({"site_1": ledgers["site_0"]}))
     assert client_app.train(other, _context()).content["metrics"]["dp_steps"] == [RUN["local-steps"]]
     segment_rounds = [{"round": 1, "sites": {"site_0": {"dp_history": before, "unit_frames": 4}}}]
     with pytest.raises(FedlvcError, match="privacy units of 4 frame"):
         earlier_ledgers(segment_rounds, RunConfig.from_mapping({}))
-    mixed = _message(_model(), "train", 1)
-    mixed.content["config"]["earlier-ledgers"] = json.dumps({"site_0": {"unit_frames": 4, "history": before}})
+    mixed = _resumed_round(json.dumps({"site_0": {"unit_frames": 4, "history": before}}))
     with pytest.raises(FedlvcError, match="privacy units of 4 frame"):
         client_app.train(mixed, _context())
     for bad in ("not json", json.dumps({"site_0": {"history": [[1.0, 0.25]]}}), json.dumps(["site_0"])):
-        broken = _message(_model(), "train", 1)
-        broken.content["config"]["earlier-ledgers"] = bad
         with pytest.raises(FedlvcError, match="earlier-ledgers record is malformed"):
-            client_app.train(broken, _context())
+            client_app.train(_resumed_round(bad), _context())
 
 
 def test_train_parts_entropy_changes_only_gains_and_priors():
