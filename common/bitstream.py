@@ -1,10 +1,10 @@
-"""The ``.lvc`` container: a versioned, checksummed header and one length-prefixed chunk per frame.
+"""The ``.lvc`` container: a versioned, checksummed header and one chunk per frame.
 
-Layout (all integers big-endian)::
+Layout (integers in the header big-endian)::
 
     header  (49 bytes)
       magic        4s   b"FLVC"
-      version      B    2 (version 1 streams, intra-only, are still read)
+      version      B    3 (versions 1 and 2 are still read; see "older versions" below)
       flags        B    0 (reserved)
       fingerprint  16s  hash of the model that wrote the stream (see common.checkpoint.fingerprint)
       quality      B    1..N
@@ -18,13 +18,22 @@ Layout (all integers big-endian)::
                         version 1 streams always have 1). Decoding can start at any I-frame.
       header_crc   I    CRC-32 of the 45 bytes before it
     chunk × frames
-      type         B    0 = intra (I) frame, 1 = predicted (P) frame; must match the position in the group
-      length       I    payload bytes (a multiple of 4: ANS words)
-      crc          I    CRC-32 of the frame index (I) and the payload, seeded with the stream key: the CRC-32
-                        of the header with its frame count set to 0, so a chunk only checks out at its own
-                        position in a stream with the header it was written under
-      payload      length bytes
+      head         LEB128 varint (1-5 bytes, shortest form): payload length × 2 + frame type (0 = intra (I)
+                   frame, 1 = predicted (P) frame; must match the position in the group)
+      payload      length bytes: the frame's ANS words (32-bit, little-endian), the last one (the top of
+                   the coder's state) without its zero high bytes
     end of file (trailing bytes are an error)
+
+Each chunk's checksum travels inside its ANS stream: the last 32 bits its decoder reads are the CRC-32 of
+the frame index and the decoded latent (:func:`latent_checksum`), seeded with the stream key (the CRC-32
+of the header with its frame count set to 0). So a chunk only checks out at its own position in a stream
+with the header it was written under, and damage anywhere in it (or a header forged to claim another
+frame size) is caught once the frame is entropy-decoded, before anything is reconstructed. A frame then
+costs its entropy-coded bits plus 2-3 bytes: tiny P-frames of a still camera are not dominated by framing.
+
+Older versions (read, never written): a chunk is ``type B, length I, crc I`` (9 bytes, big-endian),
+``crc`` being the CRC-32 of the frame index and the payload seeded with the stream key, then a payload of
+whole 32-bit words whose ANS stream ends with a fixed 32-bit sentinel instead of the latent checksum.
 
 Every size is checked against hard limits and against the file's own length before anything is allocated.
 """
@@ -40,12 +49,13 @@ from typing import BinaryIO
 from .errors import FedlvcError
 
 MAGIC = b"FLVC"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 HEADER = struct.Struct(">4sBB16sBIIIIIH")
 HEADER_CRC = struct.Struct(">I")
 HEADER_SIZE = HEADER.size + HEADER_CRC.size
-CHUNK = struct.Struct(">BII")
+CHUNK = struct.Struct(">BII")  # the chunk header of versions 1 and 2
+MAX_HEAD_BYTES = 5  # a version 3 chunk head: 35 bits hold any payload length allowed below
 FRAME_INTRA = 0
 FRAME_PREDICTED = 1
 FRAME_TYPE_NAMES = {FRAME_INTRA: "I", FRAME_PREDICTED: "P"}
@@ -109,7 +119,7 @@ def read_header(f: BinaryIO, file_size: int) -> StreamHeader:
         raise FedlvcError(f"bitstream claims an unsupported frame size {width}x{height}")
     if fps_num == 0 or fps_den == 0:
         raise FedlvcError("bitstream claims a zero frame rate")
-    if frames > MAX_FRAMES or frames * (CHUNK.size + 4) > file_size - HEADER_SIZE:
+    if frames > MAX_FRAMES or frames * min_chunk_bytes(version) > file_size - HEADER_SIZE:
         raise FedlvcError(f"bitstream claims {frames} frames, more than its {file_size} bytes can hold (truncated?)")
     if gop == 0:
         raise FedlvcError("bitstream claims a group-of-pictures length of 0")
@@ -118,53 +128,142 @@ def read_header(f: BinaryIO, file_size: int) -> StreamHeader:
     return StreamHeader(fp, quality, width, height, Fraction(fps_num, fps_den), frames, gop, version)
 
 
+def min_chunk_bytes(version: int) -> int:
+    return 1 if version >= 3 else CHUNK.size + 4
+
+
+def latent_checksum(y_hat, index: int, key: int) -> int:
+    """CRC-32 of frame ``index`` and its integer latent (as little-endian int16), seeded with the stream key:
+    what a version 3 chunk's ANS stream ends with."""
+    import numpy as np
+
+    data = np.ascontiguousarray(y_hat, dtype="<i2").tobytes()
+    return zlib.crc32(data, zlib.crc32(struct.pack(">I", index), key))
+
+
 def chunk_crc(payload: bytes, index: int, key: int) -> int:
+    """The payload checksum of a version 1 or 2 chunk."""
     return zlib.crc32(payload, zlib.crc32(struct.pack(">I", index), key))
 
 
-def write_chunk(f: BinaryIO, payload: bytes, frame_type: int = FRAME_INTRA, *, index: int = 0, key: int = 0) -> int:
-    f.write(CHUNK.pack(frame_type, len(payload), chunk_crc(payload, index, key)))
-    f.write(payload)
-    return CHUNK.size + len(payload)
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def pack_chunk(words: bytes, frame_type: int) -> bytes:
+    """A version 3 chunk (head and payload) of an ANS payload of whole 32-bit little-endian words."""
+    if len(words) % 4:
+        raise ValueError("an ANS payload is a whole number of 32-bit words")
+    n = len(words)
+    while n > len(words) - 3 and n > 0 and words[n - 1] == 0:  # the top word's zero high bytes
+        n -= 1
+    return _varint(2 * n + frame_type) + words[:n]
+
+
+def write_chunk(f: BinaryIO, words: bytes, frame_type: int = FRAME_INTRA) -> int:
+    """Write one version 3 chunk; returns its size in bytes."""
+    chunk = pack_chunk(words, frame_type)
+    f.write(chunk)
+    return len(chunk)
 
 
 def frame_type_at(index: int, gop: int) -> int:
     return FRAME_INTRA if index % gop == 0 else FRAME_PREDICTED
 
 
-def _chunk_header(f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int) -> tuple[int, int]:
-    raw = f.read(CHUNK.size)
-    if len(raw) < CHUNK.size:
-        raise FedlvcError(f"bitstream is truncated at frame {index}")
-    frame_type, length, crc = CHUNK.unpack(raw)
+def _read_head(f: BinaryIO, index: int, version: int) -> tuple[int, int, int, int]:
+    """(frame type, payload length, crc or None, head size) of the chunk header at the file position."""
+    if version < 3:
+        raw = f.read(CHUNK.size)
+        if len(raw) < CHUNK.size:
+            raise FedlvcError(f"bitstream is truncated at frame {index}")
+        frame_type, length, crc = CHUNK.unpack(raw)
+        return frame_type, length, crc, CHUNK.size
+    value = 0
+    for i in range(MAX_HEAD_BYTES):
+        raw = f.read(1)
+        if not raw:
+            raise FedlvcError(f"bitstream is truncated at frame {index}")
+        value |= (raw[0] & 0x7F) << (7 * i)
+        if not raw[0] & 0x80:
+            if raw[0] == 0 and i > 0:
+                raise FedlvcError(f"frame {index} has a malformed chunk head (damaged stream)")
+            return value & 1, value >> 1, None, i + 1
+    raise FedlvcError(f"frame {index} has a malformed chunk head (damaged stream)")
+
+
+def _chunk_header(f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int,
+                  version: int) -> tuple[int, int | None, int]:
+    frame_type, length, crc, head = _read_head(f, index, version)
     if frame_type not in FRAME_TYPE_NAMES:
         raise FedlvcError(f"frame {index} has unknown frame type {frame_type}")
     if frame_type != expected_type:
         raise FedlvcError(f"frame {index} has frame type {FRAME_TYPE_NAMES[frame_type]} where the group "
                           f"structure puts type {FRAME_TYPE_NAMES[expected_type]} (damaged stream)")
-    if length > max_payload or length % 4:
+    if length > max_payload or (version < 3 and length % 4):
         raise FedlvcError(f"frame {index} claims an impossible payload size of {length} bytes")
-    if length > remaining - CHUNK.size:
+    if length > remaining - head:
         raise FedlvcError(f"bitstream is truncated at frame {index}")
-    return length, crc
+    return length, crc, head
 
 
-def skip_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int) -> int:
+def skip_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int,
+               version: int = VERSION) -> int:
     """Skip frame chunk ``index`` without reading its payload (random access); returns its size in bytes."""
-    length, _ = _chunk_header(f, index, remaining, max_payload, expected_type)
+    length, _, head = _chunk_header(f, index, remaining, max_payload, expected_type, version)
     f.seek(length, 1)
-    return CHUNK.size + length
+    return head + length
 
 
 def read_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int, key: int = 0,
-               expected_type: int = FRAME_INTRA) -> tuple[int, bytes]:
-    """Read frame chunk ``index``; ``remaining`` is the number of bytes left in the file, ``key`` the stream
-    key of its header, ``expected_type`` the frame type its position in the group requires."""
-    length, crc = _chunk_header(f, index, remaining, max_payload, expected_type)
-    frame_type = expected_type
+               expected_type: int = FRAME_INTRA, version: int = VERSION) -> tuple[bytes, int]:
+    """Read frame chunk ``index`` of a stream of ``version``; ``remaining`` is the number of bytes left in
+    the file, ``key`` the stream key of its header, ``expected_type`` the frame type its position in the
+    group requires. Returns (ANS payload as whole 32-bit words, chunk size in bytes). The payload checksum
+    of versions 1 and 2 is checked here; version 3's latent checksum when the payload is decoded."""
+    length, crc, head = _chunk_header(f, index, remaining, max_payload, expected_type, version)
     payload = f.read(length)
     if len(payload) != length:
         raise FedlvcError(f"bitstream is truncated at frame {index}")
-    if chunk_crc(payload, index, key) != crc:
+    if crc is not None and chunk_crc(payload, index, key) != crc:
         raise FedlvcError(f"frame {index} is damaged (checksum mismatch)")
-    return frame_type, payload
+    return payload + bytes(-length % 4), head + length
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    offset: int  # of the chunk in the file
+    head: int  # bytes of its head (version 3) or header (versions 1, 2)
+    length: int  # payload bytes
+    frame_type: int
+
+    @property
+    def payload_offset(self) -> int:
+        return self.offset + self.head
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.head + self.length
+
+
+def chunk_table(data: bytes) -> list[ChunkSpan]:
+    """Where each frame chunk of a whole ``.lvc`` file lies (for inspection and tests; checks only the
+    header and the chunk heads, not the payloads)."""
+    import io
+
+    f = io.BytesIO(data)
+    header = read_header(f, len(data))
+    spans, pos = [], HEADER_SIZE
+    for i in range(header.frames):
+        frame_type, length, _, head = _read_head(f, i, header.version)
+        spans.append(ChunkSpan(pos, head, length, frame_type))
+        pos += head + length
+        f.seek(pos)
+    return spans

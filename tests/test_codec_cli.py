@@ -74,16 +74,13 @@ def lvc(tmp_path_factory, odd_clip, tiny_model_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chunks(lvc) -> list[tuple[int, int]]:
-    """(offset of chunk header, payload length) of every frame chunk of ``lvc``."""
+def chunks(lvc) -> list[bs.ChunkSpan]:
+    """Where every frame chunk of ``lvc`` lies."""
     data = lvc.read_bytes()
-    pos, found = bs.HEADER_SIZE, []
-    while pos < len(data):
-        _, length, _ = bs.CHUNK.unpack_from(data, pos)
-        found.append((pos, length))
-        pos += bs.CHUNK.size + length
-    assert pos == len(data) and len(found) == ODD_FRAMES
-    assert all(length >= 8 for _, length in found)
+    found = bs.chunk_table(data)
+    assert found[-1].end == len(data) and len(found) == ODD_FRAMES
+    assert all(c.length > 4 for c in found)  # symbols besides the latent checksum
+    assert all(c.head == (1 if 2 * c.length + 1 < 128 else 2) for c in found)  # the shortest varint
     return found
 
 
@@ -218,8 +215,7 @@ def test_every_quality_level_round_trips(capsys, request, odd_clip, odd_frames, 
 def test_progress_bar_does_not_hide_the_error_line(capsys, lvc, chunks, tiny_model_path, dirs):
     """Without --quiet the bar goes to stderr too, but the error is still exactly one line of its own."""
     src, dst = dirs
-    pos, length = chunks[4]
-    bad = put(src, "cut.lvc", lvc.read_bytes()[: pos + bs.CHUNK.size + length // 2])
+    bad = put(src, "cut.lvc", lvc.read_bytes()[: chunks[4].payload_offset + chunks[4].length // 2])
     rc, _, err = cli(capsys, "decompress", bad, dst / "x.mkv", "--model", tiny_model_path)
     assert rc == 2
     errors = [line for line in err.splitlines() if "fedlvc: error:" in line]
@@ -362,23 +358,21 @@ def test_decompress_foreign_video_file(capsys, odd_clip, tiny_model_path, dirs):
 
 
 def _cut_points(chunks):
-    (p0, l0), (p4, l4), (p9, l9) = chunks[0], chunks[4], chunks[9]
+    c0, c4, c9 = chunks[0], chunks[4], chunks[9]
     return {
         "empty_after_magic": 4,
         "inside_header": 20,
         "header_only": bs.HEADER_SIZE,
-        "inside_first_chunk_header": p0 + 4,
-        "inside_later_chunk_header": p4 + 3,
-        "after_chunk_header": p4 + bs.CHUNK.size,
-        "inside_payload": p4 + bs.CHUNK.size + l4 // 2,
-        "inside_last_payload": p9 + bs.CHUNK.size + l9 - 4,
-        "last_byte": p9 + bs.CHUNK.size + l9 - 1,
+        "first_chunk_head_only": c0.payload_offset,
+        "later_chunk_head_only": c4.payload_offset,
+        "inside_payload": c4.payload_offset + c4.length // 2,
+        "inside_last_payload": c9.end - 4,
+        "last_byte": c9.end - 1,
     }
 
 
 @pytest.mark.parametrize("where", ["empty_after_magic", "inside_header", "header_only",
-                                   "inside_first_chunk_header", "inside_later_chunk_header",
-                                   "after_chunk_header", "inside_payload", "inside_last_payload", "last_byte"])
+                                   "first_chunk_head_only", "later_chunk_head_only", "inside_payload", "inside_last_payload", "last_byte"])
 def test_decompress_truncated(capsys, lvc, chunks, tiny_model_path, dirs, where):
     src, dst = dirs
     cut = _cut_points(chunks)[where]
@@ -388,7 +382,7 @@ def test_decompress_truncated(capsys, lvc, chunks, tiny_model_path, dirs, where)
 
 
 def _flip_offsets(chunks):
-    p4, l4 = chunks[4]
+    c4 = chunks[4]
     return {
         "header_version": (4, 0),
         "header_fingerprint": (10, 3),
@@ -396,20 +390,20 @@ def _flip_offsets(chunks):
         "header_width": (26, 1),
         "header_frames": (42, 2),
         "header_crc": (bs.HEADER_SIZE - 1, 7),
-        "chunk_type": (p4, 0),
-        "chunk_length_low": (p4 + 4, 0),
-        "chunk_length_high": (p4 + 1, 7),
-        "chunk_crc": (p4 + 6, 5),
-        "payload_first": (p4 + bs.CHUNK.size, 0),
-        "payload_middle": (p4 + bs.CHUNK.size + l4 // 2, 4),
-        "payload_last": (p4 + bs.CHUNK.size + l4 - 1, 7),
+        "chunk_type": (c4.offset, 0),
+        "chunk_length_low": (c4.offset, 1),
+        "chunk_length_high": (c4.offset, 6),
+        "chunk_head_continuation": (c4.offset, 7),
+        "payload_first": (c4.payload_offset, 0),
+        "payload_middle": (c4.payload_offset + c4.length // 2, 4),
+        "payload_last": (c4.end - 1, 7),
     }
 
 
 @pytest.mark.parametrize("where", ["header_version", "header_fingerprint", "header_quality", "header_width",
                                    "header_frames", "header_crc", "chunk_type", "chunk_length_low",
-                                   "chunk_length_high", "chunk_crc", "payload_first", "payload_middle",
-                                   "payload_last"])
+                                   "chunk_length_high", "chunk_head_continuation", "payload_first",
+                                   "payload_middle", "payload_last"])
 def test_decompress_bit_flipped(capsys, lvc, chunks, tiny_model_path, dirs, where):
     src, dst = dirs
     offset, bit = _flip_offsets(chunks)[where]
@@ -418,18 +412,19 @@ def test_decompress_bit_flipped(capsys, lvc, chunks, tiny_model_path, dirs, wher
     bad = put(src, "flipped.lvc", bytes(data))
     msg = expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
                             inputs=[bad], folders=[src, dst])
-    if where.startswith("payload") or where == "chunk_crc":
-        assert "frame 4" in msg and "checksum" in msg
+    if where.startswith("payload"):
+        assert "frame 4" in msg and "damaged" in msg
     elif where.startswith("header") and where != "header_version":
         assert "checksum" in msg
 
 
 def test_every_single_bit_flip_is_detected(lvc, chunks, tiny_model):
-    """CRC-32 catches every single-bit error: sweep one bit of every byte of the header and of the first,
-    a middle and the last chunk through the decoder API."""
+    """Every single-bit error is caught (the header's CRC-32; in a chunk the head's checks, the latent
+    checksum and the exact end of the ANS stream): sweep one bit of every byte of the header and of the
+    first, a middle and the last chunk through the decoder API."""
     data = lvc.read_bytes()
-    (p0, l0), (p5, l5), (p9, l9) = chunks[0], chunks[5], chunks[9]
-    offsets = [*range(0, p0 + bs.CHUNK.size + l0), *range(p5, p5 + bs.CHUNK.size + l5), *range(p9, len(data))]
+    c0, c5, c9 = chunks[0], chunks[5], chunks[9]
+    offsets = [*range(0, c0.end), *range(c5.offset, c5.end), *range(c9.offset, len(data))]
     tmp = lvc.parent / "sweep"
     tmp.mkdir(exist_ok=True)
     path = tmp / "flip.lvc"
@@ -446,7 +441,7 @@ def test_every_single_bit_flip_is_detected(lvc, chunks, tiny_model):
 
 def test_decompress_trailing_garbage(capsys, lvc, tiny_model_path, dirs):
     src, dst = dirs
-    for i, tail in enumerate([b"\x00", b"garbage!", bytes(bs.CHUNK.size)]):
+    for i, tail in enumerate([b"\x00", b"garbage!", bytes(9)]):
         bad = put(src, f"tail{i}.lvc", lvc.read_bytes() + tail)
         msg = expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
                                 inputs=[bad], folders=[src, dst])

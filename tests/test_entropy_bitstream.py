@@ -95,7 +95,8 @@ def test_coded_size_matches_ideal_bits(big_frame, quality):
     bits = len(payload) * 8
     assert abs(bits - ideal) <= 0.01 * ideal + ANS_OVERHEAD_BITS, (bits, ideal)
     # And the payload really decodes back to the same latent.
-    np.testing.assert_array_equal(encoder.coder.decode(payload, quality - 1, y_hat.shape), y_hat)
+    check = lambda y: bs.latent_checksum(y, 0, 0)  # noqa: E731 - frame 0 of a stream with key 0
+    np.testing.assert_array_equal(encoder.coder.decode(payload, quality - 1, y_hat.shape, check=check), y_hat)
 
 
 @pytest.mark.parametrize("quality", [1, 3, 6])
@@ -151,7 +152,7 @@ def recrc(raw: bytes) -> bytes:
 def test_header_size_and_layout():
     raw = header().pack()
     assert len(raw) == bs.HEADER_SIZE == 49
-    assert raw[:4] == b"FLVC" and raw[4] == bs.VERSION == 2
+    assert raw[:4] == b"FLVC" and raw[4] == bs.VERSION == 3
     assert struct.unpack(">I", raw[-4:])[0] == zlib.crc32(raw[:-4])
 
 
@@ -196,9 +197,9 @@ def test_read_header_refuses_truncated_header():
 
 
 def test_read_header_refuses_other_version():
-    raw = header(version=3).pack() + bytes(200)
+    raw = header(version=4).pack() + bytes(200)
     msg = _refused(raw, "version")
-    assert "3" in msg
+    assert "4" in msg
 
 
 def test_read_header_refuses_crc_mismatch():
@@ -236,9 +237,11 @@ def test_read_header_refuses_absurd_frame_count(frames):
     assert str(frames) in msg
 
 
-def test_read_header_refuses_more_frames_than_the_file_can_hold():
-    per_frame = bs.CHUNK.size + 4  # the smallest possible chunk
-    raw = header(frames=10).pack()
+@pytest.mark.parametrize("version", [2, 3])
+def test_read_header_refuses_more_frames_than_the_file_can_hold(version):
+    per_frame = bs.CHUNK.size + 4 if version == 2 else 1  # the smallest possible chunk
+    assert bs.min_chunk_bytes(version) == per_frame
+    raw = header(frames=10, version=version).pack()
     body = bytes(10 * per_frame)
     assert read(raw + body).frames == 10
     _refused(raw + body[:-1], "frames")
@@ -258,41 +261,78 @@ def test_read_header_refuses_zero_fps_and_zero_gop():
 
 
 def test_chunk_round_trip_and_refusals():
-    payloads = [b"", b"abcd", bytes(range(256)) * 4]
+    """Version 3 chunks: a varint head (length × 2 + type), the payload words with the top word's zero high
+    bytes left out; read back as the same whole words."""
+    words = [b"", b"abcd", b"\x01\x02\x00\x00", bytes(8), bytes(range(256)) * 4, b"wxyz\x00\x00\x00\x05"]
+    stored = [0, 4, 2, 5, 1024, 8]  # payload bytes on disk (the last word keeps at least one byte)
+    types = [bs.FRAME_INTRA, bs.FRAME_PREDICTED] * 3
     f = io.BytesIO()
-    for i, p in enumerate(payloads):
-        assert bs.write_chunk(f, p, index=i) == bs.CHUNK.size + len(p)
+    sizes = [bs.write_chunk(f, w, t) for w, t in zip(words, types)]
+    assert sizes == [1 + n if 2 * n + 1 < 128 else 2 + n for n in stored]
     data = f.getvalue()
+    assert data[0] == 0 and data[1] == 2 * 4 + 1 and data[2:6] == b"abcd"
     f = io.BytesIO(data)
     remaining = len(data)
-    for i, p in enumerate(payloads):
-        frame_type, got = bs.read_chunk(f, i, remaining, max_payload=4096)
-        assert frame_type == bs.FRAME_INTRA and got == p
-        remaining -= bs.CHUNK.size + len(p)
+    for i, (w, t, size) in enumerate(zip(words, types, sizes)):
+        got, n = bs.read_chunk(f, i, remaining, max_payload=4096, expected_type=t)
+        assert got == w and n == size
+        remaining -= n
     assert remaining == 0
 
-    one = io.BytesIO()
-    bs.write_chunk(one, b"abcdefgh")
-    raw = one.getvalue()
+    raw = bs.pack_chunk(b"abcdefgh", bs.FRAME_INTRA)
     with pytest.raises(FedlvcError, match="truncated"):
-        bs.read_chunk(io.BytesIO(raw[:5]), 0, 5, 4096)
+        bs.read_chunk(io.BytesIO(b""), 0, 0, 4096)
+    big = bs.pack_chunk(b"\x01" * 400, bs.FRAME_INTRA)
+    assert len(big) == 402
+    with pytest.raises(FedlvcError, match="truncated"):  # cut inside a two-byte head
+        bs.read_chunk(io.BytesIO(big[:1]), 0, 1, 4096)
     with pytest.raises(FedlvcError, match="truncated"):
         bs.read_chunk(io.BytesIO(raw[:-1]), 0, len(raw) - 1, 4096)
     with pytest.raises(FedlvcError, match="impossible payload size"):
         bs.read_chunk(io.BytesIO(raw), 0, len(raw), max_payload=4)
-    bad = bytearray(raw)
-    bad[-1] ^= 1
-    with pytest.raises(FedlvcError, match="checksum"):
-        bs.read_chunk(io.BytesIO(bytes(bad)), 3, len(bad), 4096)
-    bad = bytearray(raw)
-    bad[0] = 1
     with pytest.raises(FedlvcError, match="frame type"):
-        bs.read_chunk(io.BytesIO(bytes(bad)), 0, len(bad), 4096)
-    huge = struct.pack(">BII", 0, 2**32 - 4, 0)
+        bs.read_chunk(io.BytesIO(raw), 0, len(raw), 4096, expected_type=bs.FRAME_PREDICTED)
+    for head in (b"\x90\x00", b"\x80" * 5 + b"\x01", b"\xff" * 6):  # not shortest form; over 5 bytes
+        with pytest.raises(FedlvcError, match="malformed chunk head"):
+            bs.read_chunk(io.BytesIO(head + bytes(100)), 0, len(head) + 100, 4096)
+    huge = bytes([0xFE, 0xFF, 0xFF, 0xFF, 0x0F])  # 2**35 - 2: a payload of 2**34 - 1 bytes
     t = time.perf_counter()
-    with pytest.raises(FedlvcError):
+    with pytest.raises(FedlvcError, match="impossible payload size"):
         bs.read_chunk(io.BytesIO(huge), 0, len(huge), max_payload=10**6)
     assert time.perf_counter() - t < 0.5
+    with pytest.raises(ValueError):
+        bs.pack_chunk(b"abc", bs.FRAME_INTRA)
+
+
+def test_version_2_chunks_are_read_with_their_payload_checksum():
+    payloads = [b"", b"abcd", bytes(range(256)) * 4]
+    key = 12345
+    data = b"".join(bs.CHUNK.pack(0, len(p), bs.chunk_crc(p, i, key)) + p for i, p in enumerate(payloads))
+    f = io.BytesIO(data)
+    remaining = len(data)
+    for i, p in enumerate(payloads):
+        got, n = bs.read_chunk(f, i, remaining, 4096, key, version=2)
+        assert got == p and n == bs.CHUNK.size + len(p)
+        remaining -= n
+    raw = data[: bs.CHUNK.size + 0]
+    with pytest.raises(FedlvcError, match="truncated"):
+        bs.read_chunk(io.BytesIO(raw[:5]), 0, 5, 4096, key, version=2)
+    one = bytearray(bs.CHUNK.pack(0, 8, bs.chunk_crc(b"abcdefgh", 3, key)) + b"abcdefgh")
+    assert bs.read_chunk(io.BytesIO(bytes(one)), 3, len(one), 4096, key, version=2)[0] == b"abcdefgh"
+    with pytest.raises(FedlvcError, match="checksum"):
+        bs.read_chunk(io.BytesIO(bytes(one)), 2, len(one), 4096, key, version=2)  # another position
+    one[-1] ^= 1
+    with pytest.raises(FedlvcError, match="checksum"):
+        bs.read_chunk(io.BytesIO(bytes(one)), 3, len(one), 4096, key, version=2)
+    one = bs.CHUNK.pack(7, 8, 0) + b"abcdefgh"
+    with pytest.raises(FedlvcError, match="frame type"):
+        bs.read_chunk(io.BytesIO(one), 0, len(one), 4096, key, version=2)
+    one = bs.CHUNK.pack(0, 6, 0) + b"abcdef"
+    with pytest.raises(FedlvcError, match="impossible payload size"):  # not whole words
+        bs.read_chunk(io.BytesIO(one), 0, len(one), 4096, key, version=2)
+    huge = struct.pack(">BII", 0, 2**32 - 4, 0)
+    with pytest.raises(FedlvcError, match="impossible payload size"):
+        bs.read_chunk(io.BytesIO(huge), 0, len(huge), max_payload=10**6, version=2)
 
 
 def test_latent_coder_decode_rejects_a_shape_larger_than_encoded():
@@ -309,5 +349,5 @@ def test_latent_coder_decode_rejects_a_shape_smaller_than_encoded():
     coder = LatentCoder(model)
     y = np.rint(np.random.default_rng(0).normal(0, 2.0, (model.cfg.latent_channels, 3, 5))).astype(np.int64)
     payload = coder.encode(y, 3)
-    with pytest.raises(FedlvcError, match="frame size in the header|left over"):
+    with pytest.raises(FedlvcError, match="frame size in the header|left over|damaged"):
         coder.decode(payload, 3, (model.cfg.latent_channels, 2, 5))

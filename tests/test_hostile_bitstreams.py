@@ -44,14 +44,10 @@ def stream(request, model, tmp_path_factory):
     summary = encode_frames(iter(frames), path, model, 3, Fraction(25), gop=gop)
     assert summary["frames_by_type"]["P"] == count - -(-count // gop)
     data = path.read_bytes()
-    types = []
-    pos = bs.HEADER_SIZE
-    while pos < len(data):
-        ftype, length, _ = bs.CHUNK.unpack_from(data, pos)
-        assert length >= 8  # every payload carries symbols besides the sentinel
-        types.append(ftype)
-        pos += bs.CHUNK.size + length
-    assert types == [bs.frame_type_at(i, gop) for i in range(count)]
+    table = bs.chunk_table(data)
+    assert table[-1].end == len(data)
+    assert all(c.length > 4 for c in table)  # every payload carries symbols besides the latent checksum
+    assert [c.frame_type for c in table] == [bs.frame_type_at(i, gop) for i in range(count)]
     return model, data
 
 

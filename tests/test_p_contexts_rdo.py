@@ -25,6 +25,7 @@ from common.model import (ARCHITECTURE, ARCHITECTURE_V2, IN_FRAME_VALUES, P_GROU
 from common.training import with_temporal_prior
 from common.video import write_video
 
+from conftest import restream
 from test_temporal import FPS, H, PLAIN, W, cli, clip, decode_all, expect_user_error, make_temporal_model, payloads
 
 V2_DATA = Path(__file__).parent / "data" / "v2"
@@ -215,8 +216,9 @@ def test_synthesis_sensitivity_is_the_jacobian_column_norm(v3_model):
 
 
 def test_v2_streams_of_the_previous_release_decode(v2_model):
-    """Streams that fedlvc 5d5a5f5 wrote with a v2 model (single-pass P-frames) decode to the same frames,
-    and the current encoder with the same rule writes the same bytes."""
+    """Streams that fedlvc 5d5a5f5 wrote with a v2 model (single-pass P-frames; bitstream version 2) decode
+    to the same frames, and the current encoder with the same rule codes the same latents: its (version 3)
+    stream rewritten as version 2 is the old file byte for byte."""
     expected = json.loads((V2_DATA / "expected.json").read_text())
     frames = clip(10, 48, 40)
     for name in ("gop4-plain", "gop10-skip02"):
@@ -228,21 +230,25 @@ def test_v2_streams_of_the_previous_release_decode(v2_model):
         try:
             encode_frames(iter(frames), again, v2_model, e["quality"], FPS, gop=e["gop"],
                           rule=PFrameRule(skip_threshold=e["skip_threshold"]))
-            assert again.read_bytes() == path.read_bytes()
+            assert again.read_bytes()[4] == bs.VERSION == 3
+            assert restream(again.read_bytes(), v2_model, version=2) == path.read_bytes()
         finally:
             again.unlink(missing_ok=True)
 
 
 def test_v2_model_upgraded_to_v3_codes_the_same_payloads(tmp_path, v2_model):
     """with_temporal_prior gives a v2 model the in-frame contexts with every in-frame value starting from
-    the v2 scale of its context: until trained, it writes the v2 payloads (under its own fingerprint)."""
+    the v2 scale of its context: until trained, it codes the same latents into the same ANS payloads (under
+    its own fingerprint, which the version 3 latent checksums are keyed by)."""
     upgraded = with_temporal_prior(v2_model).eval()
     assert upgraded.cfg.architecture == ARCHITECTURE and fingerprint(upgraded) != fingerprint(v2_model)
     frames = clip(10, 48, 40)
     a, b = tmp_path / "v2.lvc", tmp_path / "v3.lvc"
     encode_frames(iter(frames), a, v2_model, 4, FPS, gop=10, rule=PLAIN)
     encode_frames(iter(frames), b, upgraded, 4, FPS, gop=10, rule=PLAIN)
-    assert payloads(a.read_bytes()) == payloads(b.read_bytes())
+    assert payloads(a.read_bytes()) != payloads(b.read_bytes())  # the checksums differ
+    assert (payloads(restream(a.read_bytes(), v2_model, version=2))
+            == payloads(restream(b.read_bytes(), upgraded, version=2)))
     np.testing.assert_array_equal(decode_all(a, v2_model), decode_all(b, upgraded))
     with pytest.raises(Exception, match="different model"):
         decode_all(a, upgraded)
@@ -256,9 +262,9 @@ def test_v2_stream_is_not_decoded_by_the_v3_contexts(tmp_path, v2_model):
         upgraded.temporal.table.weight.add_(torch.linspace(-1, 1, upgraded.temporal.table.weight.shape[1]))
     path = V2_DATA / "gop4-plain.lvc"
     payload = payloads(path.read_bytes())[1]
-    ref = FrameDecoder(v2_model, 4, 40, 48, 4)
+    ref = FrameDecoder(v2_model, 4, 40, 48, 4, version=2)
     ref.decode_latent(payloads(path.read_bytes())[0])
-    dec = FrameDecoder(upgraded, 4, 40, 48, 4)
+    dec = FrameDecoder(upgraded, 4, 40, 48, 4, version=2)
     dec.decode_latent(payloads(path.read_bytes())[0])
     y2 = ref.decode_latent(payload)
     try:

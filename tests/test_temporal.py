@@ -25,7 +25,7 @@ from common.model import (ARCHITECTURE_INTRA, MOTION_VALUES, NO_MOTION_HISTORY, 
                           PFrameRule, next_history, temporal_context)
 from common.video import read_frames, write_video
 
-from conftest import TINY_CONFIG, make_coding_model, sha256
+from conftest import TINY_CONFIG, chunk_payloads, make_coding_model, restream, sha256
 
 W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels
 FPS = Fraction(25)
@@ -42,19 +42,16 @@ def clip(n: int = N, width: int = W, height: int = H, site: int = 4, number: int
     return list(generate_site_clip(site, number, width, height, n))
 
 
-def chunk_table(data: bytes) -> list[tuple[int, int, int]]:
-    """(offset of the chunk header, frame type, payload length) of every chunk of a well-formed stream."""
-    pos, found = bs.HEADER_SIZE, []
-    while pos < len(data):
-        ftype, length, _ = bs.CHUNK.unpack_from(data, pos)
-        found.append((pos, ftype, length))
-        pos += bs.CHUNK.size + length
-    assert pos == len(data)
-    return found
+def chunk_table(data: bytes) -> list[bs.ChunkSpan]:
+    """Where every chunk of a well-formed stream lies."""
+    table = bs.chunk_table(data)
+    assert table[-1].end == len(data)
+    return table
 
 
 def payloads(data: bytes) -> list[bytes]:
-    return [data[p + bs.CHUNK.size : p + bs.CHUNK.size + n] for p, _, n in chunk_table(data)]
+    """Every chunk's payload as the coder wrote it (whole 32-bit words)."""
+    return [p + bytes(-len(p) % 4) for p in chunk_payloads(data)]
 
 
 def header_of(data: bytes) -> bs.StreamHeader:
@@ -72,16 +69,6 @@ def decode_error(path, model, start=0, count=None) -> str:
     return str(e.value)
 
 
-def rewrite(data: bytes, **changes) -> bytes:
-    """The stream under a changed header, every chunk checksum recomputed with the new header's stream key
-    (a consistent stream, as an encoder writing that header would have made it)."""
-    old = header_of(data)
-    new = dataclasses.replace(old, **changes)
-    out = io.BytesIO()
-    out.write(new.pack())
-    for i, ((_, ftype, _), payload) in enumerate(zip(chunk_table(data), payloads(data))):
-        bs.write_chunk(out, payload, ftype, index=i, key=new.stream_key)
-    return out.getvalue()
 
 
 def synthesize(model: FedlvcCodec, y_hat: np.ndarray, level: int) -> np.ndarray:
@@ -183,10 +170,10 @@ def test_round_trip_in_groups(tmp_path, model, frames, gop, skip):
     assert summary["gop"] == gop and summary["frames"] == N
     assert summary["frames_by_type"] == {"I": n_i, "P": N - n_i}
     table = chunk_table(data)
-    assert [t for _, t, _ in table] == [bs.frame_type_at(i, gop) for i in range(N)]
-    assert [t for _, t, _ in table].count(bs.FRAME_INTRA) == n_i
+    assert [c.frame_type for c in table] == [bs.frame_type_at(i, gop) for i in range(N)]
+    assert [c.frame_type for c in table].count(bs.FRAME_INTRA) == n_i
     assert summary["chunk_bytes_by_type"]["I"] + summary["chunk_bytes_by_type"]["P"] == len(data) - bs.HEADER_SIZE
-    assert summary["chunk_bytes_by_type"]["I"] == sum(bs.CHUNK.size + n for _, t, n in table if t == bs.FRAME_INTRA)
+    assert summary["chunk_bytes_by_type"]["I"] == sum(c.end - c.offset for c in table if c.frame_type == bs.FRAME_INTRA)
     h = header_of(data)
     assert (h.gop, h.frames, h.version, h.width, h.height) == (gop, N, bs.VERSION, W, H)
 
@@ -194,7 +181,7 @@ def test_round_trip_in_groups(tmp_path, model, frames, gop, skip):
     encoder = FrameEncoder(model, 4, gop=gop, rule=PFrameRule(skip_threshold=skip))
     expected_latents, expected_frames = [], []
     for i, frame in enumerate(frames):
-        ftype, payload = encoder.encode(frame)
+        ftype, payload = encoder.encode(frame, h.stream_key)
         assert ftype == bs.frame_type_at(i, gop)
         assert payload == payloads(data)[i]
         expected_latents.append(encoder.state.prev.copy())
@@ -204,7 +191,7 @@ def test_round_trip_in_groups(tmp_path, model, frames, gop, skip):
     decoded = decode_all(path, model)
     np.testing.assert_array_equal(decoded, np.stack(expected_frames))
 
-    decoder = FrameDecoder(model, h.quality, h.height, h.width, h.gop)
+    decoder = FrameDecoder(model, h.quality, h.height, h.width, h.gop, h.version, h.stream_key)
     for i, payload in enumerate(payloads(data)):
         assert decoder.frame_type == bs.frame_type_at(i, gop)
         np.testing.assert_array_equal(decoder.decode(payload), decoded[i])
@@ -233,10 +220,10 @@ def test_identical_frames_cost_little_as_p_frames(tmp_path):
     untrained = make_coding_model(0)  # the temporal table as initialised
     encode_frames(iter(still), path, untrained, 4, FPS, gop=n, rule=PLAIN)
     table = chunk_table(path.read_bytes())
-    (_, t0, i_size), p_chunks = table[0], table[1:]
-    assert t0 == bs.FRAME_INTRA and all(t == bs.FRAME_PREDICTED for _, t, _ in p_chunks)
+    i_size, p_chunks = table[0].length, table[1:]
+    assert table[0].frame_type == bs.FRAME_INTRA and all(c.frame_type == bs.FRAME_PREDICTED for c in p_chunks)
     # The untrained temporal prior has a scale of about 0.72 steps: an unchanged element costs about 1 bit.
-    assert all(size * 4 <= i_size for _, _, size in p_chunks), (i_size, [s for _, _, s in p_chunks])
+    assert all(c.length * 4 <= i_size for c in p_chunks), (i_size, [c.length for c in p_chunks])
     decoded = decode_all(path, untrained)
     assert all(np.array_equal(f, decoded[0]) for f in decoded)
 
@@ -272,9 +259,11 @@ def test_ideal_bpp_matches_the_file_size_of_a_p_heavy_stream(tmp_path, model):
     assert summary["frames_by_type"] == {"I": 1, "P": n - 1}
     pixels = n * 96 * 80
     ideal_bits = summary["ideal_bpp"] * pixels
-    payload_bits = 8 * sum(len(p) for p in payloads(path.read_bytes()))
-    assert summary["bytes"] == path.stat().st_size
-    assert summary["bytes"] * 8 == payload_bits + 8 * (bs.HEADER_SIZE + n * bs.CHUNK.size)
+    data = path.read_bytes()
+    payload_bits = 8 * sum(len(p) for p in chunk_payloads(data))
+    assert summary["bytes"] == len(data)
+    assert summary["bytes"] * 8 == payload_bits + 8 * (bs.HEADER_SIZE + sum(c.head for c in chunk_table(data)))
+    assert all(c.head <= 2 for c in chunk_table(data))  # a chunk head: 1 or 2 bytes at these sizes
     assert abs(payload_bits - ideal_bits) <= 0.01 * ideal_bits + n * ANS_OVERHEAD_BITS, (payload_bits, ideal_bits)
     # The P-frames carry real information (not just sentinels): the rate is not dominated by the I-frame.
     p_bits = 8 * summary["chunk_bytes_by_type"]["P"]
@@ -341,8 +330,8 @@ def test_random_access_skips_the_groups_before_start_unread(tmp_path, model, str
     matter); chunks of start's own group before start are decoded (their damage does)."""
     data = bytearray(streams[4].read_bytes())
     table = chunk_table(bytes(data))
-    pos, _, length = table[1]  # a P-frame of the first group
-    data[pos + bs.CHUNK.size + length // 2] ^= 0x10
+    c = table[1]  # a P-frame of the first group
+    data[c.payload_offset + c.length // 2] ^= 0x10
     bad = tmp_path / "bad.lvc"
     bad.write_bytes(bytes(data))
     full = decode_all(streams[4], model)
@@ -399,37 +388,37 @@ def _damaged(tmp_path, data: bytes | bytearray, name="bad.lvc") -> Path:
 def test_flipped_frame_type_is_refused(tmp_path, model, streams, index):
     """I↔P: the type byte must match the frame's position in its group (gop 3: I P P I P P I P P I)."""
     data = bytearray(streams[3].read_bytes())
-    pos, ftype, _ = chunk_table(bytes(data))[index]
-    assert ftype == bs.frame_type_at(index, 3)
-    data[pos] = bs.FRAME_PREDICTED if ftype == bs.FRAME_INTRA else bs.FRAME_INTRA
+    c = chunk_table(bytes(data))[index]
+    assert c.frame_type == bs.frame_type_at(index, 3)
+    data[c.offset] ^= 1  # the low bit of the chunk head
     msg = decode_error(_damaged(tmp_path, data), model)
     assert "frame type" in msg and f"frame {index}" in msg
 
 
 def test_unknown_frame_type_is_refused(tmp_path, model, streams):
-    data = bytearray(streams[3].read_bytes())
-    data[chunk_table(bytes(data))[4][0]] = 7
+    """Version 2 chunks have a type byte (version 3 heads have one type bit)."""
+    data = bytearray(restream(streams[3].read_bytes(), model, version=2))
+    data[chunk_table(bytes(data))[4].offset] = 7
     assert "frame type" in decode_error(_damaged(tmp_path, data), model)
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_corrupted_p_payload_is_refused(tmp_path, model, streams, where):
     data = bytearray(streams[3].read_bytes())
-    pos, ftype, length = chunk_table(bytes(data))[4]
-    assert ftype == bs.FRAME_PREDICTED
-    offset = {"first": 0, "middle": length // 2, "last": length - 1}[where]
-    data[pos + bs.CHUNK.size + offset] ^= 0x01
+    c = chunk_table(bytes(data))[4]
+    assert c.frame_type == bs.FRAME_PREDICTED
+    offset = {"first": 0, "middle": c.length // 2, "last": c.length - 1}[where]
+    data[c.payload_offset + offset] ^= 0x01
     msg = decode_error(_damaged(tmp_path, data), model)
-    assert "frame 4" in msg and "checksum" in msg
+    assert "frame 4" in msg and "damaged" in msg
 
 
 def test_swapped_p_chunks_are_refused(tmp_path, model, streams):
     """Two P chunks of one group exchanged (types still match): the index-keyed checksums catch it."""
     data = streams[3].read_bytes()
     table = chunk_table(data)
-    (p1, _, l1), (p2, _, l2) = table[1], table[2]
-    c1, c2 = data[p1 : p1 + bs.CHUNK.size + l1], data[p2 : p2 + bs.CHUNK.size + l2]
-    swapped = data[:p1] + c2 + c1 + data[p2 + bs.CHUNK.size + l2 :]
+    a, b = table[1], table[2]
+    swapped = data[: a.offset] + data[b.offset : b.end] + data[a.offset : a.end] + data[b.end :]
     assert len(swapped) == len(data) and swapped != data
     assert "checksum" in decode_error(_damaged(tmp_path, swapped), model)
 
@@ -439,10 +428,10 @@ def test_stream_truncated_inside_a_p_chunk(tmp_path, model, streams, into):
     data = streams[3].read_bytes()
     table = chunk_table(data)
     index = 7
-    pos, ftype, length = table[index]
-    assert ftype == bs.FRAME_PREDICTED
-    cut = {"chunk_header": pos + 4, "payload_start": pos + bs.CHUNK.size,
-           "payload_middle": pos + bs.CHUNK.size + length // 2, "payload_end": pos + bs.CHUNK.size + length - 1}[into]
+    c = table[index]
+    assert c.frame_type == bs.FRAME_PREDICTED
+    cut = {"chunk_header": c.offset + c.head - 1,  # the last byte of the chunk head missing
+           "payload_start": c.payload_offset, "payload_middle": c.payload_offset + c.length // 2, "payload_end": c.end - 1}[into]
     bad = _damaged(tmp_path, data[:cut])
     msg = decode_error(bad, model)
     assert "truncated" in msg, msg
@@ -460,9 +449,7 @@ def test_p_chunk_moved_to_an_i_position_is_refused(tmp_path, model, streams):
     """A valid P chunk (type byte, length, checksum) copied over the next group's I chunk."""
     data = streams[3].read_bytes()
     table = chunk_table(data)
-    p1, _, l1 = table[1]
-    p3, _, l3 = table[3]
-    forged = data[:p3] + data[p1 : p1 + bs.CHUNK.size + l1] + data[p3 + bs.CHUNK.size + l3 :]
+    forged = data[: table[3].offset] + data[table[1].offset : table[1].end] + data[table[3].end :]
     assert "frame type" in decode_error(_damaged(tmp_path, forged), model)
 
 
@@ -473,13 +460,15 @@ def test_version_1_stream_of_a_v2_model_decodes(tmp_path, model, streams):
     """A version-1 header (gop 1) over intra chunks whose checksums are keyed by that header decodes to the
     same frames; the header's version byte counts in the stream key."""
     data = streams[1].read_bytes()
-    v1 = rewrite(data, version=1)
-    assert v1[4] == 1 and header_of(v1).version == 1
-    assert payloads(v1) == payloads(data) and v1 != data
+    v1 = restream(data, model, version=1)
+    assert v1[4] == 1 and header_of(v1).version == 1 and v1 != data
     path = _damaged(tmp_path, v1, "v1.lvc")
     np.testing.assert_array_equal(decode_all(path, model), decode_all(streams[1], model))
     np.testing.assert_array_equal(decode_all(path, model, 6, 2), decode_all(streams[1], model)[6:8])
-    # Only the version byte changed (header CRC fixed, chunk CRCs not): every chunk fails its checksum.
+    # Only the version byte of a version 2 stream changed (header CRC fixed, chunk CRCs not): every chunk
+    # fails its checksum.
+    data = restream(data, model, version=2)
+    np.testing.assert_array_equal(decode_all(_damaged(tmp_path, data, "v2.lvc"), model), decode_all(streams[1], model))
     body = bytearray(data[: bs.HEADER.size])
     body[4] = 1
     patched = bytes(body) + bs.HEADER_CRC.pack(zlib.crc32(bytes(body))) + data[bs.HEADER_SIZE:]
@@ -489,7 +478,7 @@ def test_version_1_stream_of_a_v2_model_decodes(tmp_path, model, streams):
 @pytest.mark.parametrize("gop", [2, 3, 32])
 def test_version_1_header_claiming_groups_is_refused(tmp_path, model, streams, gop):
     data = streams[3].read_bytes()
-    v1 = rewrite(data, version=1, gop=gop)
+    v1 = restream(data, model, version=1, gop=gop)
     with pytest.raises(FedlvcError, match="version 1"):
         header_of(v1)
     msg = decode_error(_damaged(tmp_path, v1), model)
@@ -498,8 +487,8 @@ def test_version_1_header_claiming_groups_is_refused(tmp_path, model, streams, g
 
 def test_unknown_version_is_refused(tmp_path, model, streams):
     data = streams[3].read_bytes()
-    for version in (0, 3, 255):
-        msg = decode_error(_damaged(tmp_path, rewrite(data, version=version)), model)
+    for version in (0, bs.VERSION + 1, 255):
+        msg = decode_error(_damaged(tmp_path, restream(data, model, version=version)), model)
         assert f"version {version}" in msg
 
 
@@ -513,7 +502,7 @@ def test_intra_only_model_codes_gop_1_only(tmp_path, intra_model_path, frames):
     decoded = decode_all(path, intra)
     assert decoded.shape == (N, H, W, 3)
     # Its streams also decode as version-1 streams.
-    np.testing.assert_array_equal(decode_all(_damaged(tmp_path, rewrite(data, version=1), "v1.lvc"), intra),
+    np.testing.assert_array_equal(decode_all(_damaged(tmp_path, restream(data, intra, version=1), "v1.lvc"), intra),
                                   decoded)
     for gop in (2, 4):
         with pytest.raises(FedlvcError, match="intra-only"):
@@ -522,7 +511,7 @@ def test_intra_only_model_codes_gop_1_only(tmp_path, intra_model_path, frames):
             encode_frames(iter(frames), tmp_path / "no.lvc", intra, 3, FPS, gop=gop)
         assert not (tmp_path / "no.lvc").exists()
         # A (well-formed) v2 stream with P-frames under the intra model's fingerprint cannot be decoded by it.
-        forged = _damaged(tmp_path, rewrite(data, gop=gop), "forged.lvc")
+        forged = _damaged(tmp_path, restream(data, intra, gop=gop), "forged.lvc")
         assert "intra-only" in decode_error(forged, intra)
     with pytest.raises(FedlvcError, match="intra-only"):
         FrameDecoder(intra, 3, H, W, gop=3)
