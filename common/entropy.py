@@ -167,3 +167,29 @@ class LatentCoder:
             raise FedlvcError("bitstream chunk is damaged (data left over after decoding)")
         return out
 
+
+
+def coding_fingerprint(model: FedlvcCodec) -> str:
+    """SHA-256 (hex) of what the model's coding tables make of every symbol: at every quality level, each
+    channel's I-frame table codes every symbol −R…R once, and the P-frame Laplace codes every symbol −R…R
+    around 0 under every (channel, context) scale. The tables are computed in float64, whose last bits may
+    differ between machines (torch's CPU kernels, libm); what the coder makes of them is quantized. Two
+    machines with the same fingerprint for a model code and decode its streams alike."""
+    import hashlib
+
+    coder = LatentCoder(model)
+    r = coder.support
+    symbols = np.arange(-r, r + 1, dtype=np.int32)
+    h = hashlib.sha256()
+    for level in range(model.cfg.num_levels):
+        for table in coder._categoricals(level):
+            ans = constriction.stream.stack.AnsCoder()
+            ans.encode_reverse(symbols + r, table)
+            h.update(ans.get_compressed().tobytes())
+        if model.cfg.temporal:
+            scales = coder.scale_table(level).reshape(-1)
+            ans = constriction.stream.stack.AnsCoder()
+            ans.encode_reverse(np.tile(symbols, scales.size), coder._laplace, np.zeros(scales.size * symbols.size),
+                               np.repeat(scales, symbols.size))
+            h.update(ans.get_compressed().tobytes())
+    return h.hexdigest()

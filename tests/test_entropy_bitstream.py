@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from fractions import Fraction
@@ -16,7 +19,8 @@ import torch
 from common import bitstream as bs
 from common.codec import FrameEncoder, _to_tensor
 from common.data import generate_site_clip
-from common.entropy import LatentCoder
+from common.checkpoint import load_model
+from common.entropy import LatentCoder, coding_fingerprint
 from common.errors import FedlvcError
 
 from conftest import make_coding_model, make_tiny_model
@@ -351,3 +355,43 @@ def test_latent_coder_decode_rejects_a_shape_smaller_than_encoded():
     payload = coder.encode(y, 3)
     with pytest.raises(FedlvcError, match="frame size in the header|left over|damaged"):
         coder.decode(payload, 3, (model.cfg.latent_channels, 2, 5))
+
+
+# ------------------------------------------------------------------------------------ portability of tables
+
+_TABLES_SCRIPT = """
+import torch
+from common.checkpoint import load_model
+from common.entropy import coding_fingerprint
+print(torch.backends.cpu.get_cpu_capability(), coding_fingerprint(load_model(None)))
+"""
+
+
+def test_coding_fingerprint_sees_every_table():
+    """The fingerprint is reproducible, and moves when one I-frame table or one P-frame scale changes."""
+    model = make_coding_model(0)
+    base = coding_fingerprint(model)
+    assert base == coding_fingerprint(make_coding_model(0))
+    with torch.no_grad():
+        model.temporal.table.weight[5, 3] += 0.5  # one (level, channel × context) scale
+    moved_p = coding_fingerprint(model)
+    with torch.no_grad():
+        model.prior.table.weight[2, 7] += 0.5  # one (level, channel × mixture) parameter
+    assert len({base, moved_p, coding_fingerprint(model)}) == 3
+
+
+@pytest.mark.slow
+def test_coding_tables_are_the_same_under_each_cpu_kernel_path():
+    """The shipped model's float64 tables computed with torch's scalar kernels and with its vector (AVX2)
+    kernels, in fresh processes: whatever their last bits, the coder makes the same of every symbol under
+    every I- and P-frame table, so a stream written on one path decodes on the other."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no vector kernel path to compare with")
+    results = {}
+    for path in ("default", "avx2"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=path)
+        out = subprocess.run([sys.executable, "-c", _TABLES_SCRIPT], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        results[path] = out
+    assert [results[p][0] for p in ("default", "avx2")] == ["DEFAULT", "AVX2"]  # each path really ran
+    assert results["default"][1] == results["avx2"][1] == coding_fingerprint(load_model(None))
