@@ -160,7 +160,8 @@ class LatentCoder:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None
         out = out.reshape(c, h, w)
         if check is None and (hi << 16 | lo) != SENTINEL:
-            raise FedlvcError("bitstream chunk does not decode to the frame size in the header (forged or foreign stream)")
+            raise FedlvcError("bitstream chunk does not decode to the frame size in the header "
+                              "(forged or foreign stream)")
         if check is not None and (hi << 16 | lo) != check(out):
             raise FedlvcError("bitstream chunk is damaged (checksum mismatch)")
         if not coder.is_empty():

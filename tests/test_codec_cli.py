@@ -372,7 +372,8 @@ def _cut_points(chunks):
 
 
 @pytest.mark.parametrize("where", ["empty_after_magic", "inside_header", "header_only",
-                                   "first_chunk_head_only", "later_chunk_head_only", "inside_payload", "inside_last_payload", "last_byte"])
+                                   "first_chunk_head_only", "later_chunk_head_only", "inside_payload",
+                                   "inside_last_payload", "last_byte"])
 def test_decompress_truncated(capsys, lvc, chunks, tiny_model_path, dirs, where):
     src, dst = dirs
     cut = _cut_points(chunks)[where]

@@ -445,7 +445,8 @@ def test_stream_truncated_inside_a_p_chunk(tmp_path, model, streams, into):
     c = table[index]
     assert c.frame_type == bs.FRAME_PREDICTED
     cut = {"chunk_header": c.offset + c.head - 1,  # the last byte of the chunk head missing
-           "payload_start": c.payload_offset, "payload_middle": c.payload_offset + c.length // 2, "payload_end": c.end - 1}[into]
+           "payload_start": c.payload_offset, "payload_middle": c.payload_offset + c.length // 2,
+           "payload_end": c.end - 1}[into]
     bad = _damaged(tmp_path, data[:cut])
     msg = decode_error(bad, model)
     assert "truncated" in msg, msg
