@@ -159,13 +159,25 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def pack_chunk(words: bytes, frame_type: int) -> bytes:
-    """A version 3 chunk (head and payload) of an ANS payload of whole 32-bit little-endian words."""
+def _stored_length(words: bytes) -> int:
+    """Bytes of a version 3 payload: the ANS words without the top word's zero high bytes."""
     if len(words) % 4:
         raise ValueError("an ANS payload is a whole number of 32-bit words")
     n = len(words)
-    while n > len(words) - 3 and n > 0 and words[n - 1] == 0:  # the top word's zero high bytes
+    while n > len(words) - 3 and n > 0 and words[n - 1] == 0:
         n -= 1
+    return n
+
+
+def chunk_size(words: bytes, frame_type: int) -> int:
+    """Bytes on disk of the version 3 chunk of an ANS payload (what :func:`write_chunk` writes)."""
+    n = _stored_length(words)
+    return len(_varint(2 * n + frame_type)) + n
+
+
+def pack_chunk(words: bytes, frame_type: int) -> bytes:
+    """A version 3 chunk (head and payload) of an ANS payload of whole 32-bit little-endian words."""
+    n = _stored_length(words)
     return _varint(2 * n + frame_type) + words[:n]
 
 

@@ -175,7 +175,7 @@ class FrameEncoder:
         payload = self.coder.encode(y_hat, self.level, prev, history, params,
                                     check=bs.latent_checksum(y_hat, st.index, key))
         name = bs.FRAME_TYPE_NAMES[ftype]
-        self.bytes_by_type[name] += len(bs.pack_chunk(payload, ftype))
+        self.bytes_by_type[name] += bs.chunk_size(payload, ftype)
         self.frames_by_type[name] += 1
         st.advance(y_hat)
         return ftype, payload

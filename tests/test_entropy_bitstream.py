@@ -273,6 +273,7 @@ def test_chunk_round_trip_and_refusals():
     f = io.BytesIO()
     sizes = [bs.write_chunk(f, w, t) for w, t in zip(words, types)]
     assert sizes == [1 + n if 2 * n + 1 < 128 else 2 + n for n in stored]
+    assert sizes == [bs.chunk_size(w, t) for w, t in zip(words, types)]
     data = f.getvalue()
     assert data[0] == 0 and data[1] == 2 * 4 + 1 and data[2:6] == b"abcd"
     f = io.BytesIO(data)
