@@ -1,10 +1,13 @@
 """The fedlvc Flower ClientApp: DP local training, federated evaluation, and the final compression of the
-site's own video. Replies carry the model's arrays and scalar metrics only; frames stay at the site."""
+site's own video. Replies carry the model's arrays and scalar metrics only; frames stay at the site.
+
+The run config and every message come from whoever submits the run. What protects the site's data is
+decided here, from the site's own node config (``client.policy``) and disk (``client.ledger``): the privacy
+policy, the ledger, what the site releases and where it writes."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -12,19 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
+from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.metrics import ms_ssim, psnr_rgb
 from common.model import CodecConfig, FedlvcCodec, PFrameRule
 from common.privacy import DPConfig, poisson_sample_rate
 from common.training import local_train
 
-from .site import PrivacyLedger, earlier_ledger, load_site, site_clips, site_identity
+from .ledger import earlier_ledger, open_ledger, state_dir_of
+from .policy import SitePolicy
+from .site import load_site, site_clips, site_identity, site_out_dir
 
 app = ClientApp()
 
@@ -33,23 +39,38 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model_from(msg: Message) -> FedlvcCodec:
-    cfg = CodecConfig.from_dict(json.loads(msg.content["config"]["model-config"]))
+def model_params(cfg: CodecConfig) -> int:
+    """Parameters of a model of this config, counted without allocating it (torch's meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in FedlvcCodec(cfg).parameters())
+
+
+def _model_from(msg: Message, policy: SitePolicy, key: str = "arrays") -> FedlvcCodec:
+    """The model in a message, checked before it is built: its config within ``CodecConfig``'s limits and
+    the site's memory, its arrays exactly the config's."""
+    try:
+        cfg = CodecConfig.from_dict(json.loads(str(msg.content["config"]["model-config"])))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FedlvcError(f"the server's model-config is malformed: {e}") from None
+    policy.check_memory("the server's model", 16.0 * model_params(cfg))
     model = FedlvcCodec(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    try:
+        model.load_state_dict(msg.content[key].to_torch_state_dict())
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise FedlvcError(f"the server's model arrays do not fit its model-config: {str(e)[:300]}") from None
     return model
 
 
-FAULT_ENV = "FEDLVC_INJECT_FAULT"  # testing aid: "<site id>:<round>" makes that site crash in that round
-HANG_ENV = "FEDLVC_INJECT_HANG"  # testing aid: "<site id>:<round>:<seconds>" makes that site stall
+FAULT_ENV = "FEDLVC_INJECT_FAULT"  # testing aid: "<site number>:<round>" makes that site crash in that round
+HANG_ENV = "FEDLVC_INJECT_HANG"  # testing aid: "<site number>:<round>:<seconds>" makes that site stall
 
 
-def _inject_fault(site_id: int, server_round: int) -> None:
+def _inject_fault(site_number: int, server_round: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
-    if spec and spec == f"{site_id}:{server_round}":
+    if spec and spec == f"{site_number}:{server_round}":
         raise RuntimeError(f"fault injected by {FAULT_ENV}={spec}")
     hang = os.environ.get(HANG_ENV, "").split(":")
-    if len(hang) == 3 and hang[:2] == [str(site_id), str(server_round)]:
+    if len(hang) == 3 and hang[:2] == [str(site_number), str(server_round)]:
         time.sleep(float(hang[2]))
 
 
@@ -64,56 +85,134 @@ def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
     return fixedclipping_mod(msg, context, call_next)
 
 
+def _round(msg: Message) -> int:
+    try:
+        return int(msg.content["config"].get("server-round", 0))
+    except (TypeError, ValueError):
+        raise FedlvcError("the server's server-round is not a number") from None
+
+
+def _reply(msg: Message, context: Context, metrics: dict, note: str = "", arrays: ArrayRecord | None = None,
+           **extra: str) -> Message:
+    """A reply: metrics (numbers), the site's name and, when the site declined or refused, why."""
+    name, _ = site_identity(context.node_config, context.node_id)
+    content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name, "note": note, **extra})}
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(RecordDict(content), reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _rounds(context: Context) -> ConfigRecord:
+    """This run's bookkeeping of rounds: the latest training round, and the round each kind of release last
+    answered (a site answers at most one of each per training round)."""
+    if "site-rounds" not in context.state:
+        context.state["site-rounds"] = ConfigRecord({"train": 0, "eval": 0, "rd": 0, "compress": 0})
+    return context.state["site-rounds"]
+
+
+def training_bytes(rc: RunConfig, params: int) -> float:
+    """Rough peak memory of a DP step: per-sample gradients (and their clipped copies) of every parameter,
+    and the activations of a crop, for twice the expected Poisson batch."""
+    return 2.0 * rc.batch_size * (8.0 * params + 400.0 * rc.crop_size**2)
+
+
+def _decide(plan, ledger, q: float, policy: SitePolicy, context: Context) -> str:
+    """Why this round is declined ("" = it trains): the policy, a ledger on disk for real video, the budget."""
+    if plan.declined:
+        return plan.declined
+    if policy.real_video and state_dir_of(context.node_config) is None:
+        return "a site with real video keeps its privacy ledger on disk: set state-dir in its node config"
+    if plan.private:
+        reach = plan.epsilon(ledger.history + [(plan.noise_multiplier, q, plan.steps)])
+        if reach > plan.budget:
+            return f"the round would take the site's epsilon to {reach:.3g}, past its budget {plan.budget:.3g}"
+    return ""
+
+
 @app.train(mods=[central_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
-    site = load_site(context.node_config, rc)
-    _inject_fault(site.site_id, int(msg.content["config"].get("server-round", 0)))
-    ledger = PrivacyLedger.load(context, rc, earlier_ledger(msg.content["config"], site.site_id))
-    model = _model_from(msg)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    policy = SitePolicy.of(context.node_config)
+    name, number = site_identity(context.node_config, context.node_id)
+    server_round = _round(msg)
+    _inject_fault(number, server_round)
+    rounds = _rounds(context)
+    rounds["train"] = max(int(rounds["train"]), server_round)
+    model = _model_from(msg, policy)
+    plan = policy.plan(rc)
+    site = load_site(context.node_config, rc, policy, context.node_id)
+    policy.check_memory("a training step", training_bytes(rc, model_params(model.cfg)))
     q = poisson_sample_rate(len(site.train_rows), rc.batch_size)
-    dp = None
-    declined = False
-    if rc.private or rc.clip_only:
-        dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, rc.delta, rc.accountant, rc.grad_sample_mode)
-    if rc.private:
-        # Refuse before spending: the ε this round would reach, from the ledger plus the planned steps.
-        declined = ledger.epsilon([(rc.noise_multiplier, q, rc.local_steps)]) > rc.epsilon_budget
-    if declined:
-        loss, steps = float("nan"), 0
-    else:
+    # Decide and write what the round spends under the ledger's lock, before training: concurrent runs on one
+    # state-dir serialise their spending, and a crash mid-round counts as spent.
+    with open_ledger(context, rc, earlier_ledger(msg.content["config"], name)) as ledger:
+        declined = _decide(plan, ledger, q, policy, context)
+        if not declined:
+            ledger.spend(plan.noise_multiplier if plan.private else 0.0, q, plan.steps)
+            ledger.save(context, policy.accountant, policy.delta)
+    loss = None
+    if not declined:
+        dp = None
+        if plan.private or rc.clip_only:
+            dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, plan.delta, policy.accountant,
+                          rc.grad_sample_mode)
         result = local_train(model, site.train_rows, rc.local_steps, rc.batch_size, rc.crop_size,
-                             rc.learning_rate, dp=dp, history=ledger.history,
-                             seed=rc.seed + 1000 * server_round + site.site_id, device=_device(),
-                             segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
+                             rc.learning_rate, dp=dp, seed=rc.seed + 1000 * server_round + number,
+                             device=_device(), segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
                              rule=rc.p_rule, parts=rc.train_parts)
-        loss, steps = result["loss"], result["steps"]
-        if rc.private:
-            ledger.history = [tuple(h) for h in result["history"]]
-        else:  # a non-private round is recorded too: σ = 0 means ε = ∞ for this site's data from now on
-            ledger.history.append((0.0, result["sample_rate"], steps))
-        ledger.save(context)
+        if plan.private and [tuple(h) for h in result["history"]] != [(plan.noise_multiplier, q, plan.steps)]:
+            raise RuntimeError(f"Opacus accounted {result['history']}, the ledger {(plan.noise_multiplier, q, plan.steps)}")
+        loss = result["loss"]
     metrics = {
         "num-examples": 0 if declined else len(site.train_rows),
-        "site_id": site.site_id,
-        "train_loss": 0.0 if math.isnan(loss) else loss,
-        "epsilon": ledger.epsilon(),
-        "delta": rc.delta,
+        "epsilon": plan.epsilon(ledger.history),
+        "delta": plan.delta,
         "noise_multiplier": rc.noise_multiplier,
         "max_grad_norm": rc.max_grad_norm,
         "sample_rate": q,
-        "steps": steps,
-        "declined": int(declined),
+        "steps": 0 if declined else plan.steps,
+        "declined": int(bool(declined)),
         "units": len(site.train_rows),  # privacy units (frames or segments) this site holds
         "unit-frames": rc.unit_frames,  # frames per privacy unit (1: frame; S: segment)
-        "site-weight": 1,  # equal weights: what central (site-level) DP averaging needs
         **ledger.flat(),
     }
-    if not ledger.history:  # metric lists must not be empty: a site that never trained has spent nothing
-        metrics.update(dp_sigma=[0.0], dp_sample_rate=[0.0], dp_steps=[0])
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    released = loss is not None and np.isfinite(loss) and policy.releases("train-loss")
+    if released:
+        metrics["train_loss"] = float(loss)
+    return _reply(msg, context, metrics, note=declined, arrays=ArrayRecord(model.state_dict()),
+                  accountant=",".join(plan.accountants))
+
+
+# ----------------------------------------------------------------------------- releases (not DP: the site's choice)
+
+
+def _refusal(policy: SitePolicy, context: Context, kind: str, release: str, server_round: int) -> str:
+    """Why the site does not answer this query ("" = it does, and the answer is booked): the policy's
+    ``release`` list, and at most one answer of each kind per training round of this run."""
+    if release and not policy.releases(release):
+        allowed = ",".join(sorted(policy.release)) or "none"
+        return f"the site's policy does not release {release} (release = {allowed})"
+    rounds = _rounds(context)
+    latest = int(rounds["train"])
+    if latest == 0 or server_round != latest:
+        return f"{kind} is answered only for the site's latest training round ({latest}), not round {server_round}"
+    if int(rounds[kind]) == server_round:
+        return f"{kind} was answered already in round {server_round} (one a round)"
+    rounds[kind] = server_round
+    return ""
+
+
+def _count_release(context: Context, release: str, policy: SitePolicy) -> None:
+    """A site with a ledger on disk also counts its non-DP releases there, over all runs."""
+    if state_dir_of(context.node_config) is None:
+        return
+    rc = RunConfig.from_mapping(context.run_config)
+    with open_ledger(context, rc) as ledger:
+        ledger.count_release(release)
+        ledger.save(context, policy.accountant, policy.delta)
 
 
 def _gop(model: FedlvcCodec, rc: RunConfig) -> int:
@@ -133,29 +232,43 @@ def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, gop: int, rul
             "bytes": summary["bytes"]}
 
 
+def _quality(model: FedlvcCodec, quality: int) -> int:
+    if not 1 <= quality <= model.cfg.num_levels:
+        raise FedlvcError(f"quality {quality} is not one of the model's levels 1..{model.cfg.num_levels}")
+    return quality
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
-    site = load_site(context.node_config, rc)
-    model = _model_from(msg).eval()
-    m = _measure(model, np.stack(site.held_out), rc.eval_quality, _gop(model, rc), rc.p_rule)
-    metrics = {"num-examples": len(site.held_out), "site-weight": 1, "site_id": site.site_id, "bpp": m["bpp"],
-               "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    policy = SitePolicy.of(context.node_config)
+    refused = _refusal(policy, context, "eval", "eval", _round(msg))
+    if refused:
+        return _reply(msg, context, {"refused": 1}, note=refused)
+    site = load_site(context.node_config, rc, policy, context.node_id)
+    model = _model_from(msg, policy).eval()
+    m = _measure(model, np.stack(site.held_out), _quality(model, rc.eval_quality), _gop(model, rc), rc.p_rule)
+    _count_release(context, "eval", policy)
+    return _reply(msg, context, {"num-examples": len(site.held_out), "bpp": m["bpp"], "psnr": m["psnr"],
+                                 "ms_ssim": m["ms_ssim"]})
 
 
 @app.query("compress")
 def compress(msg: Message, context: Context) -> Message:
-    """Compress every clip of this site with the final global model into its out-dir; reply with a summary."""
+    """Compress every clip of this site with the final global model into the site's own out-dir (never a
+    path from the run config); reply with a summary if the site releases one."""
     rc = RunConfig.from_mapping(context.run_config)
-    name, site_id = site_identity(context.node_config)
-    model = _model_from(msg).eval()
-    out_dir = str(context.node_config.get("out-dir", "") or "")
-    out = Path(out_dir) if out_dir else rc.resolved_out_dir() / "sites" / name
+    policy = SitePolicy.of(context.node_config)
+    refused = _refusal(policy, context, "compress", "", _round(msg))
+    if refused:
+        return _reply(msg, context, {"refused": 1}, note=refused)
+    name, _ = site_identity(context.node_config, context.node_id)
+    model = _model_from(msg, policy).eval()
+    out = site_out_dir(context.node_config, name)
     out.mkdir(parents=True, exist_ok=True)
-    quality = int(msg.content["config"].get("quality", rc.final_quality))
+    quality = _quality(model, int(msg.content["config"].get("quality", rc.final_quality)))
     total_bytes, total_pixels, psnr_sum, frames_total = 0, 0, 0.0, 0
-    for clip, frames, fps in site_clips(context.node_config, rc):
+    for clip, frames, fps in site_clips(context.node_config, rc, context.node_id):
         path = out / f"{clip}.lvc"
         summary = encode_frames(frames(), path, model, quality, fps, _gop(model, rc), rule=rc.p_rule)
         _, decoded = decode_stream(path, model)
@@ -164,25 +277,39 @@ def compress(msg: Message, context: Context) -> Message:
         total_bytes += summary["bytes"]
         total_pixels += summary["frames"] * summary["width"] * summary["height"]
         frames_total += summary["frames"]
-    metrics = {"site_id": site_id, "bytes": total_bytes, "frames": frames_total,
-               "bpp": total_bytes * 8 / max(total_pixels, 1), "psnr": psnr_sum / max(frames_total, 1),
-               "quality": quality}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    if not policy.releases("compress-summary"):
+        return _reply(msg, context, {"compressed": 1}, note="compressed; the site does not release a summary")
+    _count_release(context, "compress-summary", policy)
+    return _reply(msg, context, {"bytes": total_bytes, "frames": frames_total,
+                                 "bpp": total_bytes * 8 / max(total_pixels, 1), "psnr": psnr_sum / max(frames_total, 1),
+                                 "quality": quality})
+
+
+RD_MODELS = ("federated", "public")  # the models one query.rd may carry: what it is for, and a bound on work
 
 
 @app.query("rd")
 def rd(msg: Message, context: Context) -> Message:
-    """Rate–distortion of the model in the message on this site's held-out frames (never trained on): bpp and
-    PSNR at every quality level, coded as in the final compression. Lets the server compare the federated
-    model with the public one on each site's own video; only the two curves come back."""
+    """Rate–distortion of the models in the message (``federated`` and/or ``public`` arrays) on this site's
+    held-out frames (never trained on): bpp and PSNR at every quality level, coded as in the final
+    compression. Lets the server compare the federated model with the public one on each site's own video;
+    only the curves come back, one query a round."""
     rc = RunConfig.from_mapping(context.run_config)
-    site = load_site(context.node_config, rc)
-    model = _model_from(msg).eval()
+    policy = SitePolicy.of(context.node_config)
+    refused = _refusal(policy, context, "rd", "rd", _round(msg))
+    if refused:
+        return _reply(msg, context, {"refused": 1}, note=refused)
+    names = [k for k in RD_MODELS if k in msg.content.array_records]
+    if not names:
+        raise FedlvcError(f"query.rd carries none of the models {', '.join(RD_MODELS)}")
+    site = load_site(context.node_config, rc, policy, context.node_id)
     frames = np.stack(site.held_out)
-    bpp, psnr = [], []
-    for quality in range(1, model.cfg.num_levels + 1):
-        m = _measure(model, frames, quality, _gop(model, rc), rc.p_rule, with_ms_ssim=False)
-        bpp.append(m["bpp"])
-        psnr.append(m["psnr"])
-    metrics = {"site_id": site.site_id, "frames": len(site.held_out), "bpp": bpp, "psnr": psnr}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics = {"frames": len(site.held_out)}
+    for key in names:
+        model = _model_from(msg, policy, key).eval()
+        points = [_measure(model, frames, q, _gop(model, rc), rc.p_rule, with_ms_ssim=False)
+                  for q in range(1, model.cfg.num_levels + 1)]
+        metrics[f"bpp-{key}"] = [p["bpp"] for p in points]
+        metrics[f"psnr-{key}"] = [p["psnr"] for p in points]
+    _count_release(context, "rd", policy)
+    return _reply(msg, context, metrics)

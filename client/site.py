@@ -1,9 +1,8 @@
-"""A site's private data and privacy ledger. Frames, file names and gradients never leave this module's
-process; only model weights and scalar metrics are returned to Flower."""
+"""A site's private data: its name, its frames and where its outputs go. Frames, file names and gradients
+never leave this module's process; only model weights and scalar metrics are returned to Flower."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,8 +10,9 @@ from common.data import (find_videos, generate_site_clip, make_segments, sample_
                          split_held_out)
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
-from common.privacy import check_privacy_unit, epsilon_from_history
-from common.video import atomic_output
+
+from .ledger import state_dir_of
+from .policy import SitePolicy
 
 _CACHE: dict = {}
 
@@ -27,36 +27,71 @@ class SiteData:
     generated: bool = False
 
 
-def site_identity(node_config) -> tuple[str, int]:
-    """A stable site name and number: ``site-name``/``partition-id`` from the node config."""
-    pid = int(node_config.get("partition-id", node_config.get("site-id", 0)))
-    name = str(node_config.get("site-name", "")) or (
-        Path(str(node_config["video-dir"])).name if node_config.get("video-dir") else f"site_{pid}"
-    )
-    return name, pid
+def site_identity(node_config, node_id: int = 0) -> tuple[str, int]:
+    """The site's name (what it reports to the server) and number (the seed of its generated scenes and of
+    its training crops): ``site-name``, else its ``video-dir``'s folder name, else ``site_<partition-id>``,
+    else ``node_<Flower node id>`` — two sites without any of these keys still differ. The server keys
+    sites by Flower's node id, whatever they report."""
+    pid = node_config.get("partition-id", node_config.get("site-id"))
+    try:
+        number = int(pid) if pid is not None else int(node_id) % 1_000_003
+    except (TypeError, ValueError):
+        raise FedlvcError(f"node-config partition-id must be an integer, not {pid!r}") from None
+    name = str(node_config.get("site-name", "") or "")
+    if not name and node_config.get("video-dir"):
+        name = Path(str(node_config["video-dir"])).name
+    return name or (f"site_{number}" if pid is not None else f"node_{node_id}"), number
 
 
-def load_site(node_config, rc: RunConfig) -> SiteData:
+SIMULATED_OUT = Path("runs") / "sites"  # a simulated site without out-dir/state-dir: relative to its own cwd
+
+
+def site_out_dir(node_config, name: str) -> Path:
+    """Where the site writes its compressed video: its node ``out-dir``, else ``<state-dir>/out``, else
+    (a simulated site only) ``runs/sites/<name>`` under its working folder — never a path from the run."""
+    if node_config.get("out-dir"):
+        return Path(str(node_config["out-dir"])).expanduser()
+    state_dir = state_dir_of(node_config)
+    if state_dir is not None:
+        return state_dir / "out"
+    if node_config.get("video-dir"):
+        raise FedlvcError("this site has no out-dir or state-dir in its node config to write its compressed "
+                          "video to")
+    return SIMULATED_OUT / name
+
+
+def _frame_bytes(rc: RunConfig, videos: list) -> float:
+    """What holding the site's rows costs, before any is decoded: frames × width × height × 3 bytes."""
+    if not videos:
+        return rc.demo_clips * rc.demo_frames * rc.demo_width * rc.demo_height * 3.0
+    from common.video import probe
+
+    info = probe(videos[0])
+    return rc.site_max_frames * info.width * info.height * 3.0
+
+
+def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) -> SiteData:
     """Frames of this site: its ``video-dir`` when set, else distinct clips generated from its partition id.
-    The last ``eval-frames`` frames of the site are held out from training."""
-    name, pid = site_identity(node_config)
+    The last ``eval-frames`` frames of the site are held out from training. Refused before decoding when
+    the rows would pass the site's memory limit (``max-memory-mb``)."""
+    name, pid = site_identity(node_config, node_id)
     video_dir = str(node_config.get("video-dir", "") or "")
     key = (video_dir, pid, rc.demo_frames, rc.demo_clips, rc.demo_width, rc.demo_height, rc.demo_site_offset,
            rc.eval_frames, rc.site_max_frames, rc.unit_frames)
     if key in _CACHE:
         return _CACHE[key]
+    if video_dir and not Path(video_dir).is_dir():
+        raise FedlvcError(f"node-config video-dir does not exist: {video_dir}")
+    videos = find_videos([video_dir]) if video_dir else []
+    policy.check_memory("holding the site's frames", _frame_bytes(rc, videos))
     s = rc.unit_frames
     if video_dir:
-        if not Path(video_dir).is_dir():
-            raise FedlvcError(f"node-config video-dir does not exist: {video_dir}")
-        videos = find_videos([video_dir])
         generated = False
         if s == 1:
             rows = sample_frames(videos, rc.site_max_frames, seed=pid)
         else:
             rows = sample_segments(videos, max(1, rc.site_max_frames // s), s, seed=pid)
     else:
-        videos = []
         generated = True
         clips = [list(generate_site_clip(pid + rc.demo_site_offset, c, rc.demo_width, rc.demo_height, rc.demo_frames))
                  for c in range(rc.demo_clips)]
@@ -73,14 +108,14 @@ def load_site(node_config, rc: RunConfig) -> SiteData:
     return data
 
 
-def site_clips(node_config, rc: RunConfig):
+def site_clips(node_config, rc: RunConfig, node_id: int = 0):
     """The site's own videos for the final compression: (name, a function giving a fresh frame iterator,
     fps) per clip, so that a clip can be streamed twice (encode, then compare) without holding it."""
     from fractions import Fraction
 
     from common.video import iter_frames, probe
 
-    _, pid = site_identity(node_config)
+    _, pid = site_identity(node_config, node_id)
     video_dir = str(node_config.get("video-dir", "") or "")
     if video_dir:
         for path in find_videos([video_dir]):
@@ -90,87 +125,3 @@ def site_clips(node_config, rc: RunConfig):
             yield (f"clip_{c}", (lambda c=c: generate_site_clip(pid + rc.demo_site_offset, c, rc.demo_width,
                                                                 rc.demo_height, rc.demo_frames)),
                    Fraction(25))
-
-
-def _history_rows(rows) -> list[tuple[float, float, int]]:
-    """An accountant history ``[(σ, q, steps), ...]`` from its JSON form (ValueError/TypeError if malformed)."""
-    return [(float(s), float(q), int(n)) for s, q, n in rows]
-
-
-def earlier_ledger(config, site_id: int) -> dict | None:
-    """This site's record ``{"unit_frames", "history"}`` in the ``earlier-ledgers`` the server sends with
-    a training round of a run continued from ``resume-from`` (None when it has none)."""
-    try:
-        mine = json.loads(str(config.get("earlier-ledgers", "{}"))).get(f"site_{site_id}")
-        if mine is None:
-            return None
-        return {"unit_frames": int(mine.get("unit_frames", 1)), "history": _history_rows(mine["history"])}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise FedlvcError(f"the server's earlier-ledgers record is malformed: {e}") from None
-
-
-class PrivacyLedger:
-    """The site's DP accountant history ``[(σ, q, steps), ...]``: kept in Flower's ``Context.state`` during a
-    run and, when the node config has ``state-dir``, on disk so that ε keeps adding up across SuperNode
-    restarts and across runs on the same data."""
-
-    FILE = "privacy_ledger.json"
-
-    def __init__(self, history, accountant: str, delta: float, path: Path | None, unit_frames: int = 1):
-        self.history = [tuple(h) for h in history]
-        self.accountant, self.delta, self.path, self.unit_frames = accountant, delta, path, unit_frames
-
-    @classmethod
-    def load(cls, context, rc: RunConfig, earlier: dict | None = None) -> "PrivacyLedger":
-        """The ledger on disk (``state-dir``), else this run's ``Context.state``, else ``earlier``: this site's
-        rounds before a ``resume-from``, as the server's ``history.json`` recorded them. Without the last, a
-        site with no ledger on disk (every simulated site) would start again from ε = 0 in a resumed run."""
-        state_dir = str(context.node_config.get("state-dir", "") or "")
-        path = Path(state_dir) / cls.FILE if state_dir else None
-        history = []
-        if path is not None and path.is_file():
-            try:
-                doc = json.loads(path.read_text())
-                history = _history_rows(doc["history"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise FedlvcError(f"privacy ledger {path} is unreadable: {e}") from None
-            if doc.get("accountant", rc.accountant) != rc.accountant:
-                raise FedlvcError(f"privacy ledger {path} was kept with the {doc['accountant']} accountant, "
-                                  f"run-config asks for {rc.accountant}")
-            if history:
-                check_privacy_unit(int(doc.get("unit_frames", 1)), rc.unit_frames, f"privacy ledger {path}",
-                                   "use another state-dir or the same unit")
-        elif "privacy" in context.state:
-            rec = context.state["privacy"]
-            history = list(zip(rec["sigma"], rec["q"], rec["steps"]))
-        elif earlier and earlier["history"]:
-            check_privacy_unit(earlier["unit_frames"], rc.unit_frames, "the rounds before resume-from",
-                               "resume with the same unit")
-            history = earlier["history"]
-        return cls(history, rc.accountant, rc.delta, path, rc.unit_frames)
-
-    def epsilon(self, extra=()) -> float:
-        return epsilon_from_history(self.history + list(extra), self.delta, self.accountant)
-
-    def save(self, context) -> None:
-        from flwr.app import ConfigRecord
-
-        if self.history:
-            context.state["privacy"] = ConfigRecord({
-                "sigma": [float(s) for s, _, _ in self.history],
-                "q": [float(q) for _, q, _ in self.history],
-                "steps": [int(n) for _, _, n in self.history],
-            })
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(self.path) as tmp:
-                Path(tmp).write_text(json.dumps({"accountant": self.accountant, "delta": self.delta,
-                                                 "unit_frames": self.unit_frames,
-                                                 "history": [list(h) for h in self.history]}, indent=1))
-
-    def flat(self) -> dict:
-        """The history as three parallel lists (Flower metric records hold lists of numbers)."""
-        return {"dp_sigma": [float(s) for s, _, _ in self.history],
-                "dp_sample_rate": [float(q) for _, q, _ in self.history],
-                "dp_steps": [int(n) for _, _, n in self.history]}
-

@@ -81,12 +81,32 @@ class CodecConfig:
         if unknown:
             raise FedlvcError(f"model config has unknown keys: {sorted(unknown)}")
         d = dict(d)
-        if "lambdas" in d:
-            d["lambdas"] = tuple(float(v) for v in d["lambdas"])
+        try:
+            if "lambdas" in d:
+                d["lambdas"] = tuple(float(v) for v in d["lambdas"])
+        except (TypeError, ValueError):
+            raise FedlvcError(f"model config lambdas must be a list of numbers, not {d['lambdas']!r}") from None
         cfg = cls(**d)
         if cfg.architecture not in ARCHITECTURES:
             raise FedlvcError(f"model architecture {cfg.architecture!r} is not supported (expected {ARCHITECTURE!r})")
+        cfg.check_bounds()
         return cfg
+
+    # Limits on what a model config (from a checkpoint, or from the server's message to a site) may make us
+    # allocate: far above the shipped model (64 / 96 / 3 / 255 / 6 levels), far below what exhausts a machine.
+    LIMITS = {"channels": (1, 512), "latent_channels": (1, 512), "mixtures": (1, 16), "support": (1, 1023)}
+    MAX_LEVELS = 16
+
+    def check_bounds(self) -> None:
+        for key, (lo, hi) in self.LIMITS.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise FedlvcError(f"model config {key} must be an integer in {lo}..{hi}, not {value!r}")
+        if not 1 <= len(self.lambdas) <= self.MAX_LEVELS or not all(0 < v <= 10 for v in self.lambdas):
+            raise FedlvcError(f"model config needs 1..{self.MAX_LEVELS} quality levels with lambdas in (0, 10], "
+                              f"not {list(self.lambdas)!r}")
+        if self.stride != 16:
+            raise FedlvcError(f"model config stride must be 16 (four stride-2 stages), not {self.stride!r}")
 
     @property
     def temporal(self) -> bool:

@@ -8,9 +8,11 @@ history ``[(σ, q, steps), ...]`` is kept so ε can be recomputed by anyone and 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
+import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -47,13 +49,25 @@ def poisson_sample_rate(rows: int, batch_size: int) -> float:
     return 1.0 / math.ceil(rows / batch_size)
 
 
+def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded with 64 bits from the operating system's entropy: DP noise and Poisson sampling
+    drawn from it cannot be replayed by anyone who knows the run's seed (the server does). Opacus'
+    ``secure_mode`` would use torchcsprng, which is not installable here."""
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return gen
+
+
 def make_private(model, optimizer, loader, dp: DPConfig, history=None):
-    """Wrap model/optimizer/loader for DP-SGD with Poisson sampling; continue ``history`` if given.
+    """Wrap model/optimizer/loader for DP-SGD with Poisson sampling; continue ``history`` if given. The
+    noise and the Poisson sampling come from a :func:`secure_generator` of their own, never from torch's
+    default generator (which the training seed sets).
 
     Returns (engine, model, optimizer, loader)."""
     engine = PrivacyEngine(accountant=dp.accountant)
     if history:
         engine.accountant.history = [tuple(h) for h in history]
+    device = next(model.parameters()).device
     model, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -62,7 +76,9 @@ def make_private(model, optimizer, loader, dp: DPConfig, history=None):
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=dp.grad_sample_mode,
+        noise_generator=secure_generator(device),
     )
+    loader.batch_sampler.generator = secure_generator("cpu")  # Opacus' Poisson sampler draws from it per batch
     return engine, model, optimizer, loader
 
 
@@ -92,8 +108,40 @@ def check_privacy_unit(recorded_frames: int, unit_frames: int, source: str, reme
                           f"{unit_frames} (privacy-unit/segment-frames): {remedy}")
 
 
+MAX_HISTORY_ENTRIES = 10_000  # a ledger merges equal consecutive settings: far more than any real history
+MAX_HISTORY_STEPS = 10**9  # steps of one entry
+
+
+def checked_history(rows, source: str) -> list[tuple[float, float, int]]:
+    """An accountant history ``[(σ, q, steps), ...]`` from its JSON form, refused (one FedlvcError naming
+    ``source``) unless every entry is finite σ >= 0 (0: a non-private round, ε = ∞ from then on), 0 < q <= 1
+    and an integer 0 < steps <= 10^9, with at most 10,000 entries: nothing in it can lower an ε below what
+    the entries spent, or hang the accountant."""
+    try:
+        rows = list(rows)
+        if len(rows) > MAX_HISTORY_ENTRIES:
+            raise ValueError(f"{len(rows)} entries (at most {MAX_HISTORY_ENTRIES})")
+        out = []
+        for row in rows:
+            s, q, n = row
+            if isinstance(s, bool) or isinstance(q, bool) or isinstance(n, bool):
+                raise ValueError(f"entry {list(row)} is not numbers")
+            s, q = float(s), float(q)
+            if not (math.isfinite(s) and s >= 0):
+                raise ValueError(f"noise multiplier {s} is not a finite number >= 0")
+            if not 0 < q <= 1:
+                raise ValueError(f"sample rate {q} is not in (0, 1]")
+            if isinstance(n, float) and not n.is_integer() or not 0 < int(n) <= MAX_HISTORY_STEPS:
+                raise ValueError(f"steps {n} is not an integer in 1..{MAX_HISTORY_STEPS}")
+            out.append((s, q, int(n)))
+        return out
+    except (ValueError, TypeError) as e:
+        raise FedlvcError(f"{source} is malformed: {e}") from None
+
+
 def epsilon_from_history(history, delta: float, accountant: str = "rdp") -> float:
-    """ε of a recorded history ``[(σ, q, steps), ...]`` by a fresh accountant (inf without noise)."""
+    """ε of a recorded history ``[(σ, q, steps), ...]`` by a fresh accountant (inf without noise, and inf
+    where the accountant cannot bound it: an ε that cannot be computed is not a small one)."""
     if not history:
         return 0.0
     if any(float(s) == 0.0 for s, _, _ in history):
@@ -102,9 +150,11 @@ def epsilon_from_history(history, delta: float, accountant: str = "rdp") -> floa
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if accountant == "rdp":
-            return float(acc.get_epsilon(delta, alphas=RDP_ALPHAS))
-        return float(acc.get_epsilon(delta))
+        try:
+            eps = float(acc.get_epsilon(delta, alphas=RDP_ALPHAS) if accountant == "rdp" else acc.get_epsilon(delta))
+        except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+            return float("inf")
+    return eps if not math.isnan(eps) else float("inf")
 
 
 def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,

@@ -323,14 +323,16 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
 
 
 def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, crop_size: int,
-                learning_rate: float, dp: DPConfig | None = None, history=None, seed: int = 0,
+                learning_rate: float, dp: DPConfig | None = None, seed: int = 0,
                 device: str | torch.device = "cpu", segment_frames: int = 0,
                 rule: PFrameRule = PFrameRule(), parts: str = "all") -> dict:
     """One site's local work in a federated round: ``steps`` optimizer steps on crops of its rows (frames,
     or segments of ``segment_frames`` consecutive frames), DP-SGD (Poisson sampling, per-sample clipping,
-    noise on every trainable parameter) when ``dp`` is given.
+    noise on every trainable parameter) when ``dp`` is given. ``seed`` makes the crops and the training's
+    own randomness reproducible; DP noise and sampling come from OS entropy (``common.privacy.make_private``).
 
-    Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "history" (accountant, cumulative)}."""
+    Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "history" (what this call's
+    accountant counted, ``[(σ, q, steps)]``; empty without DP)}."""
     torch.manual_seed(seed)
     dataset, loss_cls, forward = rows_dataset(rows, crop_size, model.cfg.num_levels, segment_frames, seed, rule)
     sample_rate = poisson_sample_rate(len(dataset), batch_size)
@@ -340,7 +342,7 @@ def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, cro
     loss_fn = loss_cls(model.cfg.lambdas)
     if dp is not None:
         loader = DataLoader(dataset, batch_size=batch_size)
-        engine, wrapped, optimizer, loader = make_private(model, optimizer, loader, dp, history)
+        engine, wrapped, optimizer, loader = make_private(model, optimizer, loader, dp)
     else:
         engine, wrapped = None, model
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
@@ -362,4 +364,4 @@ def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, cro
         wrapped._close()  # remove Opacus' hooks so the module can be wrapped again next round
     model.cpu()
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": done, "sample_rate": sample_rate,
-            "history": [list(h) for h in engine.accountant.history] if engine is not None else list(history or [])}
+            "history": [list(h) for h in engine.accountant.history] if engine is not None else []}

@@ -8,15 +8,14 @@ import math
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
@@ -27,78 +26,103 @@ from common.model import FedlvcCodec
 from common.privacy import check_privacy_unit, epsilon_from_history
 from common.video import atomic_output
 
+from .replies import (BadReply, SiteRegistry, checked_arrays, checked_compress_summary,
+                      answers, checked_eval_metrics, checked_rd_curves, checked_train_metrics, clip_note)
+
 app = ServerApp()
 
 
-def _site_key(metrics) -> str:
-    return f"site_{int(metrics['site_id'])}"
-
-
 class SiteFedAvg(FedAvg):
-    """FedAvg that records every site's reply, leaves out sites that declined (privacy budget spent) or
-    failed, and keeps the previous global model when no site trained in a round."""
+    """FedAvg over checked replies (``server.replies``): a reply with a wrong key, shape or dtype, a value
+    that is not finite, or a weight larger than the units the site holds is dropped with the reason; sites
+    that declined (privacy budget spent, or their policy refused the round) are recorded with their reason
+    and left out. A round in which no site trained keeps the previous global model. Sites are keyed by
+    Flower's node id (``SiteRegistry``)."""
 
-    def __init__(self, *args, average_all: bool = False, **kwargs):
+    def __init__(self, rc: RunConfig, *args, average_all: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        # Under central DP every sampled site's (clipped) update is averaged with equal weight, a site that
-        # declined contributing a zero update: the sensitivity S / sites-per-round must not depend on who trained.
-        self.average_all = average_all
+        # Under central DP every sampled site's (clipped) update is averaged with equal weight, whatever the
+        # reply says, a site that declined or was dropped contributing a zero update: the sensitivity
+        # S / sites-per-round must not depend on who trained or on what a site reports.
+        self.rc, self.average_all = rc, average_all
+        self.registry = SiteRegistry()
         self.train_log: dict[int, dict] = {}
         self.eval_log: dict[int, dict] = {}
         self.sampled: dict[int, list[int]] = {}  # round → node ids asked to train
-        self.node_sites: dict[int, str] = {}  # node id → site, learned from replies
+        self.sent: dict[int, ArrayRecord] = {}  # round → the global model sent to train
         self.clipping_norms: dict[int, float] = {}  # round → central-DP clipping norm sent to the sites
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [int(m.metadata.dst_node_id) for m in messages]
+        self.sent[server_round] = arrays
         if KEY_CLIPPING_NORM in config:  # set by a central-DP wrapper around us: the norm this round used
             self.clipping_norms[server_round] = float(config[KEY_CLIPPING_NORM])
         return messages
 
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        """Evaluate the sites asked to train this round (a site answers one evaluation per training round)."""
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, self.sampled.get(server_round, []), MessageType.EVALUATE)
+
+    def _update(self, server_round: int, arrays: ArrayRecord) -> list[np.ndarray]:
+        """A site's model as an update to average; under central DP clipped again here to the round's norm
+        (an honest site's mod already clipped it; a hostile one's is not trusted to)."""
+        out = [a.numpy().astype(np.float64) for a in arrays.values()]
+        norm_s = self.clipping_norms.get(server_round)
+        if self.average_all and norm_s is not None:
+            base = [a.numpy().astype(np.float64) for a in self.sent[server_round].values()]
+            delta = [o - b for o, b in zip(out, base)]
+            norm = math.sqrt(sum(float((d * d).sum()) for d in delta))
+            scale = min(1.0, norm_s / norm) if norm > 0 else 1.0
+            out = [b + d * scale for b, d in zip(base, delta)]
+        return out
+
     def aggregate_train(self, server_round, replies):
-        replies = list(replies)
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
-        sites, trained = {}, []
-        for msg in valid:
-            m = msg.content["metrics"]
-            self.node_sites[int(msg.metadata.src_node_id)] = _site_key(m)
-            sites[_site_key(m)] = {
-                "epsilon": float(m["epsilon"]), "delta": float(m["delta"]),
-                "noise_multiplier": float(m["noise_multiplier"]), "max_grad_norm": float(m["max_grad_norm"]),
-                "sample_rate": float(m["sample_rate"]), "steps": int(m["steps"]),
-                "dp_history": [[float(s), float(q), int(n)] for s, q, n in
-                               zip(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"]) if n > 0],
-                "num_examples": int(m["num-examples"]), "units": int(m["units"]),
-                "privacy_unit": "segment" if int(m.get("unit-frames", 1)) > 1 else "frame",
-                "unit_frames": int(m.get("unit-frames", 1)),
-                "declined": bool(m["declined"]), "train_loss": float(m["train_loss"]),
-            }
-            if self.average_all or (not m["declined"] and m["num-examples"] > 0):
-                trained.append(msg.content)
-        answered = {int(r.metadata.src_node_id) for r in replies}
-        dropped = [{"node_id": int(e.metadata.src_node_id), "reason": str(e.error.reason)} for e in errors]
-        dropped += [{"node_id": nid, "reason": "no reply before the round timeout"}
-                    for nid in self.sampled.get(server_round, []) if nid not in answered]
-        for d in dropped:
-            d["site"] = self.node_sites.get(d["node_id"])
-        self.train_log[server_round] = {"sites": sites, "dropped": dropped}
+        sent = self.sent[server_round]
+        sites, dropped, updates, weights = {}, [], [], []
+        answered = set()
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            answered.add(node)
+            label = self.registry.of(msg)
+            try:
+                if msg.has_error():
+                    raise BadReply(clip_note(msg.error.reason))
+                record = checked_train_metrics(msg, self.rc)
+                arrays = checked_arrays(msg, sent)
+            except BadReply as e:
+                dropped.append({"node_id": node, "site": label, "reason": str(e)})
+                if self.average_all:  # a zero update: n stays the number of sampled sites
+                    updates.append(self._update(server_round, sent))
+                    weights.append(1.0)
+                continue
+            sites[label] = {"node_id": node, **record}
+            if self.average_all:
+                updates.append(self._update(server_round, sent if record["declined"] else arrays))
+                weights.append(1.0)
+            elif not record["declined"]:
+                updates.append(self._update(server_round, arrays))
+                weights.append(float(record["num_examples"]))
+        dropped += [{"node_id": n, "site": self.registry.labels.get(n), "reason": "no reply before the round timeout"}
+                    for n in self.sampled.get(server_round, []) if n not in answered]
+        trained = sum(1 for s in sites.values() if not s["declined"])
+        self.train_log[server_round] = {"sites": sites, "dropped": dropped, "sites_trained": trained}
         if not trained:
-            return None, None
-        arrays = aggregate_arrayrecords(trained, self.weighted_by_key)
-        weights = [float(c["metrics"][self.weighted_by_key]) for c in trained]
-        loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, trained)) / sum(weights)
-        return arrays, MetricRecord({"train_loss": loss, "sites_trained": len(trained)})
+            return None, None  # Flower's loop keeps the previous global model
+        total = sum(weights)
+        mean = [sum(w / total * u[i] for w, u in zip(weights, updates)) for i in range(len(updates[0]))]
+        arrays = ArrayRecord({k: Array(np.asarray(v, dtype=a.dtype)) for (k, a), v in zip(sent.items(), mean)})
+        return arrays, MetricRecord({"sites_trained": trained})
 
     def aggregate_evaluate(self, server_round, replies):
-        valid, _ = self._check_and_log_replies(replies, is_train=False)
-        if not valid:
-            return None
-        per_site = {_site_key(msg.content["metrics"]): {k: float(msg.content["metrics"][k])
-                                                         for k in ("bpp", "psnr", "ms_ssim")} for msg in valid}
+        per_site = answers(replies, self.registry, checked_eval_metrics)
         self.eval_log[server_round] = per_site
-        agg = self.evaluate_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
-        return agg
+        answered = [e for e in per_site.values() if "psnr" in e]
+        if not answered:
+            return None
+        return MetricRecord({k: sum(e[k] for e in answered) / len(answered) for k in ("bpp", "psnr", "ms_ssim")})
 
 
 class CentralDP:
@@ -123,15 +147,14 @@ class CentralDP:
 def make_strategy(rc: RunConfig):
     """(strategy to run, the SiteFedAvg inside it, CentralDP or None)."""
     if rc.central_dp == "off":
-        fedavg = SiteFedAvg(min_train_nodes=rc.min_sites, min_evaluate_nodes=rc.min_sites,
+        fedavg = SiteFedAvg(rc, min_train_nodes=rc.min_sites, min_evaluate_nodes=rc.min_sites,
                             min_available_nodes=rc.min_sites)
         return fedavg, fedavg, None
     central = CentralDP(rc)
     # Sample exactly `sites` per round (fraction 0 → FedAvg takes min_train_nodes) so that the noise scale
     # z·S/n matches the number of updates averaged.
-    fedavg = SiteFedAvg(fraction_train=1e-9, min_train_nodes=central.sites, min_evaluate_nodes=rc.min_sites,
-                        min_available_nodes=max(rc.min_sites, central.sites), weighted_by_key="site-weight",
-                        average_all=True)
+    fedavg = SiteFedAvg(rc, fraction_train=1e-9, min_train_nodes=central.sites, min_evaluate_nodes=rc.min_sites,
+                        min_available_nodes=max(rc.min_sites, central.sites), average_all=True)
     if rc.central_dp == "adaptive":
         # Andrew et al. 2021: Flower splits z between the update and the clipped-count query so that the two
         # together are one Gaussian mechanism with multiplier z; the accounting below is the same as fixed.
@@ -178,6 +201,68 @@ def earlier_ledgers(rounds: list, rc: RunConfig) -> dict:
     return ledgers
 
 
+class RoundRecorder:
+    """``history.json`` and a checkpoint after every round (Flower calls :meth:`after_round` with the global
+    model it keeps): the history first, so a checkpoint on disk always has its round in history.json."""
+
+    def __init__(self, out: Path, rc: RunConfig, context: Context, model: FedlvcCodec, offset: int, rounds: list,
+                 fedavg: SiteFedAvg, central: "CentralDP | None"):
+        self.out, self.rc, self.run_config, self.model = out, rc, dict(context.run_config), model
+        self.offset, self.rounds, self.fedavg, self.central = offset, rounds, fedavg, central
+        self.started = time.time()
+        self.latest = ArrayRecord(model.state_dict())  # the global model as of the last round recorded
+
+    def write_history(self) -> None:
+        with atomic_output(self.out / "history.json") as tmp:
+            Path(tmp).write_text(json.dumps({"run_config": self.run_config, "rounds": self.rounds}, indent=1))
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 0:
+            return None
+        self.latest = arrays
+        r = self.offset + server_round
+        train = self.fedavg.train_log.get(server_round)
+        if train is None:  # Flower's central-DP wrapper skips aggregation (and us) when a site sent an error
+            train = {"sites": {}, "dropped": [], "sites_trained": 0,
+                     "note": "central-DP wrapper skipped aggregation: a site replied with an error"}
+        sites = {k: dict(v) for k, v in train["sites"].items()}
+        evals = self.fedavg.eval_log.get(server_round, {})
+        for key, e in evals.items():
+            sites.setdefault(key, {})["eval"] = e
+        for s in sites.values():
+            s["released"] = [k for k, present in (("train-loss", "train_loss" in s),
+                                                  ("eval", "psnr" in s.get("eval", {}))) if present]
+        losses = [(s["train_loss"], s["num_examples"]) for s in sites.values() if "train_loss" in s and s["num_examples"]]
+        answered = [e for e in evals.values() if "psnr" in e]
+        mean = (lambda k: sum(e[k] for e in answered) / len(answered)) if answered else (lambda k: None)
+        self.rounds.append({
+            "round": r,
+            "train_loss": sum(x * w for x, w in losses) / sum(w for _, w in losses) if losses else None,
+            "psnr": mean("psnr"), "ms_ssim": mean("ms_ssim"), "bpp": mean("bpp"),
+            "epsilon_max": max((s["epsilon"] for s in sites.values() if "epsilon" in s), default=0.0),
+            "delta": self.rc.delta,
+            "sites_trained": train["sites_trained"],
+            # No site trained: Flower keeps the previous global model, and so does the checkpoint below.
+            "kept_previous_model": train["sites_trained"] == 0,
+            "sites": sites,
+            "dropped": train["dropped"],
+            "wall_seconds": round(time.time() - self.started, 1),
+            **({"note": train["note"]} if "note" in train else {}),
+        })
+        if self.central is not None:  # site-level rounds so far, earlier runs resumed from included
+            self.rounds[-1]["central_dp"] = self.central.round_record(
+                sum(1 for x in self.rounds if "central_dp" in x) + 1, self.fedavg.clipping_norms.get(server_round))
+        self.write_history()
+        save_model(self.out / f"round_{r:03d}.safetensors", self.global_model(),
+                   {"round": r, "run_config": self.run_config, "epsilon_max": self.rounds[-1]["epsilon_max"]})
+        return None
+
+    def global_model(self) -> FedlvcCodec:
+        model = FedlvcCodec(self.model.cfg)
+        model.load_state_dict(self.latest.to_torch_state_dict())
+        return model
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = RunConfig.from_mapping(context.run_config)
@@ -189,50 +274,8 @@ def main(grid: Grid, context: Context) -> None:
         model = with_temporal_prior(model)  # an intra-only starting model gains a P-frame prior to train
     model_config = json.dumps(model.cfg.to_dict())
     strategy, fedavg, central = make_strategy(rc)
-    started = time.time()
-
-    def write_history():
-        with atomic_output(out / "history.json") as tmp:
-            Path(tmp).write_text(json.dumps({"run_config": dict(context.run_config), "rounds": rounds}, indent=1))
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
-        r = offset + server_round
-        train = fedavg.train_log.get(server_round, {"sites": {}, "dropped": []})
-        evals = fedavg.eval_log.get(server_round, {})
-        sites = train["sites"]
-        for key, e in evals.items():
-            sites.setdefault(key, {}).update({"eval": e})
-        for s in sites.values():
-            s["accountant"] = rc.accountant
-        trained = [s for s in sites.values() if not s.get("declined") and s.get("num_examples")]
-        weight = sum(s["num_examples"] for s in trained)
-        evals_list = list(evals.values())
-        mean = (lambda k: sum(e[k] for e in evals_list) / len(evals_list)) if evals_list else (lambda k: None)
-        rounds.append({
-            "round": r,
-            "train_loss": (sum(s["train_loss"] * s["num_examples"] for s in trained) / weight) if weight else None,
-            "psnr": mean("psnr"), "ms_ssim": mean("ms_ssim"), "bpp": mean("bpp"),
-            "epsilon_max": max((s["epsilon"] for s in sites.values() if "epsilon" in s), default=0.0),
-            "delta": rc.delta,
-            "sites": sites,
-            "dropped": train["dropped"],
-            "wall_seconds": round(time.time() - started, 1),
-        })
-        if central is not None:  # site-level rounds so far, earlier runs resumed from included
-            rounds[-1]["central_dp"] = central.round_record(sum(1 for x in rounds if "central_dp" in x) + 1,
-                                                            fedavg.clipping_norms.get(server_round))
-        # History first: a checkpoint on disk then always has its round in history.json (a resume reads both
-        # and drops rounds after the checkpoint's).
-        write_history()
-        global_model = FedlvcCodec(model.cfg)
-        global_model.load_state_dict(arrays.to_torch_state_dict())
-        save_model(out / f"round_{r:03d}.safetensors", global_model,
-                   {"round": r, "run_config": dict(context.run_config), "epsilon_max": rounds[-1]["epsilon_max"]})
-        return None
-
-    result = strategy.start(
+    recorder = RoundRecorder(out, rc, context, model, offset, rounds, fedavg, central)
+    strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=rc.num_server_rounds,
@@ -240,35 +283,50 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord({"model-config": model_config, "central-dp": rc.central_dp,
                                    "earlier-ledgers": json.dumps(ledgers)}),
         evaluate_config=ConfigRecord({"model-config": model_config}),
-        evaluate_fn=after_round,
+        evaluate_fn=recorder.after_round,
     )
-    final = FedlvcCodec(model.cfg)
-    final.load_state_dict(result.arrays.to_torch_state_dict())
+    final = recorder.global_model()  # the last model a round kept (rounds where nobody trained keep it)
     save_model(out / "final.safetensors", final, {"round": offset + rc.num_server_rounds,
                                                  "run_config": dict(context.run_config)})
-
-    # Each site compresses its own video with the final global model; only a summary comes back.
-    content = RecordDict({"arrays": ArrayRecord(final.state_dict()),
-                          "config": ConfigRecord({"model-config": model_config, "quality": rc.final_quality})})
-    messages = [Message(content=content, dst_node_id=nid, message_type="query.compress")
-                for nid in grid.get_node_ids()]
-    replies = list(grid.send_and_receive(messages, timeout=rc.round_timeout))
-    compressed = {}
-    for reply in replies:
-        if reply.has_error():
-            continue
-        m = reply.content["metrics"]
-        compressed[_site_key(m)] = {k: float(m[k]) for k in ("bytes", "frames", "bpp", "psnr", "quality")}
-    gains = gain_over_public(grid, rc, final, public_model(rc))
+    compressed = final_compression(grid, rc, final, fedavg)
+    gains = gain_over_public(grid, rc, final, public_model(rc), fedavg)
     last = rounds[-1] if rounds else {"sites": {}}
-    summary = {"rounds": offset + rc.num_server_rounds, "delta": rc.delta, "accountant": rc.accountant,
-               "sites": {k: {"epsilon": last["sites"].get(k, {}).get("epsilon"),
-                             "units": last["sites"].get(k, {}).get("units"), **v,
-                             "gain_over_public": gains.get(k)}
+    summary = {"rounds": offset + rc.num_server_rounds,
+               "sites": {k: {**{f: last["sites"].get(k, {}).get(f) for f in ("epsilon", "delta", "accountant", "units")},
+                             **v, "gain_over_public": gains.get(k), "releases": releases(rounds, k, v, gains.get(k))}
                          for k, v in sorted(compressed.items())}}
     with atomic_output(out / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1))
     print(summary_table(summary, out))
+
+
+def releases(rounds: list, site: str, compressed: dict, gain: dict | None) -> dict:
+    """How many non-DP numbers of each kind the site released to this server in this run."""
+    counts = {"train-loss": 0, "eval": 0, "rd": int(gain is not None),
+              "compress-summary": int("bytes" in compressed)}
+    for r in rounds:
+        for kind in r.get("sites", {}).get(site, {}).get("released", []):
+            counts[kind] += 1
+    return counts
+
+
+def _query(grid: Grid, rc: RunConfig, kind: str, records: dict, config: dict, fedavg: SiteFedAvg, check) -> dict:
+    """Send a query to every site, for the last round it was asked to train in (a site answers a query for
+    its latest training round only); {site: check(reply)} or {site: {"refused" | "dropped": why}}."""
+    messages = []
+    for nid in grid.get_node_ids():
+        last = max((r for r, nodes in fedavg.sampled.items() if nid in nodes), default=0)
+        content = RecordDict({**records, "config": ConfigRecord({**config, "server-round": last})})
+        messages.append(Message(content=content, dst_node_id=nid, message_type=f"query.{kind}"))
+    return answers(grid.send_and_receive(messages, timeout=rc.round_timeout), fedavg.registry, check)
+
+
+def final_compression(grid: Grid, rc: RunConfig, final: FedlvcCodec, fedavg: SiteFedAvg) -> dict:
+    """Each site compresses its own video with the final global model into its own out-dir; {site: summary,
+    or {} when the site does not release one, or {"refused" | "dropped": why}}."""
+    config = {"model-config": json.dumps(final.cfg.to_dict()), "quality": rc.final_quality}
+    return _query(grid, rc, "compress", {"arrays": ArrayRecord(final.state_dict())}, config, fedavg,
+                  lambda r: checked_compress_summary(r) or {})
 
 
 def public_model(rc: RunConfig) -> FedlvcCodec:
@@ -277,45 +335,42 @@ def public_model(rc: RunConfig) -> FedlvcCodec:
     return with_temporal_prior(model) if rc.privacy_unit == "segment" else model
 
 
-def _rd_curves(grid: Grid, rc: RunConfig, model: FedlvcCodec) -> dict:
-    """{site: [(bpp, psnr) per quality]} of ``model`` on each site's held-out frames (query.rd)."""
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "config": ConfigRecord({"model-config": json.dumps(model.cfg.to_dict())})})
-    messages = [Message(content=content, dst_node_id=nid, message_type="query.rd") for nid in grid.get_node_ids()]
-    curves = {}
-    for reply in grid.send_and_receive(messages, timeout=rc.round_timeout):
-        if not reply.has_error():
-            m = reply.content["metrics"]
-            curves[_site_key(m)] = list(zip(m["bpp"], m["psnr"]))
-    return curves
-
-
-def gain_over_public(grid: Grid, rc: RunConfig, final: FedlvcCodec, public: FedlvcCodec) -> dict:
+def gain_over_public(grid: Grid, rc: RunConfig, final: FedlvcCodec, public: FedlvcCodec, fedavg: SiteFedAvg) -> dict:
     """Per site: BD-rate of the federated model against the public one on the site's own held-out frames
-    (every quality level, coded as the final compression is), and the PSNR / bpp change at final-quality."""
-    ours, theirs = _rd_curves(grid, rc, final), _rd_curves(grid, rc, public)
+    (every quality level, coded as the final compression is), and the PSNR / bpp change at final-quality.
+    One query.rd carries both models (a site answers one a round)."""
+    records = {"federated": ArrayRecord(final.state_dict()), "public": ArrayRecord(public.state_dict())}
+    curves = _query(grid, rc, "rd", records, {"model-config": json.dumps(final.cfg.to_dict())}, fedavg,
+                    lambda r: checked_rd_curves(r, ("federated", "public"), final.cfg.num_levels))
     gains = {}
-    for site in sorted(set(ours) & set(theirs)):
-        q = rc.final_quality - 1
-        gains[site] = {"bd_rate_percent": bd_rate(theirs[site], ours[site]),
-                       "psnr_db": ours[site][q][1] - theirs[site][q][1],
-                       "bpp_ratio": ours[site][q][0] / theirs[site][q][0],
-                       "public": theirs[site], "federated": ours[site]}
+    q = rc.final_quality - 1
+    for site, c in sorted(curves.items()):
+        if "federated" not in c:
+            continue
+        ours, theirs = c["federated"], c["public"]
+        gains[site] = {"bd_rate_percent": bd_rate(theirs, ours), "psnr_db": ours[q][1] - theirs[q][1],
+                       "bpp_ratio": ours[q][0] / theirs[q][0], "public": theirs, "federated": ours}
     return gains
 
 
 def summary_table(summary: dict, out: Path) -> str:
-    lines = [f"fedlvc: {summary['rounds']} rounds, delta={summary['delta']}, accountant={summary['accountant']}; "
-             f"history in {out / 'history.json'}; each site's .lvc files are in its node-config out-dir "
-             f"(default {out / 'sites' / '<site>'})",
-             f"{'site':<10}{'frames':>8}{'epsilon':>10}{'bytes':>10}{'bpp':>8}{'PSNR':>8}{'BD-rate vs public':>19}"]
+    lines = [f"fedlvc: {summary['rounds']} rounds; history in {out / 'history.json'}; each site wrote its .lvc files "
+             "to its own node-config out-dir, else <state-dir>/out, else (a simulated site) runs/sites/<site> "
+             "under the simulation's working folder",
+             f"{'site':<12}{'frames':>8}{'epsilon':>10}{'delta':>9}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"
+             f"{'BD-rate vs public':>19}"]
     for name, s in summary["sites"].items():
         eps = s["epsilon"]
         eps_text = "-" if eps is None else ("inf" if math.isinf(eps) else f"{eps:.2f}")
         gain = (s.get("gain_over_public") or {}).get("bd_rate_percent")
         gain_text = "-" if gain is None else f"{gain:+.1f} %"
-        lines.append(f"{name:<10}{int(s['frames']):>8}{eps_text:>10}{int(s['bytes']):>10}{s['bpp']:>8.3f}"
-                     f"{s['psnr']:>8.2f}{gain_text:>19}")
+        delta = "-" if s.get("delta") is None else f"{s['delta']:.0e}"
+        if "bytes" in s:
+            size = f"{int(s['frames']):>8}{eps_text:>10}{delta:>9}{int(s['bytes']):>10}{s['bpp']:>8.3f}{s['psnr']:>8.2f}"
+        else:
+            note = s.get("refused") or s.get("dropped") or "summary not released"
+            size = f"{'-':>8}{eps_text:>10}{delta:>9}  ({note})"[:80]
+        lines.append(f"{name:<12}{size}{gain_text:>19}")
     lines.append("BD-rate vs public: the federated model against the public starting model on each site's "
                  "held-out frames (every quality; negative = fewer bits for the same PSNR)")
     return "\n".join(lines)

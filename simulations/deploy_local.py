@@ -1,8 +1,9 @@
 """Run fedlvc as a real deployment on this machine: one SuperLink and N SuperNodes on 127.0.0.1, talking over
 TLS on real sockets, each site with its own video-dir / out-dir / state-dir, then ``flwr run`` against them.
 
-    python simulations/deploy_local.py WORKDIR --sites 2 --rounds 2 [--port 39500] [--insecure]
-        [--auth] [--video-dirs DIR ...] [--run-config "local-steps=4 ..."] [--keep-running]
+    python simulations/deploy_local.py WORKDIR --sites 2 --rounds 2 [--port 39500] [--insecure --no-auth]
+        [--video-dirs DIR ...] [--node-config "max-epsilon=8 ..."] [--run-config "local-steps=4 ..." ...]
+        [--trusted-entities | --cautious-site] [--keep-running]
 
 WORKDIR receives: certs/ (from simulations/make_certs.sh), site_<i>/{videos,out,state}, server/ (checkpoints,
 history.json, summary.json), logs/, and a Flower CLI home with a ``deploy`` connection. Sites without a
@@ -10,9 +11,18 @@ history.json, summary.json), logs/, and a Flower CLI home with a ``deploy`` conn
 the run's status is ``finished:completed`` (``flwr run --stream`` itself exits 0 even when a run fails).
 Every process it started is stopped by PID at the end unless ``--keep-running``.
 
-With ``--auth`` the SuperLink runs with ``--enable-supernode-auth``: each site gets an EC (SECP384R1) key
-pair in OpenSSH format, its public key is registered with ``flwr supernode register``, and the SuperNode
-signs in with ``--auth-supernode-private-key``; a SuperNode whose key was not registered is refused.
+TLS and SuperNode authentication are on by default: the SuperLink runs with ``--enable-supernode-auth``, each
+site gets an EC (SECP384R1) key pair in OpenSSH format, its public key is registered with
+``flwr supernode register``, and the SuperNode signs in with ``--auth-supernode-private-key``; a SuperNode
+whose key was not registered is refused. Each site's node config holds its privacy policy (``client.policy``;
+the generated sites hold "real" video files, so the strict defaults apply), plus ``--node-config``.
+
+``--trusted-entities`` starts every SuperNode with Flower's ``--trusted-entities`` (an Ed25519 app-signing
+key made here), so that it runs only app bundles signed by that key; ``--cautious-site`` adds one such
+SuperNode beside the others. Flower 1.41 cannot sign a locally submitted bundle: the SuperLink attaches
+signatures only to apps it fetches from Flower Hub (``flwr app review`` submits them there), so such a
+SuperNode refuses every run of this script ("The FAB could not be verified") and the server records it as
+dropped.
 """
 
 from __future__ import annotations
@@ -73,7 +83,7 @@ def check_intruder(work: Path, args, tls_node: list, cli_home: Path, logs: Path)
     home = work / "flwr-home" / "intruder"
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([flwr_bin("flower-supernode"), *tls_node, "--auth-supernode-private-key", str(key),
-                             "--superlink", f"127.0.0.1:{args.port}", "--port", str(args.port + 1 + args.sites),
+                             "--superlink", f"127.0.0.1:{args.port}", "--port", str(args.port + 2 + args.sites),
                              "--node-config", "partition-id=99", "--max-retries", "1"],
                             cwd=work, env=flwr_env(home), stdout=open(logs / "intruder.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -105,99 +115,158 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdir")
     ap.add_argument("--sites", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--port", type=int, default=39500, help="SuperLink port; SuperNodes use port+1+i")
     ap.add_argument("--insecure", action="store_true", help="plain HTTP instead of TLS (not for real sites)")
-    ap.add_argument("--auth", action="store_true", help="SuperNode authentication with registered keys (needs TLS)")
+    ap.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
+                    help="SuperNode authentication with registered keys (default on; needs TLS)")
     ap.add_argument("--check-intruder", action="store_true",
-                    help="with --auth: after the run, start a SuperNode whose key was never registered and report "
+                    help="with --auth: after the runs, start a SuperNode whose key was never registered and report "
                          "whether the SuperLink refused it")
+    ap.add_argument("--trusted-entities", action="store_true",
+                    help="start the SuperNodes with --trusted-entities (a fresh Ed25519 app-signing key): they run "
+                         "only app bundles signed by it. Flower 1.41 attaches signatures only to Flower Hub apps, "
+                         "so every locally submitted run is refused (see README, trust model)")
+    ap.add_argument("--cautious-site", action="store_true",
+                    help="add one more SuperNode started with --trusted-entities beside the others")
     ap.add_argument("--video-dirs", nargs="*", default=[])
     ap.add_argument("--frames", type=int, default=48, help="frames per generated clip")
-    ap.add_argument("--run-config", default="", help="extra run-config overrides, 'key=value ...'")
+    ap.add_argument("--node-config", default="", help="more node config for every site, e.g. a privacy policy: "
+                                                      "\"max-epsilon=8 release='eval,rd'\"")
+    ap.add_argument("--run-config", action="append", default=None,
+                    help="run-config overrides, 'key=value ...'; repeat for runs one after the other on the same "
+                         "SuperNodes (run k > 1 writes to server/run_<k>)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--keep-running", action="store_true")
     args = ap.parse_args(argv)
     if args.auth and args.insecure:
-        ap.error("--auth needs TLS; drop --insecure")
+        ap.error("SuperNode authentication needs TLS: with --insecure add --no-auth")
+    if (args.check_intruder or args.cautious_site) and not args.auth:
+        ap.error("--check-intruder and --cautious-site need --auth")
+    args.run_config = args.run_config or [""]
+    return args
 
-    work = Path(args.workdir).resolve()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    certs = work / "certs"
-    if not args.insecure and not (certs / "server.pem").exists():
-        subprocess.run(["bash", str(APP_DIR / "simulations" / "make_certs.sh"), str(certs)], check=True,
-                       stdout=subprocess.DEVNULL)
-    tls_link = ["--insecure"] if args.insecure else [
-        "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
-        "--ssl-keyfile", str(certs / "server.key")]
-    tls_node = ["--insecure"] if args.insecure else ["--root-certificates", str(certs / "ca.crt")]
 
-    procs: list[subprocess.Popen] = []
-    result = {"status": None}
-    try:
-        link_home = work / "flwr-home" / "superlink"
-        link_home.mkdir(parents=True, exist_ok=True)
-        procs.append(subprocess.Popen(
-            [flwr_bin("flower-superlink"), *tls_link, "--host", "127.0.0.1", "--port", str(args.port),
-             "--disable-runtime-dependency-installation", "--database", str(work / "superlink.db"),
-             *(["--enable-supernode-auth"] if args.auth else [])],
-            cwd=work, env=flwr_env(link_home), stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True))
-        wait_port(args.port)
-        cli_home = work / "flwr-home" / "cli"
-        cli_home.mkdir(parents=True, exist_ok=True)
-        conn = f'address = "127.0.0.1:{args.port}"\n' + (
-            "insecure = true\n" if args.insecure else f'root-certificates = "{certs / "ca.crt"}"\n')
-        (cli_home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
-        for i in range(args.sites):
-            site = work / f"site_{i}"
-            video_dir = Path(args.video_dirs[i]).resolve() if i < len(args.video_dirs) else site / "videos"
-            if i >= len(args.video_dirs):
-                _generate_site_videos(video_dir, i, args.frames)
-            for sub in ("out", "state"):
-                (site / sub).mkdir(parents=True, exist_ok=True)
-            node_config = (f"partition-id={i} num-partitions={args.sites} site-name='site_{i}' "
-                           f"video-dir='{video_dir}' out-dir='{site / 'out'}' state-dir='{site / 'state'}'")
-            home = work / "flwr-home" / f"supernode_{i}"
-            home.mkdir(parents=True, exist_ok=True)
-            auth = []
-            if args.auth:
-                (work / "keys").mkdir(exist_ok=True)
-                key = make_node_key(work / "keys" / f"site_{i}")
-                subprocess.run([flwr_bin("flwr"), "supernode", "register", f"{key}.pub", "deploy"], cwd=work,
-                               env=flwr_env(cli_home), check=True, stdout=open(logs / f"register_{i}.log", "w"),
-                               stderr=subprocess.STDOUT, timeout=120)
-                auth = ["--auth-supernode-private-key", str(key)]
-            procs.append(subprocess.Popen(
-                [flwr_bin("flower-supernode"), *tls_node, *auth, "--superlink", f"127.0.0.1:{args.port}",
-                 "--port", str(args.port + 1 + i), "--node-config", node_config],
-                cwd=site, env=flwr_env(home), stdout=open(logs / f"supernode_{i}.log", "w"),
-                stderr=subprocess.STDOUT, start_new_session=True))
+def make_signing_key(work: Path) -> Path:
+    """An Ed25519 app-signing key of the operator, and the trusted-entities YAML a site would be given."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
 
-        run_config = (f"out-dir='{work / 'server'}' num-server-rounds={args.rounds} min-sites={args.sites} "
-                      + args.run_config).strip()
-        run = subprocess.run([flwr_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config, "--stream"],
-                             cwd=work, env=flwr_env(cli_home), stdout=open(logs / "flwr-run.log", "w"),
-                             stderr=subprocess.STDOUT, timeout=args.timeout)
-        listing = subprocess.run([flwr_bin("flwr"), "list", "deploy", "--format", "json"], cwd=work,
-                                 env=flwr_env(cli_home), capture_output=True, text=True, timeout=120)
+    path = work / "keys" / "trusted_entities.yaml"
+    if not path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        (work / "keys" / "app_signing").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        path.write_text(f"fedlvc-operator: \"{public.decode()}\"\n")
+    return path
+
+
+class Deployment:
+    """A SuperLink and its SuperNodes on 127.0.0.1, stopped by PID on exit unless kept running."""
+
+    def __init__(self, args):
+        self.args, self.work = args, Path(args.workdir).resolve()
+        self.logs, self.certs = self.work / "logs", self.work / "certs"
+        self.cli_home = self.work / "flwr-home" / "cli"
+        self.procs: list[subprocess.Popen] = []
+        self.tls_link = ["--insecure"] if args.insecure else [
+            "--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+            "--ssl-keyfile", str(self.certs / "server.key")]
+        self.tls_node = ["--insecure"] if args.insecure else ["--root-certificates", str(self.certs / "ca.crt")]
+
+    def _spawn(self, cmd: list, cwd: Path, home: Path, log: str) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=flwr_env(home), stdout=open(self.logs / log, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if not self.args.insecure and not (self.certs / "server.pem").exists():
+            subprocess.run(["bash", str(APP_DIR / "simulations" / "make_certs.sh"), str(self.certs)], check=True,
+                           stdout=subprocess.DEVNULL)
+        self._spawn([flwr_bin("flower-superlink"), *self.tls_link, "--host", "127.0.0.1", "--port",
+                     str(self.args.port), "--disable-runtime-dependency-installation", "--database",
+                     str(self.work / "superlink.db"), *(["--enable-supernode-auth"] if self.args.auth else [])],
+                    self.work, self.work / "flwr-home" / "superlink", "superlink.log")
+        wait_port(self.args.port)
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        conn = f'address = "127.0.0.1:{self.args.port}"\n' + (
+            "insecure = true\n" if self.args.insecure else f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        (self.cli_home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
+
+    def start_site(self, i: int, trusted: bool) -> None:
+        """SuperNode i with its own video-dir, out-dir and state-dir (its privacy ledger)."""
+        args, site = self.args, self.work / f"site_{i}"
+        video_dir = Path(args.video_dirs[i]).resolve() if i < len(args.video_dirs) else site / "videos"
+        if i >= len(args.video_dirs):
+            _generate_site_videos(video_dir, i, args.frames)
+        for sub in ("out", "state"):
+            (site / sub).mkdir(parents=True, exist_ok=True)
+        node_config = (f"partition-id={i} num-partitions={args.sites} site-name='site_{i}' video-dir='{video_dir}' "
+                       f"out-dir='{site / 'out'}' state-dir='{site / 'state'}' {args.node_config}").strip()
+        auth = []
+        if args.auth:
+            (self.work / "keys").mkdir(exist_ok=True)
+            key = make_node_key(self.work / "keys" / f"site_{i}")
+            subprocess.run([flwr_bin("flwr"), "supernode", "register", f"{key}.pub", "deploy"], cwd=self.work,
+                           env=flwr_env(self.cli_home), check=True, stdout=open(self.logs / f"register_{i}.log", "w"),
+                           stderr=subprocess.STDOUT, timeout=120)
+            auth = ["--auth-supernode-private-key", str(key)]
+        if trusted:
+            (self.work / "keys").mkdir(exist_ok=True)
+            auth += ["--trusted-entities", str(make_signing_key(self.work))]
+        self._spawn([flwr_bin("flower-supernode"), *self.tls_node, *auth, "--superlink", f"127.0.0.1:{args.port}",
+                     "--port", str(args.port + 1 + i), "--node-config", node_config],
+                    site, self.work / "flwr-home" / f"supernode_{i}", f"supernode_{i}.log")
+
+    def run(self, k: int, overrides: str) -> dict:
+        """Run k of the app on the deployment; its status from ``flwr list`` (``flwr run --stream`` exits 0
+        even when a run fails)."""
+        out = self.work / "server" if k == 1 else self.work / "server" / f"run_{k}"
+        run_config = f"out-dir='{out}' num-server-rounds={self.args.rounds} min-sites={self.args.sites} {overrides}"
+        run = subprocess.run([flwr_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config.strip(),
+                              "--stream"], cwd=self.work, env=flwr_env(self.cli_home),
+                             stdout=open(self.logs / f"flwr-run_{k}.log", "w"), stderr=subprocess.STDOUT,
+                             timeout=self.args.timeout)
+        listing = subprocess.run([flwr_bin("flwr"), "list", "deploy", "--format", "json"], cwd=self.work,
+                                 env=flwr_env(self.cli_home), capture_output=True, text=True, timeout=120)
         runs = json.loads(listing.stdout[listing.stdout.index("{"):]).get("runs", [])
         latest = max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
-        result = {"run_id": latest.get("run-id"), "status": latest.get("status"), "flwr_run_rc": run.returncode,
-                  "server_out": str(work / "server"), "sites": [str(work / f"site_{i}") for i in range(args.sites)],
-                  "tls": not args.insecure, "auth": args.auth, "logs": str(logs)}
-        if args.auth and args.check_intruder:
-            result["intruder_refused"] = check_intruder(work, args, tls_node, cli_home, logs)
+        return {"run_id": latest.get("run-id"), "status": latest.get("status"), "flwr_run_rc": run.returncode,
+                "server_out": str(out)}
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    deployment = Deployment(args)
+    result = {"status": None}
+    try:
+        deployment.start_superlink()
+        for i in range(args.sites):
+            deployment.start_site(i, trusted=args.trusted_entities)
+        if args.cautious_site:  # one more site that runs only signed app bundles
+            deployment.start_site(args.sites, trusted=True)
+        runs = [deployment.run(k, overrides) for k, overrides in enumerate(args.run_config, start=1)]
+        work = deployment.work
+        result = {**runs[0], "runs": runs, "status": runs[0]["status"] if len(runs) == 1 else (
+                      "finished:completed" if all(r["status"] == "finished:completed" for r in runs) else "failed"),
+                  "sites": [str(work / f"site_{i}") for i in range(args.sites + args.cautious_site)],
+                  "tls": not args.insecure, "auth": args.auth, "logs": str(deployment.logs)}
+        if args.check_intruder:
+            result["intruder_refused"] = check_intruder(work, args, deployment.tls_node, deployment.cli_home,
+                                                        deployment.logs)
         if args.keep_running:
-            result["pids"] = [p.pid for p in procs]
+            result["pids"] = [p.pid for p in deployment.procs]
     finally:
         if not args.keep_running:
-            stop(procs)
+            stop(deployment.procs)
     print(json.dumps(result))
     return 0 if result.get("status") == "finished:completed" else 1
 

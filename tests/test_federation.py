@@ -49,6 +49,14 @@ def _message(model: FedlvcCodec, kind: str, server_round: int = 1) -> Message:
                    dst_node_id=1, message_type=kind)
 
 
+def _rd_message(federated: FedlvcCodec, public: FedlvcCodec, server_round: int = 1) -> Message:
+    """The server's one query.rd of a round: both models, the round's number."""
+    config = ConfigRecord({"model-config": json.dumps(federated.cfg.to_dict()), "server-round": server_round})
+    return Message(RecordDict({"federated": ArrayRecord(federated.state_dict()),
+                               "public": ArrayRecord(public.state_dict()), "config": config}),
+                   dst_node_id=1, message_type="query.rd")
+
+
 def _context(run=None, node=None) -> Context:
     node_config = {"partition-id": 0, "num-partitions": 2, **(node or {})}
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={**RUN, **(run or {})})
@@ -95,7 +103,9 @@ def test_a_site_declines_before_its_budget_would_be_passed():
 def test_reply_carries_only_model_arrays_and_scalar_metrics():
     ctx, model = _context(), _model()
     reply = client_app.train(_message(model, "train"), ctx)
-    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    site = reply.content["site"]  # the site's name, and why it declined (empty: it trained)
+    assert set(site.keys()) == {"name", "note", "accountant"} and site["name"] == "site_0" and site["note"] == ""
     arrays = reply.content["arrays"].to_torch_state_dict()
     expected = model.state_dict()
     assert set(arrays) == set(expected)
@@ -106,7 +116,7 @@ def test_reply_carries_only_model_arrays_and_scalar_metrics():
         assert all(isinstance(v, (int, float)) for v in values), key
         assert len(values) <= 8, f"{key} carries {len(values)} values"  # history entries, not pixels
     ev = client_app.evaluate(_message(model, "evaluate"), ctx)
-    assert set(ev.content.keys()) == {"metrics"}
+    assert set(ev.content.keys()) == {"metrics", "site"}
     assert ev.content["metrics"]["bpp"] > 0 and math.isfinite(ev.content["metrics"]["psnr"])
 
 
@@ -177,11 +187,17 @@ def test_train_parts_entropy_changes_only_gains_and_priors():
 def test_rd_query_measures_every_quality_on_held_out_frames():
     """query.rd: bpp and PSNR per quality of the model sent, on the site's held-out frames; nothing else."""
     ctx, model = _context(), _model(3)
-    reply = client_app.rd(_message(model, "query.rd"), ctx)
+    client_app.train(_message(model, "train"), ctx)  # a site answers queries for its latest training round
+    reply = client_app.rd(_rd_message(model, _model(4)), ctx)
     m = reply.content["metrics"]
-    assert set(reply.content.keys()) == {"metrics"}
-    assert len(m["bpp"]) == len(m["psnr"]) == model.cfg.num_levels and m["frames"] == RUN["eval-frames"]
-    assert all(b > 0 and math.isfinite(p) for b, p in zip(m["bpp"], m["psnr"]))
+    assert set(reply.content.keys()) == {"metrics", "site"}
+    assert set(m.keys()) == {"frames", "bpp-federated", "psnr-federated", "bpp-public", "psnr-public"}
+    assert m["frames"] == RUN["eval-frames"]
+    for name in ("federated", "public"):
+        bpp, psnr = m[f"bpp-{name}"], m[f"psnr-{name}"]
+        assert len(bpp) == len(psnr) == model.cfg.num_levels
+        assert all(b > 0 and math.isfinite(p) for b, p in zip(bpp, psnr))
+    assert m["psnr-federated"] != m["psnr-public"]  # two different models, two curves
 
 
 RESTART_SCRIPT = """
@@ -260,7 +276,9 @@ def test_simulation_runs_end_to_end(tmp_path):
     for site in ("site_0", "site_1"):
         eps = [r["sites"][site]["epsilon"] for r in history["rounds"]]
         assert eps[0] < eps[1] <= 50.0
-        assert list((out / "sites" / site).glob("*.lvc"))
+        # A simulated site writes under its own working folder (the runtime's), never under the run's out-dir.
+        assert list((tmp_path / "runs" / "sites" / site).glob("*.lvc"))
+        assert not (out / "sites").exists()
     assert (out / "round_002.safetensors").is_file() and (out / "final.safetensors").is_file()
     assert "PSNR" in run["output"] and "BD-rate vs public" in run["output"]
     summary = json.loads((out / "summary.json").read_text())
@@ -275,35 +293,79 @@ def test_simulation_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
-    """SuperLink + 2 authenticated SuperNodes on 127.0.0.1 over TLS (real sockets), status from ``flwr list``."""
+    """SuperLink + 2 authenticated SuperNodes on 127.0.0.1 over TLS (real sockets), status from ``flwr list``;
+    then a non-private run submitted over TLS, which each site's policy refuses (its ledger unchanged); and a
+    third SuperNode started with --trusted-entities, which runs none of these unsigned app bundles."""
+    from common.checkpoint import load_model
     from simulations.local_runtime import free_port
 
     port = free_port()
+    tiny = "local-steps=3 batch-size=8 crop-size=32 eval-frames=2"
     proc = subprocess.run([sys.executable, str(REPO / "simulations" / "deploy_local.py"), str(tmp_path / "w"),
-                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12", "--auth", "--check-intruder",
-                           "--run-config", "local-steps=3 batch-size=8 crop-size=32 eval-frames=2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12", "--check-intruder",
+                           "--cautious-site", "--run-config", tiny, "--run-config", f"{tiny} noise-multiplier=0.0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0 and result["status"] == "finished:completed", proc.stdout + proc.stderr
-    assert result["tls"] is True and result["auth"] is True  # TLS and registered SuperNode keys
+    first, second = result["runs"]
+    assert proc.returncode == 0 and first["status"] == second["status"] == "finished:completed", proc.stdout
+    assert result["tls"] is True and result["auth"] is True  # TLS and registered SuperNode keys (the defaults)
     assert result["intruder_refused"] is True  # a SuperNode whose key was never registered cannot join
+    ledgers = []
     for i in range(2):
         site = tmp_path / "w" / f"site_{i}"
         assert len(list((site / "out").glob("*.lvc"))) == 2
         ledger = json.loads((site / "state" / "privacy_ledger.json").read_text())
-        assert sum(n for _, _, n in ledger["history"]) == 2 * 3
+        assert sum(n for _, _, n in ledger["history"]) == 2 * 3  # the first run's two rounds only
+        ledgers.append(ledger["history"])
+    # The non-private run: every round declined by every site's policy, the global model kept, the run
+    # completed; the sites' ledgers hold the first run's spending only.
+    refused = json.loads((Path(second["server_out"]) / "history.json").read_text())["rounds"]
+    for r in refused:
+        assert r["kept_previous_model"] and r["sites_trained"] == 0
+        for name in ("site_0", "site_1"):
+            assert r["sites"][name]["declined"] and "allow-non-private" in r["sites"][name]["declined_reason"]
+    kept, public = load_model(Path(second["server_out"]) / "final.safetensors").state_dict(), load_model().state_dict()
+    assert all(torch.equal(kept[k], public[k]) for k in public)
+    # The cautious site (--trusted-entities) ran nothing: dropped every round of both runs, nothing written.
+    for history_file in (tmp_path / "w" / "server" / "history.json", Path(second["server_out"]) / "history.json"):
+        for r in json.loads(history_file.read_text())["rounds"]:
+            assert [d["reason"] for d in r["dropped"]] == ["The FAB could not be verified."]
+    assert not list((tmp_path / "w" / "site_2").glob("*/*.lvc"))
+    assert not (tmp_path / "w" / "site_2" / "state" / "privacy_ledger.json").exists()
     # Nothing we started is left listening.
     time.sleep(2)
     assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
-    # A site's compressed video decodes with the final global model.
+    # A site's compressed video (the last run's final compression) decodes with that run's final global model.
     from client.cli import main as cli
 
-    model = tmp_path / "w" / "server" / "final.safetensors"
+    model = Path(second["server_out"]) / "final.safetensors"
     lvc = next((tmp_path / "w" / "site_0" / "out").glob("*.lvc"))
     assert cli(["decompress", str(lvc), str(tmp_path / "d.mkv"), "--model", str(model), "--quiet"]) == 0
     from common.video import read_frames
 
     assert read_frames(tmp_path / "d.mkv").shape == (12, 120, 160, 3)
+
+
+@pytest.mark.slow
+def test_a_federation_in_which_every_site_declines_ends_cleanly(tmp_path):
+    """The issue's run (budget 1.0 at σ 0.8): every site declines every round. The run completes, each round
+    keeps the global model and says so, and the final compression uses the last model (here the public one)."""
+    from common.checkpoint import load_model
+
+    out = tmp_path / "out"
+    config = TINY_RUN.replace("epsilon-budget=50.0", "epsilon-budget=1.0").replace("noise-multiplier=1.0",
+                                                                                    "noise-multiplier=0.8")
+    rounds = _simulate(tmp_path, config, out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["kept_previous_model"] and r["sites_trained"] == 0
+        assert all("past its budget" in s["declined_reason"] for s in r["sites"].values())
+    final, public = load_model(out / "final.safetensors").state_dict(), load_model().state_dict()
+    assert all(torch.equal(final[k], public[k]) for k in public)
+    for site in ("site_0", "site_1"):
+        assert len(list((tmp_path / "runs" / "sites" / site).glob("*.lvc"))) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["sites"]) == {"site_0", "site_1"} and all(s["epsilon"] == 0 for s in summary["sites"].values())
 
 
 def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
@@ -483,7 +545,7 @@ def test_simulation_with_segment_privacy_unit_records_the_unit(tmp_path):
     for site in ("site_0", "site_1"):
         s = rounds[-1]["sites"][site]
         assert s["privacy_unit"] == "segment" and s["unit_frames"] == 3 and s["units"] >= 1
-        lvc = sorted((out / "sites" / site).glob("*.lvc"))[0]
+        lvc = sorted((tmp_path / "runs" / "sites" / site).glob("*.lvc"))[0]
         with open(lvc, "rb") as f:
             header = bs.read_header(f, lvc.stat().st_size)
         assert header.gop == 4 and header.version == bs.VERSION

@@ -1,0 +1,336 @@
+"""A site's privacy holds against the operator: the ClientApp's handlers called the way a hostile operator would
+call them (crafted run configs and messages), against a site whose policy lives in its node config and whose
+ledger lives on its disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import app as client_app
+from client.ledger import LEDGER, LOCK, SEAL, _exclusive
+from client.policy import SitePolicy
+from common.data import generate_site_clip
+from common.errors import FedlvcError
+from common.fedconfig import RunConfig
+from common.video import write_video
+from tests.test_federation import (RUN, _context, _message, _model, _rd_message, independent_epsilon,  # noqa: F401
+                                   task_identity)
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory) -> Path:
+    """A site's real video: two small clips on disk (the site then defaults to the strict policy)."""
+    folder = tmp_path_factory.mktemp("videos") / "school"
+    folder.mkdir()
+    for c in range(2):
+        write_video(folder / f"cam_{c}.mkv", generate_site_clip(5, c, 64, 48, 8), Fraction(25))
+    return folder
+
+
+def _real_site(tmp_path: Path, video_dir: Path, **node) -> dict:
+    return {"video-dir": str(video_dir), "state-dir": str(tmp_path / "state"), **node}
+
+
+def _train(run=None, node=None, server_round: int = 1, ctx=None, model=None):
+    ctx = ctx or _context(run, node)
+    reply = client_app.train(_message(model or _model(), "train", server_round), ctx)
+    return reply, ctx
+
+
+def _ledger(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "state" / LEDGER).read_text())
+
+
+def _unchanged(msg_model, reply) -> bool:
+    sent, back = msg_model.state_dict(), reply.content["arrays"].to_torch_state_dict()
+    return all(torch.equal(sent[k], back[k]) for k in sent)
+
+
+# --------------------------------------------------------------------------------- the policy, not the run
+
+
+def test_a_real_site_declines_what_its_policy_forbids_whatever_the_run_config_says(tmp_path, video_dir):
+    """σ = 0, clip-only, σ below the site's minimum, more local steps than allowed, the gdp accountant, another
+    privacy unit: each declined with its reason, nothing trained, nothing spent."""
+    node = _real_site(tmp_path, video_dir)
+    attacks = {
+        "noise-multiplier 0": {"noise-multiplier": 0.0},
+        "clip-only": {"noise-multiplier": 0.0, "clip-only": True},
+        "at least 0.5": {"noise-multiplier": 0.3},
+        "at most 1000": {"local-steps": 1001},
+        "gdp": {"accountant": "gdp"},
+        "privacy unit is frame": {"privacy-unit": "segment", "segment-frames": 2},
+    }
+    for reason, run in attacks.items():
+        model = _model()
+        reply, _ = _train(run, node, model=model)
+        m = reply.content["metrics"]
+        assert m["declined"] == 1 and m["steps"] == 0 and m["num-examples"] == 0, reason
+        assert reason in reply.content["site"]["note"]
+        assert _unchanged(model, reply), reason
+    assert not (tmp_path / "state" / LEDGER).exists()  # nothing was ever spent
+    # The same site trains a round its policy allows, and only then writes its ledger.
+    reply, _ = _train({"local-steps": 2}, node)
+    assert reply.content["metrics"]["declined"] == 0
+    assert _ledger(tmp_path)["history"][0][0] == RUN["noise-multiplier"]
+
+
+def test_a_raised_budget_or_a_loose_delta_in_the_run_config_changes_nothing(tmp_path, video_dir):
+    node = _real_site(tmp_path, video_dir, **{"max-epsilon": 30})
+    first, ctx = _train({"epsilon-budget": 1e9, "delta": 0.9}, node)
+    m = first.content["metrics"]
+    # δ is the site's (1e-5), not the run's 0.9: ε is computed there and matches an independent accountant.
+    assert m["delta"] == 1e-5
+    assert m["epsilon"] == pytest.approx(independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"],
+                                                             1e-5), rel=1e-9)
+    assert m["epsilon"] > 0
+    # The site's max-epsilon binds although the run asks for a budget of 1e9: the round that would pass
+    # 1.05 × the spent ε is declined when the site's own limit is just above what it has spent.
+    node["max-epsilon"] = m["epsilon"] * 1.05
+    second, _ = _train({"epsilon-budget": 1e9, "delta": 0.9}, node, server_round=2)
+    assert second.content["metrics"]["declined"] == 1 and "past its budget" in second.content["site"]["note"]
+    assert sum(n for _, _, n in _ledger(tmp_path)["history"]) == RUN["local-steps"]
+    # A run config may tighten: a smaller δ gives a larger ε, checked against the budget at that δ.
+    tight, _ = _train({"delta": 1e-9}, {**node, "max-epsilon": 1e9}, server_round=3)
+    t = tight.content["metrics"]
+    history = (t["dp_sigma"], t["dp_sample_rate"], t["dp_steps"])
+    assert t["delta"] == 1e-9 and t["epsilon"] == pytest.approx(independent_epsilon(*history, 1e-9), rel=1e-9)
+    assert t["epsilon"] > independent_epsilon(*history, 1e-5)
+
+
+def test_prv_asked_by_the_run_is_only_used_when_it_gives_the_larger_epsilon(tmp_path):
+    reply, _ = _train({"accountant": "prv"}, {"accountant": "rdp"})
+    m = reply.content["metrics"]
+    rdp = independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"])
+    assert m["epsilon"] >= rdp * (1 - 1e-9)  # the larger of the site's rdp and the run's prv
+    assert reply.content["site"]["accountant"] == "rdp,prv"
+
+
+def test_a_simulated_site_allows_the_sweeps_non_private_references():
+    for run in ({"noise-multiplier": 0.0}, {"noise-multiplier": 0.0, "clip-only": True}):
+        m = _train(run)[0].content["metrics"]
+        assert m["declined"] == 0 and math.isinf(m["epsilon"])
+
+
+def test_a_real_site_without_state_dir_refuses_to_train(video_dir):
+    model = _model()
+    reply, _ = _train(node={"video-dir": str(video_dir)}, model=model)
+    assert reply.content["metrics"]["declined"] == 1 and "state-dir" in reply.content["site"]["note"]
+    assert _unchanged(model, reply)
+
+
+def test_node_config_policy_errors_are_one_clear_line():
+    for node, key in (({"max-epsilon": "lots"}, "max-epsilon"), ({"accountant": "gdp"}, "accountant"),
+                      ({"release": "eval,pixels"}, "release"), ({"allow-non-private": "maybe"}, "allow-non-private"),
+                      ({"privacy-unit": "clip"}, "privacy-unit"), ({"max-local-steps": 2.5}, "max-local-steps")):
+        with pytest.raises(FedlvcError, match=key):
+            SitePolicy.of(node)
+    policy = SitePolicy.of({"release": "none", "video-dir": "/x"})
+    assert policy.release == frozenset() and policy.real_video and not policy.allow_non_private
+
+
+# ------------------------------------------------------------------------------------------ noise nobody replays
+
+
+def test_two_runs_with_the_same_seed_and_messages_draw_different_noise_but_the_same_crops():
+    from common.data import FrameCrops
+    from common.privacy import DPConfig
+    from common.training import local_train
+
+    frames = [f for f in generate_site_clip(3, 0, 64, 48, 10)]
+
+    def run(dp):
+        model = _model(1)
+        local_train(model, frames, 2, 4, 32, 1e-3, dp=dp, seed=7)
+        return model.state_dict()
+
+    dp = DPConfig(1.0, 1.0)
+    a, b = run(dp), run(dp)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the same seed, different noise and batches
+    plain_a, plain_b = run(None), run(None)
+    assert all(torch.equal(plain_a[k], plain_b[k]) for k in plain_a)  # without DP the seed reproduces the run
+    crops_a, crops_b = FrameCrops(frames, 32, 6, seed=7), FrameCrops(frames, 32, 6, seed=7)
+    for i in (0, 3, 3, 9):  # the crops are reproducible from the seed
+        (xa, la), (xb, lb) = crops_a[i], crops_b[i]
+        assert torch.equal(xa, xb) and la == lb
+
+
+def test_dp_noise_does_not_come_from_torchs_default_generator():
+    from common.privacy import secure_generator
+
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append(torch.randn(4, generator=secure_generator()))
+    assert not torch.equal(draws[0], draws[1])
+
+
+# ----------------------------------------------------------------------------------------- a ledger that grows
+
+
+@pytest.mark.parametrize("record", [
+    {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, -5]]}},  # negative steps
+    {"site_0": {"unit_frames": 1, "history": [[float("nan"), 0.25, 3]]}},  # NaN σ (hung the accountant)
+    {"site_0": {"unit_frames": 1, "history": [[1.0, 1.5, 3]]}},  # q > 1
+    {"site_0": {"unit_frames": 1, "history": [[-1.0, 0.25, 3]]}},  # negative σ
+    {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, 2.5]]}},  # fractional steps
+    {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, 3]] * 10_001}},  # too many entries
+])
+def test_a_forged_earlier_ledgers_record_is_refused(record):
+    msg = _message(_model(), "train")
+    msg.content["config"]["earlier-ledgers"] = json.dumps(record)
+    started = time.monotonic()
+    with pytest.raises(FedlvcError, match="earlier-ledgers record is malformed"):
+        client_app.train(msg, _context())
+    assert time.monotonic() - started < 60  # refused, not computed
+
+
+def test_a_site_with_state_dir_never_takes_its_spending_from_the_server(tmp_path):
+    """An empty record cannot restart a site at ε 0, and a fresh state-dir does not adopt a server record."""
+    node = {"state-dir": str(tmp_path / "state")}
+    forged = json.dumps({"site_0": {"unit_frames": 1, "history": [[50.0, 0.001, 1]]}})
+    for record in (forged, "{}"):
+        msg = _message(_model(), "train")
+        msg.content["config"]["earlier-ledgers"] = record
+        client_app.train(msg, _context(node=node))
+    history = _ledger(tmp_path)["history"]
+    assert all(s == RUN["noise-multiplier"] for s, _, _ in history)  # only what the site itself spent
+    assert sum(n for _, _, n in history) == 2 * RUN["local-steps"]  # "{}" did not reset it
+
+
+def test_a_deleted_emptied_or_rolled_back_ledger_is_an_error_not_a_fresh_start(tmp_path):
+    node = {"state-dir": str(tmp_path / "state")}
+    _train(node=node)
+    ledger, seal = tmp_path / "state" / LEDGER, tmp_path / "state" / SEAL
+    first = ledger.read_text()
+    _train(node=node, server_round=2)
+    second = ledger.read_text()
+    cases = {"missing": lambda: ledger.unlink(), "damaged": lambda: ledger.write_text(""),
+             "older than its seal": lambda: ledger.write_text(first)}
+    for message, damage in cases.items():
+        damage()
+        with pytest.raises(FedlvcError, match=message):
+            _train(node=node, server_round=3)
+        ledger.write_text(second)
+    assert _train(node=node, server_round=3)[0].content["metrics"]["declined"] == 0  # restored: it goes on
+    assert json.loads(seal.read_text())["steps"] == 3 * RUN["local-steps"]
+    # Only deleting both ledger and seal starts a new site (documented: keep state-dir backed up).
+    ledger.unlink()
+    seal.unlink()
+    assert sum(_train(node=node)[0].content["metrics"]["dp_steps"]) == RUN["local-steps"]
+
+
+def test_two_runs_on_one_state_dir_serialise_their_spending(tmp_path):
+    """While another run holds the ledger's lock and spends, a training round waits for it and then adds to
+    what the other run spent (it neither overwrites it nor checks its budget against a stale ledger)."""
+    state = tmp_path / "state"
+    node = {"state-dir": str(state)}
+    _train(node=node)  # the ledger exists: one round spent
+    result = {}
+
+    def second_run():
+        result["reply"] = _train(node=node, server_round=1)[0]
+
+    with _exclusive(state / LOCK):  # the other run: reads, spends, writes while it holds the lock
+        thread = threading.Thread(target=second_run)
+        thread.start()
+        time.sleep(1.0)
+        doc = json.loads((state / LEDGER).read_text())
+        doc["history"].append([7.0, 0.5, 5])
+        doc["sequence"] += 1
+        doc["steps"] += 5
+        (state / LEDGER).write_text(json.dumps(doc))
+    thread.join(timeout=300)
+    history = _ledger(tmp_path)["history"]
+    assert [7.0, 0.5, 5] in history  # the other run's spending survived
+    assert sum(n for _, _, n in history) == 2 * RUN["local-steps"] + 5
+    assert [7.0, 0.5, 5] in [list(h) for h in zip(*(result["reply"].content["metrics"][k] for k in
+                                                     ("dp_sigma", "dp_sample_rate", "dp_steps")))]
+
+
+# ---------------------------------------------------------------------------- releases are the site's choice
+
+
+def test_release_eval_answers_one_evaluation_a_round_and_nothing_else(tmp_path, video_dir):
+    node = _real_site(tmp_path, video_dir, **{"out-dir": str(tmp_path / "site-out")})  # release = eval (default)
+    ctx = _context({"local-steps": 2}, node)
+    model = _model()
+    before = client_app.evaluate(_message(model, "evaluate"), ctx)  # before the site was asked to train
+    assert before.content["metrics"]["refused"] == 1 and "latest training round" in before.content["site"]["note"]
+    reply = client_app.train(_message(model, "train", 1), ctx)
+    assert "train_loss" not in reply.content["metrics"]  # train-loss is not released
+    first = client_app.evaluate(_message(model, "evaluate", 1), ctx).content["metrics"]
+    assert "psnr" in first and "refused" not in first
+    again = client_app.evaluate(_message(_model(9), "evaluate", 1), ctx)
+    assert again.content["metrics"]["refused"] == 1 and "answered already" in again.content["site"]["note"]
+    assert set(again.content["metrics"].keys()) == {"refused"}  # nothing computed on private frames
+    other = client_app.evaluate(_message(model, "evaluate", 2), ctx)  # a round the site never trained
+    assert other.content["metrics"]["refused"] == 1
+    rd = client_app.rd(_rd_message(model, _model(4)), ctx)
+    assert rd.content["metrics"]["refused"] == 1 and "does not release rd" in rd.content["site"]["note"]
+    summary = client_app.compress(_message(model, "query.compress", 1), ctx)
+    assert set(summary.content["metrics"].keys()) == {"compressed"}  # the site compressed, said nothing
+    assert len(list((tmp_path / "site-out").glob("*.lvc"))) == 2
+    assert _ledger(tmp_path)["releases"] == {"eval": 1}  # counted on the site's disk, over all runs
+
+
+@pytest.mark.parametrize("run_out", ["/tmp/fedlvc-hostile-{}", "../../fedlvc-hostile-{}"])
+def test_the_final_compression_never_writes_where_the_run_config_says(tmp_path, monkeypatch, run_out):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    target = Path(run_out.format(tmp_path.name)).resolve()
+    for node, where in (({"state-dir": str(tmp_path / "state")}, tmp_path / "state" / "out"),
+                        ({}, tmp_path / "a" / "b" / "runs" / "sites" / "site_0")):
+        ctx = _context({"out-dir": run_out.format(tmp_path.name)}, node)
+        model = _model()
+        client_app.train(_message(model, "train", 1), ctx)
+        client_app.compress(_message(model, "query.compress", 1), ctx)
+        assert len(list(where.glob("*.lvc"))) == RUN["demo-clips"]
+        assert not target.exists()
+
+
+# ---------------------------------------------------------------------------------- bounds on what is allocated
+
+
+def test_a_model_config_with_a_million_channels_is_refused_before_anything_is_allocated():
+    msg = _message(_model(), "train")
+    cfg = json.loads(msg.content["config"]["model-config"])
+    for key, value in (("channels", 10**6), ("latent_channels", 10**6), ("mixtures", 10**4), ("support", 10**7),
+                       ("lambdas", [0.01] * 1000), ("channels", "64"), ("stride", 2)):
+        msg.content["config"]["model-config"] = json.dumps({**cfg, key: value})
+        with pytest.raises(FedlvcError, match="model config"):
+            client_app.train(msg, _context())
+    # Within the config's limits, yet more than the site's memory: refused by the site before building it.
+    msg.content["config"]["model-config"] = json.dumps({**cfg, "channels": 512, "latent_channels": 512})
+    with pytest.raises(FedlvcError, match="max-memory-mb"):
+        client_app.train(msg, _context(node={"max-memory-mb": 100}))
+
+
+def test_run_config_sizes_are_bounded_and_the_site_checks_its_memory_first():
+    for key, value in (("site-max-frames", 10**7), ("crop-size", 4096), ("batch-size", 10**6),
+                       ("demo-frames", 10**7), ("demo-width", 10**5), ("demo-clips", 10**5), ("local-steps", 10**9)):
+        with pytest.raises(FedlvcError, match=key):
+            RunConfig.from_mapping({key: value})
+    started = time.monotonic()
+    big = {"demo-frames": 100_000, "demo-width": 4096, "demo-height": 4096, "demo-clips": 1000}  # each in bounds
+    with pytest.raises(FedlvcError, match="holding the site's frames"):
+        client_app.train(_message(_model(), "train"), _context(big))
+    with pytest.raises(FedlvcError, match="a training step"):
+        client_app.train(_message(_model(), "train"), _context({"batch-size": 4096, "crop-size": 512}))
+    assert time.monotonic() - started < 60  # refused from the sizes, nothing generated
+
+
+def test_a_message_whose_arrays_do_not_fit_its_model_config_is_one_clear_error():
+    msg = _message(_model(), "train")
+    msg.content["config"]["model-config"] = json.dumps({**json.loads(msg.content["config"]["model-config"]),
+                                                        "channels": 16})
+    with pytest.raises(FedlvcError, match="do not fit its model-config"):
+        client_app.train(msg, _context())
