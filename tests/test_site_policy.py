@@ -334,3 +334,24 @@ def test_a_message_whose_arrays_do_not_fit_its_model_config_is_one_clear_error()
                                                         "channels": 16})
     with pytest.raises(FedlvcError, match="do not fit its model-config"):
         client_app.train(msg, _context())
+
+
+def test_no_history_can_hang_the_accountant_and_a_bounded_epsilon_is_never_smaller():
+    """Opacus' RDP analysis costs ~0.15 s per distinct (σ, q) and grows with σ, its PRV accountant runs out of
+    memory at 10^6 steps: ε is computed from at most 32 settings (σ rounded down, q up beyond that) and a
+    long history's PRV ε is its RDP ε. Both only raise ε."""
+    import random
+
+    from common.privacy import bounded_history, checked_history, epsilon_from_history
+
+    rng = random.Random(0)
+    history = [(rng.uniform(0.5, 3), rng.uniform(0.01, 0.5), rng.randint(1, 50)) for _ in range(36)]
+    assert len(bounded_history(history)) <= 32
+    assert epsilon_from_history(history, 1e-5) >= independent_epsilon(*zip(*history), 1e-5)
+    few = history[:3] + history[:2]  # equal settings merge exactly
+    assert epsilon_from_history(few, 1e-5) == pytest.approx(independent_epsilon(*zip(*few), 1e-5), rel=1e-9)
+    extreme = checked_history([(10 ** rng.uniform(-300, 6), 10 ** rng.uniform(-300, 0), 10**9)
+                               for _ in range(10_000)], "a forged record")
+    assert all(epsilon_from_history(extreme, 1e-5, a) > 0 for a in ("rdp", "prv"))  # returns (inf), not hangs
+    long = [(1.0, 0.05, 10**6)]
+    assert epsilon_from_history(long, 1e-5, "prv") == epsilon_from_history(long, 1e-5, "rdp")
