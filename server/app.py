@@ -66,13 +66,12 @@ class SiteFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, self.sampled.get(server_round, []), MessageType.EVALUATE)
 
-    def _update(self, server_round: int, arrays: ArrayRecord) -> list[np.ndarray]:
+    def _update(self, server_round: int, base: list[np.ndarray], arrays: ArrayRecord) -> list[np.ndarray]:
         """A site's model as an update to average; under central DP clipped again here to the round's norm
         (an honest site's mod already clipped it; a hostile one's is not trusted to)."""
         out = [a.numpy().astype(np.float64) for a in arrays.values()]
         norm_s = self.clipping_norms.get(server_round)
         if self.average_all and norm_s is not None:
-            base = [a.numpy().astype(np.float64) for a in self.sent[server_round].values()]
             delta = [o - b for o, b in zip(out, base)]
             norm = math.sqrt(sum(float((d * d).sum()) for d in delta))
             scale = min(1.0, norm_s / norm) if norm > 0 else 1.0
@@ -81,6 +80,7 @@ class SiteFedAvg(FedAvg):
 
     def aggregate_train(self, server_round, replies):
         sent = self.sent[server_round]
+        base = [a.numpy().astype(np.float64) for a in sent.values()]
         sites, dropped, updates, weights = {}, [], [], []
         answered = set()
         for msg in replies:
@@ -94,25 +94,22 @@ class SiteFedAvg(FedAvg):
                 arrays = checked_arrays(msg, sent)
             except BadReply as e:
                 dropped.append({"node_id": node, "site": label, "reason": str(e)})
-                if self.average_all:  # a zero update: n stays the number of sampled sites
-                    updates.append(self._update(server_round, sent))
-                    weights.append(1.0)
                 continue
             sites[label] = {"node_id": node, **record}
-            if self.average_all:
-                updates.append(self._update(server_round, sent if record["declined"] else arrays))
-                weights.append(1.0)
-            elif not record["declined"]:
-                updates.append(self._update(server_round, arrays))
-                weights.append(float(record["num_examples"]))
+            if not record["declined"]:
+                updates.append(self._update(server_round, base, arrays))
+                weights.append(1.0 if self.average_all else float(record["num_examples"]))
         dropped += [{"node_id": n, "site": self.registry.labels.get(n), "reason": "no reply before the round timeout"}
                     for n in self.sampled.get(server_round, []) if n not in answered]
-        trained = sum(1 for s in sites.values() if not s["declined"])
+        trained = len(updates)
         self.train_log[server_round] = {"sites": sites, "dropped": dropped, "sites_trained": trained}
         if not trained:
             return None, None  # Flower's loop keeps the previous global model
+        if self.average_all:  # every other sampled site (declined, dropped, silent) adds a zero update
+            updates += [base] * (len(self.sampled.get(server_round, [])) - trained)
+            weights += [1.0] * (len(updates) - len(weights))
         total = sum(weights)
-        mean = [sum(w / total * u[i] for w, u in zip(weights, updates)) for i in range(len(updates[0]))]
+        mean = [sum(w / total * u[i] for w, u in zip(weights, updates)) for i in range(len(base))]
         arrays = ArrayRecord({k: Array(np.asarray(v, dtype=a.dtype)) for (k, a), v in zip(sent.items(), mean)})
         return arrays, MetricRecord({"sites_trained": trained})
 
