@@ -35,6 +35,12 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _progress_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", action="store_true",
+                        help="progress bars even when stderr is not a terminal (default: only on a terminal)")
+
+
 def cmd_compress(args) -> int:
     from common.codec import compress_file, p_rule
     from common.checkpoint import load_model
@@ -167,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --rd-weight 0: P-frames keep the previous latent where the new one is within 0.5+T "
                         f"of it (e.g. {DEFAULT_SKIP_THRESHOLD}; default 0 = plain rounding)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
-    c.add_argument("--quiet", action="store_true")
+    _progress_options(c)
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("decompress", help="decode a .lvc bitstream to .mkv (FFV1 RGB), .y4m or .mp4")
@@ -177,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--start", type=int, default=0, help="first frame to output (decoding starts at the I-frame "
                                                          "before it; default 0)")
     d.add_argument("--frames", type=_positive_int, default=None, help="output at most N frames")
-    d.add_argument("--quiet", action="store_true")
+    _progress_options(d)
     d.set_defaults(func=cmd_decompress)
 
     e = sub.add_parser("evaluate", help="RD of every quality level against x264/x265 on the same frames")
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--crfs", type=int, nargs="+", default=None, help="x264/x265 CRFs (default 18 23 28 33 38)")
     e.add_argument("--gop", type=_positive_int, nargs="+", default=None,
                    help=f"fedlvc group lengths to measure (default: {DEFAULT_GOP} and 1, i.e. I+P and intra-only)")
-    e.add_argument("--quiet", action="store_true")
+    _progress_options(e)
     e.set_defaults(func=cmd_evaluate)
 
     g = sub.add_parser("demo-data", help="generate distinct, deterministic clips for N sites")
@@ -203,13 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=_positive_int, default=120)
     g.add_argument("--width", type=_positive_int, default=320)
     g.add_argument("--height", type=_positive_int, default=240)
-    g.add_argument("--quiet", action="store_true")
+    _progress_options(g)
     g.set_defaults(func=cmd_demo_data)
 
     pub = sub.add_parser("public-data", help="camera pans over the stills scikit-image ships (public training data)")
     pub.add_argument("outdir")
     pub.add_argument("--frames", type=_positive_int, default=48)
-    pub.add_argument("--quiet", action="store_true")
+    _progress_options(pub)
     pub.set_defaults(func=cmd_public_data)
 
     t = sub.add_parser("train", help="train the codec on one site's videos (non-private or DP-SGD)")
@@ -244,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     dpg.add_argument("--delta", type=float, default=1e-5)
     dpg.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"])
     dpg.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch"])
-    t.add_argument("--quiet", action="store_true")
+    _progress_options(t)
     t.set_defaults(func=cmd_train)
 
     w = sub.add_parser("sweep", help="privacy vs quality: one federated simulation per noise setting")
     w.add_argument("config", help="YAML: noise-multipliers, num-sites, and any run-config key")
     w.add_argument("--out", required=True, help="output folder (a finished setting there is not rerun)")
-    w.add_argument("--quiet", action="store_true")
+    _progress_options(w)
     w.set_defaults(func=cmd_sweep)
     return p
 
@@ -258,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Progress bars are for a person watching: a script or a log gets only what it asked for (and, on a
+    # user mistake, exactly the one-line error).
+    args.quiet = args.quiet or not (args.progress or sys.stderr.isatty())
     if args.threads > 0:
         import torch
 

@@ -213,14 +213,29 @@ def test_every_quality_level_round_trips(capsys, request, odd_clip, odd_frames, 
 
 
 def test_progress_bar_does_not_hide_the_error_line(capsys, lvc, chunks, tiny_model_path, dirs):
-    """Without --quiet the bar goes to stderr too, but the error is still exactly one line of its own."""
+    """With --progress the bar goes to stderr too, but the error is still exactly one line of its own."""
     src, dst = dirs
     bad = put(src, "cut.lvc", lvc.read_bytes()[: chunks[4].payload_offset + chunks[4].length // 2])
-    rc, _, err = cli(capsys, "decompress", bad, dst / "x.mkv", "--model", tiny_model_path)
-    assert rc == 2
+    rc, _, err = cli(capsys, "decompress", bad, dst / "x.mkv", "--model", tiny_model_path, "--progress")
+    assert rc == 2 and "decompress" in err  # the bar was drawn
     errors = [line for line in err.splitlines() if "fedlvc: error:" in line]
     assert len(errors) == 1 and errors[0].startswith(ERROR_PREFIX)
     assert err.rstrip("\n").splitlines()[-1] == errors[0]
+    assert listing(dst) == set()
+
+
+def test_a_script_sees_exactly_the_one_line_error(lvc, chunks, tiny_model_path, dirs):
+    """``fedlvc`` run from a script (stderr not a terminal) draws no progress bar: stderr is the error line."""
+    import subprocess
+    import sys
+
+    src, dst = dirs
+    bad = put(src, "cut.lvc", lvc.read_bytes()[: chunks[4].payload_offset + chunks[4].length // 2])
+    run = subprocess.run([sys.executable, "-m", "client.cli", "decompress", str(bad), str(dst / "x.mkv"), "--model",
+                          str(tiny_model_path)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(ERROR_PREFIX), run.stderr
     assert listing(dst) == set()
 
 
