@@ -1,18 +1,16 @@
 #!/usr/bin/env python
 """Cost of one DP-SGD step over one non-private step: same model, same fixed batch, same crop size.
 
-The private side is wired exactly as training wires it (``common.privacy.make_private``: Opacus
-``PrivacyEngine.make_private`` with Poisson sampling, per-sample clipping to C = 1 and Gaussian noise
-σ·C on an Adam optimizer). Poisson sampling only changes which rows form a batch, so to compare like
-with like both sides are timed on one identical, fixed batch fed directly to the model (the
-DP data loader is built but never iterated): forward + RD loss + backward + optimizer step. Both sides
-use the layout ``common.training`` uses for them: the DP model and batch stay in the default contiguous
-NCHW layout (Opacus' convolution gradient sampler returns wrong per-sample gradients on ``channels_last``
-tensors, tests/test_dp_grad_samples.py), the non-private model is ``channels_last`` and its batch is
-converted to ``channels_last`` inside the timed step, as the training loop converts each batch. The
-non-private step is the training loop's one (plain Adam with global gradient-norm clipping). Both sides
-freeze what frame-row training cannot reach (``common.training.set_trainable(model, 0)``: the temporal
-prior) and optimise only the remaining parameters. Both models start from the same weights.
+Both sides are the training loop's own step (``common.training.Trainer.step``, which single-site training and
+a federated round run): the private side with Opacus as training wires it (``common.privacy.make_private``:
+Poisson sampling, per-sample clipping to C = 1 and Gaussian noise σ·C on Adam), the plain side with global
+gradient-norm clipping. Poisson sampling only changes which rows form a batch, so to compare like with like
+both sides are timed on one identical, fixed batch (the DP data loader is built but never iterated): forward
++ RD loss + backward + optimizer step. Each side uses the layout training uses for it: DP stays NCHW (Opacus'
+convolution gradient sampler returns wrong per-sample gradients on ``channels_last`` tensors,
+tests/test_dp_grad_samples.py), the plain model and its batch are ``channels_last``, the batch converted inside
+the timed step. Both freeze what frame-row training cannot reach (the temporal prior) and start from the same
+weights.
 
 Steps alternate (plain, DP, DP, plain, ...) so load changes hit both sides alike; ``--warmup`` steps of
 each are excluded. The ratio is the median DP step time over the median plain step time. Prints one
@@ -49,7 +47,7 @@ def build_base_model(arg: str | None, fresh: bool):
 
 
 def fixed_batch(batch: int, crop: int, num_levels: int, seed: int = 0):
-    """A FrameCrops dataset over generated frames and one fixed batch drawn from it."""
+    """Generated frames and one fixed batch of crops drawn from them."""
     import numpy as np
     import torch
 
@@ -62,71 +60,32 @@ def fixed_batch(batch: int, crop: int, num_levels: int, seed: int = 0):
     x = torch.stack([t for t, _ in items]).contiguous()  # as the default collate gives it: NCHW
     levels = torch.stack([lv for _, lv in items])
     assert np.isfinite(x.numpy()).all()
-    return ds, x, levels
+    return frames, x, levels
 
 
 class Stepper:
-    """One optimizer step of a given kind on the fixed batch.
+    """Times one step of the training loop itself (``common.training.Trainer.step``: the step training and a
+    federated round take, DP or not, with its layout and clipping) on the fixed batch."""
 
-    ``model`` is the raw module the forward runs on (under DP: the module Opacus wrapped, as
-    ``common.training`` calls it), ``params`` its trainable parameters, ``channels_last`` whether each
-    batch is converted to that layout first (the non-private training loop does; DP training does not)."""
-
-    def __init__(self, model, params, optimizer, loss_fn, private: bool, channels_last: bool,
-                 clip_norm: float = 1.0):
-        self.model, self.params, self.optimizer, self.loss_fn = model, params, optimizer, loss_fn
-        self.private, self.channels_last, self.clip_norm = private, channels_last, clip_norm
+    def __init__(self, trainer):
+        self.trainer, self.params = trainer, trainer.params
 
     def __call__(self, x, levels) -> float:
-        import torch
-
         t0 = time.perf_counter()
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x, levels), x, levels).mean()
-        loss.backward()
-        if not self.private:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        self.optimizer.step()
+        loss = self.trainer.step(x, levels)
         seconds = time.perf_counter() - t0
-        if not torch.isfinite(loss):
+        if loss != loss:  # nan: a sample's loss was not finite
             raise FloatingPointError("non-finite loss")
         return seconds
 
 
-def make_plain(base, lr):
-    """The non-private side as ``common.training.train`` builds it: channels_last model, Adam over the
-    parameters frame-row training reaches."""
-    import torch
+def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None) -> Stepper:
+    """A trainer over the same frames and start weights: plain (channels_last, Adam with gradient-norm
+    clipping) or DP (NCHW, Opacus with Poisson sampling; its loader is built but never iterated)."""
+    from common.training import Trainer
 
-    from common.model import RateDistortion
-    from common.training import set_trainable
-
-    model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
-    params = set_trainable(model, 0)
-    return Stepper(model, params, torch.optim.Adam(params, lr=lr), RateDistortion(model.cfg.lambdas),
-                   private=False, channels_last=True)
-
-
-def make_dp(base, dataset, batch, mode, sigma, lr):
-    import torch
-    from torch.utils.data import DataLoader
-
-    from common.model import RateDistortion
-    from common.privacy import DPConfig, make_private
-    from common.training import set_trainable
-
-    # As common.training does under DP: no channels_last (Opacus' conv sampler is wrong on it), the
-    # temporal prior frozen before make_private so Opacus only samples gradients of trainable parameters.
-    model = copy.deepcopy(base).to(memory_format=torch.contiguous_format).train()  # a no-op on NCHW weights
-    params = set_trainable(model, 0)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    loader = DataLoader(dataset, batch_size=batch)
-    dp = DPConfig(noise_multiplier=sigma, max_grad_norm=1.0, grad_sample_mode=mode)
-    _, wrapped, optimizer, _ = make_private(model, optimizer, loader, dp)
-    return Stepper(wrapped._module, params, optimizer, RateDistortion(base.cfg.lambdas), private=True,
-                   channels_last=False)
+    return Stepper(Trainer(copy.deepcopy(base), frames, crop_size=crop, batch_size=batch, learning_rate=lr, dp=dp,
+                           fast_layout=True))
 
 
 def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:
@@ -172,17 +131,19 @@ def main(argv=None) -> int:
     with C.json_stdout() as emit:
         import torch
 
+        from common.privacy import DPConfig
+
         C.set_threads(args.threads)
         torch.manual_seed(args.seed)
         hw = C.hardware()
         base, source = build_base_model(args.model, args.fresh)
         if args.crop_size % base.cfg.stride:
             raise SystemExit(f"--crop-size must be a multiple of {base.cfg.stride}")
-        dataset, x, levels = fixed_batch(args.batch_size, args.crop_size, base.cfg.num_levels, args.seed)
+        frames, x, levels = fixed_batch(args.batch_size, args.crop_size, base.cfg.num_levels, args.seed)
         params = sum(p.numel() for p in base.parameters())
         C.log(f"dp_overhead: {source}, {params} parameters, batch {args.batch_size}, crop {args.crop_size}, "
               f"torch threads {torch.get_num_threads()}")
-        plain = make_plain(base, args.lr)
+        plain = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr)
         trainable = sum(p.numel() for p in plain.params)
 
         modes = [args.grad_sample_mode] + ([m for m in MODES if m != args.grad_sample_mode] if args.all_modes else [])
@@ -193,7 +154,8 @@ def main(argv=None) -> int:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Opacus' secure-RNG / poisson notices
-                    dp = make_dp(base, dataset, args.batch_size, mode, args.noise_multiplier, args.lr)
+                    dp = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr,
+                                      DPConfig(noise_multiplier=args.noise_multiplier, grad_sample_mode=mode))
                     per_mode[mode] = measure(plain, dp, x, levels, args.steps, args.warmup)
                 C.log(f"    ratio {per_mode[mode]['ratio']:.2f}")
             except Exception as e:  # report, do not crash: some modes do not support every layer/layout

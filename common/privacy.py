@@ -59,16 +59,17 @@ def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
 
 
 def make_private(model, optimizer, loader, dp: DPConfig, history=None):
-    """Wrap model/optimizer/loader for DP-SGD with Poisson sampling; continue ``history`` if given. The
-    noise and the Poisson sampling come from a :func:`secure_generator` of their own, never from torch's
-    default generator (which the training seed sets).
+    """Make model/optimizer/loader DP-SGD with Poisson sampling; continue ``history`` if given. Opacus hooks
+    the model itself (``wrap_model=False``: no wrapper module, the state dict keeps its names); the returned
+    hooks' ``cleanup()`` removes them. The noise and the Poisson sampling come from a :func:`secure_generator`
+    of their own, never from torch's default generator (which the training seed sets).
 
-    Returns (engine, model, optimizer, loader)."""
+    Returns (engine, hooks, optimizer, loader)."""
     engine = PrivacyEngine(accountant=dp.accountant)
     if history:
         engine.accountant.history = [tuple(h) for h in history]
     device = next(model.parameters()).device
-    model, optimizer, loader = engine.make_private(
+    hooks, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -77,9 +78,10 @@ def make_private(model, optimizer, loader, dp: DPConfig, history=None):
         poisson_sampling=True,
         grad_sample_mode=dp.grad_sample_mode,
         noise_generator=secure_generator(device),
+        wrap_model=False,
     )
     loader.batch_sampler.generator = secure_generator("cpu")  # Opacus' Poisson sampler draws from it per batch
-    return engine, model, optimizer, loader
+    return engine, hooks, optimizer, loader
 
 
 def fold_segment_grad_samples(model, batch: int, frames: int) -> None:

@@ -110,32 +110,118 @@ def empty_batch_step(model, optimizer) -> None:
     optimizer.step()
 
 
-def optimizer_step(model, raw_model, optimizer, loss_fn, forward, x: torch.Tensor, levels: torch.Tensor,
-                   dp: DPConfig | None, params: list, clip_norm: float) -> float | None:
-    """One training step on the batch (x, levels): the rate–distortion loss, backward, then gradient-norm
-    clipping (no DP) or Opacus' per-sample clipping and noise (a segment row's per-frame gradient samples
-    summed per segment first). ``model`` is what the optimizer was made for (Opacus' wrapper under DP),
-    ``raw_model`` the codec itself. An empty Poisson batch is still a step (noise only): returns nan. A
-    non-finite loss takes no step: returns None. Otherwise returns the batch's mean loss."""
-    optimizer.zero_grad(set_to_none=True)
-    if x.shape[0] == 0:
-        empty_batch_step(model, optimizer)
-        return float("nan")
-    loss = loss_fn(forward(raw_model, x, levels), x, levels).mean()
-    if not torch.isfinite(loss):
-        return None
-    with warnings.catch_warnings():
-        # Opacus' full backward hooks on the first layer, whose input (the frames) needs no gradient: harmless
-        # (tests/test_dp_grad_samples.py checks every per-sample gradient), but torch warns on every step.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
-                                "with respect to module outputs")
-        loss.backward()
-    if dp is None:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
-    elif x.dim() == 5:
-        fold_segment_grad_samples(raw_model, x.shape[0], x.shape[1])
-    optimizer.step()
-    return loss.item()
+MAX_NONFINITE_IN_A_ROW = 20  # steps whose loss is not finite, one after the other: training has diverged
+
+
+class Trainer:
+    """The one training loop: single-site training (:func:`train`) and a federated site's round
+    (:func:`local_train`) take the same steps.
+
+    A step: a batch of crops of frame rows (or segment rows), the rate–distortion loss, backward, then
+    gradient-norm clipping (no DP) or Opacus' per-sample clipping and Gaussian noise (DP; a segment row's
+    per-frame gradient samples summed first). Opacus hooks the model itself (``wrap_model=False``) and is
+    removed by :meth:`close`. An empty Poisson batch is a step of noise alone.
+
+    Failure policy (both): a sample whose loss is not finite never moves the model. Without DP that batch's
+    step is skipped; under DP the sample's gradient is zeroed (a per-sample operation, like clipping, so the
+    guarantee holds) and the step, its noise and the accountant go on: how many steps a run takes never
+    depends on the data. Each such step is counted; after ``MAX_NONFINITE_IN_A_ROW`` in a row the run stops
+    with an error (diverged)."""
+
+    def __init__(self, model: FedlvcCodec, rows: list, *, crop_size: int, batch_size: int, learning_rate: float,
+                 dp: DPConfig | None = None, history=None, segment_frames: int = 0, parts: str = "all",
+                 rule: PFrameRule = PFrameRule(), clip_norm: float = 1.0, seed: int = 0,
+                 device: str | torch.device = "cpu", fast_layout: bool = False, restore=None):
+        """``fast_layout``: channels_last activations (faster on a CPU; never under DP, whose convolution
+        sampler gets them wrong). ``restore(model, optimizer)`` loads a saved state before Opacus wraps."""
+        self.model, self.device, self.dp, self.clip_norm = model.to(device).train(), device, dp, clip_norm
+        self.fast_layout = fast_layout and dp is None
+        if self.fast_layout:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        dataset, loss_cls, self.forward = rows_dataset(rows, crop_size, model.cfg.num_levels, segment_frames, seed,
+                                                       rule)
+        self.sample_rate = poisson_sample_rate(len(dataset), batch_size)
+        self.params = set_trainable(self.model, segment_frames, parts)
+        self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
+        self.restored = restore(self.model, self.optimizer) if restore else None
+        self.loss_fn = loss_cls(model.cfg.lambdas)
+        self.engine = self.hooks = None
+        if dp is None:  # every epoch yields a batch, however few the rows
+            self.loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
+        else:
+            self.engine, self.hooks, self.optimizer, self.loader = make_private(
+                self.model, self.optimizer, DataLoader(dataset, batch_size=batch_size), dp, history)
+        self.nonfinite_steps, self._in_a_row = 0, 0
+
+    @property
+    def history(self) -> list:
+        """The accountant's history ``[(σ, q, steps), ...]`` (empty without DP)."""
+        return [tuple(h) for h in self.engine.accountant.history] if self.engine is not None else []
+
+    def batches(self, steps: int):
+        """``steps`` batches, epoch after epoch."""
+        done = 0
+        while done < steps:
+            for batch in self.loader:
+                if done >= steps:
+                    return
+                done += 1
+                yield batch
+
+    def step(self, x: torch.Tensor, levels: torch.Tensor, lr: float | None = None) -> float:
+        """One optimizer step on (x, levels); the mean loss of its finite samples (nan: none, or an empty
+        Poisson batch)."""
+        if lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        x, levels = x.to(self.device), levels.to(self.device)
+        if self.fast_layout and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        if x.shape[0] == 0:
+            empty_batch_step(self.model, self.optimizer)
+            return float("nan")
+        per_sample = self.loss_fn(self.forward(self.model, x, levels), x, levels)
+        finite = torch.isfinite(per_sample)
+        if not self._count_finite(bool(finite.all())):
+            if self.dp is None:
+                return float("nan")
+            per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
+        with warnings.catch_warnings():
+            # Opacus' full backward hooks on the first layer, whose input (the frames) needs no gradient:
+            # harmless (tests/test_dp_grad_samples.py checks every per-sample gradient), but torch warns each step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
+                                    "with respect to module outputs")
+            per_sample.mean().backward()
+        if self.dp is None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        else:
+            if x.dim() == 5:
+                fold_segment_grad_samples(self.model, x.shape[0], x.shape[1])
+            if not finite.all():
+                for p in self.params:
+                    p.grad_sample[~finite] = 0
+        self.optimizer.step()
+        return per_sample[finite].mean().item() if finite.any() else float("nan")
+
+    def _count_finite(self, all_finite: bool) -> bool:
+        if all_finite:
+            self._in_a_row = 0
+            return True
+        self.nonfinite_steps += 1
+        self._in_a_row += 1
+        if self._in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise FedlvcError(f"training diverged: {self._in_a_row} steps in a row had a loss that is not finite")
+        return False
+
+    def close(self) -> FedlvcCodec:
+        """Remove Opacus' hooks (the model can be made private again next round); every parameter trainable."""
+        if self.hooks is not None:
+            self.hooks.cleanup()
+            self.hooks = None
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return self.model
 
 
 def _validation_crops(rows: list, size: int, limit: int = 48) -> torch.Tensor:
@@ -191,12 +277,14 @@ def _save_state(out: Path, model, optimizer, info: dict) -> None:
         tmp.write_text(json.dumps(info, indent=2))
 
 
-def _load_state(out: Path, model, optimizer) -> dict | None:
+def _read_info(out: Path) -> dict | None:
+    """The saved training state's JSON (steps, best validation, DP history), or None to start afresh."""
     tpath, jpath = _state_paths(out)
-    if not (tpath.is_file() and jpath.is_file()):
-        return None
-    info = json.loads(jpath.read_text())
-    tensors = load_file(str(tpath))
+    return json.loads(jpath.read_text()) if tpath.is_file() and jpath.is_file() else None
+
+
+def _load_tensors(out: Path, model, optimizer) -> None:
+    tensors = load_file(str(_state_paths(out)[0]))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state = optimizer.state_dict()
     for i in opt_state["param_groups"][0]["params"]:
@@ -204,7 +292,61 @@ def _load_state(out: Path, model, optimizer) -> dict | None:
         if st:
             opt_state["state"][i] = st
     optimizer.load_state_dict(opt_state)
-    return info
+
+
+def _training_rows(video_dirs, cfg: TrainConfig) -> tuple[list, list, list]:
+    """(video paths, training rows, held-out rows: every 20th) of the videos, frames or segments."""
+    paths = find_videos(video_dirs)
+    clips = load_clips(paths, cfg.every, cfg.max_frames_per_video)
+    rows = make_segments(clips, cfg.segment_frames) if cfg.segment_frames else [f for c in clips for f in c]
+    if not rows:
+        raise FedlvcError(f"the videos hold no segment of {cfg.segment_frames} consecutive frames")
+    return paths, [f for i, f in enumerate(rows) if i % 20] or rows, rows[::20]
+
+
+class _Checkpoints:
+    """Validation, logging and checkpoints of a single-site run (:func:`train`): the best model by validation
+    RD loss without DP, the last one under DP (every step is spent privacy), and the resumable state."""
+
+    def __init__(self, out: Path, trainer: Trainer, cfg: TrainConfig, dp: DPConfig | None, info: dict,
+                 meta: dict, val_crops: torch.Tensor, log):
+        self.out, self.trainer, self.cfg, self.dp, self.info, self.meta = out, trainer, cfg, dp, info, meta
+        self.val_crops, self.log = val_crops, log
+        self.started, self.last = time.time() - info["wall_seconds"], time.time()
+        self.nonfinite_before = info.get("nonfinite_steps", 0)
+
+    def epsilon(self) -> float | None:
+        if self.dp is None:
+            return None
+        return epsilon_from_history(self.trainer.history, self.dp.delta, self.dp.accountant) \
+            if self.dp.noise_multiplier > 0 else float("inf")
+
+    def due(self) -> bool:
+        step = self.info["step"]
+        return step % self.cfg.validate_every == 0 or step == self.cfg.steps or \
+            time.time() - self.last > self.cfg.checkpoint_seconds
+
+    def save(self, running: list, lr: float | None) -> dict:
+        info, model = self.info, self.trainer.model
+        info["wall_seconds"] = time.time() - self.started
+        info["nonfinite_steps"] = self.nonfinite_before + self.trainer.nonfinite_steps
+        val = validation_loss(model, self.val_crops, self.cfg.p_rule)
+        if lr is not None:
+            self.log(json.dumps({"step": info["step"], "train_loss": round(float(np.mean(running)), 4) if running
+                                 else None, "val_loss": round(val["loss"], 4), "lr": lr,
+                                 "levels": [[round(v["bpp"], 3), round(v["psnr"], 2)] for v in val["levels"]],
+                                 "epsilon": self.epsilon(), "wall_s": round(info["wall_seconds"])}))
+        meta = dict(self.meta, steps=info["step"], wall_seconds=round(info["wall_seconds"], 1), validation=val)
+        if self.dp is not None:
+            info["dp_history"] = [list(h) for h in self.trainer.history]
+            meta["dp"] = dict(asdict(self.dp), epsilon=self.epsilon(), sample_rate=self.trainer.sample_rate,
+                              dp_history=info["dp_history"])
+        if info["best_val"] is None or val["loss"] <= info["best_val"] or self.dp is not None:
+            info["best_val"] = val["loss"]
+            save_model(self.out, model, meta)
+        _save_state(self.out, model, self.trainer.optimizer, info)
+        self.last = time.time()
+        return val
 
 
 def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = None,
@@ -218,108 +360,42 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
         raise FedlvcError(f"--out must end in .safetensors: {out}")
     if not out.parent.is_dir():
         raise FedlvcError(f"output folder does not exist: {out.parent}")
-    torch.manual_seed(cfg.seed)
-    paths = find_videos(video_dirs)
-    clips = load_clips(paths, cfg.every, cfg.max_frames_per_video)
-    rows = make_segments(clips, cfg.segment_frames) if cfg.segment_frames else [f for c in clips for f in c]
-    if not rows:
-        raise FedlvcError(f"the videos hold no segment of {cfg.segment_frames} consecutive frames")
-    held_out = rows[::20]
-    train_rows = [f for i, f in enumerate(rows) if i % 20] or rows
-    if model_cfg is None:
-        model_cfg = CodecConfig()
+    model_cfg = model_cfg or CodecConfig()
     if cfg.crop_size % model_cfg.stride:
         raise FedlvcError(f"crop size must be a multiple of {model_cfg.stride}")
+    torch.manual_seed(cfg.seed)
+    paths, train_rows, held_out = _training_rows(video_dirs, cfg)
     model = load_model(init_model).train() if init_model else FedlvcCodec(model_cfg)
     if cfg.segment_frames:
         model = with_temporal_prior(model)
-    # channels_last is faster on CPU, but Opacus' convolution gradient sampler gives wrong per-sample
-    # gradients on channels_last activations or weights (tests/test_dp_grad_samples.py), so DP stays NCHW.
-    fast_layout = dp is None
-    if fast_layout:
-        model = model.to(memory_format=torch.channels_last)
-    val_crops = _validation_crops(held_out, 128)
-    dataset, loss_cls, forward = rows_dataset(train_rows, cfg.crop_size, model.cfg.num_levels, cfg.segment_frames,
-                                              cfg.seed, cfg.p_rule)
-    params = set_trainable(model, cfg.segment_frames, cfg.train_parts)
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
-    info = _load_state(out, model, optimizer) or {
-        "step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0,
-    }
-    if info["step"]:
+    info = _read_info(out)
+    if info:
         log(f"resuming from step {info['step']} (best validation loss {info['best_val']})")
-    loss_fn = loss_cls(model.cfg.lambdas)
-    engine = None
-    if dp is not None:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size)
-        engine, model, optimizer, loader = make_private(model, optimizer, loader, dp, info["dp_history"])
-        raw_model = model._module
-    else:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-        raw_model = model
-    sample_rate = poisson_sample_rate(len(dataset), cfg.batch_size)
-    meta_base = {"rows": len(train_rows), "videos": [p.name for p in paths], "train": asdict(cfg),
-                 "privacy_unit": "segment" if cfg.segment_frames else "frame"}
-
-    def epsilon():
-        if dp is None:
-            return None
-        hist = engine.accountant.history
-        return epsilon_from_history(hist, dp.delta, dp.accountant) if dp.noise_multiplier > 0 else float("inf")
-
-    def checkpoint(val):
-        meta = dict(meta_base, steps=info["step"], wall_seconds=round(info["wall_seconds"], 1), validation=val)
-        if dp is not None:
-            meta["dp"] = dict(asdict(dp), epsilon=epsilon(), sample_rate=sample_rate,
-                              dp_history=[list(h) for h in engine.accountant.history])
-        if info["best_val"] is None or val["loss"] <= info["best_val"] or dp is not None:
-            # Under DP every step is spent privacy: the released model is the last one, not a cherry-pick.
-            info["best_val"] = val["loss"]
-            save_model(out, raw_model, meta)
-        if dp is not None:
-            info["dp_history"] = [list(h) for h in engine.accountant.history]
-        _save_state(out, raw_model, optimizer, info)
-
-    last_ckpt = time.time()
-    t0 = time.time() - info["wall_seconds"]
-    running = []
-    model.train()
-    while info["step"] < cfg.steps:
-        for x, levels in loader:
-            if info["step"] >= cfg.steps:
-                break
-            lr = cfg.learning_rate * (0.1 if info["step"] >= cfg.lr_drop_at * cfg.steps else 1.0)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if fast_layout and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss = optimizer_step(model, raw_model, optimizer, loss_fn, forward, x, levels, dp, params,
-                                  cfg.clip_norm)
-            if loss is None:
-                info["nonfinite_steps"] += 1
-                continue
-            info["step"] += 1
-            if math.isnan(loss):  # an empty Poisson batch: a step, noise only
-                continue
+    info = info or {"step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0}
+    trainer = Trainer(model, train_rows, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
+                      learning_rate=cfg.learning_rate, dp=dp, history=info["dp_history"],
+                      segment_frames=cfg.segment_frames, parts=cfg.train_parts, rule=cfg.p_rule,
+                      clip_norm=cfg.clip_norm, seed=cfg.seed, fast_layout=True,
+                      restore=(lambda m, o: _load_tensors(out, m, o)) if info["step"] else None)
+    meta = {"rows": len(train_rows), "videos": [p.name for p in paths], "train": asdict(cfg),
+            "privacy_unit": "segment" if cfg.segment_frames else "frame"}
+    checkpoints = _Checkpoints(out, trainer, cfg, dp, info, meta, _validation_crops(held_out, 128), log)
+    running, lr = [], None
+    for x, levels in trainer.batches(cfg.steps - info["step"]):
+        lr = cfg.learning_rate * (0.1 if info["step"] >= cfg.lr_drop_at * cfg.steps else 1.0)
+        loss = trainer.step(x, levels, lr)
+        info["step"] += 1
+        if not math.isnan(loss):
             running.append(loss)
             if progress:
                 progress(info["step"], loss)
-            if info["step"] % cfg.validate_every == 0 or time.time() - last_ckpt > cfg.checkpoint_seconds \
-                    or info["step"] == cfg.steps:
-                info["wall_seconds"] = time.time() - t0
-                val = validation_loss(raw_model, val_crops, cfg.p_rule)
-                log(json.dumps({"step": info["step"], "train_loss": round(float(np.mean(running)), 4),
-                                "val_loss": round(val["loss"], 4), "lr": lr,
-                                "levels": [[round(v["bpp"], 3), round(v["psnr"], 2)] for v in val["levels"]],
-                                "epsilon": epsilon(), "wall_s": round(info["wall_seconds"])}))
-                running = []
-                checkpoint(val)
-                last_ckpt = time.time()
-    info["wall_seconds"] = time.time() - t0
-    val = validation_loss(raw_model, val_crops, cfg.p_rule)
-    checkpoint(val)
-    return {"steps": info["step"], "validation": val, "epsilon": epsilon(), "rows": len(train_rows),
-            "sample_rate": sample_rate}
+        if checkpoints.due():
+            checkpoints.save(running, lr)
+            running = []
+    val = checkpoints.save(running, None)
+    trainer.close()
+    return {"steps": info["step"], "validation": val, "epsilon": checkpoints.epsilon(), "rows": len(train_rows),
+            "sample_rate": trainer.sample_rate}
 
 
 def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, crop_size: int,
@@ -331,37 +407,14 @@ def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, cro
     noise on every trainable parameter) when ``dp`` is given. ``seed`` makes the crops and the training's
     own randomness reproducible; DP noise and sampling come from OS entropy (``common.privacy.make_private``).
 
-    Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "history" (what this call's
-    accountant counted, ``[(σ, q, steps)]``; empty without DP)}."""
+    Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "nonfinite_steps", "history" (what
+    this call's accountant counted, ``[(σ, q, steps)]``; empty without DP)}."""
     torch.manual_seed(seed)
-    dataset, loss_cls, forward = rows_dataset(rows, crop_size, model.cfg.num_levels, segment_frames, seed, rule)
-    sample_rate = poisson_sample_rate(len(dataset), batch_size)
-    model = model.to(device).train()
-    params = set_trainable(model, segment_frames, parts)
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
-    loss_fn = loss_cls(model.cfg.lambdas)
-    if dp is not None:
-        loader = DataLoader(dataset, batch_size=batch_size)
-        engine, wrapped, optimizer, loader = make_private(model, optimizer, loader, dp)
-    else:
-        engine, wrapped = None, model
-        loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
-    done, losses = 0, []
-    while done < steps:
-        for x, levels in loader:
-            if done >= steps:
-                break
-            done += 1
-            loss = optimizer_step(wrapped, model, optimizer, loss_fn, forward, x.to(device), levels.to(device),
-                                  dp, params, 1.0)
-            if loss is None:
-                raise FloatingPointError("non-finite loss in local training")
-            if not math.isnan(loss):  # nan: an empty Poisson batch, a step of noise only
-                losses.append(loss)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if engine is not None:
-        wrapped._close()  # remove Opacus' hooks so the module can be wrapped again next round
-    model.cpu()
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": done, "sample_rate": sample_rate,
-            "history": [list(h) for h in engine.accountant.history] if engine is not None else []}
+    trainer = Trainer(model, rows, crop_size=crop_size, batch_size=batch_size, learning_rate=learning_rate, dp=dp,
+                      segment_frames=segment_frames, parts=parts, rule=rule, seed=seed, device=device)
+    losses = [trainer.step(x, levels) for x, levels in trainer.batches(steps)]
+    finite = [v for v in losses if not math.isnan(v)]  # nan: an empty Poisson batch, or no finite sample
+    trainer.close().cpu()
+    return {"loss": float(np.mean(finite)) if finite else float("nan"), "steps": len(losses),
+            "sample_rate": trainer.sample_rate, "nonfinite_steps": trainer.nonfinite_steps,
+            "history": [list(h) for h in trainer.history]}

@@ -1,0 +1,97 @@
+"""The one training loop (common.training.Trainer) behind single-site training and a federated round: its
+failure policy, and the drop_last hang of the old non-private loader."""
+
+from __future__ import annotations
+
+import math
+import threading
+from fractions import Fraction
+
+import pytest
+import torch
+
+from common.data import generate_site_clip
+from common.errors import FedlvcError
+from common.privacy import DPConfig
+from common.training import MAX_NONFINITE_IN_A_ROW, Trainer
+from common.model import FedlvcCodec
+from tests.conftest import TINY_CONFIG
+
+FRAMES = list(generate_site_clip(2, 0, 64, 48, 10))
+
+
+def _trainer(dp=None, seed=0) -> Trainer:
+    torch.manual_seed(seed)
+    return Trainer(FedlvcCodec(TINY_CONFIG), FRAMES, crop_size=32, batch_size=4, learning_rate=1e-3, dp=dp)
+
+
+def _poison_first_sample(trainer: Trainer) -> None:
+    """Make the loss of each batch's first sample nan (a sample the model cannot code)."""
+    loss_fn = trainer.loss_fn
+
+    def poisoned(out, x, levels):
+        loss = loss_fn(out, x, levels)
+        return torch.cat([loss[:1] * float("nan"), loss[1:]])
+
+    trainer.loss_fn = poisoned
+
+
+def _batch(n=4):
+    x = torch.stack([torch.from_numpy(f[:32, :32].copy()).permute(2, 0, 1).float() / 255 for f in FRAMES[:n]])
+    return x, torch.zeros(n, dtype=torch.long)
+
+
+def test_without_dp_a_batch_with_a_non_finite_loss_is_skipped():
+    trainer = _trainer()
+    _poison_first_sample(trainer)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert math.isnan(trainer.step(*_batch()))
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.nonfinite_steps == 1
+
+
+def test_under_dp_the_sample_is_zeroed_and_the_step_still_counts():
+    """The number of DP steps never depends on the data: the step is taken (its noise added, the accountant
+    counts it) with the non-finite sample's gradient zeroed, and the model stays finite."""
+    trainer = _trainer(DPConfig(1.0, 1.0))
+    _poison_first_sample(trainer)
+    loss = trainer.step(*_batch())
+    assert math.isfinite(loss) and trainer.nonfinite_steps == 1
+    assert sum(n for _, _, n in trainer.history) == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    trainer.close()
+
+
+@pytest.mark.parametrize("dp", [None, DPConfig(1.0, 1.0)])
+def test_a_run_that_keeps_failing_stops_with_an_error(dp):
+    trainer = _trainer(dp)
+    loss_fn = trainer.loss_fn
+    trainer.loss_fn = lambda out, x, levels: loss_fn(out, x, levels) * float("nan")  # every sample diverged
+    x, levels = _batch()
+    with pytest.raises(FedlvcError, match="diverged"):
+        for _ in range(MAX_NONFINITE_IN_A_ROW):
+            trainer.step(x, levels)
+    assert trainer.nonfinite_steps == MAX_NONFINITE_IN_A_ROW
+
+
+def test_plain_training_with_fewer_rows_than_the_batch_finishes(tmp_path):
+    """train() without DP on 5 training frames with --batch-size 16: the old loader (drop_last, the full batch
+    size) yielded no batch and the loop never ended."""
+    from common.training import TrainConfig, train
+    from common.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mkv", FRAMES[:6], Fraction(25))
+    result = {}
+
+    def run():
+        result["summary"] = train([videos], tmp_path / "m.safetensors",
+                                  TrainConfig(steps=3, batch_size=16, crop_size=32, validate_every=1000,
+                                              checkpoint_seconds=1e9), model_cfg=TINY_CONFIG, log=lambda s: None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "train() did not finish"
+    assert result["summary"]["steps"] == 3 and result["summary"]["rows"] == 5
