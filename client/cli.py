@@ -12,7 +12,7 @@ import sys
 
 from tqdm import tqdm
 
-from common.bitstream import DEFAULT_GOP, DEFAULT_RD_WEIGHT, DEFAULT_SKIP_THRESHOLD
+from common import options as o
 from common.errors import FedlvcError
 
 EXIT_USER_ERROR = 2
@@ -102,17 +102,12 @@ def cmd_public_data(args) -> int:
 def cmd_train(args) -> int:
     from common.codec import p_rule
     from common.privacy import DPConfig, plan_noise_multiplier, poisson_sample_rate
-    from common.training import TrainConfig, train
+    from common.training import TRAIN_OPTIONS, TrainConfig, train
 
     rule = p_rule(args.rd_weight, args.skip_threshold)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
-                      learning_rate=args.lr, checkpoint_seconds=args.checkpoint_seconds,
-                      validate_every=args.validate_every, every=args.every, seed=args.seed,
-                      max_frames_per_video=args.max_frames_per_video,
-                      segment_frames=args.segment_frames if args.privacy_unit == "segment" else 0,
-                      train_parts=args.train_parts, rd_weight=rule.rd_weight, skip_threshold=rule.skip_threshold)
-    if args.privacy_unit == "segment" and args.segment_frames < 2:
-        raise FedlvcError("--segment-frames must be at least 2")
+    fields = {opt.attr: getattr(args, opt.attr) for opt in TRAIN_OPTIONS if hasattr(args, opt.attr)}
+    cfg = TrainConfig(**{**fields, "segment_frames": args.segment_frames if args.privacy_unit == "segment" else 0,
+                         "rd_weight": rule.rd_weight, "skip_threshold": rule.skip_threshold})
     dp = None
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise FedlvcError("give either --noise-multiplier or --target-epsilon, not both")
@@ -151,31 +146,26 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedlvc", description="Federated, privacy-preserving learned video codec.")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default; 1 is fastest for small frames on a busy machine)")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _compress_parser(sub) -> None:
     c = sub.add_parser("compress", help="compress a video into a .lvc bitstream")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
     c.add_argument("--quality", type=_quality, default=4, help="quality level 1..N (default 4)")
-    c.add_argument("--gop", type=_positive_int, default=None,
-                   help=f"group-of-pictures length: an I-frame every N frames, P-frames between "
-                        f"(default {DEFAULT_GOP}, or 1 for an intra-only model; 1 = intra-only)")
-    c.add_argument("--rd-weight", type=float, default=None,
-                   help="P-frame latents are chosen by rate-distortion cost, distortion weighted by K times the "
-                        f"quality level's training lambda (default {DEFAULT_RD_WEIGHT:g}; smaller: fewer bits, "
-                        "more distortion; 0 = off: rounding with --skip-threshold)")
-    c.add_argument("--skip-threshold", type=float, default=None,
-                   help="with --rd-weight 0: P-frames keep the previous latent where the new one is within 0.5+T "
-                        f"of it (e.g. {DEFAULT_SKIP_THRESHOLD}; default 0 = plain rounding)")
+    o.GOP.add_to(c, default=None, help=o.GOP.help + f" (default {o.GOP.default}, or 1 for an intra-only model)")
+    _p_rule_options(c, "")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     _progress_options(c)
     c.set_defaults(func=cmd_compress)
 
+
+def _p_rule_options(parser, what: str) -> None:
+    """--rd-weight and --skip-threshold, unset by default (common.codec.p_rule: the encoder's default rule)."""
+    o.RD_WEIGHT.add_to(parser, default=None, help=what + o.RD_WEIGHT.help + f" (default {o.RD_WEIGHT.default:g})")
+    o.SKIP_THRESHOLD.add_to(parser, default=None, help=what + o.SKIP_THRESHOLD.help + " (default 0: plain rounding)")
+
+
+def _decompress_parser(sub) -> None:
     d = sub.add_parser("decompress", help="decode a .lvc bitstream to .mkv (FFV1 RGB), .y4m or .mp4")
     d.add_argument("input")
     d.add_argument("output")
@@ -186,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_options(d)
     d.set_defaults(func=cmd_decompress)
 
+
+def _evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="RD of every quality level against x264/x265 on the same frames")
     e.add_argument("input")
     e.add_argument("--model")
@@ -195,11 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frames", type=_positive_int, default=None, help="use only the first N frames")
     e.add_argument("--qualities", type=_quality, nargs="+", default=None, help="quality levels (default: all)")
     e.add_argument("--crfs", type=int, nargs="+", default=None, help="x264/x265 CRFs (default 18 23 28 33 38)")
-    e.add_argument("--gop", type=_positive_int, nargs="+", default=None,
-                   help=f"fedlvc group lengths to measure (default: {DEFAULT_GOP} and 1, i.e. I+P and intra-only)")
+    o.GOP.add_to(e, nargs="+", default=None, help=f"fedlvc group lengths to measure (default: {o.GOP.default} and "
+                                                 "1, i.e. I+P and intra-only)")
     _progress_options(e)
     e.set_defaults(func=cmd_evaluate)
 
+
+def _demo_data_parser(sub) -> None:
     g = sub.add_parser("demo-data", help="generate distinct, deterministic clips for N sites")
     g.add_argument("outdir")
     g.add_argument("--sites", type=_positive_int, default=4)
@@ -212,66 +206,70 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_options(g)
     g.set_defaults(func=cmd_demo_data)
 
+
+def _public_data_parser(sub) -> None:
     pub = sub.add_parser("public-data", help="camera pans over the stills scikit-image ships (public training data)")
     pub.add_argument("outdir")
     pub.add_argument("--frames", type=_positive_int, default=48)
     _progress_options(pub)
     pub.set_defaults(func=cmd_public_data)
 
+
+def _train_parser(sub) -> None:
+    """Every training setting from the schema (common.training.TRAIN_OPTIONS), the DP settings from
+    common.privacy.DP_OPTIONS."""
+    from common.privacy import DP_OPTIONS
+    from common.training import TRAIN_OPTIONS
+
     t = sub.add_parser("train", help="train the codec on one site's videos (non-private or DP-SGD)")
     t.add_argument("video_dirs", nargs="+")
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors); resumes if its state exists")
     t.add_argument("--init-model", help="start from this checkpoint (e.g. the shipped public model)")
-    t.add_argument("--steps", type=_positive_int, default=20000)
-    t.add_argument("--batch-size", type=_positive_int, default=16)
-    t.add_argument("--crop-size", type=_positive_int, default=96)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--every", type=_positive_int, default=1, help="use every n-th frame")
-    t.add_argument("--max-frames-per-video", type=_positive_int, default=None)
-    t.add_argument("--checkpoint-seconds", type=float, default=120.0)
-    t.add_argument("--validate-every", type=_positive_int, default=250)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--privacy-unit", choices=["frame", "segment"], default="frame",
-                   help="one training row (and DP unit): a frame (I-frame training) or a segment of "
-                        "--segment-frames consecutive frames (I+P training; the default model needs it for P-frames)")
-    t.add_argument("--segment-frames", type=int, default=4)
-    t.add_argument("--rd-weight", type=float, default=None,
-                   help="the P-frame rule of the encoder the prior is trained for (segments): rate-distortion "
-                        f"weight, as fedlvc compress (default {DEFAULT_RD_WEIGHT:g})")
-    t.add_argument("--skip-threshold", type=float, default=None,
-                   help="with --rd-weight 0: the encoder's skip threshold the prior is trained for")
-    t.add_argument("--train-parts", choices=["all", "entropy", "temporal"], default="all",
-                   help="entropy: only the quantization gains and priors; temporal: only the P-frame prior "
-                        "(segments); the rest stays frozen")
+    for opt in TRAIN_OPTIONS:
+        if opt.name in ("rd-weight", "skip-threshold", "segment-frames"):  # the CLI's own forms, below
+            continue
+        opt.add_to(t, *((f"--{opt.name}", "--lr") if opt.name == "learning-rate" else ()))
+    o.PRIVACY_UNIT.add_to(t)
+    o.SEGMENT_FRAMES.add_to(t)
+    _p_rule_options(t, "the encoder's P-frame rule that segment training models: ")
     dpg = t.add_argument_group("differential privacy (DP-SGD with Opacus; off unless a noise option is given)")
-    dpg.add_argument("--noise-multiplier", type=float, default=None, help="sigma (0 = clipping only)")
+    for opt in DP_OPTIONS:
+        opt.add_to(dpg, **({"default": None} if opt is o.NOISE_MULTIPLIER else {}))
     dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")
-    dpg.add_argument("--max-grad-norm", type=float, default=1.0)
-    dpg.add_argument("--delta", type=float, default=1e-5)
-    dpg.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"])
-    dpg.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch"])
     _progress_options(t)
     t.set_defaults(func=cmd_train)
 
+
+def _sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="privacy vs quality: one federated simulation per noise setting")
     w.add_argument("config", help="YAML: noise-multipliers, num-sites, and any run-config key")
     w.add_argument("--out", required=True, help="output folder (a finished setting there is not rerun)")
     _progress_options(w)
     w.set_defaults(func=cmd_sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedlvc", description="Federated, privacy-preserving learned video codec.")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is fastest for small frames on a busy machine)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for build in (_compress_parser, _decompress_parser, _evaluate_parser, _demo_data_parser, _public_data_parser,
+                  _train_parser, _sweep_parser):
+        build(sub)
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    # Progress bars are for a person watching: a script or a log gets only what it asked for (and, on a
-    # user mistake, exactly the one-line error).
-    args.quiet = args.quiet or not (args.progress or sys.stderr.isatty())
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        args = parser.parse_args(argv)  # an option out of its limits is a FedlvcError (common.options)
+        # Progress bars are for a person watching: a script or a log gets only what it asked for (and, on a
+        # user mistake, exactly the one-line error).
+        args.quiet = args.quiet or not (args.progress or sys.stderr.isatty())
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except FedlvcError as e:
         print(f"fedlvc: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line

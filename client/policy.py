@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
+from common.options import ACCOUNTANTS
 from common.privacy import epsilon_from_history
 
 RELEASES = ("eval", "rd", "compress-summary", "train-loss")
-SITE_ACCOUNTANTS = ("rdp", "prv")  # gdp can underestimate ε and does not compose across settings
+SITE_ACCOUNTANTS = tuple(a for a in ACCOUNTANTS if a != "gdp")  # gdp can underestimate ε, does not compose
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,6 @@ MAX_SIDE = 16384  # pixels
 MAX_PIXELS = 8192 * 8192
 MAX_FRAMES = 10_000_000
 MAX_GOP = 65535  # the header field is 16 bits
-DEFAULT_GOP = 32  # an I-frame (random-access point) every 32 frames
-DEFAULT_RD_WEIGHT = 1.0  # encoder choice: rate-distortion optimised P-frames (common.model.PFrameRule)
-DEFAULT_SKIP_THRESHOLD = 0.2  # the skip rule's threshold where it is asked for (rd weight 0)
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,20 @@ from .checkpoint import fingerprint
 from .entropy import LatentCoder
 from .errors import FedlvcError
 from .model import FedlvcCodec, PFrameRule, choose_p_latent, next_history, synthesis_sensitivity
+from .options import GOP, RD_WEIGHT, SKIP_THRESHOLD
 from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 
 
-DEFAULT_P_RULE = PFrameRule(rd_weight=bs.DEFAULT_RD_WEIGHT)  # fedlvc compress's P-frame quantization
+# The encoder's defaults (their limits: common.options): an I-frame every DEFAULT_GOP frames, P-frame latents
+# chosen by rate-distortion cost.
+DEFAULT_GOP = GOP.default
+DEFAULT_P_RULE = PFrameRule(rd_weight=RD_WEIGHT.default)  # fedlvc compress's P-frame quantization
 
 
 def p_rule(rd_weight: float | None = None, skip_threshold: float | None = None) -> PFrameRule:
     """The P-frame rule of the command-line options: rate–distortion optimised with weight ``rd_weight``
     (default DEFAULT_RD_WEIGHT), or, with ``rd_weight`` 0, rounding with ``skip_threshold``."""
-    rd = bs.DEFAULT_RD_WEIGHT if rd_weight is None else rd_weight
+    rd = RD_WEIGHT.default if rd_weight is None else rd_weight
     if skip_threshold is not None and rd > 0:
         raise FedlvcError("--skip-threshold applies only without rate-distortion optimisation: add --rd-weight 0")
     rule = PFrameRule(rd_weight=rd, skip_threshold=skip_threshold or 0.0)
@@ -63,8 +67,7 @@ def _to_frame(x_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def check_gop(model: FedlvcCodec, gop: int) -> None:
-    if not 1 <= gop <= bs.MAX_GOP:
-        raise FedlvcError(f"--gop must be between 1 and {bs.MAX_GOP}, not {gop}")
+    GOP.check(gop, "option")
     if gop > 1 and not model.cfg.temporal:
         raise FedlvcError("this model is intra-only (no temporal prior): use --gop 1")
 
@@ -95,13 +98,8 @@ class _GroupState:
 
 
 def check_p_rule(rule: PFrameRule) -> None:
-    if not 0.0 <= rule.rd_weight <= MAX_RD_WEIGHT:
-        raise FedlvcError(f"--rd-weight must be in [0, {MAX_RD_WEIGHT:g}], not {rule.rd_weight}")
-    if not 0.0 <= rule.skip_threshold < 10.0:
-        raise FedlvcError(f"--skip-threshold must be in [0, 10), not {rule.skip_threshold}")
-
-
-MAX_RD_WEIGHT = 1000.0
+    RD_WEIGHT.check(rule.rd_weight, "option")
+    SKIP_THRESHOLD.check(rule.skip_threshold, "option")
 
 
 class FrameEncoder:
@@ -277,7 +275,7 @@ def _same_file(a, b) -> bool:
 
 
 def default_gop(model: FedlvcCodec) -> int:
-    return bs.DEFAULT_GOP if model.cfg.temporal else 1
+    return DEFAULT_GOP if model.cfg.temporal else 1
 
 
 def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4, gop: int | None = None,

@@ -74,7 +74,7 @@ def bd_rates(points: list[dict], test: str = "fedlvc") -> dict:
 def fedlvc_codec_names(model: FedlvcCodec, gops=None) -> dict[int, str]:
     """{gop: codec name}: by default I+P at the default group length as "fedlvc" and intra-only as
     "fedlvc-intra" (an intra-only model: just "fedlvc", gop 1)."""
-    from .bitstream import DEFAULT_GOP
+    from .codec import DEFAULT_GOP
 
     gops = list(gops or ([DEFAULT_GOP, 1] if model.cfg.temporal else [1]))
     names = {}

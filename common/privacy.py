@@ -17,31 +17,27 @@ from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from . import options as o
 from .errors import FedlvcError
+from .options import check_fields
 
 # Extend RDP orders: at small ε the optimum sits at the largest default order.
 RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 96, 128, 160, 192, 256, 384, 512]
 
 
+DP_OPTIONS = (o.NOISE_MULTIPLIER, o.MAX_GRAD_NORM, o.DELTA, o.ACCOUNTANT, o.GRAD_SAMPLE_MODE)
+
+
 @dataclass(frozen=True)
 class DPConfig:
     noise_multiplier: float  # σ; 0 means clipping only (no privacy)
-    max_grad_norm: float = 1.0  # C, per-sample clipping norm
-    delta: float = 1e-5
-    accountant: str = "rdp"  # rdp | prv | gdp
-    grad_sample_mode: str = "hooks"  # hooks | functorch ("ew" cannot take the level embeddings' 1-D input)
+    max_grad_norm: float = o.MAX_GRAD_NORM.default  # C, per-sample clipping norm
+    delta: float = o.DELTA.default
+    accountant: str = o.ACCOUNTANT.default
+    grad_sample_mode: str = o.GRAD_SAMPLE_MODE.default
 
     def __post_init__(self):
-        if self.noise_multiplier < 0:
-            raise FedlvcError("noise multiplier must be >= 0")
-        if self.max_grad_norm <= 0:
-            raise FedlvcError("max grad norm must be > 0")
-        if not 0 < self.delta < 1:
-            raise FedlvcError("delta must be in (0, 1)")
-        if self.grad_sample_mode not in ("hooks", "functorch"):
-            raise FedlvcError(f"grad sample mode must be hooks or functorch, not {self.grad_sample_mode!r}")
-        if self.accountant not in ("rdp", "prv", "gdp"):
-            raise FedlvcError(f"accountant must be rdp, prv or gdp, not {self.accountant!r}")
+        check_fields(self, DP_OPTIONS, "DP setting")
 
 
 def poisson_sample_rate(rows: int, batch_size: int) -> float:

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, field, make_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,37 +15,53 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .bitstream import DEFAULT_RD_WEIGHT, DEFAULT_SKIP_THRESHOLD
+from . import options as o
 from .checkpoint import load_model, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
+from .options import TRAIN_PARTS, Option, check_fields
 from .model import (ARCHITECTURE, CodecConfig, FedlvcCodec, PFrameRule, RateDistortion, SegmentRateDistortion,
                     upgrade_temporal_table)
 from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
 from .video import atomic_output
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 20000  # total optimizer steps (a resumed run continues up to this)
-    batch_size: int = 16  # expected batch size (Poisson under DP)
-    crop_size: int = 96  # pixels, a multiple of the model stride
-    learning_rate: float = 1e-3
-    lr_drop_at: float = 0.75  # fraction of `steps` after which the learning rate is divided by 10
-    clip_norm: float = 1.0  # global gradient clipping for non-private training (stability)
-    checkpoint_seconds: float = 120.0
-    validate_every: int = 250  # steps
-    seed: int = 0
-    every: int = 1  # use every n-th frame of each video
-    max_frames_per_video: int | None = None
-    segment_frames: int = 0  # 0: one row = one frame (I-frame training); S >= 2: one row = S consecutive frames
-    train_parts: str = "all"  # all | temporal (only the P-frame prior; needs segment_frames)
-    rd_weight: float = DEFAULT_RD_WEIGHT  # the encoder's P-frame rule (common.model.PFrameRule), modelled in
-    skip_threshold: float = DEFAULT_SKIP_THRESHOLD  # training: RDO weight, or (rd_weight 0) the skip threshold
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("steps", int, 20000, "total optimizer steps (a resumed run continues up to this)", 1, 10**9),
+    o.BATCH_SIZE,
+    o.CROP_SIZE.but(default=96),
+    o.LEARNING_RATE.but(default=1e-3),
+    Option("lr-drop-at", float, 0.75, "fraction of the steps after which the learning rate is divided by 10", 0, 1),
+    Option("clip-norm", float, 1.0, "global gradient-norm clipping of non-private training (stability)", 0, None,
+           lo_open=True),
+    Option("checkpoint-seconds", float, 120.0, "seconds between checkpoints", 0, None, lo_open=True),
+    Option("validate-every", int, 250, "steps between validations (and checkpoints)", 1, None),
+    o.SEED,
+    Option("every", int, 1, "use every n-th frame of each video", 1, None),
+    Option("max-frames-per-video", int, None, "use at most this many frames of each video", 1, None),
+    o.SEGMENT_FRAMES.but(default=0, lo=0, help="0: one row = one frame (I-frame training); S >= 2: one row = S "
+                         "consecutive frames (I+P training)"),
+    o.TRAIN_PART,
+    o.RD_WEIGHT,
+    o.SKIP_THRESHOLD,
+)
+
+
+class _TrainConfigMethods:
+    def __post_init__(self):
+        check_fields(self, TRAIN_OPTIONS, "training setting")
+        if self.segment_frames == 1:
+            raise FedlvcError("training setting 'segment-frames' must be 0 (frame rows) or at least 2")
 
     @property
     def p_rule(self) -> PFrameRule:
         return PFrameRule.of(self.rd_weight, self.skip_threshold)
+
+
+TrainConfig = make_dataclass("TrainConfig", [(opt.attr, opt.kind, field(default=opt.default)) for opt in TRAIN_OPTIONS],
+                             bases=(_TrainConfigMethods,))
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = "Single-site training settings, one field per option of TRAIN_OPTIONS."
 
 
 def with_temporal_prior(model: FedlvcCodec) -> FedlvcCodec:
@@ -64,7 +80,6 @@ def with_temporal_prior(model: FedlvcCodec) -> FedlvcCodec:
     return new.train(model.training)
 
 
-TRAIN_PARTS = ("all", "entropy", "temporal")
 ENTROPY_MODULES = ("gain.", "inv_gain.", "prior.", "temporal.")
 
 

@@ -18,7 +18,7 @@ import torch
 from client.cli import main
 from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model
-from common.codec import _to_tensor, decode_stream
+from common.codec import DEFAULT_GOP, _to_tensor, decode_stream
 from common.errors import FedlvcError
 from common.metrics import psnr_rgb
 from common.video import probe, read_frames
@@ -118,7 +118,7 @@ def test_compress_reports_size_and_bpp(capsys, odd_clip, tiny_model_path, dirs):
     # The header says what the summary says.
     with open(out, "rb") as f:
         h = bs.read_header(f, size)
-    assert (h.width, h.height, h.frames, h.quality, h.gop) == (ODD_WIDTH, ODD_HEIGHT, ODD_FRAMES, 4, bs.DEFAULT_GOP)
+    assert (h.width, h.height, h.frames, h.quality, h.gop) == (ODD_WIDTH, ODD_HEIGHT, ODD_FRAMES, 4, DEFAULT_GOP)
     assert h.fps == probe(odd_clip).fps == 25
     assert h.fingerprint == fingerprint(load_model(tiny_model_path))
 

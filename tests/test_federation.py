@@ -237,11 +237,14 @@ def test_run_config_errors_name_the_key():
 def test_pyproject_run_config_matches_the_typed_defaults():
     import tomllib
 
+    from common.fedconfig import RUN_OPTIONS
+
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     rc = RunConfig.from_mapping(cfg)  # every key known, every value well typed
     defaults = RunConfig()
     for key in cfg:
         assert getattr(rc, key.replace("-", "_")) == getattr(defaults, key.replace("-", "_")), key
+    assert set(cfg) == {opt.name for opt in RUN_OPTIONS}  # and every option of the schema is declared there
 
 
 # ---------------------------------------------------------------- end to end (real Flower processes)

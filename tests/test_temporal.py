@@ -18,7 +18,7 @@ import torch
 from client.cli import main
 from common import bitstream as bs
 from common.checkpoint import load_model, save_model
-from common.codec import FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
+from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
 from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.model import (ARCHITECTURE_INTRA, MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, FedlvcCodec,
@@ -550,14 +550,14 @@ def test_cli_intra_only_model_defaults_to_gop_1(capsys, tmp_path, intra_model_pa
 
 
 def test_cli_temporal_model_defaults_to_default_gop(capsys, tmp_path, model_path):
-    frames = clip(bs.DEFAULT_GOP + 2, 32, 32)
+    frames = clip(DEFAULT_GOP + 2, 32, 32)
     src = tmp_path / "clip.mkv"
     write_video(src, frames, FPS)
     out = tmp_path / "t.lvc"
     rc, stdout, err = cli(capsys, "compress", src, out, "--model", model_path, "--quiet")
     assert rc == 0, err
-    assert header_of(out.read_bytes()).gop == bs.DEFAULT_GOP
-    assert f"2 I-frames, {bs.DEFAULT_GOP} P-frames" in stdout
+    assert header_of(out.read_bytes()).gop == DEFAULT_GOP
+    assert f"2 I-frames, {DEFAULT_GOP} P-frames" in stdout
     out1 = tmp_path / "t1.lvc"
     rc, stdout, err = cli(capsys, "compress", src, out1, "--model", model_path, "--gop", 1, "--quiet")
     assert rc == 0, err
