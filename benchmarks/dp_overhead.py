@@ -22,14 +22,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 MODES = ("hooks", "functorch")
 

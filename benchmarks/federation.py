@@ -17,16 +17,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulations.local_runtime import SimulationRuntime  # noqa: E402
+from simulations.local_runtime import SimulationRuntime
 
 
 def _children() -> dict[int, list[int]]:

@@ -58,7 +58,6 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=48)
     ap.add_argument("--model", default="", help="checkpoint; default: the shipped model")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
     start = time.time()
     short = measure(args.short, args.width, args.height, args.model)
     long = measure(args.long, args.width, args.height, args.model)

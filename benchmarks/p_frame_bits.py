@@ -13,11 +13,8 @@ dilated by one latent pixel — and the rest. Prints one JSON line per quality.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def split_bits(frames, model, quality: int, threshold: int) -> dict:

@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 DEFAULT_CLIPS = "carphone:60,bikes:30,bigbuckbunny:16,static:30,moving:30"
 BASELINE_ATTEMPTS = 3  # a baseline encode that raises is retried (the failure seen is nondeterministic)
@@ -136,7 +134,9 @@ def p_versus_intra_bd(ip_points: list[dict], intra_points: list[dict]) -> float 
     return None if bd is None else 1 + bd / 100
 
 
-def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None) -> dict:
+def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None,
+             similarity=None) -> dict:
+    """RD of one clip; ``similarity(ref, decoded)``: MS-SSIM, or None where it is skipped."""
     from common.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
 
     t0 = time.perf_counter()
@@ -146,8 +146,7 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
     codec_names = fedlvc_codec_names(model, gops)
     by_codec = {}
     for g, cname in codec_names.items():
-        pts, _ = fedlvc_points(frames, model, qualities, fps, gop=g, codec=cname,
-                               rule=rule)
+        pts, _ = fedlvc_points(frames, model, qualities, fps, gop=g, codec=cname, rule=rule, similarity=similarity)
         by_codec[cname] = pts
         for p in pts:
             C.log(f"  {cname} (gop {g}) q{p['quality']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB "
@@ -160,7 +159,7 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
         for crf in crfs:
             for attempt in range(1, BASELINE_ATTEMPTS + 1):
                 try:
-                    pts, _ = baseline_points(frames, fps, [n], [crf])
+                    pts, _ = baseline_points(frames, fps, [n], [crf], similarity=similarity)
                 except Exception as e:  # e.g. libx265 via FFmpeg emitting a garbage DTS on very short clips
                     failures.append({"codec": n, "crf": crf, "attempt": attempt, "error": f"{type(e).__name__}: {e}"})
                     C.log(f"  {n} crf {crf}: attempt {attempt} failed: {type(e).__name__}: {e}")
@@ -285,16 +284,14 @@ def main(argv=None) -> int:
         from common.checkpoint import read_meta
 
         C.set_threads(args.threads)
-        import common.evaluate
-        from common.metrics import ms_ssim as _ms_ssim
+        from common.metrics import ms_ssim
 
         def ms_ssim_or_skip(ref, test):
             pixels = ref.shape[-3] * ref.shape[-2]
             if args.no_ms_ssim or (args.ms_ssim_max_pixels and pixels > args.ms_ssim_max_pixels):
                 return None
-            return _ms_ssim(ref, test)
+            return ms_ssim(ref, test)
 
-        common.evaluate.ms_ssim = ms_ssim_or_skip  # the name fedlvc_points/baseline_points call
         t_start = time.perf_counter()
         hw = C.hardware()
         model = C.load_model(args.model)
@@ -312,7 +309,8 @@ def main(argv=None) -> int:
         clips = {}
         for key, name, n in parse_clips(args.clips, args.frames):
             clips[key] = run_clip(name, n, model, qualities, names, crfs, gen_size,
-                                  gops=(args.gop, 1) if model.cfg.temporal else (1,), rule=rule)
+                                  gops=(args.gop, 1) if model.cfg.temporal else (1,), rule=rule,
+                                  similarity=ms_ssim_or_skip)
             px = clips[key]["width"] * clips[key]["height"]
             clips[key]["ms_ssim_computed"] = not (args.no_ms_ssim or (args.ms_ssim_max_pixels and px > args.ms_ssim_max_pixels))
         result = {

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
+
 
 import numpy as np
 import torch
@@ -21,10 +20,11 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
+from common.evaluate import code_and_measure
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.metrics import ms_ssim, psnr_rgb
-from common.model import CodecConfig, FedlvcCodec, PFrameRule
+from common.model import CodecConfig, FedlvcCodec
 from common.privacy import DPConfig, poisson_sample_rate
 from common.training import local_train
 
@@ -219,17 +219,11 @@ def _gop(model: FedlvcCodec, rc: RunConfig) -> int:
     return rc.gop if model.cfg.temporal else 1
 
 
-def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, gop: int, rule: PFrameRule, fps=25,
-             with_ms_ssim: bool = True) -> dict:
-    """Real bpp (file bytes of a .lvc) and PSNR/MS-SSIM of decoded frames."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "eval.lvc"
-        summary = encode_frames(iter(frames), path, model, quality, fps, gop, rule=rule)
-        _, it = decode_stream(path, model)
-        decoded = np.stack(list(it))
-    return {"bpp": summary["bpp"], "psnr": psnr_rgb(frames, decoded),
-            "ms_ssim": ms_ssim(frames, decoded) if with_ms_ssim else None,
-            "bytes": summary["bytes"]}
+def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, rc: RunConfig, with_ms_ssim: bool = True) -> dict:
+    """Real bpp (file bytes of a .lvc, coded as the final compression is) and PSNR / MS-SSIM of the decoded
+    frames."""
+    m, _ = code_and_measure(frames, model, quality, 25, _gop(model, rc), rc.p_rule, ms_ssim if with_ms_ssim else None)
+    return {"bpp": m["summary"]["bpp"], "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
 
 
 def _quality(model: FedlvcCodec, quality: int) -> int:
@@ -247,7 +241,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _reply(msg, context, {"refused": 1}, note=refused)
     site = load_site(context.node_config, rc, policy, context.node_id)
     model = _model_from(msg, policy).eval()
-    m = _measure(model, np.stack(site.held_out), _quality(model, rc.eval_quality), _gop(model, rc), rc.p_rule)
+    m = _measure(model, np.stack(site.held_out), _quality(model, rc.eval_quality), rc)
     _count_release(context, "eval", policy)
     return _reply(msg, context, {"num-examples": len(site.held_out), "bpp": m["bpp"], "psnr": m["psnr"],
                                  "ms_ssim": m["ms_ssim"]})
@@ -307,8 +301,7 @@ def rd(msg: Message, context: Context) -> Message:
     metrics = {"frames": len(site.held_out)}
     for key in names:
         model = _model_from(msg, policy, key).eval()
-        points = [_measure(model, frames, q, _gop(model, rc), rc.p_rule, with_ms_ssim=False)
-                  for q in range(1, model.cfg.num_levels + 1)]
+        points = [_measure(model, frames, q, rc, with_ms_ssim=False) for q in range(1, model.cfg.num_levels + 1)]
         metrics[f"bpp-{key}"] = [p["bpp"] for p in points]
         metrics[f"psnr-{key}"] = [p["psnr"] for p in points]
     _count_release(context, "rd", policy)

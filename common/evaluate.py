@@ -24,39 +24,54 @@ from .model import FedlvcCodec, PFrameRule
 from .video import atomic_output, probe, read_frames
 
 
-def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=(), gop: int = 1,
-                  codec: str = "fedlvc", rule: PFrameRule | None = None):
-    """Code ``frames`` at each quality through a real ``.lvc`` file (groups of ``gop`` frames, P-frames chosen
-    by ``rule``, None: fedlvc compress's default); returns (points, decoded frames by quality)."""
-    points, decoded_by_q = [], {}
+def code_and_measure(frames: np.ndarray, model: FedlvcCodec, quality: int, fps, gop: int = 1,
+                     rule: PFrameRule | None = None, similarity=ms_ssim) -> tuple[dict, np.ndarray]:
+    """Code ``frames`` (N, H, W, 3) uint8 through a real ``.lvc`` file (fedlvc compress's code: groups of
+    ``gop``, P-frames chosen by ``rule``, None: its default) and decode them back: (measurements, decoded).
+    The rate is the file's size; PSNR-RGB and ``similarity(frames, decoded)`` (MS-SSIM by default; None: not
+    measured) are taken on the decoded frames. Measurements: the encoder's summary, ``psnr``, ``ms_ssim``,
+    ``encode_seconds`` and ``decode_seconds``."""
     with tempfile.TemporaryDirectory() as tmp:
-        for q in qualities:
-            path = Path(tmp) / f"q{q}.lvc"
-            t0 = time.perf_counter()
-            summary = encode_frames(iter(frames), path, model, q, fps, gop, rule=rule)
-            t1 = time.perf_counter()
-            _, it = decode_stream(path, model)
-            decoded = np.stack(list(it))
-            t2 = time.perf_counter()
-            points.append({
-                "codec": codec, "gop": gop, "quality": q, "bytes": summary["bytes"], "bpp": summary["bpp"],
-                "i_frame_bytes": summary["chunk_bytes_by_type"]["I"], "p_frame_bytes": summary["chunk_bytes_by_type"]["P"],
-                "i_frames": summary["frames_by_type"]["I"], "p_frames": summary["frames_by_type"]["P"],
-                "ideal_bpp": summary["ideal_bpp"], "psnr": psnr_rgb(frames, decoded), "ms_ssim": ms_ssim(frames, decoded),
-                "encode_fps": len(frames) / (t1 - t0), "decode_fps": len(frames) / (t2 - t1),
-            })
-            if q in keep_decoded:
-                decoded_by_q[q] = decoded
+        path = Path(tmp) / "clip.lvc"
+        t0 = time.perf_counter()
+        summary = encode_frames(iter(frames), path, model, quality, fps, gop, rule=rule)
+        t1 = time.perf_counter()
+        _, it = decode_stream(path, model)
+        decoded = np.stack(list(it))
+        t2 = time.perf_counter()
+    return {"summary": summary, "psnr": psnr_rgb(frames, decoded),
+            "ms_ssim": similarity(frames, decoded) if similarity else None,
+            "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}, decoded
+
+
+def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=(), gop: int = 1,
+                  codec: str = "fedlvc", rule: PFrameRule | None = None, similarity=ms_ssim):
+    """:func:`code_and_measure` at each quality; returns (points, decoded frames by quality)."""
+    points, decoded_by_q = [], {}
+    for q in qualities:
+        m, decoded = code_and_measure(frames, model, q, fps, gop, rule, similarity)
+        summary = m["summary"]
+        points.append({
+            "codec": codec, "gop": gop, "quality": q, "bytes": summary["bytes"], "bpp": summary["bpp"],
+            "i_frame_bytes": summary["chunk_bytes_by_type"]["I"], "p_frame_bytes": summary["chunk_bytes_by_type"]["P"],
+            "i_frames": summary["frames_by_type"]["I"], "p_frames": summary["frames_by_type"]["P"],
+            "ideal_bpp": summary["ideal_bpp"], "psnr": m["psnr"], "ms_ssim": m["ms_ssim"],
+            "encode_fps": len(frames) / m["encode_seconds"], "decode_fps": len(frames) / m["decode_seconds"],
+        })
+        if q in keep_decoded:
+            decoded_by_q[q] = decoded
     return points, decoded_by_q
 
 
-def baseline_points(frames: np.ndarray, fps, names=tuple(BASELINES), crfs=DEFAULT_CRFS, keep=None):
+def baseline_points(frames: np.ndarray, fps, names=tuple(BASELINES), crfs=DEFAULT_CRFS, keep=None,
+                    similarity=ms_ssim):
     points, kept = [], {}
     for name in names:
         for crf in crfs:
             r = encode_baseline(frames, name, crf, fps)
             points.append({"codec": name, "crf": crf, "bytes": r.bytes, "bpp": r.bpp,
-                           "psnr": psnr_rgb(frames, r.decoded), "ms_ssim": ms_ssim(frames, r.decoded),
+                           "psnr": psnr_rgb(frames, r.decoded),
+                           "ms_ssim": similarity(frames, r.decoded) if similarity else None,
                            "encode_fps": len(frames) / r.encode_seconds})
             if keep and (name, crf) == keep:
                 kept[(name, crf)] = r.decoded

@@ -37,10 +37,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(APP_DIR))
-
-from simulations.local_runtime import flwr_bin, flwr_env, wait_port  # noqa: E402
+from simulations.local_runtime import APP_DIR, flwr_bin, flwr_env, wait_port
 
 
 def _generate_site_videos(folder: Path, site: int, frames: int) -> None:
