@@ -25,7 +25,9 @@ from . import bitstream as bs
 from .checkpoint import fingerprint
 from .entropy import LatentCoder
 from .errors import FedlvcError
-from .model import FedlvcCodec, PFrameRule, choose_p_latent, next_history, synthesis_sensitivity
+from .contexts import next_history
+from .model import FedlvcCodec
+from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
 from .options import GOP, RD_WEIGHT, SKIP_THRESHOLD
 from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from .errors import FedlvcError
-from .model import (FedlvcCodec, MotionHistory, PFrameContexts, laplace_likelihood, laplace_scale, mixture_cdf,
-                    p_context)
+from .contexts import MotionHistory, PFrameContexts, p_context
+from .model import FedlvcCodec
+from .priors import laplace_likelihood, laplace_scale, mixture_cdf
 
 
 # Each payload ends (in decoding order) with a 32-bit check value, two 16-bit symbols under a uniform model:

@@ -20,7 +20,8 @@ from .checkpoint import fingerprint
 from .codec import check_gop, decode_stream, encode_frames
 from .errors import FedlvcError
 from .metrics import bd_rate, ms_ssim, psnr_rgb
-from .model import FedlvcCodec, PFrameRule
+from .model import FedlvcCodec
+from .rdo import PFrameRule
 from .video import atomic_output, probe, read_frames
 
 

@@ -100,7 +100,7 @@ class _RunConfigMethods:
 
     @property
     def p_rule(self):
-        from .model import PFrameRule
+        from .rdo import PFrameRule
 
         return PFrameRule.of(self.rd_weight, self.skip_threshold)
 

@@ -20,8 +20,9 @@ from .checkpoint import load_model, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
 from .options import TRAIN_PARTS, Option, check_fields
-from .model import (ARCHITECTURE, CodecConfig, FedlvcCodec, PFrameRule, RateDistortion, SegmentRateDistortion,
-                    upgrade_temporal_table)
+from .losses import RateDistortion, SegmentRateDistortion
+from .model import CodecConfig, FedlvcCodec, with_temporal_prior
+from .rdo import PFrameRule
 from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
 from .video import atomic_output
 
@@ -62,22 +63,6 @@ TrainConfig = make_dataclass("TrainConfig", [(opt.attr, opt.kind, field(default=
                              bases=(_TrainConfigMethods,))
 TrainConfig.__module__ = __name__
 TrainConfig.__doc__ = "Single-site training settings, one field per option of TRAIN_OPTIONS."
-
-
-def with_temporal_prior(model: FedlvcCodec) -> FedlvcCodec:
-    """A model upgraded to the current architecture, same weights: an intra-only (v1) model gains a fresh
-    temporal prior; a v2 temporal prior gains the in-frame contexts of v3, every in-frame value starting
-    from the v2 scale of its context (so the upgraded model codes as the v2 one did until trained)."""
-    if model.cfg.architecture == ARCHITECTURE:
-        return model
-    cfg = CodecConfig.from_dict(dict(model.cfg.to_dict(), architecture=ARCHITECTURE))
-    new = FedlvcCodec(cfg)
-    state = dict(model.state_dict())
-    if model.cfg.temporal:
-        state["temporal.table.weight"] = upgrade_temporal_table(state["temporal.table.weight"], cfg)
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("temporal.") for k in missing), (missing, unexpected)
-    return new.train(model.training)
 
 
 ENTROPY_MODULES = ("gain.", "inv_gain.", "prior.", "temporal.")

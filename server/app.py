@@ -20,7 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
 from common.metrics import bd_rate
-from common.training import with_temporal_prior
+from common.model import with_temporal_prior
 from common.fedconfig import RunConfig
 from common.model import FedlvcCodec
 from common.privacy import check_privacy_unit, epsilon_from_history

@@ -12,7 +12,9 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from common.model import CodecConfig, FedlvcCodec, PFrameRule, RateDistortion, SegmentRateDistortion
+from common.losses import RateDistortion, SegmentRateDistortion
+from common.model import CodecConfig, FedlvcCodec
+from common.rdo import PFrameRule
 from common.privacy import fold_segment_grad_samples
 from common.training import set_trainable
 

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from common.data import FrameCrops, generate_site_clip
 from common.errors import FedlvcError
-from common.model import CodecConfig, FedlvcCodec, RateDistortion
+from common.losses import RateDistortion
+from common.model import CodecConfig, FedlvcCodec
 
 from common.training import set_trainable
 from conftest import TINY_CONFIG, make_tiny_model
@@ -306,7 +307,8 @@ def test_plain_training_on_segments_trains_the_p_prior_and_resumes(tmp_path):
     from fractions import Fraction
 
     from common.checkpoint import load_model, read_meta
-    from common.training import TrainConfig, train, with_temporal_prior
+    from common.model import with_temporal_prior
+    from common.training import TrainConfig, train
     from common.video import write_video
 
     videos = tmp_path / "videos"

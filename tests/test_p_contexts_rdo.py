@@ -19,10 +19,10 @@ from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model, save_model
 from common.codec import DEFAULT_P_RULE, FrameDecoder, FrameEncoder, decode_stream, encode_frames
 from common.entropy import LatentCoder
-from common.model import (ARCHITECTURE, ARCHITECTURE_V2, IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS, FedlvcCodec,
-                          PFrameRule, channel_groups, choose_p_latent, next_history, p_context,
-                          synthesis_sensitivity, temporal_context)
-from common.training import with_temporal_prior
+from common.contexts import (IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS, channel_groups, next_history, p_context, temporal_context)
+from common.model import ARCHITECTURE, ARCHITECTURE_V2, FedlvcCodec
+from common.rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
+from common.model import with_temporal_prior
 from common.video import write_video
 
 from conftest import restream
@@ -325,7 +325,8 @@ def test_cli_train_upgrades_a_v2_model_and_trains_only_its_temporal_prior(capsys
 def test_rdo_bits_in_closed_form_equal_the_likelihood():
     """choose_p_latent prices candidates with a closed form of the quantized Laplace (faster than calling
     laplace_likelihood three times per group); it must stay the same function, floor included."""
-    from common.model import _laplace_bits, laplace_likelihood, laplace_scale
+    from common.priors import laplace_likelihood, laplace_scale
+    from common.rdo import _laplace_bits
 
     scale = laplace_scale(torch.linspace(-8, 6, 57, dtype=torch.float64))[:, None]
     k = torch.arange(0, 40, dtype=torch.float64)[None, :]

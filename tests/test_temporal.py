@@ -21,8 +21,9 @@ from common.checkpoint import load_model, save_model
 from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
 from common.data import generate_site_clip
 from common.errors import FedlvcError
-from common.model import (ARCHITECTURE_INTRA, MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, FedlvcCodec,
-                          PFrameRule, next_history, temporal_context)
+from common.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
+from common.model import ARCHITECTURE_INTRA, FedlvcCodec
+from common.rdo import PFrameRule
 from common.video import read_frames, write_video
 
 from conftest import TINY_CONFIG, chunk_payloads, make_coding_model, restream, sha256

@@ -1,0 +1,137 @@
+"""P-frame contexts: integer functions of decoded latents only, so encoder and decoder agree exactly.
+
+A P-frame latent element is coded under a Laplace centred on the previous decoded latent, with a scale
+chosen by its context (:class:`common.priors.TemporalPrior`). The context combines the previous latent's
+local gradient, the motion history of the element's 3x3 neighbourhood in its group of pictures
+(:class:`MotionHistory`), and (architecture v3) how many elements of the frame's channel groups decoded
+before it changed at its position (:class:`PFrameContexts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# P-frame contexts (see temporal_context): 5 buckets of the previous latent's local gradient × 8 motion values:
+# no history yet (the first P-frame of a group), 4 buckets of the last change in the 3×3 neighbourhood, or
+# 3 buckets of how many frames the neighbourhood has been still.
+GRADIENT_BOUNDS = (1, 2, 4, 8)
+MOTION_BOUNDS = (2, 4, 8)  # a change of 1 | 2-3 | 4-7 | >= 8
+STILL_BOUNDS = (2, 4)  # still for 1 | 2-3 | >= 4 frames
+STILL_CAP = 255
+NO_MOTION_HISTORY = 0
+MOTION_VALUES = 1 + (len(MOTION_BOUNDS) + 1) + (len(STILL_BOUNDS) + 1)
+TEMPORAL_CONTEXTS = (len(GRADIENT_BOUNDS) + 1) * MOTION_VALUES
+# Contexts inside a P-frame (architecture v3): the latent's channels are coded in P_GROUPS contiguous groups,
+# one after the other; an element of a later group also sees how many elements of the earlier groups changed
+# at its own position: 0 = none there nor in the 3x3 neighbourhood, 1 = none there but some next to it,
+# 2.. = 1 | 2-3 | >= 4 changed there (IN_FRAME_BOUNDS). Elements of the first group always have value 0.
+P_GROUPS = 4
+IN_FRAME_BOUNDS = (2, 4)
+IN_FRAME_VALUES = 2 + len(IN_FRAME_BOUNDS) + 1
+
+
+@dataclass
+class MotionHistory:
+    """What the P-frames of a group have shown so far, per latent element (float tensors (B, C, h, w) holding
+    integers): ``change`` — the largest |ŷ_t − ŷ_{t−1}| of the last P-frame in the 3×3 neighbourhood;
+    ``still`` — for how many frames in a row that neighbourhood has not changed (capped)."""
+
+    change: torch.Tensor
+    still: torch.Tensor
+
+
+@torch.no_grad()
+def next_history(history: MotionHistory | None, prev: torch.Tensor, current: torch.Tensor) -> MotionHistory:
+    """The history after decoding P-frame latent ``current`` on top of ``prev`` (None: right after the I-frame)."""
+    change = F.max_pool2d((current.float() - prev.float()).abs().contiguous(), 3, stride=1, padding=1)
+    still = torch.zeros_like(change) if history is None else history.still
+    still = torch.where(change > 0, torch.zeros_like(still), (still + 1).clamp_max(STILL_CAP))
+    return MotionHistory(change, still)
+
+
+@torch.no_grad()
+def temporal_context(prev: torch.Tensor, history: MotionHistory | None) -> torch.Tensor:
+    """Context index (B, C, h, w) int64 of every element of a P-frame latent, by integer arithmetic on the
+    decoded latents only (so encoder and decoder agree exactly on any machine):
+
+    * spatial activity of ``prev`` — the largest absolute difference to its 4 neighbours, bucketed by
+      GRADIENT_BOUNDS (a moving edge changes the latent where it is not flat);
+    * motion — NO_MOTION_HISTORY for the group's first P-frame; else, where the neighbourhood changed in
+      the last frame, that change bucketed by MOTION_BOUNDS (1..4), and where it did not, for how long it has
+      been still, bucketed by STILL_BOUNDS (5..7): a background still for many frames stays still."""
+    p = prev.float().contiguous()
+    padded = F.pad(p, (1, 1, 1, 1), mode="replicate")
+    h, w = p.shape[-2:]
+    grad = torch.zeros_like(p)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        grad = torch.maximum(grad, (padded[..., dy : dy + h, dx : dx + w] - p).abs())
+    g = torch.bucketize(grad, torch.tensor(GRADIENT_BOUNDS, dtype=p.dtype, device=p.device), right=True)
+    if history is None:
+        m = torch.full_like(g, NO_MOTION_HISTORY)
+    else:
+        moved = 1 + torch.bucketize(history.change, torch.tensor(MOTION_BOUNDS, dtype=p.dtype, device=p.device),
+                                    right=True)
+        still = 1 + len(MOTION_BOUNDS) + 1 + torch.bucketize(
+            history.still, torch.tensor(STILL_BOUNDS, dtype=p.dtype, device=p.device), right=True)
+        m = torch.where(history.change > 0, moved, still)
+    return g * MOTION_VALUES + m
+
+
+def channel_groups(channels: int, groups: int) -> list[slice]:
+    """The contiguous channel ranges a P-frame latent is coded in, in coding order."""
+    bounds = [round(g * channels / groups) for g in range(groups + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
+def in_frame_value(changed_before: torch.Tensor) -> torch.Tensor:
+    """In-frame context value (B, 1, h, w) int64 from the count (B, 1, h, w) of changed elements of the
+    earlier channel groups at each position (see IN_FRAME_BOUNDS); integer arithmetic only."""
+    c = changed_before.float()
+    near = F.max_pool2d((c > 0).float().contiguous(), 3, stride=1, padding=1).long()
+    counted = 2 + torch.bucketize(c, torch.tensor(IN_FRAME_BOUNDS, dtype=c.dtype, device=c.device), right=True)
+    return torch.where(c > 0, counted, near)
+
+
+class PFrameContexts:
+    """The contexts of one P-frame latent, channel group by channel group in coding order: ``of(g)`` gives
+    group g's context indices (B, n_g, h, w) int64 once ``add`` has been told the values of the groups before
+    it (an encoder knows them all; a decoder has just decoded them)."""
+
+    def __init__(self, prev: torch.Tensor, history: MotionHistory | None, groups: int):
+        self.prev, self.groups = prev, groups
+        self.slices = channel_groups(prev.shape[1], groups)
+        tctx = temporal_context(prev, history)
+        self.base = tctx * IN_FRAME_VALUES if groups > 1 else tctx
+        self.count = torch.zeros_like(prev[:, :1], dtype=torch.float32)
+
+    @torch.no_grad()
+    def of(self, g: int) -> torch.Tensor:
+        sl = self.slices[g]
+        return self.base[:, sl] + in_frame_value(self.count) if self.groups > 1 else self.base[:, sl]
+
+    @torch.no_grad()
+    def add(self, g: int, values: torch.Tensor) -> None:
+        """Group g's chosen (or decoded) values (B, n_g, h, w)."""
+        sl = self.slices[g]
+        self.count = self.count + (values != self.prev[:, sl]).float().sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def p_context(prev: torch.Tensor, history: MotionHistory | None, current: torch.Tensor | None,
+              groups: int) -> torch.Tensor:
+    """Context index (B, C, h, w) int64 of every element of a P-frame latent: :func:`temporal_context`
+    alone (groups 1, architecture v2), or combined with the in-frame value of its channel group computed
+    from ``current`` (only its earlier groups are read, so a decoder may pass a latent whose later groups
+    are not decoded yet)."""
+    contexts = PFrameContexts(prev, history, groups)
+    if groups == 1:
+        return contexts.base
+    out = torch.empty_like(contexts.base)
+    for g, sl in enumerate(contexts.slices):
+        out[:, sl] = contexts.of(g)
+        contexts.add(g, current[:, sl])
+    return out

@@ -1,0 +1,98 @@
+"""The learned entropy models, per quality level: the factorized prior of an I-frame latent (a logistic mixture
+per channel, discretised as CDF(k+½) − CDF(k−½)) and the temporal prior of a P-frame latent (a quantized
+Laplace around the previous decoded latent, its scale per channel and context). Each is an Embedding
+looked up by the level, so DP-SGD gives it per-sample gradients; the coder's tables are built from them
+(:mod:`common.entropy`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contexts import TEMPORAL_CONTEXTS
+
+MIN_LAPLACE_SCALE = 0.03
+
+
+class LevelPriorParams(nn.Module):
+    """Per-level, per-channel logistic-mixture parameters: ``forward(levels)`` → (logits, means, log_scales),
+    each of shape (B, C, K). Kept as an Embedding so DP-SGD gives it per-sample gradients."""
+
+    def __init__(self, num_levels: int, channels: int, mixtures: int):
+        super().__init__()
+        self.channels, self.mixtures = channels, mixtures
+        self.table = nn.Embedding(num_levels, channels * mixtures * 3)
+        with torch.no_grad():
+            p = torch.zeros(num_levels, channels, mixtures, 3)
+            p[..., 1] = torch.linspace(-1.0, 1.0, mixtures)  # spread the component means
+            p[..., 2] = math.log(2.0)  # scales start at 2 quantization steps
+            self.table.weight.copy_(p.reshape(num_levels, -1))
+
+    def forward(self, levels: torch.Tensor):
+        p = self.table(levels).view(-1, self.channels, self.mixtures, 3)
+        return p[..., 0], p[..., 1], p[..., 2]
+
+
+def mixture_cdf(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """CDF of the logistic mixture at ``x`` (..., ) with parameters broadcast as (..., K)."""
+    scales = 0.05 + F.softplus(log_scales)  # bounded below: no collapse to a spike
+    weights = torch.softmax(logits, dim=-1)
+    return (weights * torch.sigmoid((x[..., None] - means) / scales)).sum(-1)
+
+
+LIKELIHOOD_FLOOR = 1e-9
+
+
+def latent_likelihood(y: torch.Tensor, logits, means, log_scales) -> torch.Tensor:
+    """p(ŷ) of each latent element under the discretised prior: CDF(ŷ+½) − CDF(ŷ−½).
+
+    y: (B, C, H, W); parameters (B, C, K). Computed on the lower tail side for the upper half so that
+    the difference of two CDFs close to 1 does not lose precision."""
+    b, c = y.shape[:2]
+    yf = y.reshape(b, c, -1)
+    lg, mu, ls = (t[:, :, None, :] for t in (logits, means, log_scales))
+    upper = mixture_cdf(yf + 0.5, lg, mu, ls)
+    lower = mixture_cdf(yf - 0.5, lg, mu, ls)
+    # For the mirrored tail use survival functions: 1-CDF(a) is the CDF of the negated mixture at -a.
+    upper_s = mixture_cdf(-(yf - 0.5), lg, -mu, ls)
+    lower_s = mixture_cdf(-(yf + 0.5), lg, -mu, ls)
+    p = torch.where(yf > mu.mean(-1), upper_s - lower_s, upper - lower)
+    return p.clamp_min(LIKELIHOOD_FLOOR).view_as(y)
+
+
+class TemporalPrior(nn.Module):
+    """Per-level, per-channel, per-context Laplace scales of a P-frame latent around the previous decoded
+    latent: ``forward(levels)`` → raw scale parameters (B, C, contexts). An Embedding, so DP-SGD gives it
+    per-sample gradients like the other priors."""
+
+    def __init__(self, num_levels: int, channels: int, contexts: int = TEMPORAL_CONTEXTS):
+        super().__init__()
+        self.channels, self.contexts = channels, contexts
+        self.table = nn.Embedding(num_levels, channels * contexts)
+        with torch.no_grad():
+            self.table.weight.fill_(0.0)  # softplus(0) + floor ≈ 0.72 quantization steps at start
+
+    def forward(self, levels: torch.Tensor) -> torch.Tensor:
+        return self.table(levels).view(-1, self.channels, self.contexts)
+
+
+def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
+    return MIN_LAPLACE_SCALE + F.softplus(raw)
+
+
+def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """p(y) of integer-valued y under a Laplace(mean, scale) quantized to unit bins centred on integers."""
+    a = (y - mean).abs()
+    inner = 1.0 - 0.5 * (torch.exp(-(0.5 - a).clamp_min(0) / scale) + torch.exp(-(0.5 + a) / scale))
+    outer = 0.5 * torch.exp(-(a - 0.5).clamp_min(0) / scale) * -torch.expm1(-1.0 / scale)
+    return torch.where(a < 0.5, inner, outer).clamp_min(LIKELIHOOD_FLOOR)
+
+
+def temporal_scales(raw: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Laplace scale of every element: raw (B, C, K) gathered by ctx (B, C, h, w)."""
+    b, c = ctx.shape[:2]
+    picked = torch.gather(raw, 2, ctx.reshape(b, c, -1))
+    return laplace_scale(picked).view_as(ctx)

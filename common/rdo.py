@@ -1,0 +1,138 @@
+"""Encoder-side rate–distortion choice of a P-frame's integer latent. The decoder needs none of it: it decodes
+whatever integers the encoder chose."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contexts import MotionHistory, PFrameContexts
+from .priors import LIKELIHOOD_FLOOR, laplace_scale
+
+if TYPE_CHECKING:
+    from .model import FedlvcCodec
+
+@dataclass(frozen=True)
+class PFrameRule:
+    """How an encoder picks the integer latent of a P-frame; the decoder needs none of it.
+
+    * ``rd_weight`` κ > 0: rate–distortion optimised quantization. Channel group by channel group (in coding
+      order, so each group sees the in-frame contexts of the decisions before it), every element takes the
+      value among {previous value, round(y), round(y) one step towards the previous value} that minimises
+      ``κ·λ_q·255²/3 · w_c·(y − v)² + bits(v)``: the per-frame training loss ``λ_q·255²·MSE + bpp`` times
+      the pixel count, with the distortion linearised per channel (``w_c``: squared error of the decoded
+      frame, in [0, 1] units summed over RGB, per unit² of latent error, measured at the group's I-frame by
+      :func:`synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little
+      quality (sensor noise, a channel the decoder hardly uses, a still background where a change is
+      improbable) is not coded.
+    * otherwise ``skip_threshold`` T: keep the previous value where |y − previous| < ½ + T, round elsewhere.
+    """
+
+    rd_weight: float = 0.0
+    skip_threshold: float = 0.0
+
+    @classmethod
+    def of(cls, rd_weight: float, skip_threshold: float) -> "PFrameRule":
+        """The rule of a config holding both settings: the skip threshold counts only without RDO."""
+        return cls(rd_weight, 0.0 if rd_weight > 0 else skip_threshold)
+
+    @property
+    def uses_rd(self) -> bool:
+        return self.rd_weight > 0
+
+
+@torch.no_grad()
+def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor,
+                  distance: torch.Tensor) -> torch.Tensor:
+    """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
+    (same floor), in closed form from its bits at distance 0 (``zero``: −log2(1 − e^(−½/s))), the constant
+    part of the others (``step``: −log2(½·(1 − e^(−1/s)))) and ``per_step`` = 1/(s·ln 2)."""
+    bits = torch.where(distance < 0.5, zero, step + (distance - 0.5) * per_step)
+    return bits.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
+
+
+@torch.no_grad()
+def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory | None", raw: torch.Tensor,
+                    groups: int, rule: PFrameRule, support: int, lam: torch.Tensor | None = None,
+                    weights: torch.Tensor | None = None, contexts_out: list | None = None) -> torch.Tensor:
+    """The integer latent (B, C, h, w) (float) an encoder codes for the P-frame latent ``y`` on top of the
+    previous decoded latent ``prev`` (see :class:`PFrameRule`). ``raw``: the temporal prior's raw scales
+    (B, C, K); ``lam`` (B,) the λ of each row's level and ``weights`` (B, C) its channel sensitivities
+    (both only for rate–distortion optimisation). With RDO, ``contexts_out`` (a list) receives the context
+    indices (B, C, h, w) of the chosen latent — the ones it will be coded under."""
+    r = torch.round(y).clamp(-support, support)
+    if not rule.uses_rd:
+        if rule.skip_threshold > 0:
+            r = torch.where((y - prev).abs() < 0.5 + rule.skip_threshold, prev, r)
+        return r
+    towards = torch.where((r - prev).abs() >= 2, r - torch.sign(r - prev), r)
+    dist = (rule.rd_weight * 255.0**2 / 3.0) * (lam[:, None] * weights)[:, :, None, None]
+    # Per (row, channel, context): the bits of the previous value, the constant part of the bits of any
+    # other value, and 1/(scale·ln 2) — tabulated once, gathered per element below.
+    scale = laplace_scale(raw)
+    tables = (-torch.log2(-torch.expm1(-0.5 / scale)), 1.0 - torch.log2(-torch.expm1(-1.0 / scale)),
+              1.0 / (scale * math.log(2.0)))
+    contexts = PFrameContexts(prev, history, groups)
+    out = torch.empty_like(r)
+    ctx_all = torch.empty_like(contexts.base) if contexts_out is not None else None
+    for g, sl in enumerate(contexts.slices):
+        ctx = contexts.of(g)
+        if ctx_all is not None:
+            ctx_all[:, sl] = ctx
+        zero, step, per_step = (torch.gather(t[:, sl], 2, ctx.flatten(2)).view_as(ctx) for t in tables)
+        ys, ps, d = y[:, sl], prev[:, sl], dist[:, sl]
+        best, best_cost = ps, d * (ys - ps) ** 2 + zero.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
+        for cand in (r[:, sl], towards[:, sl]):
+            cost = d * (ys - cand) ** 2 + _laplace_bits(zero, step, per_step, (cand - ps).abs())
+            better = cost < best_cost
+            best, best_cost = torch.where(better, cand, best), torch.where(better, cost, best_cost)
+        out[:, sl] = best
+        contexts.add(g, best)
+    if contexts_out is not None:
+        contexts_out.append(ctx_all)
+    return out
+
+
+def _hook_free(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)`` with detached weights and without calling any module, so that no hook (Opacus' per-sample
+    gradient capture) sees the pass."""
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            x = F.conv2d(x, m.weight.detach(), None if m.bias is None else m.bias.detach(), m.stride, m.padding)
+        elif isinstance(m, nn.PixelShuffle):
+            x = F.pixel_shuffle(x, m.upscale_factor)
+        elif isinstance(m, nn.LeakyReLU):
+            x = F.leaky_relu(x, m.negative_slope)
+        else:
+            raise TypeError(f"unexpected layer {m!r}")
+    return x
+
+
+def synthesis_sensitivity(model: "FedlvcCodec", y_hat: torch.Tensor, levels: torch.Tensor, probes: int = 1,
+                          seed: int = 0) -> torch.Tensor:
+    """(B, C) float32: for each row and latent channel, the mean over positions of the squared error of the
+    decoded frame (RGB in [0, 1], summed over pixels and colours) per unit² change of one element of the
+    scaled latent ``y_hat`` (B, C, h, w), i.e. the squared norm of that Jacobian column at ``y_hat``.
+    Estimated with Hutchinson's trick — for a random ±1 vector r, E[(Jᵀr)²] is the squared column norm —
+    so one backward pass serves every channel and position (``probes`` passes are averaged; the probes
+    are fixed by ``seed`` and the same for every row). Runs the synthesis transform's layers without
+    calling its modules, so Opacus' per-sample gradient hooks never see it. Used by the encoder's
+    rate–distortion optimisation (on each group's I-frame), and by training, which models it on each row's
+    own I-frame; the decoder never needs it."""
+    inv_gain = torch.exp(model.inv_gain.log_gain.weight.detach()[levels])[:, :, None, None]
+    gen = torch.Generator(device=y_hat.device).manual_seed(seed)
+    with torch.enable_grad():
+        y = y_hat.detach().float().clone().requires_grad_(True)
+        x = _hook_free(model.g_s.layers, y * inv_gain)
+        acc = torch.zeros(y.shape[:2], device=y.device)
+        for p in range(probes):
+            # One probe for every row: a row's estimate depends on that row alone, whatever the batch.
+            r = (torch.randint(0, 2, (1, *x.shape[1:]), generator=gen, device=x.device).float() * 2 - 1).expand_as(x)
+            (grad,) = torch.autograd.grad(x, y, grad_outputs=r, retain_graph=p < probes - 1)
+            acc += grad.pow(2).mean((2, 3))
+    return acc / probes
