@@ -34,7 +34,7 @@ def split_bits(frames, model, quality: int, threshold: int) -> dict:
             continue
         prev, history = encoder.state.references()
         encoder.encode(frame)
-        means, scales = encoder.coder.p_params(prev, history, quality - 1, encoder.state.prev)
+        means, scales = encoder.coder.p.params(prev, history, quality - 1, encoder.state.prev)
         y = encoder.state.prev.reshape(-1).astype(np.float64)
         p = laplace_likelihood(*(torch.from_numpy(a) for a in (y, means, scales))).numpy()
         bits = -np.log2(np.maximum(p, 2.0**-24)).reshape(encoder.state.prev.shape)

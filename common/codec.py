@@ -167,11 +167,11 @@ class FrameEncoder:
         prev, history = st.references()
         params = None
         if prev is not None:  # the contexts the choice was made under are the ones the frame is coded under
-            params = (self.coder.p_params_of(prev, self._contexts, self.level) if self._contexts is not None
-                      else self.coder.p_params(prev, history, self.level, y_hat))
+            params = (self.coder.p.params_of(prev, self._contexts, self.level) if self._contexts is not None
+                      else self.coder.p.params(prev, history, self.level, y_hat))
         if self.track_bits:
             self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
-                                else self.coder.bits_p(y_hat, prev, history, self.level, params))
+                                else self.coder.p.bits(y_hat, prev, history, self.level, params))
         payload = self.coder.encode(y_hat, self.level, prev, history, params,
                                     check=bs.latent_checksum(y_hat, st.index, key))
         name = bs.FRAME_TYPE_NAMES[ftype]

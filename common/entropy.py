@@ -12,10 +12,11 @@ import constriction
 import numpy as np
 import torch
 
+from .contexts import MotionHistory
 from .errors import FedlvcError
-from .contexts import MotionHistory, PFrameContexts, p_context
 from .model import FedlvcCodec
-from .priors import laplace_likelihood, laplace_scale, mixture_cdf
+from .pframe import MIN_PROBABILITY, PFrameCoder
+from .priors import mixture_cdf
 
 
 # Each payload ends (in decoding order) with a 32-bit check value, two 16-bit symbols under a uniform model:
@@ -28,24 +29,19 @@ _CHECK_MODEL = constriction.stream.model.Uniform(1 << 16)
 
 def _check_symbols(value: int) -> np.ndarray:
     return np.array([value >> 16, value & 0xFFFF], dtype=np.int32)
-MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at least about this much
 
 
 class LatentCoder:
     """ANS coding of one frame's latent ``(C, h, w)`` int array per quality level: I-frames under the
-    factorized prior, P-frames (``prev`` given) under the temporal prior — a quantized Laplace centred on
-    the previous decoded latent with a scale chosen per (level, channel, context), the context computed
-    by integer arithmetic from the previous decoded latent, the group's motion history and (architecture
-    v3) the frame's own channel groups decoded before (:func:`common.model.p_context`). The elements go
-    into one ANS stream in channel order, so the decoder can take the channel groups one after the other."""
+    factorized prior (here), P-frames (``prev`` given) under the temporal prior (:class:`PFrameCoder`,
+    ``self.p``). Every payload ends with a 32-bit check value."""
 
     def __init__(self, model: FedlvcCodec):
         self.model = model
         self.support = model.cfg.support
+        self.p = PFrameCoder(model)
         self._pmfs: dict[int, np.ndarray] = {}
         self._models: dict[int, list] = {}
-        self._scales: dict[int, np.ndarray] = {}
-        self._laplace = constriction.stream.model.QuantizedLaplace(-self.support, self.support)
 
     def pmf(self, level: int) -> np.ndarray:
         """(C, 2R+1) float64 probabilities of the symbols -R..R for every channel."""
@@ -69,47 +65,13 @@ class LatentCoder:
             ]
         return self._models[level]
 
-    def scale_table(self, level: int) -> np.ndarray:
-        """(C, contexts) float64 Laplace scales of the P-frame prior."""
-        if level not in self._scales:
-            if not self.model.cfg.temporal:
-                raise FedlvcError("this model is intra-only: it cannot code P-frames (use --gop 1)")
-            with torch.no_grad():
-                raw = self.model.temporal(torch.tensor([level]))[0].double()
-                self._scales[level] = laplace_scale(raw).numpy()
-        return self._scales[level]
-
-    def p_params(self, prev: np.ndarray, history: MotionHistory | None, level: int,
-                 current: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Flattened (means, scales) float64 of every element of a P-frame latent, in channel order. With
-        in-frame contexts (architecture v3) ``current`` is the frame's own latent (the encoder knows it)."""
-        groups = self.model.cfg.p_groups
-        if groups > 1 and current is None:
-            raise ValueError("this model's P-frame contexts need the frame's own latent")
-        cur = None if groups == 1 else torch.from_numpy(current)[None]
-        return self.p_params_of(prev, p_context(torch.from_numpy(prev)[None], history, cur, groups)[0].numpy(), level)
-
-    def p_params_of(self, prev: np.ndarray, ctx: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`p_params` from context indices ``ctx`` (C, h, w) already computed."""
-        scales = np.take_along_axis(self.scale_table(level), ctx.reshape(ctx.shape[0], -1), axis=1)
-        return prev.reshape(-1).astype(np.float64), scales.reshape(-1)
-
     def clip(self, y_hat: np.ndarray) -> np.ndarray:
         return np.clip(y_hat, -self.support, self.support)
 
     def bits(self, y_hat: np.ndarray, level: int) -> float:
-        """Ideal code length −Σ log2 p(ŷ) in bits of a latent (C, h, w) under the coding tables."""
+        """Ideal code length −Σ log2 p(ŷ) in bits of an I-frame latent (C, h, w) under the coding tables."""
         sym = (self.clip(y_hat) + self.support).reshape(y_hat.shape[0], -1).astype(np.int64)
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
-        return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
-
-    def bits_p(self, y_hat: np.ndarray, prev: np.ndarray, history: MotionHistory | None, level: int,
-               params: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-        """Ideal code length in bits of a P-frame latent under the temporal prior (``params``: the
-        :meth:`p_params` of this frame, when already computed)."""
-        means, scales = params if params is not None else self.p_params(prev, history, level, y_hat)
-        y = self.clip(y_hat).reshape(-1).astype(np.float64)
-        p = laplace_likelihood(*(torch.from_numpy(a) for a in (y, means, scales))).numpy()
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
     def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
@@ -117,8 +79,8 @@ class LatentCoder:
                check: int = SENTINEL) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
         or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given
-        (``params``: its :meth:`p_params` when already computed). ``check``: the 32-bit value the stream
-        ends with (version 3: :func:`common.bitstream.latent_checksum`)."""
+        (``params``: its :meth:`PFrameCoder.params` when already computed). ``check``: the 32-bit value the
+        stream ends with (version 3: :func:`common.bitstream.latent_checksum`)."""
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(_check_symbols(check), _CHECK_MODEL)  # bottom of the stack: decoded last
         if prev is None:
@@ -127,8 +89,7 @@ class LatentCoder:
             for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
                 coder.encode_reverse(sym[c], models[c])
         else:
-            means, scales = params if params is not None else self.p_params(prev, history, level, y_hat)
-            coder.encode_reverse(self.clip(y_hat).astype(np.int32).reshape(-1), self._laplace, means, scales)
+            self.p.encode(coder, y_hat, params if params is not None else self.p.params(prev, history, level, y_hat))
         return coder.get_compressed().astype("<u4").tobytes()
 
     @torch.inference_mode()
@@ -146,16 +107,8 @@ class LatentCoder:
             if prev is None:
                 models = self._categoricals(level)
                 out = np.stack([coder.decode(models[i], h * w) for i in range(c)]).astype(np.int64) - self.support
-            else:  # channel group by channel group: each one's contexts need the groups before it
-                out = np.zeros(shape, dtype=np.int64)
-                contexts = PFrameContexts(torch.from_numpy(prev)[None], history, self.model.cfg.p_groups)
-                table = self.scale_table(level)
-                for g, sl in enumerate(contexts.slices):
-                    ctx = contexts.of(g)[0].numpy().reshape(sl.stop - sl.start, -1)
-                    scales = np.take_along_axis(table[sl], ctx, axis=1).reshape(-1)
-                    out[sl] = coder.decode(self._laplace, prev[sl].reshape(-1).astype(np.float64),
-                                           scales).reshape(-1, h, w)
-                    contexts.add(g, torch.from_numpy(out[sl])[None])
+            else:
+                out = self.p.decode(coder, prev, history, level, shape)
             hi, lo = (int(v) for v in coder.decode(_CHECK_MODEL, 2))
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None
@@ -168,7 +121,6 @@ class LatentCoder:
         if not coder.is_empty():
             raise FedlvcError("bitstream chunk is damaged (data left over after decoding)")
         return out
-
 
 
 def coding_fingerprint(model: FedlvcCodec) -> str:
@@ -189,9 +141,9 @@ def coding_fingerprint(model: FedlvcCodec) -> str:
             ans.encode_reverse(symbols + r, table)
             h.update(ans.get_compressed().tobytes())
         if model.cfg.temporal:
-            scales = coder.scale_table(level).reshape(-1)
+            scales = coder.p.scale_table(level).reshape(-1)
             ans = constriction.stream.stack.AnsCoder()
-            ans.encode_reverse(np.tile(symbols, scales.size), coder._laplace, np.zeros(scales.size * symbols.size),
+            ans.encode_reverse(np.tile(symbols, scales.size), coder.p._laplace, np.zeros(scales.size * symbols.size),
                                np.repeat(scales, symbols.size))
             h.update(ans.get_compressed().tobytes())
     return h.hexdigest()

@@ -26,8 +26,8 @@ from torch import nn
 
 from .contexts import IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS, next_history, p_context
 from .errors import FedlvcError
-from .priors import (LevelPriorParams, TemporalPrior, laplace_likelihood, latent_likelihood,
-                     temporal_scales)
+from .pframe import PFrameCoder
+from .priors import LevelPriorParams, TemporalPrior, latent_likelihood
 from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
 from .transforms import AnalysisTransform, LevelGains, SynthesisTransform
 
@@ -199,9 +199,7 @@ class FedlvcCodec(nn.Module):
         first = y_tilde.reshape(b, frames, *y.shape[1:])[:, 0]
         bits = -torch.log2(latent_likelihood(first, *self.prior(levels))).flatten(1).sum(1)
         for s in range(1, frames):
-            prev = coded[s - 1]
-            scales = temporal_scales(raw, contexts[s])
-            bits = bits - torch.log2(laplace_likelihood(targets[s], prev, scales)).flatten(1).sum(1)
+            bits = bits + PFrameCoder.training_bits(raw, targets[s], coded[s - 1], contexts[s])
         return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
 
 

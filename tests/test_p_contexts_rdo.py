@@ -102,8 +102,8 @@ def test_p_frame_scales_depend_on_the_earlier_groups(v3_model):
     still = prev.copy()
     moved = prev.copy()
     moved[0:2] = 2  # the whole first group changed everywhere
-    a = coder.p_params(prev, None, 3, still)[1].reshape(8, 9)
-    b = coder.p_params(prev, None, 3, moved)[1].reshape(8, 9)
+    a = coder.p.params(prev, None, 3, still)[1].reshape(8, 9)
+    b = coder.p.params(prev, None, 3, moved)[1].reshape(8, 9)
     first = channel_groups(8, P_GROUPS)[0]
     np.testing.assert_array_equal(a[first], b[first])
     assert not np.allclose(a[first.stop :], b[first.stop :])
@@ -140,7 +140,7 @@ def test_rdo_picks_the_cheapest_candidate(v3_model, seed):
     raw = v3_model.temporal(torch.tensor([level])).detach()
     rule = PFrameRule(rd_weight=kappa)
     chosen = choose_p_latent(y, prev, history, raw, P_GROUPS, rule, 255, lam, weights)[0].numpy()
-    table = LatentCoder(v3_model).scale_table(level)
+    table = LatentCoder(v3_model).p.scale_table(level)
     yn, pn = y[0].double().numpy(), prev[0].numpy()
     r = np.round(yn)
     towards = np.where(np.abs(r - pn) >= 2, r - np.sign(r - pn), r)
