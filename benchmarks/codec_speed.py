@@ -63,7 +63,7 @@ def x264_decode(data: bytes, h: int, w: int):
         return np.stack([f.to_ndarray(format="rgb24")[:h, :w] for f in inp.decode(video=0)])
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
     p.add_argument("--clip", default="carphone",
@@ -84,12 +84,54 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.frames < 1:
         p.error("--repeats and --frames must be >= 1")
     rule = C.p_rule_arg(p, args)
+    return args, rule
 
+
+def _time_rounds(frames, fps, model, args, gop, rule, mp4: bytes) -> tuple[dict, dict]:
+    """(seconds per round of each kind, the last round's outputs): fedlvc encode and decode, x264 encode and
+    decode, interleaved, after one warm-up round on a few frames."""
+    from common.baselines import encode_baseline
+    from common.codec import decode_stream, encode_frames
+
+    n, h, w = frames.shape[:3]
+    times = {k: [] for k in ("fedlvc_encode", "fedlvc_decode", "x264_encode", "x264_decode")}
+    last = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.lvc"
+        for r in range(args.repeats + 1):  # round 0 is the warm-up
+            warm = r == 0
+            sub = frames[: min(n, 4)] if warm else frames
+            t0 = time.perf_counter()
+            summary = encode_frames(iter(sub), path, model, args.quality, fps, gop, rule=rule)
+            t1 = time.perf_counter()
+            _, it = decode_stream(path, model)
+            decoded = list(it)
+            t2 = time.perf_counter()
+            res = encode_baseline(sub, "x264", args.crf, fps)
+            t3 = time.perf_counter()
+            dec264 = x264_decode(mp4, h, w)  # the whole clip's mp4, also in the warm-up round
+            t4 = time.perf_counter()
+            if len(decoded) != len(sub) or len(dec264) != n:
+                raise RuntimeError("decoded frame count mismatch")
+            if warm:
+                continue
+            times["fedlvc_encode"].append(t1 - t0)
+            times["fedlvc_decode"].append(t2 - t1)
+            times["x264_encode"].append(res.encode_seconds)  # encode only, as encode_baseline times it
+            times["x264_decode"].append(t4 - t3)
+            last = {"summary": summary, "decoded": decoded, "x264": res}
+            C.log(f"  round {r}: fedlvc enc {n / (t1 - t0):.2f} fps, dec {n / (t2 - t1):.2f} fps; "
+                  f"x264 enc {n / res.encode_seconds:.1f} fps, dec {n / (t4 - t3):.1f} fps")
+    return times, last
+
+
+def main(argv=None) -> int:
+    args, rule = _parse(argv)
     with C.json_stdout() as emit:
+        import numpy as np
         import torch
 
-        from common.baselines import encode_baseline
-        from common.codec import decode_stream, default_gop, encode_frames
+        from common.codec import default_gop
         from common.metrics import psnr_rgb
 
         C.set_threads(args.threads)
@@ -100,42 +142,9 @@ def main(argv=None) -> int:
         frames, fps, source = C.load_clip(args.clip, args.frames)
         n, h, w = frames.shape[:3]
         C.log(f"codec_speed: {source}: {n} frames {w}x{h}, quality {args.quality}, torch threads {torch.get_num_threads()}")
-        mp4 = x264_bytes(frames, fps, crf=args.crf)
-
-        times = {k: [] for k in ("fedlvc_encode", "fedlvc_decode", "x264_encode", "x264_decode")}
-        last = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "bench.lvc"
-            for r in range(args.repeats + 1):  # round 0 is the warm-up
-                warm = r == 0
-                sub = frames[: min(n, 4)] if warm else frames
-                t0 = time.perf_counter()
-                summary = encode_frames(iter(sub), path, model, args.quality, fps, gop, rule=rule)
-                t1 = time.perf_counter()
-                _, it = decode_stream(path, model)
-                decoded = list(it)
-                t2 = time.perf_counter()
-                res = encode_baseline(sub, "x264", args.crf, fps)
-                t3 = time.perf_counter()
-                dec264 = x264_decode(mp4, h, w)  # the whole clip's mp4, also in the warm-up round
-                t4 = time.perf_counter()
-                if len(decoded) != len(sub) or len(dec264) != n:
-                    raise RuntimeError("decoded frame count mismatch")
-                if warm:
-                    continue
-                times["fedlvc_encode"].append(t1 - t0)
-                times["fedlvc_decode"].append(t2 - t1)
-                times["x264_encode"].append(res.encode_seconds)  # encode only, as encode_baseline times it
-                times["x264_decode"].append(t4 - t3)
-                last = {"summary": summary, "decoded": decoded, "x264": res}
-                C.log(f"  round {r}: fedlvc enc {n / (t1 - t0):.2f} fps, dec {n / (t2 - t1):.2f} fps; "
-                      f"x264 enc {n / res.encode_seconds:.1f} fps, dec {n / (t4 - t3):.1f} fps")
-
-        import numpy as np
-
+        times, last = _time_rounds(frames, fps, model, args, gop, rule, x264_bytes(frames, fps, crf=args.crf))
         fps_best = {k: n / min(v) for k, v in times.items()}
-        fps_median = {k: n / statistics.median(v) for k, v in times.items()}
-        result = {
+        emit({
             "benchmark": "codec_speed",
             "fedlvc_encode_fps": fps_best["fedlvc_encode"],
             "fedlvc_decode_fps": fps_best["fedlvc_decode"],
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
             "x264_medium_decode_fps": fps_best["x264_decode"],
             "ratio": fps_best["fedlvc_encode"] / fps_best["x264_encode"],
             "decode_ratio": fps_best["fedlvc_decode"] / fps_best["x264_decode"],
-            "median_fps": fps_median,
+            "median_fps": {k: n / statistics.median(v) for k, v in times.items()},
             "statistic": f"best of {args.repeats} interleaved rounds (after 1 warm-up round)",
             "seconds": times,
             "clip": args.clip, "source": source, "frames": n, "size": f"{w}x{h}",
@@ -155,8 +164,7 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "hardware": hw,
             **C.model_info(args.model, model),
-        }
-        emit(result)
+        })
     return 0
 
 

@@ -106,7 +106,41 @@ def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def _result(args, per_mode: dict, base, source: str, params: int, trainable: int, hw: dict, wall: float):
+    """(the JSON line, whether the selected mode was measured)."""
+    import torch
+
+    sel = per_mode[args.grad_sample_mode]
+    ok = isinstance(sel, dict)
+    result = {
+        "benchmark": "dp_overhead",
+        "ratio": sel["ratio"] if ok else None,
+        "dp_step_seconds": sel["dp_step_seconds"] if ok else None,
+        "plain_step_seconds": sel["plain_step_seconds"] if ok else None,
+        "mode": args.grad_sample_mode,
+        "error": None if ok else sel,
+        "batch": args.batch_size, "crop": args.crop_size, "steps": args.steps, "warmup": args.warmup,
+        "statistic": "median step seconds over alternating (ABBA) plain/DP steps after warm-up",
+        "noise_multiplier": args.noise_multiplier, "max_grad_norm": 1.0,
+        "memory_format": {"dp": "contiguous", "plain": "channels_last"},
+        "trainable_parameters": trainable, "frozen": "temporal prior (set_trainable(model, 0))",
+        "model_source": source, "parameters": params, "config": base.cfg.to_dict(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "opacus": __import__("opacus").__version__, "hardware": hw,
+        "wall_seconds": wall,
+    }
+    if args.all_modes:
+        result["modes"] = {m: ({k: v for k, v in r.items() if not k.endswith("_seconds") or k in
+                                ("dp_step_seconds", "plain_step_seconds")} if isinstance(r, dict) else r)
+                           for m, r in per_mode.items()}
+    elif ok:
+        result["dp_seconds"], result["plain_seconds"] = sel["dp_seconds"], sel["plain_seconds"]
+        result["ratio_of_minimums"] = sel["ratio_of_minimums"]
+        result["ratio_median_of_pairs"] = sel["ratio_median_of_pairs"]
+    return result, ok
+
+
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="initial weights (.safetensors); default: the shipped model if present, "
                                    "else a fresh CodecConfig() model (timings do not depend on the weights)")
@@ -124,6 +158,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
 
     with C.json_stdout() as emit:
         import torch
@@ -161,33 +200,7 @@ def main(argv=None) -> int:
             finally:
                 dp = None
 
-        sel = per_mode[args.grad_sample_mode]
-        ok = isinstance(sel, dict)
-        result = {
-            "benchmark": "dp_overhead",
-            "ratio": sel["ratio"] if ok else None,
-            "dp_step_seconds": sel["dp_step_seconds"] if ok else None,
-            "plain_step_seconds": sel["plain_step_seconds"] if ok else None,
-            "mode": args.grad_sample_mode,
-            "error": None if ok else sel,
-            "batch": args.batch_size, "crop": args.crop_size, "steps": args.steps, "warmup": args.warmup,
-            "statistic": "median step seconds over alternating (ABBA) plain/DP steps after warm-up",
-            "noise_multiplier": args.noise_multiplier, "max_grad_norm": 1.0,
-            "memory_format": {"dp": "contiguous", "plain": "channels_last"},
-            "trainable_parameters": trainable, "frozen": "temporal prior (set_trainable(model, 0))",
-            "model_source": source, "parameters": params, "config": base.cfg.to_dict(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "opacus": __import__("opacus").__version__, "hardware": hw,
-            "wall_seconds": time.perf_counter() - t_start,
-        }
-        if args.all_modes:
-            result["modes"] = {m: ({k: v for k, v in r.items() if not k.endswith("_seconds") or k in
-                                    ("dp_step_seconds", "plain_step_seconds")} if isinstance(r, dict) else r)
-                               for m, r in per_mode.items()}
-        elif ok:
-            result["dp_seconds"], result["plain_seconds"] = sel["dp_seconds"], sel["plain_seconds"]
-            result["ratio_of_minimums"] = sel["ratio_of_minimums"]
-            result["ratio_median_of_pairs"] = sel["ratio_median_of_pairs"]
+        result, ok = _result(args, per_mode, base, source, params, trainable, hw, time.perf_counter() - t_start)
         emit(result)
     return 0 if ok else 1
 

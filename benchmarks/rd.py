@@ -249,7 +249,7 @@ def markdown(result: dict, names) -> str:
     return out
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
     p.add_argument("--clips", default=DEFAULT_CLIPS,
@@ -277,42 +277,63 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="also print a markdown BD-rate table to stderr")
     p.add_argument("--markdown-out", help="write the markdown table to this file (implies --markdown)")
     args = p.parse_args(argv)
-    rule = C.p_rule_arg(p, args)
+    return args, C.p_rule_arg(p, args)
 
+
+def _skips_ms_ssim(args, pixels: int) -> bool:
+    return bool(args.no_ms_ssim or (args.ms_ssim_max_pixels and pixels > args.ms_ssim_max_pixels))
+
+
+def _settings(args, model):
+    """(qualities, crfs, baseline names, generated clip size) from the options, checked."""
+    from common.baselines import BASELINES, DEFAULT_CRFS
+
+    qualities = ([int(q) for q in args.qualities.split(",")] if args.qualities
+                 else list(range(1, model.cfg.num_levels + 1)))
+    for q in qualities:
+        model.check_level(q - 1)
+    crfs = tuple(int(c) for c in args.crfs.split(",")) if args.crfs else tuple(DEFAULT_CRFS)
+    names = [n.strip() for n in args.baselines.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise SystemExit(f"unknown baselines {unknown}; known: {list(BASELINES)}")
+    gw, _, gh = args.gen_size.lower().partition("x")
+    return qualities, crfs, names, (int(gw), int(gh))
+
+
+def _write_extras(args, result: dict, names) -> None:
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown or args.markdown_out:
+        md = markdown(result, names)
+        if args.markdown_out:
+            Path(args.markdown_out).write_text(md)
+            C.log(f"markdown table written to {args.markdown_out}")
+        else:
+            C.log(md)
+
+
+def main(argv=None) -> int:
+    args, rule = _parse(argv)
     with C.json_stdout() as emit:
-        from common.baselines import BASELINES, DEFAULT_CRFS
         from common.checkpoint import read_meta
-
-        C.set_threads(args.threads)
         from common.metrics import ms_ssim
 
+        C.set_threads(args.threads)
+
         def ms_ssim_or_skip(ref, test):
-            pixels = ref.shape[-3] * ref.shape[-2]
-            if args.no_ms_ssim or (args.ms_ssim_max_pixels and pixels > args.ms_ssim_max_pixels):
-                return None
-            return ms_ssim(ref, test)
+            return None if _skips_ms_ssim(args, ref.shape[-3] * ref.shape[-2]) else ms_ssim(ref, test)
 
         t_start = time.perf_counter()
         hw = C.hardware()
         model = C.load_model(args.model)
-        qualities = ([int(q) for q in args.qualities.split(",")] if args.qualities
-                     else list(range(1, model.cfg.num_levels + 1)))
-        for q in qualities:
-            model.check_level(q - 1)
-        crfs = tuple(int(c) for c in args.crfs.split(",")) if args.crfs else tuple(DEFAULT_CRFS)
-        names = [n.strip() for n in args.baselines.split(",") if n.strip()]
-        unknown = [n for n in names if n not in BASELINES]
-        if unknown:
-            raise SystemExit(f"unknown baselines {unknown}; known: {list(BASELINES)}")
-        gw, _, gh = args.gen_size.lower().partition("x")
-        gen_size = (int(gw), int(gh))
+        qualities, crfs, names, gen_size = _settings(args, model)
         clips = {}
         for key, name, n in parse_clips(args.clips, args.frames):
             clips[key] = run_clip(name, n, model, qualities, names, crfs, gen_size,
                                   gops=(args.gop, 1) if model.cfg.temporal else (1,), rule=rule,
                                   similarity=ms_ssim_or_skip)
-            px = clips[key]["width"] * clips[key]["height"]
-            clips[key]["ms_ssim_computed"] = not (args.no_ms_ssim or (args.ms_ssim_max_pixels and px > args.ms_ssim_max_pixels))
+            clips[key]["ms_ssim_computed"] = not _skips_ms_ssim(args, clips[key]["width"] * clips[key]["height"])
         result = {
             "benchmark": "rd",
             **C.model_info(args.model, model),
@@ -330,15 +351,7 @@ def main(argv=None) -> int:
             "wall_seconds": time.perf_counter() - t_start,
         }
         result = C.clean(result)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        if args.markdown or args.markdown_out:
-            md = markdown(result, names)
-            if args.markdown_out:
-                Path(args.markdown_out).write_text(md)
-                C.log(f"markdown table written to {args.markdown_out}")
-            else:
-                C.log(md)
+        _write_extras(args, result, names)
         emit(result)
     return 0
 
