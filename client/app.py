@@ -11,7 +11,6 @@ import json
 import os
 import time
 
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,8 +19,8 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
-from common.evaluate import code_and_measure
 from common.errors import FedlvcError
+from common.evaluate import code_and_measure
 from common.fedconfig import RunConfig
 from common.metrics import ms_ssim, psnr_rgb
 from common.model import CodecConfig, FedlvcCodec
@@ -92,8 +91,9 @@ def _round(msg: Message) -> int:
         raise FedlvcError("the server's server-round is not a number") from None
 
 
-def _reply(msg: Message, context: Context, metrics: dict, note: str = "", arrays: ArrayRecord | None = None,
-           **extra: str) -> Message:
+def _reply(
+    msg: Message, context: Context, metrics: dict, note: str = "", arrays: ArrayRecord | None = None, **extra: str
+) -> Message:
     """A reply: metrics (numbers), the site's name and, when the site declined or refused, why."""
     name, _ = site_identity(context.node_config, context.node_id)
     content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name, "note": note, **extra})}
@@ -157,14 +157,25 @@ def train(msg: Message, context: Context) -> Message:
     if not declined:
         dp = None
         if plan.private or rc.clip_only:
-            dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, plan.delta, policy.accountant,
-                          rc.grad_sample_mode)
-        result = local_train(model, site.train_rows, rc.local_steps, rc.batch_size, rc.crop_size,
-                             rc.learning_rate, dp=dp, seed=rc.seed + 1000 * server_round + number,
-                             device=_device(), segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
-                             rule=rc.p_rule, parts=rc.train_parts)
+            dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, plan.delta, policy.accountant, rc.grad_sample_mode)
+        result = local_train(
+            model,
+            site.train_rows,
+            rc.local_steps,
+            rc.batch_size,
+            rc.crop_size,
+            rc.learning_rate,
+            dp=dp,
+            seed=rc.seed + 1000 * server_round + number,
+            device=_device(),
+            segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
+            rule=rc.p_rule,
+            parts=rc.train_parts,
+        )
         if plan.private and [tuple(h) for h in result["history"]] != [(plan.noise_multiplier, q, plan.steps)]:
-            raise RuntimeError(f"Opacus accounted {result['history']}, the ledger {(plan.noise_multiplier, q, plan.steps)}")
+            raise RuntimeError(
+                f"Opacus accounted {result['history']}, the ledger {(plan.noise_multiplier, q, plan.steps)}"
+            )
         loss = result["loss"]
     metrics = {
         "num-examples": 0 if declined else len(site.train_rows),
@@ -182,8 +193,14 @@ def train(msg: Message, context: Context) -> Message:
     released = loss is not None and np.isfinite(loss) and policy.releases("train-loss")
     if released:
         metrics["train_loss"] = float(loss)
-    return _reply(msg, context, metrics, note=declined, arrays=ArrayRecord(model.state_dict()),
-                  accountant=",".join(plan.accountants))
+    return _reply(
+        msg,
+        context,
+        metrics,
+        note=declined,
+        arrays=ArrayRecord(model.state_dict()),
+        accountant=",".join(plan.accountants),
+    )
 
 
 # ----------------------------------------------------------------------------- releases (not DP: the site's choice)
@@ -243,8 +260,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _model_from(msg, policy).eval()
     m = _measure(model, np.stack(site.held_out), _quality(model, rc.eval_quality), rc)
     _count_release(context, "eval", policy)
-    return _reply(msg, context, {"num-examples": len(site.held_out), "bpp": m["bpp"], "psnr": m["psnr"],
-                                 "ms_ssim": m["ms_ssim"]})
+    return _reply(
+        msg, context, {"num-examples": len(site.held_out), "bpp": m["bpp"], "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
+    )
 
 
 @app.query("compress")
@@ -274,9 +292,17 @@ def compress(msg: Message, context: Context) -> Message:
     if not policy.releases("compress-summary"):
         return _reply(msg, context, {"compressed": 1}, note="compressed; the site does not release a summary")
     _count_release(context, "compress-summary", policy)
-    return _reply(msg, context, {"bytes": total_bytes, "frames": frames_total,
-                                 "bpp": total_bytes * 8 / max(total_pixels, 1), "psnr": psnr_sum / max(frames_total, 1),
-                                 "quality": quality})
+    return _reply(
+        msg,
+        context,
+        {
+            "bytes": total_bytes,
+            "frames": frames_total,
+            "bpp": total_bytes * 8 / max(total_pixels, 1),
+            "psnr": psnr_sum / max(frames_total, 1),
+            "quality": quality,
+        },
+    )
 
 
 RD_MODELS = ("federated", "public")  # the models one query.rd may carry: what it is for, and a bound on work

@@ -37,32 +37,40 @@ def _positive_int(text: str) -> int:
 
 def _progress_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--progress", action="store_true",
-                        help="progress bars even when stderr is not a terminal (default: only on a terminal)")
+    parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars even when stderr is not a terminal (default: only on a terminal)",
+    )
 
 
 def cmd_compress(args) -> int:
-    from common.codec import compress_file, p_rule
     from common.checkpoint import load_model
+    from common.codec import compress_file, p_rule
 
     rule = p_rule(args.rd_weight, args.skip_threshold)
     model = load_model(args.model)
-    summary = compress_file(args.input, args.output, model, quality=args.quality, gop=args.gop,
-                            progress=not args.quiet, rule=rule)
-    print(json.dumps(summary) if args.json else
-          f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}, "
-          f"{summary['bytes']} bytes, {summary['bpp']:.4f} bpp (quality {summary['quality']}, gop {summary['gop']}: "
-          f"{summary['frames_by_type']['I']} I-frames, {summary['frames_by_type']['P']} P-frames)")
+    summary = compress_file(
+        args.input, args.output, model, quality=args.quality, gop=args.gop, progress=not args.quiet, rule=rule
+    )
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}, "
+        f"{summary['bytes']} bytes, {summary['bpp']:.4f} bpp (quality {summary['quality']}, gop {summary['gop']}: "
+        f"{summary['frames_by_type']['I']} I-frames, {summary['frames_by_type']['P']} P-frames)"
+    )
     return 0
 
 
 def cmd_decompress(args) -> int:
-    from common.codec import decompress_file
     from common.checkpoint import load_model
+    from common.codec import decompress_file
 
     model = load_model(args.model)
-    summary = decompress_file(args.input, args.output, model, progress=not args.quiet, start=args.start,
-                              count=args.frames)
+    summary = decompress_file(
+        args.input, args.output, model, progress=not args.quiet, start=args.start, count=args.frames
+    )
     print(f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']}")
     return 0
 
@@ -72,9 +80,18 @@ def cmd_evaluate(args) -> int:
     from common.evaluate import evaluate_clip, print_report
 
     model = load_model(args.model)
-    report = evaluate_clip(args.input, model, max_frames=args.frames, json_path=args.json, plot_path=args.plot,
-                           grid_path=args.grid, qualities=args.qualities, crfs=args.crfs,
-                           progress=not args.quiet, gop=args.gop)
+    report = evaluate_clip(
+        args.input,
+        model,
+        max_frames=args.frames,
+        json_path=args.json,
+        plot_path=args.plot,
+        grid_path=args.grid,
+        qualities=args.qualities,
+        crfs=args.crfs,
+        progress=not args.quiet,
+        gop=args.gop,
+    )
     print_report(report)
     return 0
 
@@ -84,8 +101,16 @@ def cmd_demo_data(args) -> int:
 
     total = args.sites * args.clips
     with tqdm(total=total, desc="demo clips", unit="clip", disable=args.quiet) as bar:
-        folders = write_demo_data(args.outdir, args.sites, args.clips, args.frames, args.width, args.height,
-                                  progress=lambda: bar.update(1), first_site=args.first_site)
+        folders = write_demo_data(
+            args.outdir,
+            args.sites,
+            args.clips,
+            args.frames,
+            args.width,
+            args.height,
+            progress=lambda: bar.update(1),
+            first_site=args.first_site,
+        )
     print(f"wrote {total} clips for {len(folders)} sites under {args.outdir}")
     return 0
 
@@ -106,8 +131,14 @@ def cmd_train(args) -> int:
 
     rule = p_rule(args.rd_weight, args.skip_threshold)
     fields = {opt.attr: getattr(args, opt.attr) for opt in TRAIN_OPTIONS if hasattr(args, opt.attr)}
-    cfg = TrainConfig(**{**fields, "segment_frames": args.segment_frames if args.privacy_unit == "segment" else 0,
-                         "rd_weight": rule.rd_weight, "skip_threshold": rule.skip_threshold})
+    cfg = TrainConfig(
+        **{
+            **fields,
+            "segment_frames": args.segment_frames if args.privacy_unit == "segment" else 0,
+            "rd_weight": rule.rd_weight,
+            "skip_threshold": rule.skip_threshold,
+        }
+    )
     dp = None
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise FedlvcError("give either --noise-multiplier or --target-epsilon, not both")
@@ -119,22 +150,42 @@ def cmd_train(args) -> int:
             clips = load_clips(find_videos(args.video_dirs), args.every, args.max_frames_per_video)
             n = len(make_segments(clips, cfg.segment_frames)) if cfg.segment_frames else sum(map(len, clips))
             n -= len(range(0, n, 20))  # held-out validation rows
-            sigma = plan_noise_multiplier(args.target_epsilon, args.delta, poisson_sample_rate(max(n, 1), args.batch_size),
-                                          args.steps, args.accountant)
-        dp = DPConfig(noise_multiplier=sigma, max_grad_norm=args.max_grad_norm, delta=args.delta,
-                      accountant=args.accountant, grad_sample_mode=args.grad_sample_mode)
+            sigma = plan_noise_multiplier(
+                args.target_epsilon,
+                args.delta,
+                poisson_sample_rate(max(n, 1), args.batch_size),
+                args.steps,
+                args.accountant,
+            )
+        dp = DPConfig(
+            noise_multiplier=sigma,
+            max_grad_norm=args.max_grad_norm,
+            delta=args.delta,
+            accountant=args.accountant,
+            grad_sample_mode=args.grad_sample_mode,
+        )
     with tqdm(total=args.steps, desc="training", unit="step", disable=args.quiet) as bar:
+
         def progress(step, loss):
             bar.n = step
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.refresh()
 
-        summary = train(args.video_dirs, args.out, cfg, dp=dp, init_model=args.init_model,
-                        log=(lambda s: tqdm.write(s)), progress=progress)
+        summary = train(
+            args.video_dirs,
+            args.out,
+            cfg,
+            dp=dp,
+            init_model=args.init_model,
+            log=(lambda s: tqdm.write(s)),
+            progress=progress,
+        )
     eps = summary["epsilon"]
     unit = "segments" if cfg.segment_frames else "frames"
-    print(f"{args.out}: {summary['steps']} steps on {summary['rows']} {unit}"
-          + ("" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}"))
+    print(
+        f"{args.out}: {summary['steps']} steps on {summary['rows']} {unit}"
+        + ("" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}")
+    )
     return 0
 
 
@@ -170,8 +221,12 @@ def _decompress_parser(sub) -> None:
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
-    d.add_argument("--start", type=int, default=0, help="first frame to output (decoding starts at the I-frame "
-                                                         "before it; default 0)")
+    d.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="first frame to output (decoding starts at the I-frame before it; default 0)",
+    )
     d.add_argument("--frames", type=_positive_int, default=None, help="output at most N frames")
     _progress_options(d)
     d.set_defaults(func=cmd_decompress)
@@ -187,8 +242,12 @@ def _evaluate_parser(sub) -> None:
     e.add_argument("--frames", type=_positive_int, default=None, help="use only the first N frames")
     e.add_argument("--qualities", type=_quality, nargs="+", default=None, help="quality levels (default: all)")
     e.add_argument("--crfs", type=int, nargs="+", default=None, help="x264/x265 CRFs (default 18 23 28 33 38)")
-    o.GOP.add_to(e, nargs="+", default=None, help=f"fedlvc group lengths to measure (default: {o.GOP.default} and "
-                                                 "1, i.e. I+P and intra-only)")
+    o.GOP.add_to(
+        e,
+        nargs="+",
+        default=None,
+        help=f"fedlvc group lengths to measure (default: {o.GOP.default} and 1, i.e. I+P and intra-only)",
+    )
     _progress_options(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -197,8 +256,12 @@ def _demo_data_parser(sub) -> None:
     g = sub.add_parser("demo-data", help="generate distinct, deterministic clips for N sites")
     g.add_argument("outdir")
     g.add_argument("--sites", type=_positive_int, default=4)
-    g.add_argument("--first-site", type=int, default=0,
-                   help="number of the first site (sites first-site .. first-site+sites-1; default 0)")
+    g.add_argument(
+        "--first-site",
+        type=int,
+        default=0,
+        help="number of the first site (sites first-site .. first-site+sites-1; default 0)",
+    )
     g.add_argument("--clips", type=_positive_int, default=2)
     g.add_argument("--frames", type=_positive_int, default=120)
     g.add_argument("--width", type=_positive_int, default=320)
@@ -250,11 +313,22 @@ def _sweep_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlvc", description="Federated, privacy-preserving learned video codec.")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default; 1 is fastest for small frames on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default; 1 is fastest for small frames on a busy machine)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    for build in (_compress_parser, _decompress_parser, _evaluate_parser, _demo_data_parser, _public_data_parser,
-                  _train_parser, _sweep_parser):
+    for build in (
+        _compress_parser,
+        _decompress_parser,
+        _evaluate_parser,
+        _demo_data_parser,
+        _public_data_parser,
+        _train_parser,
+        _sweep_parser,
+    ):
         build(sub)
     return p
 

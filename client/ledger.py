@@ -57,8 +57,9 @@ def earlier_ledger(config, name: str) -> dict | None:
 
 
 class PrivacyLedger:
-    def __init__(self, history, unit_frames: int, state_dir: Path | None = None, sequence: int = 0,
-                 releases: dict | None = None):
+    def __init__(
+        self, history, unit_frames: int, state_dir: Path | None = None, sequence: int = 0, releases: dict | None = None
+    ):
         self.history = [tuple(h) for h in history]
         self.unit_frames, self.state_dir, self.sequence = unit_frames, state_dir, sequence
         self.releases = dict(releases or {})
@@ -81,14 +82,16 @@ class PrivacyLedger:
         """The history as three parallel lists (Flower metric records hold lists of numbers; never empty:
         a site that has spent nothing reports one entry of zero steps)."""
         history = self.history or [(0.0, 0.0, 0)]
-        return {"dp_sigma": [float(s) for s, _, _ in history],
-                "dp_sample_rate": [float(q) for _, q, _ in history],
-                "dp_steps": [int(n) for _, _, n in history]}
+        return {
+            "dp_sigma": [float(s) for s, _, _ in history],
+            "dp_sample_rate": [float(q) for _, q, _ in history],
+            "dp_steps": [int(n) for _, _, n in history],
+        }
 
     # ------------------------------------------------------------------ on disk (state-dir)
 
     @classmethod
-    def _read(cls, state_dir: Path, unit_frames: int) -> "PrivacyLedger":
+    def _read(cls, state_dir: Path, unit_frames: int) -> PrivacyLedger:
         path, seal_path = state_dir / LEDGER, state_dir / SEAL
         seal = None
         if seal_path.exists():
@@ -96,13 +99,16 @@ class PrivacyLedger:
                 doc = json.loads(seal_path.read_text())
                 seal = (int(doc["sequence"]), int(doc["steps"]))
             except (OSError, ValueError, TypeError, KeyError) as e:
-                raise FedlvcError(f"privacy ledger seal {seal_path} is damaged ({e}); restore state-dir from a "
-                                  "backup") from None
+                raise FedlvcError(
+                    f"privacy ledger seal {seal_path} is damaged ({e}); restore state-dir from a backup"
+                ) from None
         if not path.exists():
             if seal is not None:
-                raise FedlvcError(f"privacy ledger {path} is missing, but this site has spent privacy before "
-                                  f"({seal[1]} DP steps, {seal_path}): restore it from a backup (a missing "
-                                  "ledger is never a fresh start)")
+                raise FedlvcError(
+                    f"privacy ledger {path} is missing, but this site has spent privacy before "
+                    f"({seal[1]} DP steps, {seal_path}): restore it from a backup (a missing "
+                    "ledger is never a fresh start)"
+                )
             return cls([], unit_frames, state_dir)
         try:
             doc = json.loads(path.read_text())
@@ -113,22 +119,34 @@ class PrivacyLedger:
             releases = {str(k): int(v) for k, v in dict(doc.get("releases", {})).items()}
             recorded_unit = int(doc.get("unit_frames", 1))
         except (OSError, ValueError, TypeError, KeyError, FedlvcError) as e:
-            raise FedlvcError(f"privacy ledger {path} is damaged ({e}); restore it from a backup (a damaged ledger "
-                              "is never a fresh start)") from None
+            raise FedlvcError(
+                f"privacy ledger {path} is damaged ({e}); restore it from a backup (a damaged ledger "
+                "is never a fresh start)"
+            ) from None
         ledger = cls(history, unit_frames, state_dir, sequence, releases)
         if seal is not None and (sequence < seal[0] or ledger.steps < seal[1]):
-            raise FedlvcError(f"privacy ledger {path} is older than its seal ({ledger.steps} DP steps recorded, "
-                              f"{seal[1]} spent): a ledger only grows; restore the latest one")
+            raise FedlvcError(
+                f"privacy ledger {path} is older than its seal ({ledger.steps} DP steps recorded, "
+                f"{seal[1]} spent): a ledger only grows; restore the latest one"
+            )
         if history:
-            check_privacy_unit(recorded_unit, unit_frames, f"privacy ledger {path}",
-                               "use another state-dir or the same unit")
+            check_privacy_unit(
+                recorded_unit, unit_frames, f"privacy ledger {path}", "use another state-dir or the same unit"
+            )
         return ledger
 
     def _write(self, accountant: str, delta: float) -> None:
         self.sequence += 1
-        doc = {"format": 2, "accountant": accountant, "delta": delta, "unit_frames": self.unit_frames,
-               "sequence": self.sequence, "steps": self.steps, "releases": self.releases,
-               "history": [list(h) for h in self.history]}
+        doc = {
+            "format": 2,
+            "accountant": accountant,
+            "delta": delta,
+            "unit_frames": self.unit_frames,
+            "sequence": self.sequence,
+            "steps": self.steps,
+            "releases": self.releases,
+            "history": [list(h) for h in self.history],
+        }
         with atomic_output(self.state_dir / LEDGER) as tmp:
             tmp.write_text(json.dumps(doc, indent=1))
         with atomic_output(self.state_dir / SEAL) as tmp:  # after the ledger: a crash leaves the ledger ahead
@@ -140,9 +158,13 @@ class PrivacyLedger:
         from flwr.app import ConfigRecord
 
         if self.history:
-            context.state["privacy"] = ConfigRecord({
-                "sigma": [float(s) for s, _, _ in self.history], "q": [float(q) for _, q, _ in self.history],
-                "steps": [int(n) for _, _, n in self.history]})
+            context.state["privacy"] = ConfigRecord(
+                {
+                    "sigma": [float(s) for s, _, _ in self.history],
+                    "q": [float(q) for _, q, _ in self.history],
+                    "steps": [int(n) for _, _, n in self.history],
+                }
+            )
 
     def save(self, context, accountant: str, delta: float) -> None:
         """Keep the ledger: on disk with ``state-dir`` (call inside :func:`open_ledger`'s lock), else in the
@@ -182,8 +204,9 @@ def open_ledger(context, rc: RunConfig, earlier: dict | None = None):
         rec = context.state["privacy"]
         yield PrivacyLedger(zip(rec["sigma"], rec["q"], rec["steps"]), rc.unit_frames)
     elif earlier and earlier["history"]:
-        check_privacy_unit(earlier["unit_frames"], rc.unit_frames, "the rounds before resume-from",
-                           "resume with the same unit")
+        check_privacy_unit(
+            earlier["unit_frames"], rc.unit_frames, "the rounds before resume-from", "resume with the same unit"
+        )
         yield PrivacyLedger(earlier["history"], rc.unit_frames)
     else:
         yield PrivacyLedger([], rc.unit_frames)

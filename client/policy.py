@@ -89,7 +89,7 @@ class SitePolicy:
     real_video: bool  # the site holds real video (video-dir): strict defaults, a ledger on disk required
 
     @classmethod
-    def of(cls, node_config) -> "SitePolicy":
+    def of(cls, node_config) -> SitePolicy:
         """The policy in a node config (``--node-config``), with the defaults of the module docstring."""
         real = bool(node_config.get("video-dir"))
         accountant = str(node_config.get("accountant", "rdp"))
@@ -104,8 +104,9 @@ class SitePolicy:
             items = set()
         unknown = items - set(RELEASES)
         if unknown:
-            raise FedlvcError(f"node-config 'release' must be a comma list of {', '.join(RELEASES)} or none, "
-                              f"not {release!r}")
+            raise FedlvcError(
+                f"node-config 'release' must be a comma list of {', '.join(RELEASES)} or none, not {release!r}"
+            )
         return cls(
             max_epsilon=_number(node_config, "max-epsilon", 10.0 if real else math.inf, lo=0),
             delta=_number(node_config, "delta", 1e-5, lo=1e-300, hi=0.1),
@@ -113,8 +114,9 @@ class SitePolicy:
             min_noise_multiplier=_number(node_config, "min-noise-multiplier", 0.5 if real else 0.0, lo=0),
             max_local_steps=_number(node_config, "max-local-steps", 1000 if real else None, int, lo=1),
             privacy_unit=unit,
-            segment_frames=_number(node_config, "segment-frames", 4 if real or unit == "segment" else None, int,
-                                   lo=2, hi=64),
+            segment_frames=_number(
+                node_config, "segment-frames", 4 if real or unit == "segment" else None, int, lo=2, hi=64
+            ),
             allow_non_private=_flag(node_config, "allow-non-private", not real),
             release=frozenset(items),
             max_memory_mb=_number(node_config, "max-memory-mb", 8192.0, lo=1),
@@ -125,26 +127,43 @@ class SitePolicy:
         """The round the run asks for, tightened by this policy: δ, budget and accountant are the stricter of
         the two; anything the policy does not allow declines the round."""
         accountants = (self.accountant,) + ((rc.accountant,) if rc.accountant != self.accountant else ())
-        plan = RoundPlan(rc.noise_multiplier, rc.local_steps, min(self.delta, rc.delta), accountants,
-                         min(self.max_epsilon, rc.epsilon_budget), rc.private)
+        plan = RoundPlan(
+            rc.noise_multiplier,
+            rc.local_steps,
+            min(self.delta, rc.delta),
+            accountants,
+            min(self.max_epsilon, rc.epsilon_budget),
+            rc.private,
+        )
         reason = ""
         if rc.accountant not in SITE_ACCOUNTANTS:
-            reason = (f"the run asks for the {rc.accountant} accountant; this site accounts with "
-                      f"{' or '.join(SITE_ACCOUNTANTS)} only")
+            reason = (
+                f"the run asks for the {rc.accountant} accountant; this site accounts with "
+                f"{' or '.join(SITE_ACCOUNTANTS)} only"
+            )
         elif self.privacy_unit and rc.privacy_unit != self.privacy_unit:
             reason = f"the site's privacy unit is {self.privacy_unit}; the run asks for {rc.privacy_unit}"
         elif self.privacy_unit == "segment" and rc.segment_frames != self.segment_frames:
-            reason = (f"the site's privacy unit is a segment of {self.segment_frames} frames; the run asks for "
-                      f"{rc.segment_frames}")
+            reason = (
+                f"the site's privacy unit is a segment of {self.segment_frames} frames; the run asks for "
+                f"{rc.segment_frames}"
+            )
         elif not rc.private and not self.allow_non_private:
-            reason = ("the run asks for a non-private round (" + ("clip-only" if rc.clip_only else
-                      "noise-multiplier 0") + "); the site's policy refuses them (allow-non-private = false)")
+            reason = (
+                "the run asks for a non-private round ("
+                + ("clip-only" if rc.clip_only else "noise-multiplier 0")
+                + "); the site's policy refuses them (allow-non-private = false)"
+            )
         elif rc.private and rc.noise_multiplier < self.min_noise_multiplier:
-            reason = (f"the run asks for noise-multiplier {rc.noise_multiplier:g}; the site's policy needs at least "
-                      f"{self.min_noise_multiplier:g}")
+            reason = (
+                f"the run asks for noise-multiplier {rc.noise_multiplier:g}; the site's policy needs at least "
+                f"{self.min_noise_multiplier:g}"
+            )
         elif self.max_local_steps is not None and rc.local_steps > self.max_local_steps:
-            reason = (f"the run asks for {rc.local_steps} local steps; the site's policy allows at most "
-                      f"{self.max_local_steps} a round")
+            reason = (
+                f"the run asks for {rc.local_steps} local steps; the site's policy allows at most "
+                f"{self.max_local_steps} a round"
+            )
         return RoundPlan(**{**plan.__dict__, "declined": reason})
 
     def releases(self, what: str) -> bool:
@@ -153,5 +172,7 @@ class SitePolicy:
     def check_memory(self, what: str, nbytes: float) -> None:
         """Refuse work that would hold more than ``max-memory-mb`` (estimated before anything is allocated)."""
         if nbytes > self.max_memory_mb * 2**20:
-            raise FedlvcError(f"{what} would need about {nbytes / 2**20:,.0f} MB; the site allows "
-                              f"{self.max_memory_mb:,.0f} MB (node-config max-memory-mb)")
+            raise FedlvcError(
+                f"{what} would need about {nbytes / 2**20:,.0f} MB; the site allows "
+                f"{self.max_memory_mb:,.0f} MB (node-config max-memory-mb)"
+            )

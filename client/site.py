@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import (find_videos, generate_site_clip, make_segments, sample_frames, sample_segments,
-                         split_held_out)
+from common.data import find_videos, generate_site_clip, make_segments, sample_frames, sample_segments, split_held_out
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 
@@ -55,8 +54,7 @@ def site_out_dir(node_config, name: str) -> Path:
     if state_dir is not None:
         return state_dir / "out"
     if node_config.get("video-dir"):
-        raise FedlvcError("this site has no out-dir or state-dir in its node config to write its compressed "
-                          "video to")
+        raise FedlvcError("this site has no out-dir or state-dir in its node config to write its compressed video to")
     return SIMULATED_OUT / name
 
 
@@ -76,8 +74,18 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
     the rows would pass the site's memory limit (``max-memory-mb``)."""
     name, pid = site_identity(node_config, node_id)
     video_dir = str(node_config.get("video-dir", "") or "")
-    key = (video_dir, pid, rc.demo_frames, rc.demo_clips, rc.demo_width, rc.demo_height, rc.demo_site_offset,
-           rc.eval_frames, rc.site_max_frames, rc.unit_frames)
+    key = (
+        video_dir,
+        pid,
+        rc.demo_frames,
+        rc.demo_clips,
+        rc.demo_width,
+        rc.demo_height,
+        rc.demo_site_offset,
+        rc.eval_frames,
+        rc.site_max_frames,
+        rc.unit_frames,
+    )
     if key in _CACHE:
         return _CACHE[key]
     if video_dir and not Path(video_dir).is_dir():
@@ -93,8 +101,10 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
             rows = sample_segments(videos, max(1, rc.site_max_frames // s), s, seed=pid)
     else:
         generated = True
-        clips = [list(generate_site_clip(pid + rc.demo_site_offset, c, rc.demo_width, rc.demo_height, rc.demo_frames))
-                 for c in range(rc.demo_clips)]
+        clips = [
+            list(generate_site_clip(pid + rc.demo_site_offset, c, rc.demo_width, rc.demo_height, rc.demo_frames))
+            for c in range(rc.demo_clips)
+        ]
         rows = [f for c in clips for f in c] if s == 1 else make_segments(clips, s)
     if s == 1:
         train, held_out = split_held_out(rows, rc.eval_frames)
@@ -122,6 +132,12 @@ def site_clips(node_config, rc: RunConfig, node_id: int = 0):
             yield path.stem, (lambda p=path: iter_frames(p)), probe(path).fps
     else:
         for c in range(rc.demo_clips):
-            yield (f"clip_{c}", (lambda c=c: generate_site_clip(pid + rc.demo_site_offset, c, rc.demo_width,
-                                                                rc.demo_height, rc.demo_frames)),
-                   Fraction(25))
+            yield (
+                f"clip_{c}",
+                (
+                    lambda c=c: generate_site_clip(
+                        pid + rc.demo_site_offset, c, rc.demo_width, rc.demo_height, rc.demo_frames
+                    )
+                ),
+                Fraction(25),
+            )

@@ -53,8 +53,9 @@ def encode_baseline(frames: np.ndarray, name: str, crf: int, fps: Fraction = Fra
                 # libx265 through FFmpeg now and then hands back a packet with an uninitialised DTS on very
                 # short clips, which the mp4 muxer refuses: give it a sane, increasing one.
                 dts, pts, last = packet.dts, packet.pts, last_dts[0]
-                if pts is not None and (dts is None or dts > pts or dts < pts - 64
-                                        or (last is not None and dts <= last)):
+                if pts is not None and (
+                    dts is None or dts > pts or dts < pts - 64 or (last is not None and dts <= last)
+                ):
                     packet.dts = pts if last is None or pts > last else last + 1
                 last_dts[0] = packet.dts
                 out.mux(packet)

@@ -83,8 +83,19 @@ class StreamHeader:
 
     def _body(self, frames: int) -> bytes:
         fps = Fraction(self.fps).limit_denominator(1_000_000)
-        return HEADER.pack(MAGIC, self.version, 0, self.fingerprint, self.quality, self.width, self.height,
-                           fps.numerator, fps.denominator, frames, self.gop)
+        return HEADER.pack(
+            MAGIC,
+            self.version,
+            0,
+            self.fingerprint,
+            self.quality,
+            self.width,
+            self.height,
+            fps.numerator,
+            fps.denominator,
+            frames,
+            self.gop,
+        )
 
     def pack(self) -> bytes:
         body = self._body(self.frames)
@@ -109,8 +120,10 @@ def read_header(f: BinaryIO, file_size: int) -> StreamHeader:
         raise FedlvcError("bitstream is truncated inside its header")
     magic, version, flags, fp, quality, width, height, fps_num, fps_den, frames, gop = HEADER.unpack(raw[: HEADER.size])
     if version not in READABLE_VERSIONS:
-        raise FedlvcError(f"bitstream version {version} is not supported (this fedlvc reads versions "
-                          f"{', '.join(map(str, READABLE_VERSIONS))}; a newer fedlvc wrote it?)")
+        raise FedlvcError(
+            f"bitstream version {version} is not supported (this fedlvc reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; a newer fedlvc wrote it?)"
+        )
     (crc,) = HEADER_CRC.unpack(raw[HEADER.size :])
     if crc != zlib.crc32(raw[: HEADER.size]):
         raise FedlvcError("bitstream header is damaged (checksum mismatch)")
@@ -210,14 +223,17 @@ def _read_head(f: BinaryIO, index: int, version: int) -> tuple[int, int, int | N
     raise FedlvcError(f"frame {index} has a malformed chunk head (damaged stream)")
 
 
-def _chunk_header(f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int,
-                  version: int) -> tuple[int, int | None, int]:
+def _chunk_header(
+    f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int, version: int
+) -> tuple[int, int | None, int]:
     frame_type, length, crc, head = _read_head(f, index, version)
     if frame_type not in FRAME_TYPE_NAMES:
         raise FedlvcError(f"frame {index} has unknown frame type {frame_type}")
     if frame_type != expected_type:
-        raise FedlvcError(f"frame {index} has frame type {FRAME_TYPE_NAMES[frame_type]} where the group "
-                          f"structure puts type {FRAME_TYPE_NAMES[expected_type]} (damaged stream)")
+        raise FedlvcError(
+            f"frame {index} has frame type {FRAME_TYPE_NAMES[frame_type]} where the group "
+            f"structure puts type {FRAME_TYPE_NAMES[expected_type]} (damaged stream)"
+        )
     if length > max_payload or (version < 3 and length % 4):
         raise FedlvcError(f"frame {index} claims an impossible payload size of {length} bytes")
     if length > remaining - head:
@@ -225,16 +241,24 @@ def _chunk_header(f: BinaryIO, index: int, remaining: int, max_payload: int, exp
     return length, crc, head
 
 
-def skip_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int,
-               version: int = VERSION) -> int:
+def skip_chunk(
+    f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int, version: int = VERSION
+) -> int:
     """Skip frame chunk ``index`` without reading its payload (random access); returns its size in bytes."""
     length, _, head = _chunk_header(f, index, remaining, max_payload, expected_type, version)
     f.seek(length, 1)
     return head + length
 
 
-def read_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int, key: int = 0,
-               expected_type: int = FRAME_INTRA, version: int = VERSION) -> tuple[bytes, int]:
+def read_chunk(
+    f: BinaryIO,
+    index: int,
+    remaining: int,
+    max_payload: int,
+    key: int = 0,
+    expected_type: int = FRAME_INTRA,
+    version: int = VERSION,
+) -> tuple[bytes, int]:
     """Read frame chunk ``index`` of a stream of ``version``; ``remaining`` is the number of bytes left in
     the file, ``key`` the stream key of its header, ``expected_type`` the frame type its position in the
     group requires. Returns (ANS payload as whole 32-bit words, chunk size in bytes). The payload checksum

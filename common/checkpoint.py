@@ -40,12 +40,14 @@ def default_model_path() -> Path:
         direct = json.loads(dist.read_text("direct_url.json") or "{}")
         url = direct.get("url", "")
         if direct.get("dir_info", {}).get("editable") and url.startswith("file://"):
-            candidate = Path(url[len("file://"):]) / "common" / "pretrained" / DEFAULT_MODEL_NAME
+            candidate = Path(url[len("file://") :]) / "common" / "pretrained" / DEFAULT_MODEL_NAME
             if candidate.is_file():
                 return candidate
     except (PackageNotFoundError, ValueError, OSError):
         pass
     return DEFAULT_MODEL
+
+
 FINGERPRINT_BYTES = 16
 
 
@@ -107,7 +109,9 @@ def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
     expected = model.state_dict()
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise FedlvcError(f"model checkpoint {path} does not match its config (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise FedlvcError(
+            f"model checkpoint {path} does not match its config (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     for k, v in state.items():
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
             raise FedlvcError(

@@ -12,10 +12,10 @@ Outputs are written under a temporary name and renamed at the end, so a failure 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -23,14 +23,13 @@ from tqdm import tqdm
 
 from . import bitstream as bs
 from .checkpoint import fingerprint
+from .contexts import next_history
 from .entropy import LatentCoder
 from .errors import FedlvcError
-from .contexts import next_history
 from .model import FedlvcCodec
-from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
 from .options import GOP, RD_WEIGHT, SKIP_THRESHOLD
+from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
 from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
-
 
 # The encoder's defaults (their limits: common.options): an I-frame every DEFAULT_GOP frames, P-frame latents
 # chosen by rate-distortion cost.
@@ -109,8 +108,9 @@ class FrameEncoder:
     ``gop`` frames. ``rule`` says how a P-frame's integer latent is chosen (:class:`common.model.PFrameRule`:
     rate–distortion optimised, or rounding with a skip threshold); the decoder does not need to know it."""
 
-    def __init__(self, model: FedlvcCodec, quality: int, track_bits: bool = False, gop: int = 1,
-                 rule: PFrameRule = PFrameRule()):
+    def __init__(
+        self, model: FedlvcCodec, quality: int, track_bits: bool = False, gop: int = 1, rule: PFrameRule = PFrameRule()
+    ):
         model.check_level(quality - 1)
         check_gop(model, gop)
         check_p_rule(rule)
@@ -151,9 +151,18 @@ class FrameEncoder:
                 self._raw = self.model.temporal(self._levels)
         contexts = []
         with torch.inference_mode():  # many small tensor operations: skip autograd's bookkeeping
-            chosen = choose_p_latent(torch.from_numpy(y)[None], torch.from_numpy(prev).float()[None], history,
-                                     self._raw, self.model.cfg.p_groups, self.rule, self.coder.support, self._lam,
-                                     self._weights, contexts_out=contexts)
+            chosen = choose_p_latent(
+                torch.from_numpy(y)[None],
+                torch.from_numpy(prev).float()[None],
+                history,
+                self._raw,
+                self.model.cfg.p_groups,
+                self.rule,
+                self.coder.support,
+                self._lam,
+                self._weights,
+                contexts_out=contexts,
+            )
         self._contexts = contexts[0][0].numpy() if contexts else None
         return chosen[0].numpy().astype(np.int64)
 
@@ -167,13 +176,20 @@ class FrameEncoder:
         prev, history = st.references()
         params = None
         if prev is not None:  # the contexts the choice was made under are the ones the frame is coded under
-            params = (self.coder.p.params_of(prev, self._contexts, self.level) if self._contexts is not None
-                      else self.coder.p.params(prev, history, self.level, y_hat))
+            params = (
+                self.coder.p.params_of(prev, self._contexts, self.level)
+                if self._contexts is not None
+                else self.coder.p.params(prev, history, self.level, y_hat)
+            )
         if self.track_bits:
-            self.ideal_bits += (self.coder.bits(y_hat, self.level) if prev is None
-                                else self.coder.p.bits(y_hat, prev, history, self.level, params))
-        payload = self.coder.encode(y_hat, self.level, prev, history, params,
-                                    check=bs.latent_checksum(y_hat, st.index, key))
+            self.ideal_bits += (
+                self.coder.bits(y_hat, self.level)
+                if prev is None
+                else self.coder.p.bits(y_hat, prev, history, self.level, params)
+            )
+        payload = self.coder.encode(
+            y_hat, self.level, prev, history, params, check=bs.latent_checksum(y_hat, st.index, key)
+        )
         name = bs.FRAME_TYPE_NAMES[ftype]
         self.bytes_by_type[name] += bs.chunk_size(payload, ftype)
         self.frames_by_type[name] += 1
@@ -184,8 +200,16 @@ class FrameEncoder:
 class FrameDecoder:
     """Decodes the chunk payloads of a stream of ``version`` under the header with stream ``key``."""
 
-    def __init__(self, model: FedlvcCodec, quality: int, height: int, width: int, gop: int = 1,
-                 version: int = bs.VERSION, key: int = 0):
+    def __init__(
+        self,
+        model: FedlvcCodec,
+        quality: int,
+        height: int,
+        width: int,
+        gop: int = 1,
+        version: int = bs.VERSION,
+        key: int = 0,
+    ):
         model.check_level(quality - 1)
         if gop > 1 and not model.cfg.temporal:
             raise FedlvcError("the bitstream has P-frames but the model is intra-only (no temporal prior)")
@@ -234,9 +258,16 @@ class FrameDecoder:
         return _to_frame(self.model.synthesis(y, self._levels), self.height, self.width)
 
 
-def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model: FedlvcCodec, quality: int,
-                  fps: Fraction, gop: int = 1, progress: tqdm | None = None,
-                  rule: PFrameRule | None = None) -> dict:
+def encode_frames(
+    frames: Iterable[np.ndarray],
+    output: str | os.PathLike,
+    model: FedlvcCodec,
+    quality: int,
+    fps: Fraction,
+    gop: int = 1,
+    progress: tqdm | None = None,
+    rule: PFrameRule | None = None,
+) -> dict:
     """Write ``frames`` (RGB uint8, all one size) as a ``.lvc`` file at ``output`` (atomically); ``rule``:
     the P-frame quantization (None: :data:`DEFAULT_P_RULE`)."""
     encoder = FrameEncoder(model, quality, track_bits=True, gop=gop, rule=DEFAULT_P_RULE if rule is None else rule)
@@ -249,8 +280,10 @@ def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model
                 size = frame.shape[:2]
                 header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), 0, gop)
             elif frame.shape[:2] != size:
-                raise FedlvcError(f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
-                                  f"expected {size[1]}x{size[0]} (size changes are not supported)")
+                raise FedlvcError(
+                    f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
+                    f"expected {size[1]}x{size[0]} (size changes are not supported)"
+                )
             ftype, payload = encoder.encode(frame, header.stream_key)
             bs.write_chunk(f, payload, ftype)
             count += 1
@@ -264,9 +297,18 @@ def encode_frames(frames: Iterable[np.ndarray], output: str | os.PathLike, model
         f.flush()
         total = f.seek(0, os.SEEK_END)
     pixels = count * size[0] * size[1]
-    return {"frames": count, "width": size[1], "height": size[0], "quality": quality, "gop": gop, "bytes": total,
-            "bpp": total * 8 / pixels, "ideal_bpp": encoder.ideal_bits / pixels,
-            "frames_by_type": dict(encoder.frames_by_type), "chunk_bytes_by_type": dict(encoder.bytes_by_type)}
+    return {
+        "frames": count,
+        "width": size[1],
+        "height": size[0],
+        "quality": quality,
+        "gop": gop,
+        "bytes": total,
+        "bpp": total * 8 / pixels,
+        "ideal_bpp": encoder.ideal_bits / pixels,
+        "frames_by_type": dict(encoder.frames_by_type),
+        "chunk_bytes_by_type": dict(encoder.bytes_by_type),
+    }
 
 
 def _same_file(a, b) -> bool:
@@ -280,8 +322,15 @@ def default_gop(model: FedlvcCodec) -> int:
     return DEFAULT_GOP if model.cfg.temporal else 1
 
 
-def compress_file(input_path, output_path, model: FedlvcCodec, quality: int = 4, gop: int | None = None,
-                  progress: bool = False, rule: PFrameRule | None = None) -> dict:
+def compress_file(
+    input_path,
+    output_path,
+    model: FedlvcCodec,
+    quality: int = 4,
+    gop: int | None = None,
+    progress: bool = False,
+    rule: PFrameRule | None = None,
+) -> dict:
     """Compress any video PyAV reads into ``output_path`` (.lvc); ``gop`` None: the model's default (an
     I-frame every DEFAULT_GOP frames, or 1 for an intra-only model)."""
     gop = default_gop(model) if gop is None else gop
@@ -318,14 +367,17 @@ def open_stream(path) -> tuple[object, bs.StreamHeader, int]:
 def check_model(header: bs.StreamHeader, model: FedlvcCodec) -> None:
     fp = fingerprint(model)
     if header.fingerprint != fp:
-        raise FedlvcError(f"the bitstream was made by a different model (fingerprint {header.fingerprint.hex()[:12]}, "
-                          f"loaded model {fp.hex()[:12]}); pass the right --model")
+        raise FedlvcError(
+            f"the bitstream was made by a different model (fingerprint {header.fingerprint.hex()[:12]}, "
+            f"loaded model {fp.hex()[:12]}); pass the right --model"
+        )
     if not 1 <= header.quality <= model.cfg.num_levels:
         raise FedlvcError(f"bitstream quality {header.quality} is out of range 1..{model.cfg.num_levels}")
 
 
-def decode_stream(path, model: FedlvcCodec, start: int = 0,
-                  count: int | None = None) -> tuple[bs.StreamHeader, Iterator[np.ndarray]]:
+def decode_stream(
+    path, model: FedlvcCodec, start: int = 0, count: int | None = None
+) -> tuple[bs.StreamHeader, Iterator[np.ndarray]]:
     """Parse and check the header now; return it and a generator of decoded frames (one at a time).
 
     ``start``/``count`` select frames start .. start+count-1 (random access): the payloads of the chunks
@@ -338,8 +390,9 @@ def decode_stream(path, model: FedlvcCodec, start: int = 0,
             raise FedlvcError(f"--start {start} is outside the stream's frames 0..{header.frames - 1}")
         if count is not None and count < 1:
             raise FedlvcError("--frames must be at least 1")
-        decoder = FrameDecoder(model, header.quality, header.height, header.width, header.gop, header.version,
-                               header.stream_key)
+        decoder = FrameDecoder(
+            model, header.quality, header.height, header.width, header.gop, header.version, header.stream_key
+        )
     except BaseException:
         f.close()
         raise
@@ -350,12 +403,14 @@ def decode_stream(path, model: FedlvcCodec, start: int = 0,
         with f:
             pos = bs.HEADER_SIZE
             for i in range(first):
-                pos += bs.skip_chunk(f, i, size - pos, decoder.max_payload, bs.frame_type_at(i, header.gop),
-                                     header.version)
+                pos += bs.skip_chunk(
+                    f, i, size - pos, decoder.max_payload, bs.frame_type_at(i, header.gop), header.version
+                )
             decoder.seek(first)
             for i in range(first, end):
-                payload, n = bs.read_chunk(f, i, size - pos, decoder.max_payload, header.stream_key,
-                                           decoder.frame_type, header.version)
+                payload, n = bs.read_chunk(
+                    f, i, size - pos, decoder.max_payload, header.stream_key, decoder.frame_type, header.version
+                )
                 pos += n
                 try:
                     y_hat = decoder.decode_latent(payload)
@@ -369,18 +424,27 @@ def decode_stream(path, model: FedlvcCodec, start: int = 0,
     return replace(header, frames=end - start) if (start, end) != (0, header.frames) else header, frames()
 
 
-def decompress_file(input_path, output_path, model: FedlvcCodec, progress: bool = False, start: int = 0,
-                    count: int | None = None) -> dict:
+def decompress_file(
+    input_path, output_path, model: FedlvcCodec, progress: bool = False, start: int = 0, count: int | None = None
+) -> dict:
     """Decode a ``.lvc`` file (or frames start .. start+count-1 of it) to ``.mkv`` (FFV1 RGB), ``.y4m`` or
     ``.mp4``; no output is left on error."""
     check_output_path(output_path)
     if _same_file(input_path, output_path):
         raise FedlvcError("the output would overwrite the input")
     header, frames = decode_stream(input_path, model, start, count)
-    with VideoWriter(output_path, header.width, header.height, header.fps) as writer, \
-            tqdm(total=header.frames, desc="decompress", unit="frame", disable=not progress) as bar:
+    with (
+        VideoWriter(output_path, header.width, header.height, header.fps) as writer,
+        tqdm(total=header.frames, desc="decompress", unit="frame", disable=not progress) as bar,
+    ):
         for frame in frames:
             writer.write(frame)
             bar.update(1)
-    return {"frames": header.frames, "width": header.width, "height": header.height, "quality": header.quality,
-            "gop": header.gop, "start": start}
+    return {
+        "frames": header.frames,
+        "width": header.width,
+        "height": header.height,
+        "quality": header.quality,
+        "gop": header.gop,
+        "start": start,
+    }

@@ -72,10 +72,15 @@ def temporal_context(prev: torch.Tensor, history: MotionHistory | None) -> torch
     if history is None:
         m = torch.full_like(g, NO_MOTION_HISTORY)
     else:
-        moved = 1 + torch.bucketize(history.change, torch.tensor(MOTION_BOUNDS, dtype=p.dtype, device=p.device),
-                                    right=True)
-        still = 1 + len(MOTION_BOUNDS) + 1 + torch.bucketize(
-            history.still, torch.tensor(STILL_BOUNDS, dtype=p.dtype, device=p.device), right=True)
+        moved = 1 + torch.bucketize(
+            history.change, torch.tensor(MOTION_BOUNDS, dtype=p.dtype, device=p.device), right=True
+        )
+        still = (
+            1
+            + len(MOTION_BOUNDS)
+            + 1
+            + torch.bucketize(history.still, torch.tensor(STILL_BOUNDS, dtype=p.dtype, device=p.device), right=True)
+        )
         m = torch.where(history.change > 0, moved, still)
     return g * MOTION_VALUES + m
 
@@ -121,8 +126,9 @@ class PFrameContexts:
 
 
 @torch.no_grad()
-def p_context(prev: torch.Tensor, history: MotionHistory | None, current: torch.Tensor | None,
-              groups: int) -> torch.Tensor:
+def p_context(
+    prev: torch.Tensor, history: MotionHistory | None, current: torch.Tensor | None, groups: int
+) -> torch.Tensor:
     """Context index (B, C, h, w) int64 of every element of a P-frame latent: :func:`temporal_context`
     alone (groups 1, architecture v2), or combined with the in-frame value of its channel group computed
     from ``current`` (only its earlier groups are read, so a decoder may pass a latent whose later groups

@@ -53,7 +53,7 @@ def _scene(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
         block = color + tex
         if rng.random() < 0.5:  # windows, shelves or stripes
             period = int(rng.integers(4, 16))
-            block[:: period, :] *= 0.6
+            block[::period, :] *= 0.6
         img[y : y + bh, x : x + bw] = block
     return np.clip(img, 0, 255)
 
@@ -70,12 +70,14 @@ def generate_site_clip(site: int, clip: int, width: int = 320, height: int = 240
     speed = {"classroom": 0.8, "street": 3.0, "corridor": 1.5, "park": 1.0}[kind]
     for _ in range(int(rng.integers(2, 7))):
         r = rng.uniform(height / 20, height / 7, 2)
-        movers.append({
-            "pos": rng.uniform([0, 0], [height, width]),
-            "vel": rng.normal(0, speed, 2),
-            "r": r,
-            "color": rng.uniform(20, 235, 3),
-        })
+        movers.append(
+            {
+                "pos": rng.uniform([0, 0], [height, width]),
+                "vel": rng.normal(0, speed, 2),
+                "r": r,
+                "color": rng.uniform(20, 235, 3),
+            }
+        )
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     for t in range(frames):
         x0 = t if pan else 0
@@ -93,8 +95,16 @@ def generate_site_clip(site: int, clip: int, width: int = 320, height: int = 240
         yield np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 
-def write_demo_data(outdir: str | os.PathLike, sites: int, clips: int = 2, frames: int = 120,
-                    width: int = 320, height: int = 240, progress=None, first_site: int = 0) -> list[Path]:
+def write_demo_data(
+    outdir: str | os.PathLike,
+    sites: int,
+    clips: int = 2,
+    frames: int = 120,
+    width: int = 320,
+    height: int = 240,
+    progress=None,
+    first_site: int = 0,
+) -> list[Path]:
     """Write ``site_<k>/clip_<j>.mkv`` (FFV1 lossless) for sites k = first_site … first_site+sites−1;
     returns the site folders."""
     if sites < 1:
@@ -126,9 +136,29 @@ def split_held_out(frames: list, held_out: int) -> tuple[list, list]:
     return frames[: len(frames) - n], frames[len(frames) - n :]
 
 
-PUBLIC_STILLS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "stereo_motorcycle", "retina", "camera", "brick", "grass", "gravel", "coins", "page", "moon",
-                 "text", "horse", "cell", "colorwheel", "logo", "clock")
+PUBLIC_STILLS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "stereo_motorcycle",
+    "retina",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "page",
+    "moon",
+    "text",
+    "horse",
+    "cell",
+    "colorwheel",
+    "logo",
+    "clock",
+)
 
 
 def _public_still(name: str) -> np.ndarray:
@@ -162,8 +192,9 @@ def generate_pan(image: np.ndarray, width: int, height: int, frames: int, seed: 
         yield np.clip(np.rint(big[y : y + height, x : x + width]), 0, 255).astype(np.uint8)
 
 
-def write_public_pans(outdir: str | os.PathLike, frames: int = 48, width: int = 256, height: int = 192,
-                      progress=None) -> list[Path]:
+def write_public_pans(
+    outdir: str | os.PathLike, frames: int = 48, width: int = 256, height: int = 192, progress=None
+) -> list[Path]:
     """Camera pans over every colour/grey still scikit-image ships (no download), as FFV1 ``.mkv``."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from .model import FedlvcCodec
 from .pframe import MIN_PROBABILITY, PFrameCoder
 from .priors import mixture_cdf
 
-
 # Each payload ends (in decoding order) with a 32-bit check value, two 16-bit symbols under a uniform model:
 # the CRC-32 of the frame's position and latent (bitstream version 3, common.bitstream.latent_checksum), or
 # a fixed sentinel (versions 1 and 2). Damage, or decoding a payload as a larger latent than it holds (a
@@ -47,9 +46,7 @@ class LatentCoder:
         """(C, 2R+1) float64 probabilities of the symbols -R..R for every channel."""
         if level not in self._pmfs:
             with torch.no_grad():
-                logits, means, log_scales = (
-                    t[0].double() for t in self.model.prior(torch.tensor([level]))
-                )
+                logits, means, log_scales = (t[0].double() for t in self.model.prior(torch.tensor([level])))
                 r = self.support
                 edges = torch.arange(-r - 0.5, r + 1.0, 1.0, dtype=torch.float64)  # 2R+2 bin edges
                 cdf = mixture_cdf(edges[None, :], logits[:, None, :], means[:, None, :], log_scales[:, None, :])
@@ -74,9 +71,15 @@ class LatentCoder:
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
 
-    def encode(self, y_hat: np.ndarray, level: int, prev: np.ndarray | None = None,
-               history: MotionHistory | None = None, params: tuple[np.ndarray, np.ndarray] | None = None,
-               check: int = SENTINEL) -> bytes:
+    def encode(
+        self,
+        y_hat: np.ndarray,
+        level: int,
+        prev: np.ndarray | None = None,
+        history: MotionHistory | None = None,
+        params: tuple[np.ndarray, np.ndarray] | None = None,
+        check: int = SENTINEL,
+    ) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
         or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given
         (``params``: its :meth:`PFrameCoder.params` when already computed). ``check``: the 32-bit value the
@@ -93,8 +96,15 @@ class LatentCoder:
         return coder.get_compressed().astype("<u4").tobytes()
 
     @torch.inference_mode()
-    def decode(self, payload: bytes, level: int, shape: tuple[int, int, int], prev: np.ndarray | None = None,
-               history: MotionHistory | None = None, check=None) -> np.ndarray:
+    def decode(
+        self,
+        payload: bytes,
+        level: int,
+        shape: tuple[int, int, int],
+        prev: np.ndarray | None = None,
+        history: MotionHistory | None = None,
+        check=None,
+    ) -> np.ndarray:
         """Inverse of :meth:`encode`; ``check``: a function of the decoded latent giving the check value the
         stream must end with (None: the fixed sentinel). Raises FedlvcError when the payload does not decode
         to exactly ``shape`` with that check value."""
@@ -114,8 +124,9 @@ class LatentCoder:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None
         out = out.reshape(c, h, w)
         if check is None and (hi << 16 | lo) != SENTINEL:
-            raise FedlvcError("bitstream chunk does not decode to the frame size in the header "
-                              "(forged or foreign stream)")
+            raise FedlvcError(
+                "bitstream chunk does not decode to the frame size in the header (forged or foreign stream)"
+            )
         if check is not None and (hi << 16 | lo) != check(out):
             raise FedlvcError("bitstream chunk is damaged (checksum mismatch)")
         if not coder.is_empty():
@@ -143,7 +154,11 @@ def coding_fingerprint(model: FedlvcCodec) -> str:
         if model.cfg.temporal:
             scales = coder.p.scale_table(level).reshape(-1)
             ans = constriction.stream.stack.AnsCoder()
-            ans.encode_reverse(np.tile(symbols, scales.size), coder.p._laplace, np.zeros(scales.size * symbols.size),
-                               np.repeat(scales, symbols.size))
+            ans.encode_reverse(
+                np.tile(symbols, scales.size),
+                coder.p._laplace,
+                np.zeros(scales.size * symbols.size),
+                np.repeat(scales, symbols.size),
+            )
             h.update(ans.get_compressed().tobytes())
     return h.hexdigest()

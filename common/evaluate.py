@@ -25,8 +25,15 @@ from .rdo import PFrameRule
 from .video import atomic_output, probe, read_frames
 
 
-def code_and_measure(frames: np.ndarray, model: FedlvcCodec, quality: int, fps, gop: int = 1,
-                     rule: PFrameRule | None = None, similarity=ms_ssim) -> tuple[dict, np.ndarray]:
+def code_and_measure(
+    frames: np.ndarray,
+    model: FedlvcCodec,
+    quality: int,
+    fps,
+    gop: int = 1,
+    rule: PFrameRule | None = None,
+    similarity=ms_ssim,
+) -> tuple[dict, np.ndarray]:
     """Code ``frames`` (N, H, W, 3) uint8 through a real ``.lvc`` file (fedlvc compress's code: groups of
     ``gop``, P-frames chosen by ``rule``, None: its default) and decode them back: (measurements, decoded).
     The rate is the file's size; PSNR-RGB and ``similarity(frames, decoded)`` (MS-SSIM by default; None: not
@@ -40,40 +47,70 @@ def code_and_measure(frames: np.ndarray, model: FedlvcCodec, quality: int, fps, 
         _, it = decode_stream(path, model)
         decoded = np.stack(list(it))
         t2 = time.perf_counter()
-    return {"summary": summary, "psnr": psnr_rgb(frames, decoded),
-            "ms_ssim": similarity(frames, decoded) if similarity else None,
-            "encode_seconds": t1 - t0, "decode_seconds": t2 - t1}, decoded
+    return {
+        "summary": summary,
+        "psnr": psnr_rgb(frames, decoded),
+        "ms_ssim": similarity(frames, decoded) if similarity else None,
+        "encode_seconds": t1 - t0,
+        "decode_seconds": t2 - t1,
+    }, decoded
 
 
-def fedlvc_points(frames: np.ndarray, model: FedlvcCodec, qualities, fps, keep_decoded=(), gop: int = 1,
-                  codec: str = "fedlvc", rule: PFrameRule | None = None, similarity=ms_ssim):
+def fedlvc_points(
+    frames: np.ndarray,
+    model: FedlvcCodec,
+    qualities,
+    fps,
+    keep_decoded=(),
+    gop: int = 1,
+    codec: str = "fedlvc",
+    rule: PFrameRule | None = None,
+    similarity=ms_ssim,
+):
     """:func:`code_and_measure` at each quality; returns (points, decoded frames by quality)."""
     points, decoded_by_q = [], {}
     for q in qualities:
         m, decoded = code_and_measure(frames, model, q, fps, gop, rule, similarity)
         summary = m["summary"]
-        points.append({
-            "codec": codec, "gop": gop, "quality": q, "bytes": summary["bytes"], "bpp": summary["bpp"],
-            "i_frame_bytes": summary["chunk_bytes_by_type"]["I"], "p_frame_bytes": summary["chunk_bytes_by_type"]["P"],
-            "i_frames": summary["frames_by_type"]["I"], "p_frames": summary["frames_by_type"]["P"],
-            "ideal_bpp": summary["ideal_bpp"], "psnr": m["psnr"], "ms_ssim": m["ms_ssim"],
-            "encode_fps": len(frames) / m["encode_seconds"], "decode_fps": len(frames) / m["decode_seconds"],
-        })
+        points.append(
+            {
+                "codec": codec,
+                "gop": gop,
+                "quality": q,
+                "bytes": summary["bytes"],
+                "bpp": summary["bpp"],
+                "i_frame_bytes": summary["chunk_bytes_by_type"]["I"],
+                "p_frame_bytes": summary["chunk_bytes_by_type"]["P"],
+                "i_frames": summary["frames_by_type"]["I"],
+                "p_frames": summary["frames_by_type"]["P"],
+                "ideal_bpp": summary["ideal_bpp"],
+                "psnr": m["psnr"],
+                "ms_ssim": m["ms_ssim"],
+                "encode_fps": len(frames) / m["encode_seconds"],
+                "decode_fps": len(frames) / m["decode_seconds"],
+            }
+        )
         if q in keep_decoded:
             decoded_by_q[q] = decoded
     return points, decoded_by_q
 
 
-def baseline_points(frames: np.ndarray, fps, names=tuple(BASELINES), crfs=DEFAULT_CRFS, keep=None,
-                    similarity=ms_ssim):
+def baseline_points(frames: np.ndarray, fps, names=tuple(BASELINES), crfs=DEFAULT_CRFS, keep=None, similarity=ms_ssim):
     points, kept = [], {}
     for name in names:
         for crf in crfs:
             r = encode_baseline(frames, name, crf, fps)
-            points.append({"codec": name, "crf": crf, "bytes": r.bytes, "bpp": r.bpp,
-                           "psnr": psnr_rgb(frames, r.decoded),
-                           "ms_ssim": similarity(frames, r.decoded) if similarity else None,
-                           "encode_fps": len(frames) / r.encode_seconds})
+            points.append(
+                {
+                    "codec": name,
+                    "crf": crf,
+                    "bytes": r.bytes,
+                    "bpp": r.bpp,
+                    "psnr": psnr_rgb(frames, r.decoded),
+                    "ms_ssim": similarity(frames, r.decoded) if similarity else None,
+                    "encode_fps": len(frames) / r.encode_seconds,
+                }
+            )
             if keep and (name, crf) == keep:
                 kept[(name, crf)] = r.decoded
     return points, kept
@@ -99,8 +136,18 @@ def fedlvc_codec_names(model: FedlvcCodec, gops=None) -> dict[int, str]:
     return names
 
 
-def evaluate_clip(path, model: FedlvcCodec, max_frames=None, json_path=None, plot_path=None, grid_path=None,
-                  qualities=None, crfs=None, progress=False, gop=None) -> dict:
+def evaluate_clip(
+    path,
+    model: FedlvcCodec,
+    max_frames=None,
+    json_path=None,
+    plot_path=None,
+    grid_path=None,
+    qualities=None,
+    crfs=None,
+    progress=False,
+    gop=None,
+) -> dict:
     for out in (json_path, plot_path, grid_path):
         if out is not None and not Path(out).parent.is_dir():
             raise FedlvcError(f"output folder does not exist: {Path(out).parent}")
@@ -120,8 +167,9 @@ def evaluate_clip(path, model: FedlvcCodec, max_frames=None, json_path=None, plo
         ours, decoded = [], {}
         for i, (g, name) in enumerate(names.items()):
             for q in qualities:
-                pts, dec = fedlvc_points(frames, model, [q], info.fps, keep_decoded=grid_q if i == 0 else (),
-                                         gop=g, codec=name)
+                pts, dec = fedlvc_points(
+                    frames, model, [q], info.fps, keep_decoded=grid_q if i == 0 else (), gop=g, codec=name
+                )
                 ours += pts
                 decoded.update(dec)
                 bar.update(1)
@@ -134,17 +182,26 @@ def evaluate_clip(path, model: FedlvcCodec, max_frames=None, json_path=None, plo
                 bar.update(1)
     points = ours + theirs
     report = {
-        "input": os.path.basename(str(path)), "frames": int(frames.shape[0]), "width": int(frames.shape[2]),
-        "height": int(frames.shape[1]), "fps": float(info.fps), "model_fingerprint": fingerprint(model).hex(),
-        "points": points, "bd_rate_vs": bd_rates(points),
+        "input": os.path.basename(str(path)),
+        "frames": int(frames.shape[0]),
+        "width": int(frames.shape[2]),
+        "height": int(frames.shape[1]),
+        "fps": float(info.fps),
+        "model_fingerprint": fingerprint(model).hex(),
+        "points": points,
+        "bd_rate_vs": bd_rates(points),
         "note": "bpp counts every byte of each file (fedlvc .lvc header included, whole mp4 for x264/x265); "
-                "PSNR-RGB and MS-SSIM by the same code on frames decoded from those files",
+        "PSNR-RGB and MS-SSIM by the same code on frames decoded from those files",
     }
     if json_path:
         with atomic_output(json_path) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=2))
     if plot_path:
-        plot_rd(points, plot_path, title=f"{report['input']} ({report['width']}x{report['height']}, {report['frames']} frames)")
+        plot_rd(
+            points,
+            plot_path,
+            title=f"{report['input']} ({report['width']}x{report['height']}, {report['frames']} frames)",
+        )
     if grid_path:
         rows = [("original", frames)] + [(f"fedlvc q{q}", decoded[q]) for q in grid_q]
         for (name, crf), dec in kept.items():
@@ -189,7 +246,9 @@ def plot_grid(rows, out, bpp_of: dict, psnr_of: dict, frame_index: int | None = 
 
     t = rows[0][1].shape[0]
     i = t // 2 if frame_index is None else frame_index
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2 * rows[0][1].shape[1] / rows[0][1].shape[2] + 0.6))
+    fig, axes = plt.subplots(
+        1, len(rows), figsize=(3.2 * len(rows), 3.2 * rows[0][1].shape[1] / rows[0][1].shape[2] + 0.6)
+    )
     for ax, (name, frames) in zip(np.atleast_1d(axes), rows):
         ax.imshow(frames[i])
         label = name if name not in bpp_of else f"{name}\n{bpp_of[name]:.3f} bpp, {psnr_of[name]:.2f} dB"
@@ -206,7 +265,9 @@ def print_report(report: dict) -> None:
     print(f"{'codec':<12}{'setting':>9}{'bytes':>10}{'bpp':>9}{'PSNR':>8}{'MS-SSIM':>9}{'enc fps':>9}")
     for p in report["points"]:
         setting = f"q{p['quality']}" if p["codec"].startswith("fedlvc") else f"crf{p['crf']}"
-        print(f"{p['codec']:<12}{setting:>9}{p['bytes']:>10}{p['bpp']:>9.4f}{p['psnr']:>8.2f}{p['ms_ssim']:>9.4f}"
-              f"{p['encode_fps']:>9.1f}")
+        print(
+            f"{p['codec']:<12}{setting:>9}{p['bytes']:>10}{p['bpp']:>9.4f}{p['psnr']:>8.2f}{p['ms_ssim']:>9.4f}"
+            f"{p['encode_fps']:>9.1f}"
+        )
     for name, v in report["bd_rate_vs"].items():
         print(f"BD-rate of fedlvc vs {name}: " + ("no overlap in PSNR" if v is None else f"{v:+.1f} %"))

@@ -26,40 +26,95 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("clip-only", bool, False, "with noise-multiplier 0: per-sample clipping without noise (a reference)"),
     o.MAX_GRAD_NORM,
     o.DELTA.but(help="delta; a site uses the smaller of this and its own"),
-    Option("epsilon-budget", float, 10.0, "a site declines a round whose epsilon would pass this (or its own "
-           "max-epsilon, whichever is smaller)", 0, None, lo_open=True),
-    o.ACCOUNTANT.but(help="rdp or prv: a site reports the larger of this accountant's epsilon and its own's; sites "
-                     "decline gdp; the server uses it for central DP"),
+    Option(
+        "epsilon-budget",
+        float,
+        10.0,
+        "a site declines a round whose epsilon would pass this (or its own max-epsilon, whichever is smaller)",
+        0,
+        None,
+        lo_open=True,
+    ),
+    o.ACCOUNTANT.but(
+        help="rdp or prv: a site reports the larger of this accountant's epsilon and its own's; sites "
+        "decline gdp; the server uses it for central DP"
+    ),
     Option("init-model", str, "", "start model; '' = the shipped public model"),
     Option("resume-from", str, "", "a round_NNN.safetensors of an earlier run: continue from it"),
     Option("out-dir", str, "runs/default", "the server's checkpoints, history.json, summary.json"),
     Option("eval-quality", int, 4, "quality level of the federated evaluation", 1, 16),
     Option("eval-frames", int, 4, "held-out frames per site (never trained on)", 1, 1000),
     Option("final-quality", int, 4, "quality of each site's final compression", 1, 16),
-    Option("site-max-frames", int, 5000, "a site trains on at most this many of its frames, drawn uniformly "
-           "(memory: frames x W x H x 3 bytes)", 2, 1_000_000),
+    Option(
+        "site-max-frames",
+        int,
+        5000,
+        "a site trains on at most this many of its frames, drawn uniformly (memory: frames x W x H x 3 bytes)",
+        2,
+        1_000_000,
+    ),
     Option("demo-frames", int, 96, "frames per generated clip of a simulated site", 2, 100_000),
     Option("demo-clips", int, 2, "generated clips per simulated site", 1, 1000),
-    Option("demo-site-offset", int, 100, "simulated site k shows the generated scenes of site k + offset (the "
-           "shipped model trained on 0-3)", 0, 1_000_000),
+    Option(
+        "demo-site-offset",
+        int,
+        100,
+        "simulated site k shows the generated scenes of site k + offset (the shipped model trained on 0-3)",
+        0,
+        1_000_000,
+    ),
     Option("demo-width", int, 160, "width of generated clips", 16, 4096),
     Option("demo-height", int, 120, "height of generated clips", 16, 4096),
     Option("min-sites", int, 2, "FedAvg's minimum sites", 1, 100_000),
     Option("round-timeout", float, 3600.0, "seconds the server waits for replies in a round", 0, 1e7, lo_open=True),
     o.GRAD_SAMPLE_MODE,
-    Option("central-dp", str, "off", "site-level DP-FedAvg: fixed or adaptive clipping", choices=("off", "fixed",
-                                                                                                  "adaptive")),
-    Option("central-noise-multiplier", float, 1.0, "z: noise std = z x clipping-norm / sites-per-round", 0, None,
-           lo_open=True),
-    Option("central-clipping-norm", float, 1.0, "S: each site's model update is clipped to this L2 norm", 0, None,
-           lo_open=True),
+    Option(
+        "central-dp",
+        str,
+        "off",
+        "site-level DP-FedAvg: fixed or adaptive clipping",
+        choices=("off", "fixed", "adaptive"),
+    ),
+    Option(
+        "central-noise-multiplier",
+        float,
+        1.0,
+        "z: noise std = z x clipping-norm / sites-per-round",
+        0,
+        None,
+        lo_open=True,
+    ),
+    Option(
+        "central-clipping-norm",
+        float,
+        1.0,
+        "S: each site's model update is clipped to this L2 norm",
+        0,
+        None,
+        lo_open=True,
+    ),
     Option("central-sites", int, 0, "sites sampled per round under central DP (0: min-sites)", 0, 100_000),
-    Option("central-target-quantile", float, 0.5, "adaptive: fraction of site updates the norm should leave "
-           "unclipped", 0, 1, lo_open=True, hi_open=True),
-    Option("central-clip-lr", float, 0.2, "adaptive: geometric learning rate of the clipping norm", 0, None,
-           lo_open=True),
-    Option("central-count-stddev", float, 0.0, "adaptive: noise on the clipped count (0: Flower's default, sites/20)",
-           0, None),
+    Option(
+        "central-target-quantile",
+        float,
+        0.5,
+        "adaptive: fraction of site updates the norm should leave unclipped",
+        0,
+        1,
+        lo_open=True,
+        hi_open=True,
+    ),
+    Option(
+        "central-clip-lr", float, 0.2, "adaptive: geometric learning rate of the clipping norm", 0, None, lo_open=True
+    ),
+    Option(
+        "central-count-stddev",
+        float,
+        0.0,
+        "adaptive: noise on the clipped count (0: Flower's default, sites/20)",
+        0,
+        None,
+    ),
     o.PRIVACY_UNIT,
     o.SEGMENT_FRAMES,
     o.GOP.but(help="group-of-pictures length of the evaluation and the final compression (1 = intra-only)"),
@@ -73,7 +128,7 @@ _BY_NAME = {opt.name: opt for opt in RUN_OPTIONS}
 
 class _RunConfigMethods:
     @classmethod
-    def from_mapping(cls, mapping) -> "RunConfig":
+    def from_mapping(cls, mapping) -> RunConfig:
         """From Flower's ``context.run_config`` (or YAML): dashed keys, unknown keys are an error."""
         values = {}
         for key, value in dict(mapping).items():
@@ -113,8 +168,13 @@ class _RunConfigMethods:
 
 
 RunConfig = make_dataclass(
-    "RunConfig", [(opt.attr, opt.kind, field(default=opt.default)) for opt in RUN_OPTIONS],
-    bases=(_RunConfigMethods,), frozen=True)
+    "RunConfig",
+    [(opt.attr, opt.kind, field(default=opt.default)) for opt in RUN_OPTIONS],
+    bases=(_RunConfigMethods,),
+    frozen=True,
+)
 RunConfig.__module__ = __name__
-RunConfig.__doc__ = ("A federated run's settings (Flower's run config), one field per option of RUN_OPTIONS: "
-                     + "; ".join(f"{opt.name} ({opt.default!r}): {opt.help}" for opt in RUN_OPTIONS))
+RunConfig.__doc__ = (
+    "A federated run's settings (Flower's run config), one field per option of RUN_OPTIONS: "
+    + "; ".join(f"{opt.name} ({opt.default!r}): {opt.help}" for opt in RUN_OPTIONS)
+)

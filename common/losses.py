@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 @dataclass
 class SegmentRateDistortion:
     """Per-row loss of a segment ``λ_q·255²·MSE + bpp`` averaged over its frames (a vector over the batch)."""

@@ -59,7 +59,7 @@ class CodecConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CodecConfig":
+    def from_dict(cls, d: dict) -> CodecConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -87,8 +87,10 @@ class CodecConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise FedlvcError(f"model config {key} must be an integer in {lo}..{hi}, not {value!r}")
         if not 1 <= len(self.lambdas) <= self.MAX_LEVELS or not all(0 < v <= 10 for v in self.lambdas):
-            raise FedlvcError(f"model config needs 1..{self.MAX_LEVELS} quality levels with lambdas in (0, 10], "
-                              f"not {list(self.lambdas)!r}")
+            raise FedlvcError(
+                f"model config needs 1..{self.MAX_LEVELS} quality levels with lambdas in (0, 10], "
+                f"not {list(self.lambdas)!r}"
+            )
         if self.stride != 16:
             raise FedlvcError(f"model config stride must be 16 (four stride-2 stages), not {self.stride!r}")
 
@@ -130,9 +132,7 @@ class FedlvcCodec(nn.Module):
 
     def check_level(self, level: int) -> None:
         if not 0 <= level < self.cfg.num_levels:
-            raise FedlvcError(
-                f"quality {level + 1} is out of range: this model has qualities 1..{self.cfg.num_levels}"
-            )
+            raise FedlvcError(f"quality {level + 1} is out of range: this model has qualities 1..{self.cfg.num_levels}")
 
     def analysis(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """Scaled latent (before quantization) of frames in [0, 1]."""
@@ -186,8 +186,18 @@ class FedlvcCodec(nn.Module):
                 if s >= 2:
                     histories.append(next_history(histories[-1], coded[s - 2], coded[s - 1]))
                 found = []  # with RDO: the contexts the choice was made under, which code it
-                q = choose_p_latent(ys.detach(), coded[-1], histories[-1], raw.detach(), groups, rule,
-                                    self.cfg.support, lam, weights, found)
+                q = choose_p_latent(
+                    ys.detach(),
+                    coded[-1],
+                    histories[-1],
+                    raw.detach(),
+                    groups,
+                    rule,
+                    self.cfg.support,
+                    lam,
+                    weights,
+                    found,
+                )
                 contexts.append(found[0] if found else p_context(coded[-1], histories[-1], q, groups))
             targets.append(ys + (q - ys).detach())
             coded.append(q)

@@ -31,7 +31,7 @@ class Option:
     def attr(self) -> str:
         return self.name.replace("-", "_")
 
-    def but(self, **changes) -> "Option":
+    def but(self, **changes) -> Option:
         """The same option in another context (another default or help), same limits."""
         return replace(self, **changes)
 
@@ -82,6 +82,7 @@ class Option:
 
     def add_to(self, parser, *flags: str, **overrides) -> None:
         """An argparse argument for this option (``--name`` unless ``flags``), checked by :meth:`convert`."""
+
         def parse(text: str):  # a bad value is the CLI's one-line error (FedlvcError), naming the flag
             try:
                 return self.convert(text, "option")
@@ -109,26 +110,59 @@ TRAIN_PARTS = ("all", "entropy", "temporal")
 
 # ------------------------------------------------------------------- training (federated rounds and single-site)
 SEED = Option("seed", int, 0, "seed of the crops and of training's own randomness (never of DP noise)")
-BATCH_SIZE = Option("batch-size", int, 16, "expected batch size (Poisson under DP); q = 1 / ceil(rows / batch)", 1,
-                    4096)
+BATCH_SIZE = Option(
+    "batch-size", int, 16, "expected batch size (Poisson under DP); q = 1 / ceil(rows / batch)", 1, 4096
+)
 CROP_SIZE = Option("crop-size", int, 64, "training crop, pixels", 16, 512, multiple_of=16)
 LEARNING_RATE = Option("learning-rate", float, 3e-4, "Adam learning rate", 0, 10, lo_open=True)
-TRAIN_PART = Option("train-parts", str, "all", "what training moves: all; entropy: only the quantization gains and "
-                    "priors; temporal: only the P-frame prior (segments)", choices=TRAIN_PARTS)
-PRIVACY_UNIT = Option("privacy-unit", str, "frame", "one training row and DP unit: a frame, or a segment of "
-                      "segment-frames consecutive frames (trains the P-frame prior too)", choices=("frame", "segment"))
+TRAIN_PART = Option(
+    "train-parts",
+    str,
+    "all",
+    "what training moves: all; entropy: only the quantization gains and "
+    "priors; temporal: only the P-frame prior (segments)",
+    choices=TRAIN_PARTS,
+)
+PRIVACY_UNIT = Option(
+    "privacy-unit",
+    str,
+    "frame",
+    "one training row and DP unit: a frame, or a segment of "
+    "segment-frames consecutive frames (trains the P-frame prior too)",
+    choices=("frame", "segment"),
+)
 SEGMENT_FRAMES = Option("segment-frames", int, 4, "frames per segment (privacy-unit segment)", 2, 64)
 # ------------------------------------------------------------------- differential privacy
 NOISE_MULTIPLIER = Option("noise-multiplier", float, 1.0, "DP noise multiplier sigma; 0 = non-private", 0, 1e6)
 MAX_GRAD_NORM = Option("max-grad-norm", float, 1.0, "per-sample clipping norm C", 0, 1e6, lo_open=True)
 DELTA = Option("delta", float, 1e-5, "DP delta", 0, 1, lo_open=True, hi_open=True)
 ACCOUNTANT = Option("accountant", str, "rdp", "privacy accountant", choices=ACCOUNTANTS)
-GRAD_SAMPLE_MODE = Option("grad-sample-mode", str, "hooks", "Opacus per-sample gradients (ew cannot take the level "
-                          "embeddings' 1-D input)", choices=("hooks", "functorch"))
+GRAD_SAMPLE_MODE = Option(
+    "grad-sample-mode",
+    str,
+    "hooks",
+    "Opacus per-sample gradients (ew cannot take the level embeddings' 1-D input)",
+    choices=("hooks", "functorch"),
+)
 # ------------------------------------------------------------------- the encoder's P-frame rule and groups
-GOP = Option("gop", int, 32, "group-of-pictures length: an I-frame every N frames, P-frames between (1 = "
-             "intra-only)", 1, MAX_GOP)
-RD_WEIGHT = Option("rd-weight", float, 1.0, "P-frame latents chosen by rate-distortion cost, distortion weighted by "
-                   "K times the quality level's training lambda (0 = plain rounding with skip-threshold)", 0, 1000)
-SKIP_THRESHOLD = Option("skip-threshold", float, 0.2, "with rd-weight 0: a P-frame keeps the previous latent where "
-                        "the new one is within 0.5+T of it", 0, 10, hi_open=True)
+GOP = Option(
+    "gop", int, 32, "group-of-pictures length: an I-frame every N frames, P-frames between (1 = intra-only)", 1, MAX_GOP
+)
+RD_WEIGHT = Option(
+    "rd-weight",
+    float,
+    1.0,
+    "P-frame latents chosen by rate-distortion cost, distortion weighted by "
+    "K times the quality level's training lambda (0 = plain rounding with skip-threshold)",
+    0,
+    1000,
+)
+SKIP_THRESHOLD = Option(
+    "skip-threshold",
+    float,
+    0.2,
+    "with rd-weight 0: a P-frame keeps the previous latent where the new one is within 0.5+T of it",
+    0,
+    10,
+    hi_open=True,
+)

@@ -54,8 +54,9 @@ class PFrameCoder:
                 self._scales[level] = laplace_scale(raw).numpy()
         return self._scales[level]
 
-    def params(self, prev: np.ndarray, history: MotionHistory | None, level: int,
-               current: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def params(
+        self, prev: np.ndarray, history: MotionHistory | None, level: int, current: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Flattened (means, scales) float64 of every element of a P-frame latent, in channel order. With
         in-frame contexts (architecture v3) ``current`` is the frame's own latent (the encoder knows it)."""
         groups = self.model.cfg.p_groups
@@ -69,8 +70,14 @@ class PFrameCoder:
         scales = np.take_along_axis(self.scale_table(level), ctx.reshape(ctx.shape[0], -1), axis=1)
         return prev.reshape(-1).astype(np.float64), scales.reshape(-1)
 
-    def bits(self, y_hat: np.ndarray, prev: np.ndarray, history: MotionHistory | None, level: int,
-             params: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    def bits(
+        self,
+        y_hat: np.ndarray,
+        prev: np.ndarray,
+        history: MotionHistory | None,
+        level: int,
+        params: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> float:
         """Ideal code length in bits of a P-frame latent (``params``: its :meth:`params`, when computed)."""
         means, scales = params if params is not None else self.params(prev, history, level, y_hat)
         y = np.clip(y_hat, -self.support, self.support).reshape(-1).astype(np.float64)
@@ -80,11 +87,13 @@ class PFrameCoder:
     def encode(self, coder, y_hat: np.ndarray, params: tuple[np.ndarray, np.ndarray]) -> None:
         """Push a clipped P-frame latent onto the ANS stack ``coder`` (channel order)."""
         means, scales = params
-        coder.encode_reverse(np.clip(y_hat, -self.support, self.support).astype(np.int32).reshape(-1), self._laplace,
-                             means, scales)
+        coder.encode_reverse(
+            np.clip(y_hat, -self.support, self.support).astype(np.int32).reshape(-1), self._laplace, means, scales
+        )
 
-    def decode(self, coder, prev: np.ndarray, history: MotionHistory | None, level: int,
-               shape: tuple[int, int, int]) -> np.ndarray:
+    def decode(
+        self, coder, prev: np.ndarray, history: MotionHistory | None, level: int, shape: tuple[int, int, int]
+    ) -> np.ndarray:
         """Pop a P-frame latent of ``shape`` off ``coder``: channel group by channel group, each one's
         contexts needing the groups before it."""
         c, h, w = shape

@@ -102,8 +102,10 @@ def check_privacy_unit(recorded_frames: int, unit_frames: int, source: str, reme
     """Refuse to continue ``source``'s record, kept for privacy units of ``recorded_frames`` frames, with units
     of ``unit_frames``: ε per frame and ε per segment are different guarantees, they do not add up."""
     if recorded_frames != unit_frames:
-        raise FedlvcError(f"{source} counts privacy units of {recorded_frames} frame(s); run-config asks for "
-                          f"{unit_frames} (privacy-unit/segment-frames): {remedy}")
+        raise FedlvcError(
+            f"{source} counts privacy units of {recorded_frames} frame(s); run-config asks for "
+            f"{unit_frames} (privacy-unit/segment-frames): {remedy}"
+        )
 
 
 MAX_HISTORY_ENTRIES = 10_000  # a ledger merges equal consecutive settings: far more than any real history
@@ -153,6 +155,7 @@ def bounded_history(history) -> list[tuple[float, float, int]]:
     when more than ``MAX_EXACT_SETTINGS`` settings remain — σ rounded down and q rounded up to a geometric
     grid, coarsened until at most that many remain. Each step only raises ε: the result is an upper bound
     computed in bounded time, and honest histories (a few settings in range) stay exact."""
+
     def merge(rows, step=None):
         out: dict[tuple[float, float], int] = {}
         for s, q, n in rows:
@@ -192,12 +195,20 @@ def epsilon_from_history(history, delta: float, accountant: str = "rdp") -> floa
     return eps if not math.isnan(eps) else float("inf")
 
 
-def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                          accountant: str = "rdp") -> float:
+def plan_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
     """σ that spends ``target_epsilon`` over ``steps`` DP-SGD steps at sampling rate ``sample_rate``."""
     if target_epsilon <= 0:
         raise FedlvcError("target epsilon must be > 0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
+        )

@@ -17,6 +17,7 @@ from .priors import LIKELIHOOD_FLOOR, laplace_scale
 if TYPE_CHECKING:
     from .model import FedlvcCodec
 
+
 @dataclass(frozen=True)
 class PFrameRule:
     """How an encoder picks the integer latent of a P-frame; the decoder needs none of it.
@@ -37,7 +38,7 @@ class PFrameRule:
     skip_threshold: float = 0.0
 
     @classmethod
-    def of(cls, rd_weight: float, skip_threshold: float) -> "PFrameRule":
+    def of(cls, rd_weight: float, skip_threshold: float) -> PFrameRule:
         """The rule of a config holding both settings: the skip threshold counts only without RDO."""
         return cls(rd_weight, 0.0 if rd_weight > 0 else skip_threshold)
 
@@ -47,8 +48,9 @@ class PFrameRule:
 
 
 @torch.no_grad()
-def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor,
-                  distance: torch.Tensor) -> torch.Tensor:
+def _laplace_bits(
+    zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor, distance: torch.Tensor
+) -> torch.Tensor:
     """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
     (same floor), in closed form from its bits at distance 0 (``zero``: −log2(1 − e^(−½/s))), the constant
     part of the others (``step``: −log2(½·(1 − e^(−1/s)))) and ``per_step`` = 1/(s·ln 2)."""
@@ -57,9 +59,18 @@ def _laplace_bits(zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor
 
 
 @torch.no_grad()
-def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory | None", raw: torch.Tensor,
-                    groups: int, rule: PFrameRule, support: int, lam: torch.Tensor | None = None,
-                    weights: torch.Tensor | None = None, contexts_out: list | None = None) -> torch.Tensor:
+def choose_p_latent(
+    y: torch.Tensor,
+    prev: torch.Tensor,
+    history: MotionHistory | None,
+    raw: torch.Tensor,
+    groups: int,
+    rule: PFrameRule,
+    support: int,
+    lam: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    contexts_out: list | None = None,
+) -> torch.Tensor:
     """The integer latent (B, C, h, w) (float) an encoder codes for the P-frame latent ``y`` on top of the
     previous decoded latent ``prev`` (see :class:`PFrameRule`). ``raw``: the temporal prior's raw scales
     (B, C, K); ``lam`` (B,) the λ of each row's level and ``weights`` (B, C) its channel sensitivities
@@ -75,8 +86,11 @@ def choose_p_latent(y: torch.Tensor, prev: torch.Tensor, history: "MotionHistory
     # Per (row, channel, context): the bits of the previous value, the constant part of the bits of any
     # other value, and 1/(scale·ln 2) — tabulated once, gathered per element below.
     scale = laplace_scale(raw)
-    tables = (-torch.log2(-torch.expm1(-0.5 / scale)), 1.0 - torch.log2(-torch.expm1(-1.0 / scale)),
-              1.0 / (scale * math.log(2.0)))
+    tables = (
+        -torch.log2(-torch.expm1(-0.5 / scale)),
+        1.0 - torch.log2(-torch.expm1(-1.0 / scale)),
+        1.0 / (scale * math.log(2.0)),
+    )
     contexts = PFrameContexts(prev, history, groups)
     out = torch.empty_like(r)
     ctx_all = torch.empty_like(contexts.base) if contexts_out is not None else None
@@ -113,8 +127,9 @@ def _hook_free(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def synthesis_sensitivity(model: "FedlvcCodec", y_hat: torch.Tensor, levels: torch.Tensor, probes: int = 1,
-                          seed: int = 0) -> torch.Tensor:
+def synthesis_sensitivity(
+    model: FedlvcCodec, y_hat: torch.Tensor, levels: torch.Tensor, probes: int = 1, seed: int = 0
+) -> torch.Tensor:
     """(B, C) float32: for each row and latent channel, the mean over positions of the squared error of the
     decoded frame (RGB in [0, 1], summed over pixels and colours) per unit² change of one element of the
     scaled latent ``y_hat`` (B, C, h, w), i.e. the squared norm of that Jacobian column at ``y_hat``.

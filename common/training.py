@@ -19,13 +19,12 @@ from . import options as o
 from .checkpoint import load_model, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
-from .options import TRAIN_PARTS, Option, check_fields
 from .losses import RateDistortion, SegmentRateDistortion
 from .model import CodecConfig, FedlvcCodec, with_temporal_prior
-from .rdo import PFrameRule
+from .options import TRAIN_PARTS, Option, check_fields
 from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
+from .rdo import PFrameRule
 from .video import atomic_output
-
 
 TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("steps", int, 20000, "total optimizer steps (a resumed run continues up to this)", 1, 10**9),
@@ -33,15 +32,25 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     o.CROP_SIZE.but(default=96),
     o.LEARNING_RATE.but(default=1e-3),
     Option("lr-drop-at", float, 0.75, "fraction of the steps after which the learning rate is divided by 10", 0, 1),
-    Option("clip-norm", float, 1.0, "global gradient-norm clipping of non-private training (stability)", 0, None,
-           lo_open=True),
+    Option(
+        "clip-norm",
+        float,
+        1.0,
+        "global gradient-norm clipping of non-private training (stability)",
+        0,
+        None,
+        lo_open=True,
+    ),
     Option("checkpoint-seconds", float, 120.0, "seconds between checkpoints", 0, None, lo_open=True),
     Option("validate-every", int, 250, "steps between validations (and checkpoints)", 1, None),
     o.SEED,
     Option("every", int, 1, "use every n-th frame of each video", 1, None),
     Option("max-frames-per-video", int, None, "use at most this many frames of each video", 1, None),
-    o.SEGMENT_FRAMES.but(default=0, lo=0, help="0: one row = one frame (I-frame training); S >= 2: one row = S "
-                         "consecutive frames (I+P training)"),
+    o.SEGMENT_FRAMES.but(
+        default=0,
+        lo=0,
+        help="0: one row = one frame (I-frame training); S >= 2: one row = S consecutive frames (I+P training)",
+    ),
     o.TRAIN_PART,
     o.RD_WEIGHT,
     o.SKIP_THRESHOLD,
@@ -59,8 +68,11 @@ class _TrainConfigMethods:
         return PFrameRule.of(self.rd_weight, self.skip_threshold)
 
 
-TrainConfig = make_dataclass("TrainConfig", [(opt.attr, opt.kind, field(default=opt.default)) for opt in TRAIN_OPTIONS],
-                             bases=(_TrainConfigMethods,))
+TrainConfig = make_dataclass(
+    "TrainConfig",
+    [(opt.attr, opt.kind, field(default=opt.default)) for opt in TRAIN_OPTIONS],
+    bases=(_TrainConfigMethods,),
+)
 TrainConfig.__module__ = __name__
 TrainConfig.__doc__ = "Single-site training settings, one field per option of TRAIN_OPTIONS."
 
@@ -92,12 +104,16 @@ def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def rows_dataset(rows: list, crop: int, num_levels: int, segment_frames: int, seed: int,
-                 rule: PFrameRule = PFrameRule()):
+def rows_dataset(
+    rows: list, crop: int, num_levels: int, segment_frames: int, seed: int, rule: PFrameRule = PFrameRule()
+):
     """(dataset, loss function, forward) for frame rows or segment rows (P-frames chosen by ``rule``)."""
     if segment_frames:
-        return (SegmentCrops(rows, crop, num_levels, seed=seed), SegmentRateDistortion,
-                lambda m, x, lv: m.forward_segment(x, lv, rule))
+        return (
+            SegmentCrops(rows, crop, num_levels, seed=seed),
+            SegmentRateDistortion,
+            lambda m, x, lv: m.forward_segment(x, lv, rule),
+        )
     return FrameCrops(rows, crop, num_levels, seed=seed), RateDistortion, lambda m, x, lv: m(x, lv)
 
 
@@ -128,18 +144,34 @@ class Trainer:
     depends on the data. Each such step is counted; after ``MAX_NONFINITE_IN_A_ROW`` in a row the run stops
     with an error (diverged)."""
 
-    def __init__(self, model: FedlvcCodec, rows: list, *, crop_size: int, batch_size: int, learning_rate: float,
-                 dp: DPConfig | None = None, history=None, segment_frames: int = 0, parts: str = "all",
-                 rule: PFrameRule = PFrameRule(), clip_norm: float = 1.0, seed: int = 0,
-                 device: str | torch.device = "cpu", fast_layout: bool = False, restore=None):
+    def __init__(
+        self,
+        model: FedlvcCodec,
+        rows: list,
+        *,
+        crop_size: int,
+        batch_size: int,
+        learning_rate: float,
+        dp: DPConfig | None = None,
+        history=None,
+        segment_frames: int = 0,
+        parts: str = "all",
+        rule: PFrameRule = PFrameRule(),
+        clip_norm: float = 1.0,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        fast_layout: bool = False,
+        restore=None,
+    ):
         """``fast_layout``: channels_last activations (faster on a CPU; never under DP, whose convolution
         sampler gets them wrong). ``restore(model, optimizer)`` loads a saved state before Opacus wraps."""
         self.model, self.device, self.dp, self.clip_norm = model.to(device).train(), device, dp, clip_norm
         self.fast_layout = fast_layout and dp is None
         if self.fast_layout:
             self.model = self.model.to(memory_format=torch.channels_last)
-        dataset, loss_cls, self.forward = rows_dataset(rows, crop_size, model.cfg.num_levels, segment_frames, seed,
-                                                       rule)
+        dataset, loss_cls, self.forward = rows_dataset(
+            rows, crop_size, model.cfg.num_levels, segment_frames, seed, rule
+        )
         self.sample_rate = poisson_sample_rate(len(dataset), batch_size)
         self.params = set_trainable(self.model, segment_frames, parts)
         self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
@@ -150,7 +182,8 @@ class Trainer:
             self.loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
         else:
             self.engine, self.hooks, self.optimizer, self.loader = make_private(
-                self.model, self.optimizer, DataLoader(dataset, batch_size=batch_size), dp, history)
+                self.model, self.optimizer, DataLoader(dataset, batch_size=batch_size), dp, history
+            )
         self.nonfinite_steps, self._in_a_row = 0, 0
 
     @property
@@ -190,8 +223,10 @@ class Trainer:
         with warnings.catch_warnings():
             # Opacus' full backward hooks on the first layer, whose input (the frames) needs no gradient:
             # harmless (tests/test_dp_grad_samples.py checks every per-sample gradient), but torch warns each step.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
-                                    "with respect to module outputs")
+            warnings.filterwarnings(
+                "ignore",
+                message="Full backward hook is firing when gradients are computed with respect to module outputs",
+            )
             per_sample.mean().backward()
         if self.dp is None:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
@@ -308,8 +343,17 @@ class _Checkpoints:
     """Validation, logging and checkpoints of a single-site run (:func:`train`): the best model by validation
     RD loss without DP, the last one under DP (every step is spent privacy), and the resumable state."""
 
-    def __init__(self, out: Path, trainer: Trainer, cfg: TrainConfig, dp: DPConfig | None, info: dict,
-                 meta: dict, val_crops: torch.Tensor, log):
+    def __init__(
+        self,
+        out: Path,
+        trainer: Trainer,
+        cfg: TrainConfig,
+        dp: DPConfig | None,
+        info: dict,
+        meta: dict,
+        val_crops: torch.Tensor,
+        log,
+    ):
         self.out, self.trainer, self.cfg, self.dp, self.info, self.meta = out, trainer, cfg, dp, info, meta
         self.val_crops, self.log = val_crops, log
         self.started, self.last = time.time() - info["wall_seconds"], time.time()
@@ -318,13 +362,19 @@ class _Checkpoints:
     def epsilon(self) -> float | None:
         if self.dp is None:
             return None
-        return epsilon_from_history(self.trainer.history, self.dp.delta, self.dp.accountant) \
-            if self.dp.noise_multiplier > 0 else float("inf")
+        return (
+            epsilon_from_history(self.trainer.history, self.dp.delta, self.dp.accountant)
+            if self.dp.noise_multiplier > 0
+            else float("inf")
+        )
 
     def due(self) -> bool:
         step = self.info["step"]
-        return step % self.cfg.validate_every == 0 or step == self.cfg.steps or \
-            time.time() - self.last > self.cfg.checkpoint_seconds
+        return (
+            step % self.cfg.validate_every == 0
+            or step == self.cfg.steps
+            or time.time() - self.last > self.cfg.checkpoint_seconds
+        )
 
     def save(self, running: list, lr: float | None) -> dict:
         info, model = self.info, self.trainer.model
@@ -332,15 +382,28 @@ class _Checkpoints:
         info["nonfinite_steps"] = self.nonfinite_before + self.trainer.nonfinite_steps
         val = validation_loss(model, self.val_crops, self.cfg.p_rule)
         if lr is not None:
-            self.log(json.dumps({"step": info["step"], "train_loss": round(float(np.mean(running)), 4) if running
-                                 else None, "val_loss": round(val["loss"], 4), "lr": lr,
-                                 "levels": [[round(v["bpp"], 3), round(v["psnr"], 2)] for v in val["levels"]],
-                                 "epsilon": self.epsilon(), "wall_s": round(info["wall_seconds"])}))
+            self.log(
+                json.dumps(
+                    {
+                        "step": info["step"],
+                        "train_loss": round(float(np.mean(running)), 4) if running else None,
+                        "val_loss": round(val["loss"], 4),
+                        "lr": lr,
+                        "levels": [[round(v["bpp"], 3), round(v["psnr"], 2)] for v in val["levels"]],
+                        "epsilon": self.epsilon(),
+                        "wall_s": round(info["wall_seconds"]),
+                    }
+                )
+            )
         meta = dict(self.meta, steps=info["step"], wall_seconds=round(info["wall_seconds"], 1), validation=val)
         if self.dp is not None:
             info["dp_history"] = [list(h) for h in self.trainer.history]
-            meta["dp"] = dict(asdict(self.dp), epsilon=self.epsilon(), sample_rate=self.trainer.sample_rate,
-                              dp_history=info["dp_history"])
+            meta["dp"] = dict(
+                asdict(self.dp),
+                epsilon=self.epsilon(),
+                sample_rate=self.trainer.sample_rate,
+                dp_history=info["dp_history"],
+            )
         if info["best_val"] is None or val["loss"] <= info["best_val"] or self.dp is not None:
             info["best_val"] = val["loss"]
             save_model(self.out, model, meta)
@@ -349,9 +412,16 @@ class _Checkpoints:
         return val
 
 
-def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = None,
-          init_model: str | Path | None = None, model_cfg: CodecConfig | None = None, log=print,
-          progress=None) -> dict:
+def train(
+    video_dirs,
+    out: str | Path,
+    cfg: TrainConfig,
+    dp: DPConfig | None = None,
+    init_model: str | Path | None = None,
+    model_cfg: CodecConfig | None = None,
+    log=print,
+    progress=None,
+) -> dict:
     """Train on the frames of ``video_dirs`` and write the best checkpoint to ``out`` (.safetensors).
 
     Resumes from ``<out>.train-state.*`` when present. Returns a summary (steps, validation, ε)."""
@@ -372,13 +442,28 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
     if info:
         log(f"resuming from step {info['step']} (best validation loss {info['best_val']})")
     info = info or {"step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0}
-    trainer = Trainer(model, train_rows, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
-                      learning_rate=cfg.learning_rate, dp=dp, history=info["dp_history"],
-                      segment_frames=cfg.segment_frames, parts=cfg.train_parts, rule=cfg.p_rule,
-                      clip_norm=cfg.clip_norm, seed=cfg.seed, fast_layout=True,
-                      restore=(lambda m, o: _load_tensors(out, m, o)) if info["step"] else None)
-    meta = {"rows": len(train_rows), "videos": [p.name for p in paths], "train": asdict(cfg),
-            "privacy_unit": "segment" if cfg.segment_frames else "frame"}
+    trainer = Trainer(
+        model,
+        train_rows,
+        crop_size=cfg.crop_size,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        dp=dp,
+        history=info["dp_history"],
+        segment_frames=cfg.segment_frames,
+        parts=cfg.train_parts,
+        rule=cfg.p_rule,
+        clip_norm=cfg.clip_norm,
+        seed=cfg.seed,
+        fast_layout=True,
+        restore=(lambda m, o: _load_tensors(out, m, o)) if info["step"] else None,
+    )
+    meta = {
+        "rows": len(train_rows),
+        "videos": [p.name for p in paths],
+        "train": asdict(cfg),
+        "privacy_unit": "segment" if cfg.segment_frames else "frame",
+    }
     checkpoints = _Checkpoints(out, trainer, cfg, dp, info, meta, _validation_crops(held_out, 128), log)
     running, lr = [], None
     for x, levels in trainer.batches(cfg.steps - info["step"]):
@@ -394,14 +479,29 @@ def train(video_dirs, out: str | Path, cfg: TrainConfig, dp: DPConfig | None = N
             running = []
     val = checkpoints.save(running, None)
     trainer.close()
-    return {"steps": info["step"], "validation": val, "epsilon": checkpoints.epsilon(), "rows": len(train_rows),
-            "sample_rate": trainer.sample_rate}
+    return {
+        "steps": info["step"],
+        "validation": val,
+        "epsilon": checkpoints.epsilon(),
+        "rows": len(train_rows),
+        "sample_rate": trainer.sample_rate,
+    }
 
 
-def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, crop_size: int,
-                learning_rate: float, dp: DPConfig | None = None, seed: int = 0,
-                device: str | torch.device = "cpu", segment_frames: int = 0,
-                rule: PFrameRule = PFrameRule(), parts: str = "all") -> dict:
+def local_train(
+    model: FedlvcCodec,
+    rows: list,
+    steps: int,
+    batch_size: int,
+    crop_size: int,
+    learning_rate: float,
+    dp: DPConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    segment_frames: int = 0,
+    rule: PFrameRule = PFrameRule(),
+    parts: str = "all",
+) -> dict:
     """One site's local work in a federated round: ``steps`` optimizer steps on crops of its rows (frames,
     or segments of ``segment_frames`` consecutive frames), DP-SGD (Poisson sampling, per-sample clipping,
     noise on every trainable parameter) when ``dp`` is given. ``seed`` makes the crops and the training's
@@ -410,11 +510,26 @@ def local_train(model: FedlvcCodec, rows: list, steps: int, batch_size: int, cro
     Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "nonfinite_steps", "history" (what
     this call's accountant counted, ``[(σ, q, steps)]``; empty without DP)}."""
     torch.manual_seed(seed)
-    trainer = Trainer(model, rows, crop_size=crop_size, batch_size=batch_size, learning_rate=learning_rate, dp=dp,
-                      segment_frames=segment_frames, parts=parts, rule=rule, seed=seed, device=device)
+    trainer = Trainer(
+        model,
+        rows,
+        crop_size=crop_size,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        dp=dp,
+        segment_frames=segment_frames,
+        parts=parts,
+        rule=rule,
+        seed=seed,
+        device=device,
+    )
     losses = [trainer.step(x, levels) for x, levels in trainer.batches(steps)]
     finite = [v for v in losses if not math.isnan(v)]  # nan: an empty Poisson batch, or no finite sample
     trainer.close().cpu()
-    return {"loss": float(np.mean(finite)) if finite else float("nan"), "steps": len(losses),
-            "sample_rate": trainer.sample_rate, "nonfinite_steps": trainer.nonfinite_steps,
-            "history": [list(h) for h in trainer.history]}
+    return {
+        "loss": float(np.mean(finite)) if finite else float("nan"),
+        "steps": len(losses),
+        "sample_rate": trainer.sample_rate,
+        "nonfinite_steps": trainer.nonfinite_steps,
+        "history": [list(h) for h in trainer.history],
+    }

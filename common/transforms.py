@@ -12,6 +12,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .model import CodecConfig
 
+
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
 
@@ -23,9 +24,12 @@ class AnalysisTransform(nn.Module):
         super().__init__()
         n, m = cfg.channels, cfg.latent_channels
         self.layers = nn.Sequential(
-            _conv(3, n, 5, 2), nn.LeakyReLU(0.1),
-            _conv(n, n, 5, 2), nn.LeakyReLU(0.1),
-            _conv(n, n, 5, 2), nn.LeakyReLU(0.1),
+            _conv(3, n, 5, 2),
+            nn.LeakyReLU(0.1),
+            _conv(n, n, 5, 2),
+            nn.LeakyReLU(0.1),
+            _conv(n, n, 5, 2),
+            nn.LeakyReLU(0.1),
             _conv(n, m, 5, 2),
         )
 
@@ -40,10 +44,17 @@ class SynthesisTransform(nn.Module):
         super().__init__()
         n, m = cfg.channels, cfg.latent_channels
         self.layers = nn.Sequential(
-            _conv(m, 4 * n, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv(n, 4 * n, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv(n, 4 * n, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv(n, 4 * 3, 3), nn.PixelShuffle(2),
+            _conv(m, 4 * n, 3),
+            nn.PixelShuffle(2),
+            nn.LeakyReLU(0.1),
+            _conv(n, 4 * n, 3),
+            nn.PixelShuffle(2),
+            nn.LeakyReLU(0.1),
+            _conv(n, 4 * n, 3),
+            nn.PixelShuffle(2),
+            nn.LeakyReLU(0.1),
+            _conv(n, 4 * 3, 3),
+            nn.PixelShuffle(2),
         )
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

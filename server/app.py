@@ -19,15 +19,23 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
-from common.metrics import bd_rate
-from common.model import with_temporal_prior
 from common.fedconfig import RunConfig
-from common.model import FedlvcCodec
+from common.metrics import bd_rate
+from common.model import FedlvcCodec, with_temporal_prior
 from common.privacy import check_privacy_unit, epsilon_from_history
 from common.video import atomic_output
 
-from .replies import (BadReply, SiteRegistry, checked_arrays, checked_compress_summary,
-                      answers, checked_eval_metrics, checked_rd_curves, checked_train_metrics, clip_note)
+from .replies import (
+    BadReply,
+    SiteRegistry,
+    answers,
+    checked_arrays,
+    checked_compress_summary,
+    checked_eval_metrics,
+    checked_rd_curves,
+    checked_train_metrics,
+    clip_note,
+)
 
 app = ServerApp()
 
@@ -99,8 +107,11 @@ class SiteFedAvg(FedAvg):
             if not record["declined"]:
                 updates.append(self._update(server_round, base, arrays))
                 weights.append(1.0 if self.average_all else float(record["num_examples"]))
-        dropped += [{"node_id": n, "site": self.registry.labels.get(n), "reason": "no reply before the round timeout"}
-                    for n in self.sampled.get(server_round, []) if n not in answered]
+        dropped += [
+            {"node_id": n, "site": self.registry.labels.get(n), "reason": "no reply before the round timeout"}
+            for n in self.sampled.get(server_round, [])
+            if n not in answered
+        ]
         trained = len(updates)
         self.train_log[server_round] = {"sites": sites, "dropped": dropped, "sites_trained": trained}
         if not trained:
@@ -134,35 +145,54 @@ class CentralDP:
         self.accountant = rc.accountant
 
     def round_record(self, rounds_done: int, clipping_norm: float | None = None) -> dict:
-        return {"unit": "site", "mode": self.mode, "noise_multiplier": self.z,
-                "clipping_norm": self.clip if clipping_norm is None else clipping_norm,
-                "sites_per_round": self.sites, "rounds": rounds_done, "delta": self.delta,
-                "accountant": self.accountant, "sample_rate": 1.0,
-                "epsilon": epsilon_from_history([(self.z, 1.0, rounds_done)], self.delta, self.accountant)}
+        return {
+            "unit": "site",
+            "mode": self.mode,
+            "noise_multiplier": self.z,
+            "clipping_norm": self.clip if clipping_norm is None else clipping_norm,
+            "sites_per_round": self.sites,
+            "rounds": rounds_done,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "sample_rate": 1.0,
+            "epsilon": epsilon_from_history([(self.z, 1.0, rounds_done)], self.delta, self.accountant),
+        }
 
 
 def make_strategy(rc: RunConfig):
     """(strategy to run, the SiteFedAvg inside it, CentralDP or None)."""
     if rc.central_dp == "off":
-        fedavg = SiteFedAvg(rc, min_train_nodes=rc.min_sites, min_evaluate_nodes=rc.min_sites,
-                            min_available_nodes=rc.min_sites)
+        fedavg = SiteFedAvg(
+            rc, min_train_nodes=rc.min_sites, min_evaluate_nodes=rc.min_sites, min_available_nodes=rc.min_sites
+        )
         return fedavg, fedavg, None
     central = CentralDP(rc)
     # Sample exactly `sites` per round (fraction 0 → FedAvg takes min_train_nodes) so that the noise scale
     # z·S/n matches the number of updates averaged.
-    fedavg = SiteFedAvg(rc, fraction_train=1e-9, min_train_nodes=central.sites, min_evaluate_nodes=rc.min_sites,
-                        min_available_nodes=max(rc.min_sites, central.sites), average_all=True)
+    fedavg = SiteFedAvg(
+        rc,
+        fraction_train=1e-9,
+        min_train_nodes=central.sites,
+        min_evaluate_nodes=rc.min_sites,
+        min_available_nodes=max(rc.min_sites, central.sites),
+        average_all=True,
+    )
     if rc.central_dp == "adaptive":
         # Andrew et al. 2021: Flower splits z between the update and the clipped-count query so that the two
         # together are one Gaussian mechanism with multiplier z; the accounting below is the same as fixed.
         wrapped = DifferentialPrivacyClientSideAdaptiveClipping(
-            fedavg, noise_multiplier=central.z, num_sampled_clients=central.sites,
-            initial_clipping_norm=central.clip, target_clipped_quantile=rc.central_target_quantile,
-            clip_norm_lr=rc.central_clip_lr, clipped_count_stddev=rc.central_count_stddev or None)
+            fedavg,
+            noise_multiplier=central.z,
+            num_sampled_clients=central.sites,
+            initial_clipping_norm=central.clip,
+            target_clipped_quantile=rc.central_target_quantile,
+            clip_norm_lr=rc.central_clip_lr,
+            clipped_count_stddev=rc.central_count_stddev or None,
+        )
     else:
-        wrapped = DifferentialPrivacyClientSideFixedClipping(fedavg, noise_multiplier=central.z,
-                                                             clipping_norm=central.clip,
-                                                             num_sampled_clients=central.sites)
+        wrapped = DifferentialPrivacyClientSideFixedClipping(
+            fedavg, noise_multiplier=central.z, clipping_norm=central.clip, num_sampled_clients=central.sites
+        )
     return wrapped, fedavg, central
 
 
@@ -193,8 +223,12 @@ def earlier_ledgers(rounds: list, rc: RunConfig) -> dict:
                 ledgers[key] = {"unit_frames": int(s.get("unit_frames", 1)), "history": s["dp_history"]}
     mixed = sorted(k for k, v in ledgers.items() if v["unit_frames"] != rc.unit_frames)
     if mixed:
-        check_privacy_unit(ledgers[mixed[0]]["unit_frames"], rc.unit_frames,
-                           f"resume-from: the earlier rounds of {', '.join(mixed)}", "resume with the same unit")
+        check_privacy_unit(
+            ledgers[mixed[0]]["unit_frames"],
+            rc.unit_frames,
+            f"resume-from: the earlier rounds of {', '.join(mixed)}",
+            "resume with the same unit",
+        )
     return ledgers
 
 
@@ -202,8 +236,17 @@ class RoundRecorder:
     """``history.json`` and a checkpoint after every round (Flower calls :meth:`after_round` with the global
     model it keeps): the history first, so a checkpoint on disk always has its round in history.json."""
 
-    def __init__(self, out: Path, rc: RunConfig, context: Context, model: FedlvcCodec, offset: int, rounds: list,
-                 fedavg: SiteFedAvg, central: "CentralDP | None"):
+    def __init__(
+        self,
+        out: Path,
+        rc: RunConfig,
+        context: Context,
+        model: FedlvcCodec,
+        offset: int,
+        rounds: list,
+        fedavg: SiteFedAvg,
+        central: CentralDP | None,
+    ):
         self.out, self.rc, self.run_config, self.model = out, rc, dict(context.run_config), model
         self.offset, self.rounds, self.fedavg, self.central = offset, rounds, fedavg, central
         self.started = time.time()
@@ -220,38 +263,55 @@ class RoundRecorder:
         r = self.offset + server_round
         train = self.fedavg.train_log.get(server_round)
         if train is None:  # Flower's central-DP wrapper skips aggregation (and us) when a site sent an error
-            train = {"sites": {}, "dropped": [], "sites_trained": 0,
-                     "note": "central-DP wrapper skipped aggregation: a site replied with an error"}
+            train = {
+                "sites": {},
+                "dropped": [],
+                "sites_trained": 0,
+                "note": "central-DP wrapper skipped aggregation: a site replied with an error",
+            }
         sites = {k: dict(v) for k, v in train["sites"].items()}
         evals = self.fedavg.eval_log.get(server_round, {})
         for key, e in evals.items():
             sites.setdefault(key, {})["eval"] = e
         for s in sites.values():
-            s["released"] = [k for k, present in (("train-loss", "train_loss" in s),
-                                                  ("eval", "psnr" in s.get("eval", {}))) if present]
-        losses = [(s["train_loss"], s["num_examples"]) for s in sites.values() if "train_loss" in s and s["num_examples"]]
+            s["released"] = [
+                k
+                for k, present in (("train-loss", "train_loss" in s), ("eval", "psnr" in s.get("eval", {})))
+                if present
+            ]
+        losses = [
+            (s["train_loss"], s["num_examples"]) for s in sites.values() if "train_loss" in s and s["num_examples"]
+        ]
         answered = [e for e in evals.values() if "psnr" in e]
         mean = (lambda k: sum(e[k] for e in answered) / len(answered)) if answered else (lambda k: None)
-        self.rounds.append({
-            "round": r,
-            "train_loss": sum(x * w for x, w in losses) / sum(w for _, w in losses) if losses else None,
-            "psnr": mean("psnr"), "ms_ssim": mean("ms_ssim"), "bpp": mean("bpp"),
-            "epsilon_max": max((s["epsilon"] for s in sites.values() if "epsilon" in s), default=0.0),
-            "delta": self.rc.delta,
-            "sites_trained": train["sites_trained"],
-            # No site trained: Flower keeps the previous global model, and so does the checkpoint below.
-            "kept_previous_model": train["sites_trained"] == 0,
-            "sites": sites,
-            "dropped": train["dropped"],
-            "wall_seconds": round(time.time() - self.started, 1),
-            **({"note": train["note"]} if "note" in train else {}),
-        })
+        self.rounds.append(
+            {
+                "round": r,
+                "train_loss": sum(x * w for x, w in losses) / sum(w for _, w in losses) if losses else None,
+                "psnr": mean("psnr"),
+                "ms_ssim": mean("ms_ssim"),
+                "bpp": mean("bpp"),
+                "epsilon_max": max((s["epsilon"] for s in sites.values() if "epsilon" in s), default=0.0),
+                "delta": self.rc.delta,
+                "sites_trained": train["sites_trained"],
+                # No site trained: Flower keeps the previous global model, and so does the checkpoint below.
+                "kept_previous_model": train["sites_trained"] == 0,
+                "sites": sites,
+                "dropped": train["dropped"],
+                "wall_seconds": round(time.time() - self.started, 1),
+                **({"note": train["note"]} if "note" in train else {}),
+            }
+        )
         if self.central is not None:  # site-level rounds so far, earlier runs resumed from included
             self.rounds[-1]["central_dp"] = self.central.round_record(
-                sum(1 for x in self.rounds if "central_dp" in x) + 1, self.fedavg.clipping_norms.get(server_round))
+                sum(1 for x in self.rounds if "central_dp" in x) + 1, self.fedavg.clipping_norms.get(server_round)
+            )
         self.write_history()
-        save_model(self.out / f"round_{r:03d}.safetensors", self.global_model(),
-                   {"round": r, "run_config": self.run_config, "epsilon_max": self.rounds[-1]["epsilon_max"]})
+        save_model(
+            self.out / f"round_{r:03d}.safetensors",
+            self.global_model(),
+            {"round": r, "run_config": self.run_config, "epsilon_max": self.rounds[-1]["epsilon_max"]},
+        )
         return None
 
     def global_model(self) -> FedlvcCodec:
@@ -277,21 +337,33 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=rc.num_server_rounds,
         timeout=rc.round_timeout,
-        train_config=ConfigRecord({"model-config": model_config, "central-dp": rc.central_dp,
-                                   "earlier-ledgers": json.dumps(ledgers)}),
+        train_config=ConfigRecord(
+            {"model-config": model_config, "central-dp": rc.central_dp, "earlier-ledgers": json.dumps(ledgers)}
+        ),
         evaluate_config=ConfigRecord({"model-config": model_config}),
         evaluate_fn=recorder.after_round,
     )
     final = recorder.global_model()  # the last model a round kept (rounds where nobody trained keep it)
-    save_model(out / "final.safetensors", final, {"round": offset + rc.num_server_rounds,
-                                                 "run_config": dict(context.run_config)})
+    save_model(
+        out / "final.safetensors",
+        final,
+        {"round": offset + rc.num_server_rounds, "run_config": dict(context.run_config)},
+    )
     compressed = final_compression(grid, rc, final, fedavg)
     gains = gain_over_public(grid, rc, final, public_model(rc), fedavg)
     last = rounds[-1] if rounds else {"sites": {}}
-    summary = {"rounds": offset + rc.num_server_rounds,
-               "sites": {k: {**{f: last["sites"].get(k, {}).get(f) for f in ("epsilon", "delta", "accountant", "units")},
-                             **v, "gain_over_public": gains.get(k), "releases": releases(rounds, k, v, gains.get(k))}
-                         for k, v in sorted(compressed.items())}}
+    summary = {
+        "rounds": offset + rc.num_server_rounds,
+        "sites": {
+            k: {
+                **{f: last["sites"].get(k, {}).get(f) for f in ("epsilon", "delta", "accountant", "units")},
+                **v,
+                "gain_over_public": gains.get(k),
+                "releases": releases(rounds, k, v, gains.get(k)),
+            }
+            for k, v in sorted(compressed.items())
+        },
+    }
     with atomic_output(out / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1))
     print(summary_table(summary, out))
@@ -299,8 +371,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def releases(rounds: list, site: str, compressed: dict, gain: dict | None) -> dict:
     """How many non-DP numbers of each kind the site released to this server in this run."""
-    counts = {"train-loss": 0, "eval": 0, "rd": int(gain is not None),
-              "compress-summary": int("bytes" in compressed)}
+    counts = {"train-loss": 0, "eval": 0, "rd": int(gain is not None), "compress-summary": int("bytes" in compressed)}
     for r in rounds:
         for kind in r.get("sites", {}).get(site, {}).get("released", []):
             counts[kind] += 1
@@ -322,8 +393,15 @@ def final_compression(grid: Grid, rc: RunConfig, final: FedlvcCodec, fedavg: Sit
     """Each site compresses its own video with the final global model into its own out-dir; {site: summary,
     or {} when the site does not release one, or {"refused" | "dropped": why}}."""
     config = {"model-config": json.dumps(final.cfg.to_dict()), "quality": rc.final_quality}
-    return _query(grid, rc, "compress", {"arrays": ArrayRecord(final.state_dict())}, config, fedavg,
-                  lambda r: checked_compress_summary(r) or {})
+    return _query(
+        grid,
+        rc,
+        "compress",
+        {"arrays": ArrayRecord(final.state_dict())},
+        config,
+        fedavg,
+        lambda r: checked_compress_summary(r) or {},
+    )
 
 
 def public_model(rc: RunConfig) -> FedlvcCodec:
@@ -337,25 +415,39 @@ def gain_over_public(grid: Grid, rc: RunConfig, final: FedlvcCodec, public: Fedl
     (every quality level, coded as the final compression is), and the PSNR / bpp change at final-quality.
     One query.rd carries both models (a site answers one a round)."""
     records = {"federated": ArrayRecord(final.state_dict()), "public": ArrayRecord(public.state_dict())}
-    curves = _query(grid, rc, "rd", records, {"model-config": json.dumps(final.cfg.to_dict())}, fedavg,
-                    lambda r: checked_rd_curves(r, ("federated", "public"), final.cfg.num_levels))
+    curves = _query(
+        grid,
+        rc,
+        "rd",
+        records,
+        {"model-config": json.dumps(final.cfg.to_dict())},
+        fedavg,
+        lambda r: checked_rd_curves(r, ("federated", "public"), final.cfg.num_levels),
+    )
     gains = {}
     q = rc.final_quality - 1
     for site, c in sorted(curves.items()):
         if "federated" not in c:
             continue
         ours, theirs = c["federated"], c["public"]
-        gains[site] = {"bd_rate_percent": bd_rate(theirs, ours), "psnr_db": ours[q][1] - theirs[q][1],
-                       "bpp_ratio": ours[q][0] / theirs[q][0], "public": theirs, "federated": ours}
+        gains[site] = {
+            "bd_rate_percent": bd_rate(theirs, ours),
+            "psnr_db": ours[q][1] - theirs[q][1],
+            "bpp_ratio": ours[q][0] / theirs[q][0],
+            "public": theirs,
+            "federated": ours,
+        }
     return gains
 
 
 def summary_table(summary: dict, out: Path) -> str:
-    lines = [f"fedlvc: {summary['rounds']} rounds; history in {out / 'history.json'}; each site wrote its .lvc files "
-             "to its own node-config out-dir, else <state-dir>/out, else (a simulated site) runs/sites/<site> "
-             "under the simulation's working folder",
-             f"{'site':<12}{'frames':>8}{'epsilon':>10}{'delta':>9}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"
-             f"{'BD-rate vs public':>19}"]
+    lines = [
+        f"fedlvc: {summary['rounds']} rounds; history in {out / 'history.json'}; each site wrote its .lvc files "
+        "to its own node-config out-dir, else <state-dir>/out, else (a simulated site) runs/sites/<site> "
+        "under the simulation's working folder",
+        f"{'site':<12}{'frames':>8}{'epsilon':>10}{'delta':>9}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"
+        f"{'BD-rate vs public':>19}",
+    ]
     for name, s in summary["sites"].items():
         eps = s["epsilon"]
         eps_text = "-" if eps is None else ("inf" if math.isinf(eps) else f"{eps:.2f}")
@@ -363,11 +455,15 @@ def summary_table(summary: dict, out: Path) -> str:
         gain_text = "-" if gain is None else f"{gain:+.1f} %"
         delta = "-" if s.get("delta") is None else f"{s['delta']:.0e}"
         if "bytes" in s:
-            size = f"{int(s['frames']):>8}{eps_text:>10}{delta:>9}{int(s['bytes']):>10}{s['bpp']:>8.3f}{s['psnr']:>8.2f}"
+            size = (
+                f"{int(s['frames']):>8}{eps_text:>10}{delta:>9}{int(s['bytes']):>10}{s['bpp']:>8.3f}{s['psnr']:>8.2f}"
+            )
         else:
             note = s.get("refused") or s.get("dropped") or "summary not released"
             size = f"{'-':>8}{eps_text:>10}{delta:>9}  ({note})"[:80]
         lines.append(f"{name:<12}{size}{gain_text:>19}")
-    lines.append("BD-rate vs public: the federated model against the public starting model on each site's "
-                 "held-out frames (every quality; negative = fewer bits for the same PSNR)")
+    lines.append(
+        "BD-rate vs public: the federated model against the public starting model on each site's "
+        "held-out frames (every quality; negative = fewer bits for the same PSNR)"
+    )
     return "\n".join(lines)

@@ -26,7 +26,7 @@ def clip_note(text: str) -> str:
     """A site's note or an error reason, kept to ``MAX_NOTE`` characters: its start and its end (where a
     traceback names the exception)."""
     text = str(text)
-    return text if len(text) <= MAX_NOTE else f"{text[:150]} … {text[-(MAX_NOTE - 153):]}"
+    return text if len(text) <= MAX_NOTE else f"{text[:150]} … {text[-(MAX_NOTE - 153) :]}"
 
 
 class BadReply(Exception):
@@ -71,8 +71,9 @@ def _metrics(msg: Message):
     return records["metrics"]
 
 
-def number(metrics, key: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False,
-           infinite: bool = False) -> float:
+def number(
+    metrics, key: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False, infinite: bool = False
+) -> float:
     """One scalar of a site's metrics, checked: a number (not a list or bool), not nan, finite unless
     ``infinite``, in [lo, hi], an integer if ``integer``."""
     if key not in metrics:
@@ -105,12 +106,15 @@ def checked_arrays(msg: Message, expected: ArrayRecord) -> ArrayRecord:
     arrays = records["arrays"]
     if list(arrays.keys()) != list(expected.keys()):
         extra, missing = set(arrays.keys()) - set(expected.keys()), set(expected.keys()) - set(arrays.keys())
-        raise BadReply(f"model arrays differ from the global model's (extra {sorted(extra)[:5]}, "
-                       f"missing {sorted(missing)[:5]})")
+        raise BadReply(
+            f"model arrays differ from the global model's (extra {sorted(extra)[:5]}, missing {sorted(missing)[:5]})"
+        )
     for key, array in arrays.items():
         want = expected[key]
         if tuple(array.shape) != tuple(want.shape) or array.dtype != want.dtype:
-            raise BadReply(f"array {key!r} is {array.dtype}{list(array.shape)}, expected {want.dtype}{list(want.shape)}")
+            raise BadReply(
+                f"array {key!r} is {array.dtype}{list(array.shape)}, expected {want.dtype}{list(want.shape)}"
+            )
         if not np.isfinite(array.numpy()).all():
             raise BadReply(f"array {key!r} holds values that are not finite")
     return arrays
@@ -136,11 +140,18 @@ def checked_train_metrics(msg: Message, rc: RunConfig) -> dict:
     except FedlvcError as e:
         raise BadReply(str(e)) from None
     record = {
-        "epsilon": number(m, "epsilon", 0, infinite=True), "delta": number(m, "delta", 0, 1),
-        "noise_multiplier": number(m, "noise_multiplier", 0), "max_grad_norm": number(m, "max_grad_norm", 0),
-        "sample_rate": number(m, "sample_rate", 0, 1), "steps": int(number(m, "steps", 0, integer=True)),
-        "dp_history": [list(h) for h in history], "num_examples": examples, "units": units,
-        "privacy_unit": "segment" if unit_frames > 1 else "frame", "unit_frames": unit_frames, "declined": declined,
+        "epsilon": number(m, "epsilon", 0, infinite=True),
+        "delta": number(m, "delta", 0, 1),
+        "noise_multiplier": number(m, "noise_multiplier", 0),
+        "max_grad_norm": number(m, "max_grad_norm", 0),
+        "sample_rate": number(m, "sample_rate", 0, 1),
+        "steps": int(number(m, "steps", 0, integer=True)),
+        "dp_history": [list(h) for h in history],
+        "num_examples": examples,
+        "units": units,
+        "privacy_unit": "segment" if unit_frames > 1 else "frame",
+        "unit_frames": unit_frames,
+        "declined": declined,
         "accountant": site_field(msg, "accountant"),
     }
     if declined:
@@ -173,8 +184,12 @@ def answers(replies, registry: SiteRegistry, check) -> dict:
 
 def checked_eval_metrics(msg: Message) -> dict:
     m = _metrics(msg)
-    return {"bpp": number(m, "bpp", 0), "psnr": number(m, "psnr", 0, 200), "ms_ssim": number(m, "ms_ssim", -1, 1),
-            "frames": int(number(m, "num-examples", 1, integer=True))}
+    return {
+        "bpp": number(m, "bpp", 0),
+        "psnr": number(m, "psnr", 0, 200),
+        "ms_ssim": number(m, "ms_ssim", -1, 1),
+        "frames": int(number(m, "num-examples", 1, integer=True)),
+    }
 
 
 def checked_rd_curves(msg: Message, names, levels: int) -> dict:
@@ -194,5 +209,10 @@ def checked_compress_summary(msg: Message) -> dict | None:
     m = _metrics(msg)
     if "compressed" in m and "bytes" not in m:
         return None
-    return {"bytes": number(m, "bytes", 0, integer=True), "frames": number(m, "frames", 0, integer=True),
-            "bpp": number(m, "bpp", 0), "psnr": number(m, "psnr", 0, 200), "quality": number(m, "quality", 1, 16)}
+    return {
+        "bytes": number(m, "bytes", 0, integer=True),
+        "frames": number(m, "frames", 0, integer=True),
+        "bpp": number(m, "bpp", 0),
+        "psnr": number(m, "psnr", 0, 200),
+        "quality": number(m, "quality", 1, 16),
+    }

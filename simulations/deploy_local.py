@@ -58,18 +58,28 @@ def make_node_key(path: Path) -> Path:
 
     if not path.exists():
         key = ec.generate_private_key(ec.SECP384R1())
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
         path.chmod(0o600)
-        Path(f"{path}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                      serialization.PublicFormat.OpenSSH))
+        Path(f"{path}.pub").write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        )
     return path
 
 
 def registered_nodes(work: Path, cli_home: Path) -> list[dict]:
-    out = subprocess.run([flwr_bin("flwr"), "supernode", "list", "deploy", "--format", "json"], cwd=work,
-                         env=flwr_env(cli_home), capture_output=True, text=True, timeout=120)
-    return json.loads(out.stdout[out.stdout.index("{"):]).get("nodes", [])
+    out = subprocess.run(
+        [flwr_bin("flwr"), "supernode", "list", "deploy", "--format", "json"],
+        cwd=work,
+        env=flwr_env(cli_home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout[out.stdout.index("{") :]).get("nodes", [])
 
 
 def check_intruder(work: Path, args, tls_node: list, cli_home: Path, logs: Path) -> bool:
@@ -79,11 +89,27 @@ def check_intruder(work: Path, args, tls_node: list, cli_home: Path, logs: Path)
     key = make_node_key(work / "keys" / "intruder")
     home = work / "flwr-home" / "intruder"
     home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([flwr_bin("flower-supernode"), *tls_node, "--auth-supernode-private-key", str(key),
-                             "--superlink", f"127.0.0.1:{args.port}", "--port", str(args.port + 2 + args.sites),
-                             "--node-config", "partition-id=99", "--max-retries", "1"],
-                            cwd=work, env=flwr_env(home), stdout=open(logs / "intruder.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            flwr_bin("flower-supernode"),
+            *tls_node,
+            "--auth-supernode-private-key",
+            str(key),
+            "--superlink",
+            f"127.0.0.1:{args.port}",
+            "--port",
+            str(args.port + 2 + args.sites),
+            "--node-config",
+            "partition-id=99",
+            "--max-retries",
+            "1",
+        ],
+        cwd=work,
+        env=flwr_env(home),
+        stdout=open(logs / "intruder.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         rc = proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
@@ -119,24 +145,44 @@ def _parse(argv):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--port", type=int, default=39500, help="SuperLink port; SuperNodes use port+1+i")
     ap.add_argument("--insecure", action="store_true", help="plain HTTP instead of TLS (not for real sites)")
-    ap.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
-                    help="SuperNode authentication with registered keys (default on; needs TLS)")
-    ap.add_argument("--check-intruder", action="store_true",
-                    help="with --auth: after the runs, start a SuperNode whose key was never registered and report "
-                         "whether the SuperLink refused it")
-    ap.add_argument("--trusted-entities", action="store_true",
-                    help="start the SuperNodes with --trusted-entities (a fresh Ed25519 app-signing key): they run "
-                         "only app bundles signed by it. Flower 1.41 attaches signatures only to Flower Hub apps, "
-                         "so every locally submitted run is refused (see README, trust model)")
-    ap.add_argument("--cautious-site", action="store_true",
-                    help="add one more SuperNode started with --trusted-entities beside the others")
+    ap.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SuperNode authentication with registered keys (default on; needs TLS)",
+    )
+    ap.add_argument(
+        "--check-intruder",
+        action="store_true",
+        help="with --auth: after the runs, start a SuperNode whose key was never registered and report "
+        "whether the SuperLink refused it",
+    )
+    ap.add_argument(
+        "--trusted-entities",
+        action="store_true",
+        help="start the SuperNodes with --trusted-entities (a fresh Ed25519 app-signing key): they run "
+        "only app bundles signed by it. Flower 1.41 attaches signatures only to Flower Hub apps, "
+        "so every locally submitted run is refused (see README, trust model)",
+    )
+    ap.add_argument(
+        "--cautious-site",
+        action="store_true",
+        help="add one more SuperNode started with --trusted-entities beside the others",
+    )
     ap.add_argument("--video-dirs", nargs="*", default=[])
     ap.add_argument("--frames", type=int, default=48, help="frames per generated clip")
-    ap.add_argument("--node-config", default="", help="more node config for every site, e.g. a privacy policy: "
-                                                      "\"max-epsilon=8 release='eval,rd'\"")
-    ap.add_argument("--run-config", action="append", default=None,
-                    help="run-config overrides, 'key=value ...'; repeat for runs one after the other on the same "
-                         "SuperNodes (run k > 1 writes to server/run_<k>)")
+    ap.add_argument(
+        "--node-config",
+        default="",
+        help="more node config for every site, e.g. a privacy policy: \"max-epsilon=8 release='eval,rd'\"",
+    )
+    ap.add_argument(
+        "--run-config",
+        action="append",
+        default=None,
+        help="run-config overrides, 'key=value ...'; repeat for runs one after the other on the same "
+        "SuperNodes (run k > 1 writes to server/run_<k>)",
+    )
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--keep-running", action="store_true")
     args = ap.parse_args(argv)
@@ -156,10 +202,13 @@ def make_signing_key(work: Path) -> Path:
     path = work / "keys" / "trusted_entities.yaml"
     if not path.exists():
         key = ed25519.Ed25519PrivateKey.generate()
-        (work / "keys" / "app_signing").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        (work / "keys" / "app_signing").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        path.write_text(f"fedlvc-operator: \"{public.decode()}\"\n")
+        path.write_text(f'fedlvc-operator: "{public.decode()}"\n')
     return path
 
 
@@ -171,31 +220,63 @@ class Deployment:
         self.logs, self.certs = self.work / "logs", self.work / "certs"
         self.cli_home = self.work / "flwr-home" / "cli"
         self.procs: list[subprocess.Popen] = []
-        self.tls_link = ["--insecure"] if args.insecure else [
-            "--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
-            "--ssl-keyfile", str(self.certs / "server.key")]
+        self.tls_link = (
+            ["--insecure"]
+            if args.insecure
+            else [
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+            ]
+        )
         self.tls_node = ["--insecure"] if args.insecure else ["--root-certificates", str(self.certs / "ca.crt")]
 
     def _spawn(self, cmd: list, cwd: Path, home: Path, log: str) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(cmd, cwd=cwd, env=flwr_env(home), stdout=open(self.logs / log, "w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=flwr_env(home),
+            stdout=open(self.logs / log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
     def start_superlink(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not self.args.insecure and not (self.certs / "server.pem").exists():
-            subprocess.run(["bash", str(APP_DIR / "simulations" / "make_certs.sh"), str(self.certs)], check=True,
-                           stdout=subprocess.DEVNULL)
-        self._spawn([flwr_bin("flower-superlink"), *self.tls_link, "--host", "127.0.0.1", "--port",
-                     str(self.args.port), "--disable-runtime-dependency-installation", "--database",
-                     str(self.work / "superlink.db"), *(["--enable-supernode-auth"] if self.args.auth else [])],
-                    self.work, self.work / "flwr-home" / "superlink", "superlink.log")
+            subprocess.run(
+                ["bash", str(APP_DIR / "simulations" / "make_certs.sh"), str(self.certs)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        self._spawn(
+            [
+                flwr_bin("flower-superlink"),
+                *self.tls_link,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.args.port),
+                "--disable-runtime-dependency-installation",
+                "--database",
+                str(self.work / "superlink.db"),
+                *(["--enable-supernode-auth"] if self.args.auth else []),
+            ],
+            self.work,
+            self.work / "flwr-home" / "superlink",
+            "superlink.log",
+        )
         wait_port(self.args.port)
         self.cli_home.mkdir(parents=True, exist_ok=True)
         conn = f'address = "127.0.0.1:{self.args.port}"\n' + (
-            "insecure = true\n" if self.args.insecure else f'root-certificates = "{self.certs / "ca.crt"}"\n')
+            "insecure = true\n" if self.args.insecure else f'root-certificates = "{self.certs / "ca.crt"}"\n'
+        )
         (self.cli_home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n{conn}')
 
     def start_site(self, i: int, trusted: bool) -> None:
@@ -206,38 +287,73 @@ class Deployment:
             _generate_site_videos(video_dir, i, args.frames)
         for sub in ("out", "state"):
             (site / sub).mkdir(parents=True, exist_ok=True)
-        node_config = (f"partition-id={i} num-partitions={args.sites} site-name='site_{i}' video-dir='{video_dir}' "
-                       f"out-dir='{site / 'out'}' state-dir='{site / 'state'}' {args.node_config}").strip()
+        node_config = (
+            f"partition-id={i} num-partitions={args.sites} site-name='site_{i}' video-dir='{video_dir}' "
+            f"out-dir='{site / 'out'}' state-dir='{site / 'state'}' {args.node_config}"
+        ).strip()
         auth = []
         if args.auth:
             (self.work / "keys").mkdir(exist_ok=True)
             key = make_node_key(self.work / "keys" / f"site_{i}")
-            subprocess.run([flwr_bin("flwr"), "supernode", "register", f"{key}.pub", "deploy"], cwd=self.work,
-                           env=flwr_env(self.cli_home), check=True, stdout=open(self.logs / f"register_{i}.log", "w"),
-                           stderr=subprocess.STDOUT, timeout=120)
+            subprocess.run(
+                [flwr_bin("flwr"), "supernode", "register", f"{key}.pub", "deploy"],
+                cwd=self.work,
+                env=flwr_env(self.cli_home),
+                check=True,
+                stdout=open(self.logs / f"register_{i}.log", "w"),
+                stderr=subprocess.STDOUT,
+                timeout=120,
+            )
             auth = ["--auth-supernode-private-key", str(key)]
         if trusted:
             (self.work / "keys").mkdir(exist_ok=True)
             auth += ["--trusted-entities", str(make_signing_key(self.work))]
-        self._spawn([flwr_bin("flower-supernode"), *self.tls_node, *auth, "--superlink", f"127.0.0.1:{args.port}",
-                     "--port", str(args.port + 1 + i), "--node-config", node_config],
-                    site, self.work / "flwr-home" / f"supernode_{i}", f"supernode_{i}.log")
+        self._spawn(
+            [
+                flwr_bin("flower-supernode"),
+                *self.tls_node,
+                *auth,
+                "--superlink",
+                f"127.0.0.1:{args.port}",
+                "--port",
+                str(args.port + 1 + i),
+                "--node-config",
+                node_config,
+            ],
+            site,
+            self.work / "flwr-home" / f"supernode_{i}",
+            f"supernode_{i}.log",
+        )
 
     def run(self, k: int, overrides: str) -> dict:
         """Run k of the app on the deployment; its status from ``flwr list`` (``flwr run --stream`` exits 0
         even when a run fails)."""
         out = self.work / "server" if k == 1 else self.work / "server" / f"run_{k}"
         run_config = f"out-dir='{out}' num-server-rounds={self.args.rounds} min-sites={self.args.sites} {overrides}"
-        run = subprocess.run([flwr_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config.strip(),
-                              "--stream"], cwd=self.work, env=flwr_env(self.cli_home),
-                             stdout=open(self.logs / f"flwr-run_{k}.log", "w"), stderr=subprocess.STDOUT,
-                             timeout=self.args.timeout)
-        listing = subprocess.run([flwr_bin("flwr"), "list", "deploy", "--format", "json"], cwd=self.work,
-                                 env=flwr_env(self.cli_home), capture_output=True, text=True, timeout=120)
-        runs = json.loads(listing.stdout[listing.stdout.index("{"):]).get("runs", [])
+        run = subprocess.run(
+            [flwr_bin("flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config.strip(), "--stream"],
+            cwd=self.work,
+            env=flwr_env(self.cli_home),
+            stdout=open(self.logs / f"flwr-run_{k}.log", "w"),
+            stderr=subprocess.STDOUT,
+            timeout=self.args.timeout,
+        )
+        listing = subprocess.run(
+            [flwr_bin("flwr"), "list", "deploy", "--format", "json"],
+            cwd=self.work,
+            env=flwr_env(self.cli_home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        runs = json.loads(listing.stdout[listing.stdout.index("{") :]).get("runs", [])
         latest = max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
-        return {"run_id": latest.get("run-id"), "status": latest.get("status"), "flwr_run_rc": run.returncode,
-                "server_out": str(out)}
+        return {
+            "run_id": latest.get("run-id"),
+            "status": latest.get("status"),
+            "flwr_run_rc": run.returncode,
+            "server_out": str(out),
+        }
 
 
 def main(argv=None) -> int:
@@ -252,13 +368,21 @@ def main(argv=None) -> int:
             deployment.start_site(args.sites, trusted=True)
         runs = [deployment.run(k, overrides) for k, overrides in enumerate(args.run_config, start=1)]
         work = deployment.work
-        result = {**runs[0], "runs": runs, "status": runs[0]["status"] if len(runs) == 1 else (
-                      "finished:completed" if all(r["status"] == "finished:completed" for r in runs) else "failed"),
-                  "sites": [str(work / f"site_{i}") for i in range(args.sites + args.cautious_site)],
-                  "tls": not args.insecure, "auth": args.auth, "logs": str(deployment.logs)}
+        result = {
+            **runs[0],
+            "runs": runs,
+            "status": runs[0]["status"]
+            if len(runs) == 1
+            else ("finished:completed" if all(r["status"] == "finished:completed" for r in runs) else "failed"),
+            "sites": [str(work / f"site_{i}") for i in range(args.sites + args.cautious_site)],
+            "tls": not args.insecure,
+            "auth": args.auth,
+            "logs": str(deployment.logs),
+        }
         if args.check_intruder:
-            result["intruder_refused"] = check_intruder(work, args, deployment.tls_node, deployment.cli_home,
-                                                        deployment.logs)
+            result["intruder_refused"] = check_intruder(
+                work, args, deployment.tls_node, deployment.cli_home, deployment.logs
+            )
         if args.keep_running:
             result["pids"] = [p.pid for p in deployment.procs]
     finally:

@@ -29,8 +29,12 @@ def free_port() -> int:
 
 def flwr_env(home: Path) -> dict:
     env = dict(os.environ)
-    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1")
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
     return env
 
 
@@ -53,26 +57,59 @@ class SimulationRuntime:
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "SimulationRuntime":
+    def __enter__(self) -> SimulationRuntime:
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
-                                               f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
         self.process = subprocess.Popen(
-            [flwr_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port",
-             str(self.port), "--disable-runtime-dependency-installation"],
-            cwd=self.workdir, env=flwr_env(self.home), stdout=open(self.workdir / "superlink.log", "a"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                flwr_bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+            cwd=self.workdir,
+            env=flwr_env(self.home),
+            stdout=open(self.workdir / "superlink.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_port(self.port)
         return self
 
-    def run(self, run_config: str, num_supernodes: int, cpus_per_site: int = 1, timeout: float = 3600,
-            log: Path | None = None) -> dict:
+    def run(
+        self,
+        run_config: str,
+        num_supernodes: int,
+        cpus_per_site: int = 1,
+        timeout: float = 3600,
+        log: Path | None = None,
+    ) -> dict:
         """Submit one run of the app and wait for it; returns {"run_id", "status", "output"}."""
         before = {r["run-id"] for r in self.list_runs()}
         proc = subprocess.run(
-            [flwr_bin("flwr"), "run", str(APP_DIR), "sim", "--stream", "--run-config", run_config,
-             "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"],
-            cwd=self.workdir, env=flwr_env(self.home), capture_output=True, text=True, timeout=timeout)
+            [
+                flwr_bin("flwr"),
+                "run",
+                str(APP_DIR),
+                "sim",
+                "--stream",
+                "--run-config",
+                run_config,
+                "--federation-config",
+                f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}",
+            ],
+            cwd=self.workdir,
+            env=flwr_env(self.home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         output = proc.stdout + proc.stderr
         if log is not None:
             log.write_text(output)
@@ -81,10 +118,16 @@ class SimulationRuntime:
         return {"run_id": run.get("run-id"), "status": run.get("status"), "output": output}
 
     def list_runs(self) -> list[dict]:
-        out = subprocess.run([flwr_bin("flwr"), "list", "sim", "--format", "json"], cwd=self.workdir,
-                             env=flwr_env(self.home), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [flwr_bin("flwr"), "list", "sim", "--format", "json"],
+            cwd=self.workdir,
+            env=flwr_env(self.home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         text = out.stdout
-        return json.loads(text[text.index("{"):]).get("runs", []) if "{" in text else []
+        return json.loads(text[text.index("{") :]).get("runs", []) if "{" in text else []
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:

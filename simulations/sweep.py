@@ -29,9 +29,28 @@ from common.metrics import psnr_rgb
 from common.video import atomic_output
 
 SWEEP_KEYS = {"noise-multipliers", "num-sites", "clip-only-reference", "x264-crfs", "matched-bpp"}
-CSV_COLUMNS = ["setting", "codec", "noise_multiplier", "clip_only", "epsilon", "delta", "accountant", "quality",
-               "crf", "bpp", "psnr", "ms_ssim", "max_grad_norm", "sample_rate", "steps", "rounds", "privacy_unit",
-               "unit_frames", "units_per_site", "sites"]
+CSV_COLUMNS = [
+    "setting",
+    "codec",
+    "noise_multiplier",
+    "clip_only",
+    "epsilon",
+    "delta",
+    "accountant",
+    "quality",
+    "crf",
+    "bpp",
+    "psnr",
+    "ms_ssim",
+    "max_grad_norm",
+    "sample_rate",
+    "steps",
+    "rounds",
+    "privacy_unit",
+    "unit_frames",
+    "units_per_site",
+    "sites",
+]
 
 
 @dataclass
@@ -82,8 +101,14 @@ def _run_config_text(overrides: dict, setting: Setting, out_dir: Path, sites: in
         return repr(v)
 
     items = dict(overrides)
-    items.update({"noise-multiplier": setting.noise_multiplier, "clip-only": setting.clip_only,
-                  "out-dir": str(out_dir), "min-sites": sites})
+    items.update(
+        {
+            "noise-multiplier": setting.noise_multiplier,
+            "clip-only": setting.clip_only,
+            "out-dir": str(out_dir),
+            "min-sites": sites,
+        }
+    )
     return " ".join(f"{k}={fmt(v)}" for k, v in items.items())
 
 
@@ -91,8 +116,9 @@ def held_out_frames(rc: RunConfig, sites: int) -> np.ndarray:
     """The held-out frames of every generated site (the frames the ClientApps never train on)."""
     frames = []
     for site in range(sites):
-        all_frames = generated_site_frames(site + rc.demo_site_offset, rc.demo_clips, rc.demo_frames, rc.demo_width,
-                                           rc.demo_height)
+        all_frames = generated_site_frames(
+            site + rc.demo_site_offset, rc.demo_clips, rc.demo_frames, rc.demo_width, rc.demo_height
+        )
         frames += split_held_out(all_frames, rc.eval_frames)[1]
     return np.stack(frames)
 
@@ -121,17 +147,22 @@ def run_sweep(config_path, out_dir, progress: bool = True) -> Path:
         from .local_runtime import SimulationRuntime
 
         (out / "runtime").mkdir(exist_ok=True)
-        with SimulationRuntime(out / "runtime") as runtime, \
-                tqdm(total=len(settings), initial=len(settings) - len(todo), desc="sweep", unit="run",
-                     disable=not progress) as bar:
+        with (
+            SimulationRuntime(out / "runtime") as runtime,
+            tqdm(
+                total=len(settings), initial=len(settings) - len(todo), desc="sweep", unit="run", disable=not progress
+            ) as bar,
+        ):
             for s in todo:
                 run_dir = out / "runs" / s.name
                 run_dir.mkdir(parents=True, exist_ok=True)
-                result = runtime.run(_run_config_text(overrides, s, run_dir, sites), num_supernodes=sites,
-                                     log=run_dir / "flwr-run.log")
+                result = runtime.run(
+                    _run_config_text(overrides, s, run_dir, sites), num_supernodes=sites, log=run_dir / "flwr-run.log"
+                )
                 if result["status"] != "finished:completed" or not (run_dir / "summary.json").is_file():
-                    raise FedlvcError(f"sweep setting {s.name} failed (status {result['status']}); "
-                                      f"see {run_dir / 'flwr-run.log'}")
+                    raise FedlvcError(
+                        f"sweep setting {s.name} failed (status {result['status']}); see {run_dir / 'flwr-run.log'}"
+                    )
                 bar.update(1)
     write_results(out, sweep, settings, rc, sites, progress)
     return out
@@ -141,11 +172,18 @@ def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig
     frames = held_out_frames(rc, sites)
     crfs = tuple(sweep.get("x264-crfs", (18, 23, 28, 33, 38)))
     rows, curves, grid = [], {}, []
-    base = {"delta": rc.delta, "accountant": rc.accountant, "max_grad_norm": rc.max_grad_norm,
-            "privacy_unit": rc.privacy_unit, "unit_frames": rc.unit_frames, "sites": sites}
+    base = {
+        "delta": rc.delta,
+        "accountant": rc.accountant,
+        "max_grad_norm": rc.max_grad_norm,
+        "privacy_unit": rc.privacy_unit,
+        "unit_frames": rc.unit_frames,
+        "sites": sites,
+    }
     public = load_model(rc.init_model or None)
-    models = [("public", None, public, {"epsilon": 0.0, "sample_rate": 0.0, "steps": 0, "rounds": 0,
-                                        "units_per_site": ""})]
+    models = [
+        ("public", None, public, {"epsilon": 0.0, "sample_rate": 0.0, "steps": 0, "rounds": 0, "units_per_site": ""})
+    ]
     for s in settings:
         run_dir = out / "runs" / s.name
         models.append((s.name, s, load_model(run_dir / "final.safetensors"), _site_privacy(run_dir / "history.json")))
@@ -155,15 +193,35 @@ def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig
         curves[name] = points
         grid.append((name, privacy["epsilon"], decoded[rc.final_quality]))
         for p in points:
-            rows.append({**base, **privacy, "setting": name, "codec": "fedlvc",
-                         "noise_multiplier": "" if s is None else s.noise_multiplier,
-                         "clip_only": "" if s is None else s.clip_only, "quality": p["quality"], "crf": "",
-                         "bpp": p["bpp"], "psnr": p["psnr"], "ms_ssim": p["ms_ssim"]})
+            rows.append(
+                {
+                    **base,
+                    **privacy,
+                    "setting": name,
+                    "codec": "fedlvc",
+                    "noise_multiplier": "" if s is None else s.noise_multiplier,
+                    "clip_only": "" if s is None else s.clip_only,
+                    "quality": p["quality"],
+                    "crf": "",
+                    "bpp": p["bpp"],
+                    "psnr": p["psnr"],
+                    "ms_ssim": p["ms_ssim"],
+                }
+            )
     x264, _ = baseline_points(frames, 25, ["x264"], crfs)
     curves["x264"] = x264
     for p in x264:
-        rows.append({"setting": "x264", "codec": "x264", "crf": p["crf"], "bpp": p["bpp"], "psnr": p["psnr"],
-                     "ms_ssim": p["ms_ssim"], "sites": sites})
+        rows.append(
+            {
+                "setting": "x264",
+                "codec": "x264",
+                "crf": p["crf"],
+                "bpp": p["bpp"],
+                "psnr": p["psnr"],
+                "ms_ssim": p["ms_ssim"],
+                "sites": sites,
+            }
+        )
     with atomic_output(out / "results.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -180,8 +238,14 @@ def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig
     plot_recon_grid(out / "recon_grid.png", frames, grid, rc.final_quality)
 
 
-SITE_GAIN_COLUMNS = ["setting", "site", "epsilon", "bd_rate_vs_public_percent", "psnr_gain_db_at_final_quality",
-                     "bpp_ratio_at_final_quality"]
+SITE_GAIN_COLUMNS = [
+    "setting",
+    "site",
+    "epsilon",
+    "bd_rate_vs_public_percent",
+    "psnr_gain_db_at_final_quality",
+    "bpp_ratio_at_final_quality",
+]
 
 
 def write_site_gains(out: Path, settings: list[Setting]) -> None:
@@ -196,11 +260,16 @@ def write_site_gains(out: Path, settings: list[Setting]) -> None:
                 for site, v in summary["sites"].items():
                     gain = v.get("gain_over_public") or {}
                     eps = v.get("epsilon")
-                    writer.writerow({"setting": st.name, "site": site,
-                                     "epsilon": "inf" if isinstance(eps, float) and math.isinf(eps) else eps,
-                                     "bd_rate_vs_public_percent": gain.get("bd_rate_percent"),
-                                     "psnr_gain_db_at_final_quality": gain.get("psnr_db"),
-                                     "bpp_ratio_at_final_quality": gain.get("bpp_ratio")})
+                    writer.writerow(
+                        {
+                            "setting": st.name,
+                            "site": site,
+                            "epsilon": "inf" if isinstance(eps, float) and math.isinf(eps) else eps,
+                            "bd_rate_vs_public_percent": gain.get("bd_rate_percent"),
+                            "psnr_gain_db_at_final_quality": gain.get("psnr_db"),
+                            "bpp_ratio_at_final_quality": gain.get("bpp_ratio"),
+                        }
+                    )
 
 
 def psnr_at_bpp(points: list[dict], bpp: float) -> float | None:
@@ -234,8 +303,12 @@ def plot_privacy_quality(path: Path, models, curves, bpp: float) -> None:
         if name == "public":
             ax.axhline(q, color="gray", ls=":", label=f"public model (no fine-tuning) {q:.2f} dB")
         elif math.isinf(eps):
-            ax.axhline(q, ls="--", color="k" if not s.clip_only else "tab:orange",
-                       label=("clip only" if s.clip_only else "non-private") + f" {q:.2f} dB")
+            ax.axhline(
+                q,
+                ls="--",
+                color="k" if not s.clip_only else "tab:orange",
+                label=("clip only" if s.clip_only else "non-private") + f" {q:.2f} dB",
+            )
         else:
             finite.append((eps, q, name))
     if finite:
@@ -278,8 +351,11 @@ def plot_recon_grid(path: Path, frames: np.ndarray, grid, quality: int) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6 * frames.shape[1] / frames.shape[2] + 0.7))
     for ax, (name, eps, f) in zip(np.atleast_1d(axes), panels):
         ax.imshow(f[i])
-        label = name if eps is None else f"{name}\nε={'∞' if math.isinf(eps) else f'{eps:.2f}'}, " \
-                                         f"{psnr_rgb(frames[i], f[i]):.2f} dB"
+        label = (
+            name
+            if eps is None
+            else f"{name}\nε={'∞' if math.isinf(eps) else f'{eps:.2f}'}, {psnr_rgb(frames[i], f[i]):.2f} dB"
+        )
         ax.set_title(label, fontsize=7)
         ax.axis("off")
     fig.suptitle(f"held-out frame, quality {quality}", fontsize=8)

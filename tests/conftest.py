@@ -21,8 +21,8 @@ import torch
 from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import FrameDecoder
-from common.entropy import LatentCoder
 from common.data import generate_site_clip
+from common.entropy import LatentCoder
 from common.model import CodecConfig, FedlvcCodec
 from common.video import write_video
 
@@ -95,8 +95,11 @@ def restream(data: bytes, model: FedlvcCodec, **changes) -> bytes:
         prev, history = decoder.state.references()
         y_hat = decoder.decode_latent(payload + bytes(-len(payload) % 4))
         if new.version >= 3:
-            bs.write_chunk(out, coder.encode(y_hat, decoder.level, prev, history,
-                                             check=bs.latent_checksum(y_hat, i, new.stream_key)), span.frame_type)
+            bs.write_chunk(
+                out,
+                coder.encode(y_hat, decoder.level, prev, history, check=bs.latent_checksum(y_hat, i, new.stream_key)),
+                span.frame_type,
+            )
         else:
             words = coder.encode(y_hat, decoder.level, prev, history)
             out.write(bs.CHUNK.pack(span.frame_type, len(words), bs.chunk_crc(words, i, new.stream_key)) + words)

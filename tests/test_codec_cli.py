@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ODD_FRAMES, ODD_HEIGHT, ODD_WIDTH, sha256
 
 from client.cli import main
 from common import bitstream as bs
@@ -22,8 +23,6 @@ from common.codec import DEFAULT_GOP, _to_tensor, decode_stream
 from common.errors import FedlvcError
 from common.metrics import psnr_rgb
 from common.video import probe, read_frames
-
-from conftest import ODD_FRAMES, ODD_HEIGHT, ODD_WIDTH, sha256
 
 ERROR_PREFIX = "fedlvc: error: "
 
@@ -59,7 +58,7 @@ def expect_user_error(capsys, args, *, inputs=(), folders=(), match=None) -> str
         assert after == names, f"{f} changed: {sorted(after ^ names)}"
     for p, h in hashes.items():
         assert sha256(p) == h, f"input {p} was modified"
-    return lines[0][len(ERROR_PREFIX):]
+    return lines[0][len(ERROR_PREFIX) :]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -189,8 +188,9 @@ def test_every_quality_level_round_trips(capsys, request, odd_clip, odd_frames, 
     sizes = []
     for q in range(1, model.cfg.num_levels + 1):
         lvc_path, mkv = dst / f"q{q}.lvc", dst / f"q{q}.mkv"
-        rc, stdout, err = cli(capsys, "compress", odd_clip, lvc_path, "--model", coding_model_path,
-                              "--quality", q, "--json", "--quiet")
+        rc, stdout, err = cli(
+            capsys, "compress", odd_clip, lvc_path, "--model", coding_model_path, "--quality", q, "--json", "--quiet"
+        )
         assert rc == 0, err
         summary = json.loads(stdout)
         assert summary["quality"] == q and summary["bytes"] == lvc_path.stat().st_size
@@ -231,9 +231,22 @@ def test_a_script_sees_exactly_the_one_line_error(lvc, chunks, tiny_model_path, 
 
     src, dst = dirs
     bad = put(src, "cut.lvc", lvc.read_bytes()[: chunks[4].payload_offset + chunks[4].length // 2])
-    run = subprocess.run([sys.executable, "-m", "client.cli", "decompress", str(bad), str(dst / "x.mkv"), "--model",
-                          str(tiny_model_path)], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parent.parent)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "decompress",
+            str(bad),
+            str(dst / "x.mkv"),
+            "--model",
+            str(tiny_model_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and run.stderr.startswith(ERROR_PREFIX), run.stderr
     assert listing(dst) == set()
@@ -244,62 +257,86 @@ def test_a_script_sees_exactly_the_one_line_error(lvc, chunks, tiny_model_path, 
 
 def test_compress_missing_input(capsys, tiny_model_path, dirs):
     src, dst = dirs
-    msg = expect_user_error(capsys, ["compress", src / "nope.mp4", dst / "o.lvc", "--model", tiny_model_path],
-                            folders=[src, dst], match="not found")
+    msg = expect_user_error(
+        capsys,
+        ["compress", src / "nope.mp4", dst / "o.lvc", "--model", tiny_model_path],
+        folders=[src, dst],
+        match="not found",
+    )
     assert "nope.mp4" in msg
 
 
 def test_compress_empty_input(capsys, tiny_model_path, dirs):
     src, dst = dirs
     empty = put(src, "empty.mp4", b"")
-    expect_user_error(capsys, ["compress", empty, dst / "o.lvc", "--model", tiny_model_path],
-                      inputs=[empty], folders=[src, dst], match="empty")
+    expect_user_error(
+        capsys,
+        ["compress", empty, dst / "o.lvc", "--model", tiny_model_path],
+        inputs=[empty],
+        folders=[src, dst],
+        match="empty",
+    )
 
 
 def test_compress_directory_input(capsys, tiny_model_path, dirs):
     src, dst = dirs
     (src / "sub.mp4").mkdir()
-    expect_user_error(capsys, ["compress", src / "sub.mp4", dst / "o.lvc", "--model", tiny_model_path],
-                      folders=[src, dst])
+    expect_user_error(
+        capsys, ["compress", src / "sub.mp4", dst / "o.lvc", "--model", tiny_model_path], folders=[src, dst]
+    )
 
 
-@pytest.mark.parametrize("name,data", [
-    ("random.mp4", np.random.default_rng(0).bytes(20000)),
-    ("random.mkv", np.random.default_rng(1).bytes(3000)),
-    ("notes.mp4", b"This is a text file, not a video.\n" * 50),
-    ("half.mkv", None),  # the first bytes of a real .mkv
-])
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("random.mp4", np.random.default_rng(0).bytes(20000)),
+        ("random.mkv", np.random.default_rng(1).bytes(3000)),
+        ("notes.mp4", b"This is a text file, not a video.\n" * 50),
+        ("half.mkv", None),  # the first bytes of a real .mkv
+    ],
+)
 def test_compress_non_video(capsys, tiny_model_path, dirs, odd_clip, name, data):
     src, dst = dirs
     if data is None:
         data = odd_clip.read_bytes()[:300]
     bad = put(src, name, data)
-    expect_user_error(capsys, ["compress", bad, dst / "o.lvc", "--model", tiny_model_path],
-                      inputs=[bad], folders=[src, dst])
+    expect_user_error(
+        capsys, ["compress", bad, dst / "o.lvc", "--model", tiny_model_path], inputs=[bad], folders=[src, dst]
+    )
 
 
 def test_compress_text_file_named_txt(capsys, tiny_model_path, dirs):
     src, dst = dirs
     bad = put(src, "notes.txt", b"This is a text file, not a video.\n" * 50)
-    expect_user_error(capsys, ["compress", bad, dst / "o.lvc", "--model", tiny_model_path],
-                      inputs=[bad], folders=[src, dst])
+    expect_user_error(
+        capsys, ["compress", bad, dst / "o.lvc", "--model", tiny_model_path], inputs=[bad], folders=[src, dst]
+    )
 
 
 @pytest.mark.parametrize("quality", [0, 7, 99, -1])
 def test_compress_unknown_quality(capsys, odd_clip, tiny_model_path, dirs, quality):
     src, dst = dirs
     clip = put(src, "clip.mkv", odd_clip.read_bytes())
-    msg = expect_user_error(capsys, ["compress", clip, dst / "o.lvc", "--model", tiny_model_path,
-                                     "--quality", str(quality)],
-                            inputs=[clip], folders=[src, dst], match="quality")
+    msg = expect_user_error(
+        capsys,
+        ["compress", clip, dst / "o.lvc", "--model", tiny_model_path, "--quality", str(quality)],
+        inputs=[clip],
+        folders=[src, dst],
+        match="quality",
+    )
     assert re.search(rf"quality {re.escape(str(quality))}\b", msg), msg
 
 
 def test_compress_output_in_missing_folder(capsys, odd_clip, tiny_model_path, dirs):
     src, dst = dirs
     clip = put(src, "clip.mkv", odd_clip.read_bytes())
-    expect_user_error(capsys, ["compress", clip, dst / "missing" / "o.lvc", "--model", tiny_model_path],
-                      inputs=[clip], folders=[src, dst], match="folder")
+    expect_user_error(
+        capsys,
+        ["compress", clip, dst / "missing" / "o.lvc", "--model", tiny_model_path],
+        inputs=[clip],
+        folders=[src, dst],
+        match="folder",
+    )
     assert not (dst / "missing").exists()
 
 
@@ -307,34 +344,55 @@ def test_compress_output_in_missing_folder(capsys, odd_clip, tiny_model_path, di
 def test_compress_output_must_end_in_lvc(capsys, odd_clip, tiny_model_path, dirs, name):
     src, dst = dirs
     clip = put(src, "clip.mkv", odd_clip.read_bytes())
-    expect_user_error(capsys, ["compress", clip, dst / name, "--model", tiny_model_path],
-                      inputs=[clip], folders=[src, dst], match=r"\.lvc")
+    expect_user_error(
+        capsys,
+        ["compress", clip, dst / name, "--model", tiny_model_path],
+        inputs=[clip],
+        folders=[src, dst],
+        match=r"\.lvc",
+    )
 
 
 def test_compress_output_equal_to_input(capsys, odd_clip, tiny_model_path, dirs):
     src, _ = dirs
     clip = put(src, "clip.lvc", odd_clip.read_bytes())  # a video that happens to be named .lvc
-    expect_user_error(capsys, ["compress", clip, clip, "--model", tiny_model_path],
-                      inputs=[clip], folders=[src], match="overwrite")
+    expect_user_error(
+        capsys, ["compress", clip, clip, "--model", tiny_model_path], inputs=[clip], folders=[src], match="overwrite"
+    )
     # Spelled differently, same file.
-    expect_user_error(capsys, ["compress", clip, src / "." / "clip.lvc", "--model", tiny_model_path],
-                      inputs=[clip], folders=[src], match="overwrite")
+    expect_user_error(
+        capsys,
+        ["compress", clip, src / "." / "clip.lvc", "--model", tiny_model_path],
+        inputs=[clip],
+        folders=[src],
+        match="overwrite",
+    )
 
 
 def test_compress_output_is_a_link_to_the_input(capsys, odd_clip, tiny_model_path, dirs):
     src, _ = dirs
     clip = put(src, "clip.mkv", odd_clip.read_bytes())
     (src / "link.lvc").symlink_to(clip)
-    expect_user_error(capsys, ["compress", clip, src / "link.lvc", "--model", tiny_model_path],
-                      inputs=[clip], folders=[src], match="overwrite")
+    expect_user_error(
+        capsys,
+        ["compress", clip, src / "link.lvc", "--model", tiny_model_path],
+        inputs=[clip],
+        folders=[src],
+        match="overwrite",
+    )
     assert (src / "link.lvc").is_symlink()
 
 
 def test_compress_missing_model(capsys, odd_clip, dirs):
     src, dst = dirs
     clip = put(src, "clip.mkv", odd_clip.read_bytes())
-    expect_user_error(capsys, ["compress", clip, dst / "o.lvc", "--model", src / "nope.safetensors"],
-                      inputs=[clip], folders=[src, dst], match="not found")
+    expect_user_error(
+        capsys,
+        ["compress", clip, dst / "o.lvc", "--model", src / "nope.safetensors"],
+        inputs=[clip],
+        folders=[src, dst],
+        match="not found",
+    )
 
 
 # ----------------------------------------------------------------------------------- bad input: decompress
@@ -342,34 +400,52 @@ def test_compress_missing_model(capsys, odd_clip, dirs):
 
 def test_decompress_missing_input(capsys, tiny_model_path, dirs):
     src, dst = dirs
-    expect_user_error(capsys, ["decompress", src / "nope.lvc", dst / "o.mkv", "--model", tiny_model_path],
-                      folders=[src, dst], match="not found")
+    expect_user_error(
+        capsys,
+        ["decompress", src / "nope.lvc", dst / "o.mkv", "--model", tiny_model_path],
+        folders=[src, dst],
+        match="not found",
+    )
 
 
 def test_decompress_empty_input(capsys, tiny_model_path, dirs):
     src, dst = dirs
     empty = put(src, "empty.lvc", b"")
-    expect_user_error(capsys, ["decompress", empty, dst / "o.mkv", "--model", tiny_model_path],
-                      inputs=[empty], folders=[src, dst], match="empty")
+    expect_user_error(
+        capsys,
+        ["decompress", empty, dst / "o.mkv", "--model", tiny_model_path],
+        inputs=[empty],
+        folders=[src, dst],
+        match="empty",
+    )
 
 
-@pytest.mark.parametrize("name,data", [
-    ("random.lvc", np.random.default_rng(2).bytes(5000)),
-    ("notes.lvc", b"This is a text file, not a bitstream.\n" * 20),
-    ("short.lvc", b"FL"),
-])
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("random.lvc", np.random.default_rng(2).bytes(5000)),
+        ("notes.lvc", b"This is a text file, not a bitstream.\n" * 20),
+        ("short.lvc", b"FL"),
+    ],
+)
 def test_decompress_non_bitstream(capsys, tiny_model_path, dirs, name, data):
     src, dst = dirs
     bad = put(src, name, data)
-    expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
-                      inputs=[bad], folders=[src, dst])
+    expect_user_error(
+        capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path], inputs=[bad], folders=[src, dst]
+    )
 
 
 def test_decompress_foreign_video_file(capsys, odd_clip, tiny_model_path, dirs):
     src, dst = dirs
     clip = put(src, "clip.mkv", odd_clip.read_bytes())
-    expect_user_error(capsys, ["decompress", clip, dst / "o.mkv", "--model", tiny_model_path],
-                      inputs=[clip], folders=[src, dst], match="not a fedlvc bitstream")
+    expect_user_error(
+        capsys,
+        ["decompress", clip, dst / "o.mkv", "--model", tiny_model_path],
+        inputs=[clip],
+        folders=[src, dst],
+        match="not a fedlvc bitstream",
+    )
 
 
 def _cut_points(chunks):
@@ -386,15 +462,26 @@ def _cut_points(chunks):
     }
 
 
-@pytest.mark.parametrize("where", ["empty_after_magic", "inside_header", "header_only",
-                                   "first_chunk_head_only", "later_chunk_head_only", "inside_payload",
-                                   "inside_last_payload", "last_byte"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "empty_after_magic",
+        "inside_header",
+        "header_only",
+        "first_chunk_head_only",
+        "later_chunk_head_only",
+        "inside_payload",
+        "inside_last_payload",
+        "last_byte",
+    ],
+)
 def test_decompress_truncated(capsys, lvc, chunks, tiny_model_path, dirs, where):
     src, dst = dirs
     cut = _cut_points(chunks)[where]
     bad = put(src, "cut.lvc", lvc.read_bytes()[:cut])
-    expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
-                      inputs=[bad], folders=[src, dst])
+    expect_user_error(
+        capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path], inputs=[bad], folders=[src, dst]
+    )
 
 
 def _flip_offsets(chunks):
@@ -416,18 +503,33 @@ def _flip_offsets(chunks):
     }
 
 
-@pytest.mark.parametrize("where", ["header_version", "header_fingerprint", "header_quality", "header_width",
-                                   "header_frames", "header_crc", "chunk_type", "chunk_length_low",
-                                   "chunk_length_high", "chunk_head_continuation", "payload_first",
-                                   "payload_middle", "payload_last"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "header_version",
+        "header_fingerprint",
+        "header_quality",
+        "header_width",
+        "header_frames",
+        "header_crc",
+        "chunk_type",
+        "chunk_length_low",
+        "chunk_length_high",
+        "chunk_head_continuation",
+        "payload_first",
+        "payload_middle",
+        "payload_last",
+    ],
+)
 def test_decompress_bit_flipped(capsys, lvc, chunks, tiny_model_path, dirs, where):
     src, dst = dirs
     offset, bit = _flip_offsets(chunks)[where]
     data = bytearray(lvc.read_bytes())
     data[offset] ^= 1 << bit
     bad = put(src, "flipped.lvc", bytes(data))
-    msg = expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
-                            inputs=[bad], folders=[src, dst])
+    msg = expect_user_error(
+        capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path], inputs=[bad], folders=[src, dst]
+    )
     if where.startswith("payload"):
         assert "frame 4" in msg and "damaged" in msg
     elif where.startswith("header") and where != "header_version":
@@ -459,8 +561,9 @@ def test_decompress_trailing_garbage(capsys, lvc, tiny_model_path, dirs):
     src, dst = dirs
     for i, tail in enumerate([b"\x00", b"garbage!", bytes(9)]):
         bad = put(src, f"tail{i}.lvc", lvc.read_bytes() + tail)
-        msg = expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
-                                inputs=[bad], folders=[src, dst])
+        msg = expect_user_error(
+            capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path], inputs=[bad], folders=[src, dst]
+        )
         assert f"{len(tail)} unexpected bytes" in msg
 
 
@@ -468,8 +571,9 @@ def test_decompress_with_a_different_model(capsys, odd_clip, other_model_path, t
     src, dst = dirs
     other = src / "other.lvc"
     assert cli(capsys, "compress", odd_clip, other, "--model", other_model_path, "--quiet")[0] == 0
-    msg = expect_user_error(capsys, ["decompress", other, dst / "o.mkv", "--model", tiny_model_path],
-                            inputs=[other], folders=[src, dst])
+    msg = expect_user_error(
+        capsys, ["decompress", other, dst / "o.mkv", "--model", tiny_model_path], inputs=[other], folders=[src, dst]
+    )
     assert "different model" in msg
     # With the right model it decodes.
     assert cli(capsys, "decompress", other, dst / "o.mkv", "--model", other_model_path, "--quiet")[0] == 0
@@ -483,9 +587,14 @@ def test_decompress_quality_out_of_range_in_header(capsys, lvc, tiny_model_path,
         h = bs.read_header(f, len(data))
     for q in (0, 7, 200):
         forged = bs.StreamHeader(h.fingerprint, q, h.width, h.height, h.fps, h.frames, h.gop).pack()
-        bad = put(src, f"q{q}.lvc", forged + data[bs.HEADER_SIZE:])
-        msg = expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
-                                inputs=[bad], folders=[src, dst], match="quality")
+        bad = put(src, f"q{q}.lvc", forged + data[bs.HEADER_SIZE :])
+        msg = expect_user_error(
+            capsys,
+            ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
+            inputs=[bad],
+            folders=[src, dst],
+            match="quality",
+        )
         assert f"quality {q}" in msg
 
 
@@ -496,42 +605,56 @@ def test_decompress_size_in_header_does_not_match_the_payloads(capsys, lvc, tiny
     with open(lvc, "rb") as f:
         h = bs.read_header(f, len(data))
     forged = bs.StreamHeader(h.fingerprint, h.quality, 640, 480, h.fps, h.frames, h.gop).pack()
-    bad = put(src, "big.lvc", forged + data[bs.HEADER_SIZE:])
-    expect_user_error(capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path],
-                      inputs=[bad], folders=[src, dst])
+    bad = put(src, "big.lvc", forged + data[bs.HEADER_SIZE :])
+    expect_user_error(
+        capsys, ["decompress", bad, dst / "o.mkv", "--model", tiny_model_path], inputs=[bad], folders=[src, dst]
+    )
 
 
 def test_decompress_output_in_missing_folder(capsys, lvc, tiny_model_path, dirs):
     src, dst = dirs
     stream = put(src, "s.lvc", lvc.read_bytes())
-    expect_user_error(capsys, ["decompress", stream, dst / "missing" / "o.mkv", "--model", tiny_model_path],
-                      inputs=[stream], folders=[src, dst], match="folder")
+    expect_user_error(
+        capsys,
+        ["decompress", stream, dst / "missing" / "o.mkv", "--model", tiny_model_path],
+        inputs=[stream],
+        folders=[src, dst],
+        match="folder",
+    )
 
 
 @pytest.mark.parametrize("name", ["o.avi", "o.lvc", "o"])
 def test_decompress_unsupported_output_suffix(capsys, lvc, tiny_model_path, dirs, name):
     src, dst = dirs
     stream = put(src, "s.lvc", lvc.read_bytes())
-    expect_user_error(capsys, ["decompress", stream, dst / name, "--model", tiny_model_path],
-                      inputs=[stream], folders=[src, dst])
+    expect_user_error(
+        capsys, ["decompress", stream, dst / name, "--model", tiny_model_path], inputs=[stream], folders=[src, dst]
+    )
 
 
 def test_decompress_output_equal_to_input(capsys, lvc, tiny_model_path, dirs):
     src, _ = dirs
     stream = put(src, "stream.mkv", lvc.read_bytes())  # a bitstream that happens to be named .mkv
-    expect_user_error(capsys, ["decompress", stream, stream, "--model", tiny_model_path],
-                      inputs=[stream], folders=[src], match="overwrite")
+    expect_user_error(
+        capsys,
+        ["decompress", stream, stream, "--model", tiny_model_path],
+        inputs=[stream],
+        folders=[src],
+        match="overwrite",
+    )
     stream = put(src, "s.lvc", lvc.read_bytes())
-    expect_user_error(capsys, ["decompress", stream, stream, "--model", tiny_model_path],
-                      inputs=[stream], folders=[src])
+    expect_user_error(
+        capsys, ["decompress", stream, stream, "--model", tiny_model_path], inputs=[stream], folders=[src]
+    )
 
 
 def test_decompress_output_is_a_directory(capsys, lvc, tiny_model_path, dirs):
     src, dst = dirs
     stream = put(src, "s.lvc", lvc.read_bytes())
     (dst / "o.mkv").mkdir()
-    expect_user_error(capsys, ["decompress", stream, dst / "o.mkv", "--model", tiny_model_path],
-                      inputs=[stream], folders=[src, dst])
+    expect_user_error(
+        capsys, ["decompress", stream, dst / "o.mkv", "--model", tiny_model_path], inputs=[stream], folders=[src, dst]
+    )
 
 
 def test_read_header_of_real_stream_matches_chunks(lvc, chunks):

@@ -14,8 +14,8 @@ from opacus import GradSampleModule
 
 from common.losses import RateDistortion, SegmentRateDistortion
 from common.model import CodecConfig, FedlvcCodec
-from common.rdo import PFrameRule
 from common.privacy import fold_segment_grad_samples
+from common.rdo import PFrameRule
 from common.training import set_trainable
 
 CFG = CodecConfig(channels=8, latent_channels=8, mixtures=2)

@@ -14,15 +14,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import allocates_at_most, make_coding_model, make_tiny_model
 
 from common import bitstream as bs
+from common.checkpoint import load_model
 from common.codec import FrameEncoder, _to_tensor
 from common.data import generate_site_clip
-from common.checkpoint import load_model
 from common.entropy import LatentCoder, coding_fingerprint
 from common.errors import FedlvcError
-
-from conftest import allocates_at_most, make_coding_model, make_tiny_model
 
 # constriction's ANS coder flushes a 64-bit state and works in 32-bit words: a constant overhead of at most
 # about 64 bits on top of the ideal code length, whatever the frame size.
@@ -137,8 +136,9 @@ def test_higher_quality_spends_more_bits(big_frame):
 
 
 def header(**kw) -> bs.StreamHeader:
-    args = dict(fingerprint=bytes(range(16)), quality=3, width=70, height=45, fps=Fraction(30000, 1001),
-                frames=10, gop=1)
+    args = dict(
+        fingerprint=bytes(range(16)), quality=3, width=70, height=45, fps=Fraction(30000, 1001), frames=10, gop=1
+    )
     args.update(kw)
     return bs.StreamHeader(**args)
 
@@ -218,8 +218,9 @@ def test_read_header_refuses_unknown_flags():
     _refused(recrc(bytes(raw)), "flags")
 
 
-@pytest.mark.parametrize("width,height", [(100000, 100000), (0, 45), (70, 0), (16385, 16), (16384, 16384),
-                                          (2**32 - 1, 2**32 - 1)])
+@pytest.mark.parametrize(
+    "width,height", [(100000, 100000), (0, 45), (70, 0), (16385, 16), (16384, 16384), (2**32 - 1, 2**32 - 1)]
+)
 def test_read_header_refuses_absurd_size(width, height):
     raw = header(width=width, height=height).pack() + bytes(1000)
     msg = _refused(raw, "frame size")
@@ -386,8 +387,9 @@ def test_coding_tables_are_the_same_under_each_cpu_kernel_path():
     results = {}
     for path in ("default", "avx2"):
         env = dict(os.environ, ATEN_CPU_CAPABILITY=path)
-        out = subprocess.run([sys.executable, "-c", _TABLES_SCRIPT], env=env, capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _TABLES_SCRIPT], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
         results[path] = out
     assert [results[p][0] for p in ("default", "avx2")] == ["DEFAULT", "AVX2"]  # each path really ran
     assert results["default"][1] == results["avx2"][1] == coding_fingerprint(load_model(None))

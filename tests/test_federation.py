@@ -23,8 +23,18 @@ from common.privacy import RDP_ALPHAS
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = CodecConfig(channels=8, latent_channels=8, mixtures=2)
-RUN = {"local-steps": 3, "batch-size": 4, "crop-size": 32, "demo-frames": 12, "demo-clips": 1, "demo-width": 64,
-       "demo-height": 48, "eval-frames": 2, "noise-multiplier": 1.0, "epsilon-budget": 50.0}
+RUN = {
+    "local-steps": 3,
+    "batch-size": 4,
+    "crop-size": 32,
+    "demo-frames": 12,
+    "demo-clips": 1,
+    "demo-width": 64,
+    "demo-height": 48,
+    "eval-frames": 2,
+    "noise-multiplier": 1.0,
+    "epsilon-budget": 50.0,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -45,16 +55,25 @@ def _model(seed=0) -> FedlvcCodec:
 
 def _message(model: FedlvcCodec, kind: str, server_round: int = 1) -> Message:
     config = ConfigRecord({"model-config": json.dumps(model.cfg.to_dict()), "server-round": server_round})
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
-                   dst_node_id=1, message_type=kind)
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1, message_type=kind
+    )
 
 
 def _rd_message(federated: FedlvcCodec, public: FedlvcCodec, server_round: int = 1) -> Message:
     """The server's one query.rd of a round: both models, the round's number."""
     config = ConfigRecord({"model-config": json.dumps(federated.cfg.to_dict()), "server-round": server_round})
-    return Message(RecordDict({"federated": ArrayRecord(federated.state_dict()),
-                               "public": ArrayRecord(public.state_dict()), "config": config}),
-                   dst_node_id=1, message_type="query.rd")
+    return Message(
+        RecordDict(
+            {
+                "federated": ArrayRecord(federated.state_dict()),
+                "public": ArrayRecord(public.state_dict()),
+                "config": config,
+            }
+        ),
+        dst_node_id=1,
+        message_type="query.rd",
+    )
 
 
 def _context(run=None, node=None) -> Context:
@@ -150,15 +169,23 @@ def test_a_resumed_run_continues_each_sites_epsilon_from_the_earlier_rounds():
     from server.app import earlier_ledgers
 
     before = [[1.0, 0.25, 3], [1.0, 0.25, 3]]
-    rounds = [{"round": 1, "sites": {"site_0": {"dp_history": before[:1], "unit_frames": 1}}},
-              {"round": 2, "sites": {"site_0": {"dp_history": before, "unit_frames": 1},
-                                     "site_1": {"dp_history": [], "unit_frames": 1}}}]
+    rounds = [
+        {"round": 1, "sites": {"site_0": {"dp_history": before[:1], "unit_frames": 1}}},
+        {
+            "round": 2,
+            "sites": {
+                "site_0": {"dp_history": before, "unit_frames": 1},
+                "site_1": {"dp_history": [], "unit_frames": 1},
+            },
+        },
+    ]
     ledgers = earlier_ledgers(rounds, RunConfig.from_mapping({}))
     assert ledgers == {"site_0": {"unit_frames": 1, "history": before}}  # the latest record of each site
     m = client_app.train(_resumed_round(json.dumps(ledgers)), _context()).content["metrics"]  # partition-id 0: site_0
     assert m["dp_sigma"][:2] == [1.0, 1.0] and m["dp_steps"] == [3, 3, RUN["local-steps"]]
     assert m["epsilon"] == pytest.approx(
-        independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"]), rel=1e-9)
+        independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"]), rel=1e-9
+    )
     fresh = client_app.train(_message(_model(), "train", 1), _context()).content["metrics"]
     assert m["epsilon"] > fresh["epsilon"]
     # Another site's record is not this site's; a record of another privacy unit is refused on both sides.
@@ -214,8 +241,14 @@ print(json.dumps({"epsilon": m["epsilon"], "steps": m["dp_steps"]}))
 
 def test_a_restarted_site_continues_its_epsilon_from_state_dir(tmp_path):
     def run_site_process():
-        out = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, str(tmp_path / "state")], cwd=REPO,
-                             capture_output=True, text=True, timeout=300, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", RESTART_SCRIPT, str(tmp_path / "state")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     first, second = run_site_process(), run_site_process()  # two processes, fresh Context.state each
@@ -249,8 +282,10 @@ def test_pyproject_run_config_matches_the_typed_defaults():
 
 # ---------------------------------------------------------------- end to end (real Flower processes)
 
-TINY_RUN = ("num-server-rounds=2 local-steps=3 batch-size=8 crop-size=32 demo-frames=16 demo-clips=1 "
-            "demo-width=64 demo-height=48 eval-frames=2 noise-multiplier=1.0 epsilon-budget=50.0")
+TINY_RUN = (
+    "num-server-rounds=2 local-steps=3 batch-size=8 crop-size=32 demo-frames=16 demo-clips=1 "
+    "demo-width=64 demo-height=48 eval-frames=2 noise-multiplier=1.0 epsilon-budget=50.0"
+)
 
 
 def _simulate(tmp_path, config: str, out: Path, sites: int = 2) -> list[dict]:
@@ -304,10 +339,31 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
 
     port = free_port()
     tiny = "local-steps=3 batch-size=8 crop-size=32 eval-frames=2"
-    proc = subprocess.run([sys.executable, str(REPO / "simulations" / "deploy_local.py"), str(tmp_path / "w"),
-                           "--sites", "2", "--rounds", "2", "--port", str(port), "--frames", "12", "--check-intruder",
-                           "--cautious-site", "--run-config", tiny, "--run-config", f"{tiny} noise-multiplier=0.0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "simulations" / "deploy_local.py"),
+            str(tmp_path / "w"),
+            "--sites",
+            "2",
+            "--rounds",
+            "2",
+            "--port",
+            str(port),
+            "--frames",
+            "12",
+            "--check-intruder",
+            "--cautious-site",
+            "--run-config",
+            tiny,
+            "--run-config",
+            f"{tiny} noise-multiplier=0.0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     first, second = result["runs"]
     assert proc.returncode == 0 and first["status"] == second["status"] == "finished:completed", proc.stdout
@@ -356,8 +412,9 @@ def test_a_federation_in_which_every_site_declines_ends_cleanly(tmp_path):
     from common.checkpoint import load_model
 
     out = tmp_path / "out"
-    config = TINY_RUN.replace("epsilon-budget=50.0", "epsilon-budget=1.0").replace("noise-multiplier=1.0",
-                                                                                    "noise-multiplier=0.8")
+    config = TINY_RUN.replace("epsilon-budget=50.0", "epsilon-budget=1.0").replace(
+        "noise-multiplier=1.0", "noise-multiplier=0.8"
+    )
     rounds = _simulate(tmp_path, config, out)
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
@@ -378,8 +435,9 @@ def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
     model = _model(3)
     save_model(tmp_path / "round_003.safetensors", model, {"round": 3})
     # A round 4 written after the checkpoint is dropped from the model's history...
-    rounds = [{"round": r, "sites": {"site_0": {"dp_history": [[1.0, 0.1, 2 * r]], "unit_frames": 1}}}
-              for r in (1, 2, 3, 4)]
+    rounds = [
+        {"round": r, "sites": {"site_0": {"dp_history": [[1.0, 0.1, 2 * r]], "unit_frames": 1}}} for r in (1, 2, 3, 4)
+    ]
     (tmp_path / "history.json").write_text(json.dumps({"rounds": rounds}))
     rc = RunConfig.from_mapping({"resume-from": str(tmp_path / "round_003.safetensors")})
     resumed, done, earlier = _initial_model(rc)
@@ -400,7 +458,8 @@ def test_a_site_that_crashes_mid_round_does_not_sink_the_round(tmp_path, monkeyp
     assert [d["site"] for d in rounds[1]["dropped"]] == ["site_1"]
     assert "fault injected" in rounds[1]["dropped"][0]["reason"]
     assert set(rounds[1]["sites"]) >= {"site_0", "site_2"} and "site_1" not in {
-        k for k, v in rounds[1]["sites"].items() if "epsilon" in v}
+        k for k, v in rounds[1]["sites"].items() if "epsilon" in v
+    }
     assert "site_1" in rounds[2]["sites"]  # back in the next round
 
 
@@ -411,8 +470,10 @@ def test_central_site_level_dp_clips_updates_and_accounts_per_round(tmp_path):
     from common.checkpoint import load_model
 
     out = tmp_path / "out"
-    config = (TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
-              + " central-dp='fixed' central-clipping-norm=1e-6 central-noise-multiplier=0.5 learning-rate=0.01")
+    config = (
+        TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
+        + " central-dp='fixed' central-clipping-norm=1e-6 central-noise-multiplier=0.5 learning-rate=0.01"
+    )
     rounds = _simulate(tmp_path, config, out)
     central = [r["central_dp"] for r in rounds]
     assert [c["rounds"] for c in central] == [1, 2] and all(c["unit"] == "site" for c in central)
@@ -454,10 +515,23 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     (tmp_path / "first").mkdir()
     runtime = SimulationRuntime(tmp_path / "first").__enter__()
     try:
-        run = subprocess.Popen([flwr_bin("flwr"), "run", str(REPO), "sim", "--stream", "--run-config", config,
-                                "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-                               cwd=runtime.workdir, env=flwr_env(runtime.home), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        run = subprocess.Popen(
+            [
+                flwr_bin("flwr"),
+                "run",
+                str(REPO),
+                "sim",
+                "--stream",
+                "--run-config",
+                config,
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+            ],
+            cwd=runtime.workdir,
+            env=flwr_env(runtime.home),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 600
         while not (out / "round_001.safetensors").is_file() and time.time() < deadline:
             time.sleep(0.5)
@@ -474,9 +548,12 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     assert spent and all(n >= 3 for n in spent.values())  # local-steps=3, at least round 1
     (tmp_path / "second").mkdir()
     with SimulationRuntime(tmp_path / "second") as again:
-        resumed = again.run(TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=1")
-                            + f" out-dir='{out}' resume-from='{out / 'round_001.safetensors'}'", num_supernodes=2,
-                            timeout=900)
+        resumed = again.run(
+            TINY_RUN.replace("num-server-rounds=2", "num-server-rounds=1")
+            + f" out-dir='{out}' resume-from='{out / 'round_001.safetensors'}'",
+            num_supernodes=2,
+            timeout=900,
+        )
     assert resumed["status"] == "finished:completed", resumed["output"][-3000:]
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2]
@@ -493,9 +570,11 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_central_dp_with_adaptive_clipping_adapts_the_norm_and_accounts(tmp_path):
-    config = (TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
-              + " central-dp='adaptive' central-clipping-norm=1e-4 central-noise-multiplier=0.5"
-              " central-count-stddev=1.0 central-target-quantile=0.5 central-clip-lr=0.5")
+    config = (
+        TINY_RUN.replace("noise-multiplier=1.0", "noise-multiplier=0.0")
+        + " central-dp='adaptive' central-clipping-norm=1e-4 central-noise-multiplier=0.5"
+        " central-count-stddev=1.0 central-target-quantile=0.5 central-clip-lr=0.5"
+    )
     central = [r["central_dp"] for r in _simulate(tmp_path, config, tmp_path / "out")]
     assert [c["mode"] for c in central] == ["adaptive", "adaptive"]
     assert central[0]["clipping_norm"] == pytest.approx(1e-4)
@@ -546,8 +625,9 @@ def test_segment_privacy_unit_trains_the_temporal_prior_and_accounts_per_segment
     # 24 frames - 1 held-out segment = 7 segments of 3 frames; Poisson rate 1/ceil(7/4)
     assert m["units"] == 7 and m["unit-frames"] == 3 and m["num-examples"] == 7
     assert m["sample_rate"] == pytest.approx(1 / 2)
-    assert m["epsilon"] == pytest.approx(independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"],
-                                                             m["delta"]), rel=1e-9)
+    assert m["epsilon"] == pytest.approx(
+        independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"]), rel=1e-9
+    )
     after = reply.content["arrays"].to_torch_state_dict()
     assert not torch.equal(after["temporal.table.weight"], model.state_dict()["temporal.table.weight"])
     frame_reply = client_app.train(_message(model, "train"), _context())

@@ -7,6 +7,8 @@ import zlib
 from fractions import Fraction
 
 import pytest
+import torch
+from conftest import allocates_at_most
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,9 +17,6 @@ from common.codec import decode_stream, encode_frames
 from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.model import CodecConfig, FedlvcCodec
-from conftest import allocates_at_most
-
-import torch
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_inserted_bytes(stream, tmp_path, pos, junk):
 def test_deleted_bytes(stream, tmp_path, pos, n):
     model, data = stream
     p = pos % len(data)
-    _must_fail_cleanly(model, data[:p] + data[p + n:], tmp_path, data)
+    _must_fail_cleanly(model, data[:p] + data[p + n :], tmp_path, data)
 
 
 HEADER_FIELDS = {4: 255, 5: 2**32 - 1, 6: 2**32 - 1, 7: 2**32 - 1, 8: 2**32 - 1, 9: 2**32 - 1, 10: 2**16 - 1}
@@ -123,7 +122,7 @@ def test_forged_header_with_valid_checksum(stream, tmp_path, changes):
     for index, value in changes.items():
         fields[index] = value % (HEADER_FIELDS[index] + 1)
     body = bs.HEADER.pack(*fields)
-    forged = body + bs.HEADER_CRC.pack(zlib.crc32(body)) + data[bs.HEADER_SIZE:]
+    forged = body + bs.HEADER_CRC.pack(zlib.crc32(body)) + data[bs.HEADER_SIZE :]
     if forged == data:
         return
     with pytest.raises(FedlvcError):  # the chunk checksums are keyed by the header: any change is caught

@@ -16,7 +16,7 @@ def test_a_video_that_fails_mid_stream_leaves_no_partial_output(tmp_path, capsys
     write_video(good, generate_site_clip(0, 0, 64, 48, 30), Fraction(25))
     data = bytearray(good.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 2000] = bytes(b ^ 0x5A for b in data[middle:middle + 2000])  # damage in the middle
+    data[middle : middle + 2000] = bytes(b ^ 0x5A for b in data[middle : middle + 2000])  # damage in the middle
     bad = tmp_path / "bad.mkv"
     bad.write_bytes(bytes(data))
     digest = hashlib.sha256(bad.read_bytes()).hexdigest()

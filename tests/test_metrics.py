@@ -96,8 +96,14 @@ def test_ms_ssim_single_scale_matches_scikit_image_ssim(clip):
 
     a = clip[0, 50:70, 60:80]
     b = noisy(a, 8)
-    ref = np.mean([structural_similarity(a[..., c], b[..., c], gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False, data_range=255) for c in range(3)])
+    ref = np.mean(
+        [
+            structural_similarity(
+                a[..., c], b[..., c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+            )
+            for c in range(3)
+        ]
+    )
     assert ms_ssim(a, b) == pytest.approx(ref, rel=1e-9)
 
 

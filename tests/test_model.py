@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG, make_tiny_model
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
@@ -16,9 +17,7 @@ from common.data import FrameCrops, generate_site_clip
 from common.errors import FedlvcError
 from common.losses import RateDistortion
 from common.model import CodecConfig, FedlvcCodec
-
 from common.training import set_trainable
-from conftest import TINY_CONFIG, make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
 
@@ -40,8 +39,12 @@ def _private(model, frames, noise_multiplier=1.0, max_grad_norm=1.0, lr=0.05, ba
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "secure RNG turned off"
         pmodel, poptim, ploader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
         )
     return engine, pmodel, poptim, ploader
 
@@ -288,9 +291,14 @@ def test_dp_training_survives_empty_poisson_batches(tmp_path):
     out = tmp_path / "m.safetensors"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = train([videos], out, TrainConfig(steps=12, batch_size=1, crop_size=32, validate_every=1000,
-                                                   checkpoint_seconds=1e9),
-                        dp=DPConfig(noise_multiplier=1.0), model_cfg=TINY_CONFIG, log=lambda s: None)
+        summary = train(
+            [videos],
+            out,
+            TrainConfig(steps=12, batch_size=1, crop_size=32, validate_every=1000, checkpoint_seconds=1e9),
+            dp=DPConfig(noise_multiplier=1.0),
+            model_cfg=TINY_CONFIG,
+            log=lambda s: None,
+        )
     assert summary["steps"] == 12
     assert summary["rows"] == 19
     assert 0 < summary["epsilon"] < float("inf")

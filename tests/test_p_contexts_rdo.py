@@ -7,26 +7,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import restream
+from test_temporal import FPS, PLAIN, H, W, cli, clip, decode_all, expect_user_error, make_temporal_model, payloads
 
-from client.cli import main
 from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model, save_model
-from common.codec import DEFAULT_P_RULE, FrameDecoder, FrameEncoder, decode_stream, encode_frames
+from common.codec import DEFAULT_P_RULE, FrameDecoder, FrameEncoder, encode_frames
+from common.contexts import (
+    IN_FRAME_VALUES,
+    P_GROUPS,
+    TEMPORAL_CONTEXTS,
+    channel_groups,
+    next_history,
+    p_context,
+    temporal_context,
+)
 from common.entropy import LatentCoder
-from common.contexts import (IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS, channel_groups, next_history, p_context, temporal_context)
-from common.model import ARCHITECTURE, ARCHITECTURE_V2, FedlvcCodec
+from common.model import ARCHITECTURE, ARCHITECTURE_V2, with_temporal_prior
 from common.rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
-from common.model import with_temporal_prior
 from common.video import write_video
-
-from conftest import restream
-from test_temporal import FPS, H, PLAIN, W, cli, clip, decode_all, expect_user_error, make_temporal_model, payloads
 
 V2_DATA = Path(__file__).parent / "data" / "v2"
 
@@ -115,8 +119,7 @@ def test_p_frame_scales_depend_on_the_earlier_groups(v3_model):
 def _laplace_bits(v, mean, scale):
     """−log2 of a Laplace(mean, scale) quantized to unit bins, written out independently of the model code."""
     a = np.abs(v - mean)
-    p = np.where(a < 0.5, 1 - np.exp(-0.5 / scale),
-                 0.5 * (np.exp(-(a - 0.5) / scale) - np.exp(-(a + 0.5) / scale)))
+    p = np.where(a < 0.5, 1 - np.exp(-0.5 / scale), 0.5 * (np.exp(-(a - 0.5) / scale) - np.exp(-(a + 0.5) / scale)))
     return -np.log2(np.maximum(p, 1e-9))
 
 
@@ -228,8 +231,15 @@ def test_v2_streams_of_the_previous_release_decode(v2_model):
         assert hashlib.sha256(decoded.tobytes()).hexdigest() == e["decoded_sha256"]
         again = Path(str(path) + ".again.lvc")
         try:
-            encode_frames(iter(frames), again, v2_model, e["quality"], FPS, gop=e["gop"],
-                          rule=PFrameRule(skip_threshold=e["skip_threshold"]))
+            encode_frames(
+                iter(frames),
+                again,
+                v2_model,
+                e["quality"],
+                FPS,
+                gop=e["gop"],
+                rule=PFrameRule(skip_threshold=e["skip_threshold"]),
+            )
             assert again.read_bytes()[4] == bs.VERSION == 3
             assert restream(again.read_bytes(), v2_model, version=2) == path.read_bytes()
         finally:
@@ -247,8 +257,9 @@ def test_v2_model_upgraded_to_v3_codes_the_same_payloads(tmp_path, v2_model):
     encode_frames(iter(frames), a, v2_model, 4, FPS, gop=10, rule=PLAIN)
     encode_frames(iter(frames), b, upgraded, 4, FPS, gop=10, rule=PLAIN)
     assert payloads(a.read_bytes()) != payloads(b.read_bytes())  # the checksums differ
-    assert (payloads(restream(a.read_bytes(), v2_model, version=2))
-            == payloads(restream(b.read_bytes(), upgraded, version=2)))
+    assert payloads(restream(a.read_bytes(), v2_model, version=2)) == payloads(
+        restream(b.read_bytes(), upgraded, version=2)
+    )
     np.testing.assert_array_equal(decode_all(a, v2_model), decode_all(b, upgraded))
     with pytest.raises(Exception, match="different model"):
         decode_all(a, upgraded)
@@ -283,15 +294,23 @@ def test_cli_p_frame_rule_options(capsys, tmp_path):
     src = tmp_path / "clip.mkv"
     write_video(src, clip(6, 32, 32), FPS)
     sizes = {}
-    for name, opts in (("default", []), ("rd2", ["--rd-weight", "2"]), ("skip", ["--rd-weight", "0", "--skip-threshold", "0.3"]),
-                       ("plain", ["--rd-weight", "0"])):
+    for name, opts in (
+        ("default", []),
+        ("rd2", ["--rd-weight", "2"]),
+        ("skip", ["--rd-weight", "0", "--skip-threshold", "0.3"]),
+        ("plain", ["--rd-weight", "0"]),
+    ):
         out = tmp_path / f"{name}.lvc"
         rc, _, err = cli(capsys, "compress", src, out, "--model", m_path, "--quiet", *opts)
         assert rc == 0, err
         sizes[name] = out.stat().st_size
     assert sizes["plain"] > sizes["default"]
-    for bad, word in ((["--skip-threshold", "0.2"], "--rd-weight 0"), (["--rd-weight", "-1"], "--rd-weight"),
-                      (["--rd-weight", "nan"], "--rd-weight"), (["--rd-weight", "0", "--skip-threshold", "12"], "--skip-threshold")):
+    for bad, word in (
+        (["--skip-threshold", "0.2"], "--rd-weight 0"),
+        (["--rd-weight", "-1"], "--rd-weight"),
+        (["--rd-weight", "nan"], "--rd-weight"),
+        (["--rd-weight", "0", "--skip-threshold", "12"], "--skip-threshold"),
+    ):
         msg = expect_user_error(capsys, ["compress", src, tmp_path / "x.lvc", "--model", m_path, *bad], tmp_path)
         assert word in msg, msg
 
@@ -303,9 +322,30 @@ def test_cli_train_upgrades_a_v2_model_and_trains_only_its_temporal_prior(capsys
     videos.mkdir()
     write_video(videos / "a.mkv", clip(24, 48, 48), FPS)
     out = tmp_path / "v3.safetensors"
-    rc, _, err = cli(capsys, "train", videos, "--out", out, "--init-model", V2_DATA / "tiny-v2.safetensors",
-                     "--privacy-unit", "segment", "--segment-frames", "4", "--train-parts", "temporal",
-                     "--steps", "6", "--batch-size", "2", "--crop-size", "32", "--lr", "0.05", "--quiet")
+    rc, _, err = cli(
+        capsys,
+        "train",
+        videos,
+        "--out",
+        out,
+        "--init-model",
+        V2_DATA / "tiny-v2.safetensors",
+        "--privacy-unit",
+        "segment",
+        "--segment-frames",
+        "4",
+        "--train-parts",
+        "temporal",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--quiet",
+    )
     assert rc == 0, err
     old, new = load_model(V2_DATA / "tiny-v2.safetensors"), load_model(out)
     assert new.cfg.architecture == ARCHITECTURE
@@ -317,8 +357,11 @@ def test_cli_train_upgrades_a_v2_model_and_trains_only_its_temporal_prior(capsys
             assert not torch.equal(new_state[name], with_temporal_prior(old).state_dict()[name])
         else:
             assert torch.equal(new_state[name], t), name
-    msg = expect_user_error(capsys, ["train", videos, "--out", tmp_path / "x.safetensors", "--privacy-unit",
-                                     "segment", "--skip-threshold", "0.2"], tmp_path)
+    msg = expect_user_error(
+        capsys,
+        ["train", videos, "--out", tmp_path / "x.safetensors", "--privacy-unit", "segment", "--skip-threshold", "0.2"],
+        tmp_path,
+    )
     assert "--rd-weight 0" in msg
 
 

@@ -57,8 +57,9 @@ def test_real_clip_every_quality(capsys, tmp_path, carphone_clip):
         info = probe(mkv)
         assert (info.width, info.height) == (176, 144)
         assert info.fps == Fraction(probe(clip).fps)
-        results.append({"q": q, "bpp": summary["bpp"], "psnr": psnr_rgb(original, decoded),
-                        "ms_ssim": ms_ssim(original, decoded)})
+        results.append(
+            {"q": q, "bpp": summary["bpp"], "psnr": psnr_rgb(original, decoded), "ms_ssim": ms_ssim(original, decoded)}
+        )
 
     summary_text = "; ".join(f"q{r['q']}: {r['bpp']:.3f} bpp {r['psnr']:.2f} dB {r['ms_ssim']:.3f}" for r in results)
     first, last = results[0], results[-1]

@@ -23,14 +23,28 @@ def _sent(model) -> ArrayRecord:
     return ArrayRecord(model.state_dict())
 
 
-def _reply(node: int, arrays: ArrayRecord | None, name: str = "site_0", examples=10, units=10, declined=0,
-           **metrics) -> Message:
+def _reply(
+    node: int, arrays: ArrayRecord | None, name: str = "site_0", examples=10, units=10, declined=0, **metrics
+) -> Message:
     """A training reply from Flower node ``node``, as an honest site sends it unless told otherwise."""
     ask = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
-    m = {"num-examples": examples, "units": units, "unit-frames": 1, "epsilon": 1.5, "delta": 1e-5,
-         "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.25, "steps": 0 if declined else 3,
-         "declined": declined, "dp_sigma": [1.0], "dp_sample_rate": [0.25], "dp_steps": [3], "train_loss": 0.5,
-         **metrics}
+    m = {
+        "num-examples": examples,
+        "units": units,
+        "unit-frames": 1,
+        "epsilon": 1.5,
+        "delta": 1e-5,
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.25,
+        "steps": 0 if declined else 3,
+        "declined": declined,
+        "dp_sigma": [1.0],
+        "dp_sample_rate": [0.25],
+        "dp_steps": [3],
+        "train_loss": 0.5,
+        **metrics,
+    }
     content = {"metrics": MetricRecord(m), "site": ConfigRecord({"name": name, "note": "", "accountant": "rdp"})}
     if arrays is not None:
         content["arrays"] = arrays
@@ -68,14 +82,23 @@ def test_bad_replies_are_dropped_with_the_reason_and_the_honest_average_survives
         4: _reply(4, _moved(model, 5.0), name="huge-weight", examples=10**12, units=10**12),
         5: _reply(5, _moved(model, 5.0), name="more-than-it-holds", examples=500, units=10),
         6: _reply(6, _moved(model, 0.0, **{first_key: np.zeros((1, 2), dtype=np.float32)}), name="shape"),
-        7: _reply(7, ArrayRecord({**{k: Array(v.numpy()) for k, v in model.state_dict().items()},
-                                  "extra": Array(np.zeros(2, dtype=np.float32))}), name="extra-key"),
+        7: _reply(
+            7,
+            ArrayRecord(
+                {
+                    **{k: Array(v.numpy()) for k, v in model.state_dict().items()},
+                    "extra": Array(np.zeros(2, dtype=np.float32)),
+                }
+            ),
+            name="extra-key",
+        ),
         8: _reply(8, _moved(model, 0.0, **{first_key: np.zeros(shape, dtype=np.float64)}), name="dtype"),
         9: _reply(9, _moved(model, 0.0), name="list-weight", examples=[1, 2]),
         10: _reply(10, None, name="no-arrays"),
         11: _reply(11, _moved(model, 0.0), name="nan-sigma", dp_sigma=[float("nan")]),
-        12: Message(Error(code=0, reason="site crashed"), reply_to=Message(RecordDict(), dst_node_id=12,
-                                                                          message_type="train")),
+        12: Message(
+            Error(code=0, reason="site crashed"), reply_to=Message(RecordDict(), dst_node_id=12, message_type="train")
+        ),
     }
     fedavg = _strategy(model, list(replies) + [13])
     arrays, metrics = fedavg.aggregate_train(1, list(replies.values()))
@@ -96,9 +119,11 @@ def test_bad_replies_are_dropped_with_the_reason_and_the_honest_average_survives
 def test_a_spoofed_site_name_cannot_overwrite_another_sites_record():
     model = _model()
     fedavg = _strategy(model, [1, 2, 3])
-    replies = [_reply(1, _moved(model, 0.01), name="site_0", epsilon=1.0),
-               _reply(2, _moved(model, 0.02), name="site_0", epsilon=9.0),  # claims the same name
-               _reply(3, _moved(model, 0.03), name="../../etc", epsilon=2.0)]  # not a name: labelled by node id
+    replies = [
+        _reply(1, _moved(model, 0.01), name="site_0", epsilon=1.0),
+        _reply(2, _moved(model, 0.02), name="site_0", epsilon=9.0),  # claims the same name
+        _reply(3, _moved(model, 0.03), name="../../etc", epsilon=2.0),
+    ]  # not a name: labelled by node id
     fedavg.aggregate_train(1, replies)
     sites = fedavg.train_log[1]["sites"]
     assert sites["site_0"]["epsilon"] == 1.0 and sites["site_0"]["node_id"] == 1
@@ -123,9 +148,11 @@ def test_under_central_dp_weights_are_equal_and_updates_clipped_whatever_the_sit
     fedavg = _strategy(model, [1, 2, 3], central_norm=1.0)
     n = sum(v.numel() for v in model.state_dict().values())
     big, small = 1000.0 / math.sqrt(n), 0.1 / math.sqrt(n)  # update norms 1000 and 0.1
-    replies = [_reply(1, _moved(model, big), name="a", **{"site-weight": -999.0}),
-               _reply(2, _moved(model, small), name="b", **{"site-weight": 1000.0}),
-               _reply(3, _moved(model, 7.0), name="c", declined=1, examples=0)]  # declined: a zero update
+    replies = [
+        _reply(1, _moved(model, big), name="a", **{"site-weight": -999.0}),
+        _reply(2, _moved(model, small), name="b", **{"site-weight": 1000.0}),
+        _reply(3, _moved(model, 7.0), name="c", declined=1, examples=0),
+    ]  # declined: a zero update
     arrays, _ = fedavg.aggregate_train(1, replies)
     expected = model.state_dict()[next(iter(model.state_dict()))].numpy() + (big / 1000.0 + small) / 3
     np.testing.assert_allclose(_first(arrays), expected, rtol=1e-5)
@@ -148,8 +175,9 @@ def test_a_round_where_every_site_declined_keeps_the_previous_model(tmp_path):
     assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("bad", [{"epsilon": float("nan")}, {"declined": 2}, {"unit-frames": 4},
-                                 {"num-examples": 0}, {"dp_steps": [3, 3]}])
+@pytest.mark.parametrize(
+    "bad", [{"epsilon": float("nan")}, {"declined": 2}, {"unit-frames": 4}, {"num-examples": 0}, {"dp_steps": [3, 3]}]
+)
 def test_inconsistent_metrics_are_dropped(bad):
     model = _model()
     fedavg = _strategy(model, [1])

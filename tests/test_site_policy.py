@@ -22,8 +22,7 @@ from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.video import write_video
 from tests.conftest import allocates_at_most
-from tests.test_federation import (RUN, _context, _message, _model, _rd_message, independent_epsilon,  # noqa: F401
-                                   task_identity)
+from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon, task_identity  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +89,9 @@ def test_a_raised_budget_or_a_loose_delta_in_the_run_config_changes_nothing(tmp_
     m = first.content["metrics"]
     # δ is the site's (1e-5), not the run's 0.9: ε is computed there and matches an independent accountant.
     assert m["delta"] == 1e-5
-    assert m["epsilon"] == pytest.approx(independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"],
-                                                             1e-5), rel=1e-9)
+    assert m["epsilon"] == pytest.approx(
+        independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], 1e-5), rel=1e-9
+    )
     assert m["epsilon"] > 0
     # The site's max-epsilon binds although the run asks for a budget of 1e9: the round that would pass
     # 1.05 × the spent ε is declined when the site's own limit is just above what it has spent.
@@ -129,9 +129,14 @@ def test_a_real_site_without_state_dir_refuses_to_train(video_dir):
 
 
 def test_node_config_policy_errors_are_one_clear_line():
-    for node, key in (({"max-epsilon": "lots"}, "max-epsilon"), ({"accountant": "gdp"}, "accountant"),
-                      ({"release": "eval,pixels"}, "release"), ({"allow-non-private": "maybe"}, "allow-non-private"),
-                      ({"privacy-unit": "clip"}, "privacy-unit"), ({"max-local-steps": 2.5}, "max-local-steps")):
+    for node, key in (
+        ({"max-epsilon": "lots"}, "max-epsilon"),
+        ({"accountant": "gdp"}, "accountant"),
+        ({"release": "eval,pixels"}, "release"),
+        ({"allow-non-private": "maybe"}, "allow-non-private"),
+        ({"privacy-unit": "clip"}, "privacy-unit"),
+        ({"max-local-steps": 2.5}, "max-local-steps"),
+    ):
         with pytest.raises(FedlvcError, match=key):
             SitePolicy.of(node)
     policy = SitePolicy.of({"release": "none", "video-dir": "/x"})
@@ -177,14 +182,17 @@ def test_dp_noise_does_not_come_from_torchs_default_generator():
 # ----------------------------------------------------------------------------------------- a ledger that grows
 
 
-@pytest.mark.parametrize("record", [
-    {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, -5]]}},  # negative steps
-    {"site_0": {"unit_frames": 1, "history": [[float("nan"), 0.25, 3]]}},  # NaN σ (hung the accountant)
-    {"site_0": {"unit_frames": 1, "history": [[1.0, 1.5, 3]]}},  # q > 1
-    {"site_0": {"unit_frames": 1, "history": [[-1.0, 0.25, 3]]}},  # negative σ
-    {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, 2.5]]}},  # fractional steps
-    {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, 3]] * 10_001}},  # too many entries
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, -5]]}},  # negative steps
+        {"site_0": {"unit_frames": 1, "history": [[float("nan"), 0.25, 3]]}},  # NaN σ (hung the accountant)
+        {"site_0": {"unit_frames": 1, "history": [[1.0, 1.5, 3]]}},  # q > 1
+        {"site_0": {"unit_frames": 1, "history": [[-1.0, 0.25, 3]]}},  # negative σ
+        {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, 2.5]]}},  # fractional steps
+        {"site_0": {"unit_frames": 1, "history": [[1.0, 0.25, 3]] * 10_001}},  # too many entries
+    ],
+)
 def test_a_forged_earlier_ledgers_record_is_refused(record):
     msg = _message(_model(), "train")
     msg.content["config"]["earlier-ledgers"] = json.dumps(record)
@@ -212,8 +220,11 @@ def test_a_deleted_emptied_or_rolled_back_ledger_is_an_error_not_a_fresh_start(t
     first = ledger.read_text()
     _train(node=node, server_round=2)
     second = ledger.read_text()
-    cases = {"missing": lambda: ledger.unlink(), "damaged": lambda: ledger.write_text(""),
-             "older than its seal": lambda: ledger.write_text(first)}
+    cases = {
+        "missing": lambda: ledger.unlink(),
+        "damaged": lambda: ledger.write_text(""),
+        "older than its seal": lambda: ledger.write_text(first),
+    }
     for message, damage in cases.items():
         damage()
         with pytest.raises(FedlvcError, match=message):
@@ -251,8 +262,10 @@ def test_two_runs_on_one_state_dir_serialise_their_spending(tmp_path):
     history = _ledger(tmp_path)["history"]
     assert [7.0, 0.5, 5] in history  # the other run's spending survived
     assert sum(n for _, _, n in history) == 2 * RUN["local-steps"] + 5
-    assert [7.0, 0.5, 5] in [list(h) for h in zip(*(result["reply"].content["metrics"][k] for k in
-                                                     ("dp_sigma", "dp_sample_rate", "dp_steps")))]
+    assert [7.0, 0.5, 5] in [
+        list(h)
+        for h in zip(*(result["reply"].content["metrics"][k] for k in ("dp_sigma", "dp_sample_rate", "dp_steps")))
+    ]
 
 
 # ---------------------------------------------------------------------------- releases are the site's choice
@@ -286,8 +299,10 @@ def test_the_final_compression_never_writes_where_the_run_config_says(tmp_path, 
     (tmp_path / "a" / "b").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a" / "b")
     target = Path(run_out.format(tmp_path.name)).resolve()
-    for node, where in (({"state-dir": str(tmp_path / "state")}, tmp_path / "state" / "out"),
-                        ({}, tmp_path / "a" / "b" / "runs" / "sites" / "site_0")):
+    for node, where in (
+        ({"state-dir": str(tmp_path / "state")}, tmp_path / "state" / "out"),
+        ({}, tmp_path / "a" / "b" / "runs" / "sites" / "site_0"),
+    ):
         ctx = _context({"out-dir": run_out.format(tmp_path.name)}, node)
         model = _model()
         client_app.train(_message(model, "train", 1), ctx)
@@ -302,8 +317,15 @@ def test_the_final_compression_never_writes_where_the_run_config_says(tmp_path, 
 def test_a_model_config_with_a_million_channels_is_refused_before_anything_is_allocated():
     msg = _message(_model(), "train")
     cfg = json.loads(msg.content["config"]["model-config"])
-    for key, value in (("channels", 10**6), ("latent_channels", 10**6), ("mixtures", 10**4), ("support", 10**7),
-                       ("lambdas", [0.01] * 1000), ("channels", "64"), ("stride", 2)):
+    for key, value in (
+        ("channels", 10**6),
+        ("latent_channels", 10**6),
+        ("mixtures", 10**4),
+        ("support", 10**7),
+        ("lambdas", [0.01] * 1000),
+        ("channels", "64"),
+        ("stride", 2),
+    ):
         msg.content["config"]["model-config"] = json.dumps({**cfg, key: value})
         with pytest.raises(FedlvcError, match="model config"):
             client_app.train(msg, _context())
@@ -314,8 +336,15 @@ def test_a_model_config_with_a_million_channels_is_refused_before_anything_is_al
 
 
 def test_run_config_sizes_are_bounded_and_the_site_checks_its_memory_first():
-    for key, value in (("site-max-frames", 10**7), ("crop-size", 4096), ("batch-size", 10**6),
-                       ("demo-frames", 10**7), ("demo-width", 10**5), ("demo-clips", 10**5), ("local-steps", 10**9)):
+    for key, value in (
+        ("site-max-frames", 10**7),
+        ("crop-size", 4096),
+        ("batch-size", 10**6),
+        ("demo-frames", 10**7),
+        ("demo-width", 10**5),
+        ("demo-clips", 10**5),
+        ("local-steps", 10**9),
+    ):
         with pytest.raises(FedlvcError, match=key):
             RunConfig.from_mapping({key: value})
     big = {"demo-frames": 100_000, "demo-width": 4096, "demo-height": 4096, "demo-clips": 1000}  # each in bounds
@@ -328,8 +357,9 @@ def test_run_config_sizes_are_bounded_and_the_site_checks_its_memory_first():
 
 def test_a_message_whose_arrays_do_not_fit_its_model_config_is_one_clear_error():
     msg = _message(_model(), "train")
-    msg.content["config"]["model-config"] = json.dumps({**json.loads(msg.content["config"]["model-config"]),
-                                                        "channels": 16})
+    msg.content["config"]["model-config"] = json.dumps(
+        {**json.loads(msg.content["config"]["model-config"]), "channels": 16}
+    )
     with pytest.raises(FedlvcError, match="do not fit its model-config"):
         client_app.train(msg, _context())
 
@@ -348,8 +378,9 @@ def test_no_history_can_hang_the_accountant_and_a_bounded_epsilon_is_never_small
     assert epsilon_from_history(history, 1e-5) >= independent_epsilon(*zip(*history), 1e-5)
     few = history[:3] + history[:2]  # equal settings merge exactly
     assert epsilon_from_history(few, 1e-5) == pytest.approx(independent_epsilon(*zip(*few), 1e-5), rel=1e-9)
-    extreme = checked_history([(10 ** rng.uniform(-300, 6), 10 ** rng.uniform(-300, 0), 10**9)
-                               for _ in range(10_000)], "a forged record")
+    extreme = checked_history(
+        [(10 ** rng.uniform(-300, 6), 10 ** rng.uniform(-300, 0), 10**9) for _ in range(10_000)], "a forged record"
+    )
     assert all(epsilon_from_history(extreme, 1e-5, a) > 0 for a in ("rdp", "prv"))  # returns (inf), not hangs
     long = [(1.0, 0.05, 10**6)]
     assert epsilon_from_history(long, 1e-5, "prv") == epsilon_from_history(long, 1e-5, "rdp")

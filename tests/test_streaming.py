@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_coding_model
 
 from common.checkpoint import fingerprint, load_model
 from common.codec import decode_stream, encode_frames
 from common.data import generate_site_clip
-
-from conftest import make_coding_model
 
 SIDE = 64
 
@@ -135,8 +134,13 @@ def big_stream(tmp_path_factory, model):
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_decoding_resident_memory_does_not_grow_with_frames(big_stream, coding_model_path):
     assert fingerprint(load_model(coding_model_path)) == fingerprint(make_coding_model(0))
-    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(coding_model_path), str(big_stream)],
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(coding_model_path), str(big_stream)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     streamed, kept = result["streamed"], result["kept"]

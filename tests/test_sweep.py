@@ -21,15 +21,18 @@ def _yaml(tmp_path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("text, key", [
-    ("noise-multipliers: [1.0]\nlocal-stepz: 3\n", "local-stepz"),
-    ("noise-multipliers: [1.0]\nbatch-size: many\n", "batch-size"),
-    ("noise-multipliers: 1.0\n", "noise-multipliers"),
-    ("noise-multipliers: [-1]\n", "noise-multipliers"),
-    ("noise-multipliers: [1.0]\nnum-sites: 0\n", "num-sites"),
-    ("noise-multipliers: [1.0]\nout-dir: x\n", "out-dir"),
-    ("noise-multipliers: [1.0\n", "YAML"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("noise-multipliers: [1.0]\nlocal-stepz: 3\n", "local-stepz"),
+        ("noise-multipliers: [1.0]\nbatch-size: many\n", "batch-size"),
+        ("noise-multipliers: 1.0\n", "noise-multipliers"),
+        ("noise-multipliers: [-1]\n", "noise-multipliers"),
+        ("noise-multipliers: [1.0]\nnum-sites: 0\n", "num-sites"),
+        ("noise-multipliers: [1.0]\nout-dir: x\n", "out-dir"),
+        ("noise-multipliers: [1.0\n", "YAML"),
+    ],
+)
 def test_config_errors_name_the_offending_key(tmp_path, capsys, text, key):
     path = _yaml(tmp_path, text)
     with pytest.raises(FedlvcError, match=key):
@@ -53,7 +56,9 @@ def test_psnr_at_matched_bpp_interpolates_in_log_rate():
 
 @pytest.mark.slow
 def test_tiny_sweep_writes_results_and_resumes(tmp_path):
-    config = _yaml(tmp_path, """
+    config = _yaml(
+        tmp_path,
+        """
 noise-multipliers: [0.0, 2.0]
 num-sites: 2
 clip-only-reference: false
@@ -67,7 +72,8 @@ demo-clips: 1
 demo-width: 64
 demo-height: 48
 eval-frames: 2
-""")
+""",
+    )
     out = tmp_path / "out"
     assert cli(["sweep", str(config), "--out", str(out), "--quiet"]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -83,8 +89,9 @@ eval-frames: 2
     for name in ("privacy_quality.png", "rd_curves.png", "recon_grid.png"):
         assert (out / name).stat().st_size > 1000
     gains = list(csv.DictReader(open(out / "site_gains.csv")))  # per site: federated vs public on its own frames
-    assert {(g["setting"], g["site"]) for g in gains} == {(st, site) for st in ("sigma_0", "sigma_2")
-                                                          for site in ("site_0", "site_1")}
+    assert {(g["setting"], g["site"]) for g in gains} == {
+        (st, site) for st in ("sigma_0", "sigma_2") for site in ("site_0", "site_1")
+    }
     assert all(math.isfinite(float(g["psnr_gain_db_at_final_quality"])) for g in gains)
     assert {g["epsilon"] for g in gains if g["setting"] == "sigma_0"} == {"inf"}
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}

@@ -14,19 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG, chunk_payloads, make_coding_model, restream, sha256
 
 from client.cli import main
 from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
+from common.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
 from common.data import generate_site_clip
 from common.errors import FedlvcError
-from common.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
 from common.model import ARCHITECTURE_INTRA, FedlvcCodec
 from common.rdo import PFrameRule
 from common.video import read_frames, write_video
-
-from conftest import TINY_CONFIG, chunk_payloads, make_coding_model, restream, sha256
 
 W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels
 FPS = Fraction(25)
@@ -70,8 +69,6 @@ def decode_error(path, model, start=0, count=None) -> str:
     return str(e.value)
 
 
-
-
 def synthesize(model: FedlvcCodec, y_hat: np.ndarray, level: int) -> np.ndarray:
     """What a decoder must output for the latent ``y_hat``."""
     with torch.inference_mode():
@@ -94,7 +91,7 @@ def expect_user_error(capsys, args, folder: Path) -> str:
     assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
     assert "Traceback" not in err and out == ""
     assert set(folder.iterdir()) == before
-    return lines[0][len(ERROR_PREFIX):]
+    return lines[0][len(ERROR_PREFIX) :]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -302,6 +299,7 @@ def test_temporal_context_buckets():
     still1 = 5  # still for one frame
     m = torch.where(moved > 0, moved, torch.full_like(moved, still1))
     assert torch.equal(temporal_context(prev, history)[0, 0], g * MOTION_VALUES + m)
+
     # Two and then four more still frames move the still elements to the next still buckets; a change resets.
     def still_value(frames_still):  # 1 | 2-3 | >= 4 frames
         return 5 if frames_still == 1 else (6 if frames_still < 4 else 7)
@@ -311,8 +309,9 @@ def test_temporal_context_buckets():
         for _ in range(frames):
             h = next_history(h, prev, prev)
         # the corner's neighbourhood changed one frame later than the rest
-        expected = torch.where(moved > 0, torch.full_like(moved, still_value(frames)),
-                               torch.full_like(moved, still_value(frames + 1)))
+        expected = torch.where(
+            moved > 0, torch.full_like(moved, still_value(frames)), torch.full_like(moved, still_value(frames + 1))
+        )
         assert torch.equal(temporal_context(prev, h)[0, 0], g * MOTION_VALUES + expected), frames
     moved_again = next_history(next_history(history, prev, prev), prev, earlier)  # the corner moves again
     m_again = torch.where(moved > 0, moved, torch.full_like(moved, still_value(3)))  # the rest: still 3 frames
@@ -329,8 +328,9 @@ def test_temporal_context_buckets():
 
 
 @pytest.mark.parametrize("gop", [3, 4])
-@pytest.mark.parametrize("start,count", [(0, None), (0, 1), (1, 2), (3, 1), (4, 3), (5, 10), (6, None),
-                                         (8, 2), (9, 1), (9, None), (2, 100)])
+@pytest.mark.parametrize(
+    "start,count", [(0, None), (0, 1), (1, 2), (3, 1), (4, 3), (5, 10), (6, None), (8, 2), (9, 1), (9, None), (2, 100)]
+)
 def test_random_access_gives_the_slice_of_the_full_decode(model, streams, gop, start, count):
     full = decode_all(streams[gop], model)
     header, gen = decode_stream(streams[gop], model, start, count)
@@ -376,16 +376,27 @@ def test_cli_decompress_start_and_frames(capsys, tmp_path, model, streams, model
 @pytest.mark.parametrize("start", [N, 1000, -1])
 def test_cli_decompress_bad_start(capsys, tmp_path, streams, model_path, start):
     before = sha256(streams[4])
-    msg = expect_user_error(capsys, ["decompress", streams[4], tmp_path / "o.mkv", "--model", model_path,
-                                     "--start", start], tmp_path)
+    msg = expect_user_error(
+        capsys, ["decompress", streams[4], tmp_path / "o.mkv", "--model", model_path, "--start", start], tmp_path
+    )
     assert "--start" in msg
     assert sha256(streams[4]) == before
 
 
 def test_cli_decompress_bad_frame_count(capsys, tmp_path, streams, model_path):
     with pytest.raises(SystemExit) as e:  # argparse refuses a non-positive count before anything runs
-        main(["decompress", str(streams[4]), str(tmp_path / "o.mkv"), "--model", str(model_path),
-              "--frames", "0", "--quiet"])
+        main(
+            [
+                "decompress",
+                str(streams[4]),
+                str(tmp_path / "o.mkv"),
+                "--model",
+                str(model_path),
+                "--frames",
+                "0",
+                "--quiet",
+            ]
+        )
     assert e.value.code == 2
     assert list(tmp_path.iterdir()) == []
 
@@ -445,9 +456,12 @@ def test_stream_truncated_inside_a_p_chunk(tmp_path, model, streams, into):
     index = 7
     c = table[index]
     assert c.frame_type == bs.FRAME_PREDICTED
-    cut = {"chunk_header": c.offset + c.head - 1,  # the last byte of the chunk head missing
-           "payload_start": c.payload_offset, "payload_middle": c.payload_offset + c.length // 2,
-           "payload_end": c.end - 1}[into]
+    cut = {
+        "chunk_header": c.offset + c.head - 1,  # the last byte of the chunk head missing
+        "payload_start": c.payload_offset,
+        "payload_middle": c.payload_offset + c.length // 2,
+        "payload_end": c.end - 1,
+    }[into]
     bad = _damaged(tmp_path, data[:cut])
     msg = decode_error(bad, model)
     assert "truncated" in msg, msg
@@ -487,7 +501,7 @@ def test_version_1_stream_of_a_v2_model_decodes(tmp_path, model, streams):
     np.testing.assert_array_equal(decode_all(_damaged(tmp_path, data, "v2.lvc"), model), decode_all(streams[1], model))
     body = bytearray(data[: bs.HEADER.size])
     body[4] = 1
-    patched = bytes(body) + bs.HEADER_CRC.pack(zlib.crc32(bytes(body))) + data[bs.HEADER_SIZE:]
+    patched = bytes(body) + bs.HEADER_CRC.pack(zlib.crc32(bytes(body))) + data[bs.HEADER_SIZE :]
     assert "checksum" in decode_error(_damaged(tmp_path, patched, "patched.lvc"), model)
 
 
@@ -518,8 +532,9 @@ def test_intra_only_model_codes_gop_1_only(tmp_path, intra_model_path, frames):
     decoded = decode_all(path, intra)
     assert decoded.shape == (N, H, W, 3)
     # Its streams also decode as version-1 streams.
-    np.testing.assert_array_equal(decode_all(_damaged(tmp_path, restream(data, intra, version=1), "v1.lvc"), intra),
-                                  decoded)
+    np.testing.assert_array_equal(
+        decode_all(_damaged(tmp_path, restream(data, intra, version=1), "v1.lvc"), intra), decoded
+    )
     for gop in (2, 4):
         with pytest.raises(FedlvcError, match="intra-only"):
             FrameEncoder(intra, 3, gop=gop)
@@ -545,8 +560,9 @@ def test_cli_intra_only_model_defaults_to_gop_1(capsys, tmp_path, intra_model_pa
     assert cli(capsys, "decompress", out, dec, "--model", intra_model_path, "--start", 3, "--quiet")[0] == 0
     assert read_frames(dec).shape == (N - 3, H, W, 3)
     # Asking it for P-frames is a user error.
-    msg = expect_user_error(capsys, ["compress", src, tmp_path / "p.lvc", "--model", intra_model_path,
-                                     "--gop", 4], tmp_path)
+    msg = expect_user_error(
+        capsys, ["compress", src, tmp_path / "p.lvc", "--model", intra_model_path, "--gop", 4], tmp_path
+    )
     assert "intra-only" in msg
 
 
@@ -564,24 +580,34 @@ def test_cli_temporal_model_defaults_to_default_gop(capsys, tmp_path, model_path
     assert rc == 0, err
     assert header_of(out1.read_bytes()).gop == 1 and f"{len(frames)} I-frames, 0 P-frames" in stdout
     for bad in ("--gop", bs.MAX_GOP + 1), ("--skip-threshold", -0.5), ("--skip-threshold", 10):
-        msg = expect_user_error(capsys, ["compress", src, tmp_path / "x.lvc", "--model", model_path, *bad],
-                                tmp_path)
+        msg = expect_user_error(capsys, ["compress", src, tmp_path / "x.lvc", "--model", model_path, *bad], tmp_path)
         assert bad[0] in msg
 
 
 # ------------------------------------------------------------------------ 6. training rate = coder's rate
 
 
-@pytest.mark.parametrize("seed,rule", [(0, PLAIN), (1, PLAIN), (0, PFrameRule(skip_threshold=0.3)),
-                                       (0, PFrameRule(rd_weight=1.0)), (1, PFrameRule(rd_weight=0.3))])
+@pytest.mark.parametrize(
+    "seed,rule",
+    [
+        (0, PLAIN),
+        (1, PLAIN),
+        (0, PFrameRule(skip_threshold=0.3)),
+        (0, PFrameRule(rd_weight=1.0)),
+        (1, PFrameRule(rd_weight=0.3)),
+    ],
+)
 def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, rule):
     """Eval-mode forward_segment's per-row bits are the ideal code length the coder spends on the same frames
     coded as one group (I-frame then P-frames), per row and level, with a temporal table that differs per
     (level, channel, context) so a wrong context or level shows."""
     model = make_temporal_model(seed, -1.0, 3.0)
     s, width, height = 5, 64, 48
-    rows = [(clip(s, width, height, site=4), 3), (clip(s, width, height, site=1, number=1), 5),
-            (clip(s, width, height, site=2), 0)]
+    rows = [
+        (clip(s, width, height, site=4), 3),
+        (clip(s, width, height, site=1, number=1), 5),
+        (clip(s, width, height, site=2), 0),
+    ]
     x = torch.stack([torch.stack([_to_tensor(f, 16)[0] for f in fr]) for fr, _ in rows]).contiguous()
     levels = torch.tensor([level for _, level in rows])
     with torch.no_grad():

@@ -12,9 +12,9 @@ import torch
 
 from common.data import generate_site_clip
 from common.errors import FedlvcError
+from common.model import FedlvcCodec
 from common.privacy import DPConfig
 from common.training import MAX_NONFINITE_IN_A_ROW, Trainer
-from common.model import FedlvcCodec
 from tests.conftest import TINY_CONFIG
 
 FRAMES = list(generate_site_clip(2, 0, 64, 48, 10))
@@ -86,9 +86,13 @@ def test_plain_training_with_fewer_rows_than_the_batch_finishes(tmp_path):
     result = {}
 
     def run():
-        result["summary"] = train([videos], tmp_path / "m.safetensors",
-                                  TrainConfig(steps=3, batch_size=16, crop_size=32, validate_every=1000,
-                                              checkpoint_seconds=1e9), model_cfg=TINY_CONFIG, log=lambda s: None)
+        result["summary"] = train(
+            [videos],
+            tmp_path / "m.safetensors",
+            TrainConfig(steps=3, batch_size=16, crop_size=32, validate_every=1000, checkpoint_seconds=1e9),
+            model_cfg=TINY_CONFIG,
+            log=lambda s: None,
+        )
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -7,11 +7,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import ODD_FRAMES, ODD_HEIGHT, ODD_WIDTH
 
 from common.errors import FedlvcError
 from common.video import VideoWriter, check_output_path, iter_frames, probe, read_frames, write_video
-
-from conftest import ODD_FRAMES, ODD_HEIGHT, ODD_WIDTH
 
 
 @pytest.mark.parametrize("width,height", [(70, 45), (33, 17), (1, 1), (3, 2)])
