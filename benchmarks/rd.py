@@ -327,11 +327,7 @@ def _parse(argv):
     )
     p.add_argument("--gen-size", default="320x240", help="WxH of the generated clips (default 320x240)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument(
-        "--no-ms-ssim",
-        action="store_true",
-        help="skip MS-SSIM everywhere (reported as null); bpp, PSNR and BD-rates are unaffected",
-    )
+    p.add_argument("--no-ms-ssim", action="store_true", help="skip MS-SSIM (null); bpp, PSNR, BD-rates unaffected")
     p.add_argument(
         "--ms-ssim-max-pixels",
         type=int,

@@ -132,6 +132,19 @@ def _decide(plan, ledger, q: float, policy: SitePolicy, context: Context) -> str
     return ""
 
 
+def _train_round(model: FedlvcCodec, rows: list, rc: RunConfig, plan, policy: SitePolicy, q: float, seed: int):
+    """Train the round the ledger has booked; returns the mean loss. Opacus must have counted exactly what the
+    ledger booked."""
+    dp = None
+    if plan.private or rc.clip_only:
+        dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, plan.delta, policy.accountant, rc.grad_sample_mode)
+    result = local_train(model, rows, rc, dp, seed, _device())
+    booked = (plan.noise_multiplier, q, plan.steps)
+    if plan.private and [tuple(h) for h in result["history"]] != [booked]:
+        raise RuntimeError(f"Opacus accounted {result['history']}, the ledger {booked}")
+    return result["loss"]
+
+
 @app.train(mods=[central_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
@@ -153,30 +166,8 @@ def train(msg: Message, context: Context) -> Message:
         if not declined:
             ledger.spend(plan.noise_multiplier if plan.private else 0.0, q, plan.steps)
             ledger.save(context, policy.accountant, policy.delta)
-    loss = None
-    if not declined:
-        dp = None
-        if plan.private or rc.clip_only:
-            dp = DPConfig(rc.noise_multiplier, rc.max_grad_norm, plan.delta, policy.accountant, rc.grad_sample_mode)
-        result = local_train(
-            model,
-            site.train_rows,
-            rc.local_steps,
-            rc.batch_size,
-            rc.crop_size,
-            rc.learning_rate,
-            dp=dp,
-            seed=rc.seed + 1000 * server_round + number,
-            device=_device(),
-            segment_frames=rc.segment_frames if rc.privacy_unit == "segment" else 0,
-            rule=rc.p_rule,
-            parts=rc.train_parts,
-        )
-        if plan.private and [tuple(h) for h in result["history"]] != [(plan.noise_multiplier, q, plan.steps)]:
-            raise RuntimeError(
-                f"Opacus accounted {result['history']}, the ledger {(plan.noise_multiplier, q, plan.steps)}"
-            )
-        loss = result["loss"]
+    seed = rc.seed + 1000 * server_round + number
+    loss = None if declined else _train_round(model, site.train_rows, rc, plan, policy, q, seed)
     metrics = {
         "num-examples": 0 if declined else len(site.train_rows),
         "epsilon": plan.epsilon(ledger.history),
@@ -190,17 +181,10 @@ def train(msg: Message, context: Context) -> Message:
         "unit-frames": rc.unit_frames,  # frames per privacy unit (1: frame; S: segment)
         **ledger.flat(),
     }
-    released = loss is not None and np.isfinite(loss) and policy.releases("train-loss")
-    if released:
+    if loss is not None and np.isfinite(loss) and policy.releases("train-loss"):
         metrics["train_loss"] = float(loss)
-    return _reply(
-        msg,
-        context,
-        metrics,
-        note=declined,
-        arrays=ArrayRecord(model.state_dict()),
-        accountant=",".join(plan.accountants),
-    )
+    arrays = ArrayRecord(model.state_dict())
+    return _reply(msg, context, metrics, note=declined, arrays=arrays, accountant=",".join(plan.accountants))
 
 
 # ----------------------------------------------------------------------------- releases (not DP: the site's choice)

@@ -35,6 +35,14 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _subcommand(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the progress options every subcommand has and its function."""
+    parser = sub.add_parser(name, help=help)
+    _progress_options(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _progress_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -77,22 +85,13 @@ def cmd_decompress(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from common.checkpoint import load_model
-    from common.evaluate import evaluate_clip, print_report
+    from common.evaluate import check_output_folders, evaluate_clip, print_report, write_evaluation
 
+    check_output_folders(args.json, args.plot, args.grid)
     model = load_model(args.model)
-    report = evaluate_clip(
-        args.input,
-        model,
-        max_frames=args.frames,
-        json_path=args.json,
-        plot_path=args.plot,
-        grid_path=args.grid,
-        qualities=args.qualities,
-        crfs=args.crfs,
-        progress=not args.quiet,
-        gop=args.gop,
-    )
-    print_report(report)
+    ev = evaluate_clip(args.input, model, args.frames, args.qualities, args.crfs, args.gop, progress=not args.quiet)
+    write_evaluation(ev, args.json, args.plot, args.grid)
+    print_report(ev.report)
     return 0
 
 
@@ -124,46 +123,44 @@ def cmd_public_data(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _train_config(args):
+    """The TrainConfig of `fedlvc train`'s options (every option of common.training.TRAIN_OPTIONS)."""
     from common.codec import p_rule
-    from common.privacy import DPConfig, plan_noise_multiplier, poisson_sample_rate
-    from common.training import TRAIN_OPTIONS, TrainConfig, train
+    from common.training import TRAIN_OPTIONS, TrainConfig
 
     rule = p_rule(args.rd_weight, args.skip_threshold)
     fields = {opt.attr: getattr(args, opt.attr) for opt in TRAIN_OPTIONS if hasattr(args, opt.attr)}
-    cfg = TrainConfig(
-        **{
-            **fields,
-            "segment_frames": args.segment_frames if args.privacy_unit == "segment" else 0,
-            "rd_weight": rule.rd_weight,
-            "skip_threshold": rule.skip_threshold,
-        }
-    )
-    dp = None
+    fields.update(segment_frames=args.segment_frames if args.privacy_unit == "segment" else 0)
+    return TrainConfig(**{**fields, "rd_weight": rule.rd_weight, "skip_threshold": rule.skip_threshold})
+
+
+def _dp_config(args, cfg):
+    """DP-SGD settings of `fedlvc train` (None: non-private): σ given, or planned for --target-epsilon over
+    the run's steps at the Poisson rate of the rows it will train on."""
+    from common.privacy import DP_OPTIONS, DPConfig, plan_noise_multiplier, poisson_sample_rate
+
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise FedlvcError("give either --noise-multiplier or --target-epsilon, not both")
-    if args.noise_multiplier is not None or args.target_epsilon is not None:
-        sigma = args.noise_multiplier
-        if sigma is None:
-            from common.data import find_videos, load_clips, make_segments
+    if args.noise_multiplier is None and args.target_epsilon is None:
+        return None
+    sigma = args.noise_multiplier
+    if sigma is None:
+        from common.data import find_videos, load_clips, make_segments
 
-            clips = load_clips(find_videos(args.video_dirs), args.every, args.max_frames_per_video)
-            n = len(make_segments(clips, cfg.segment_frames)) if cfg.segment_frames else sum(map(len, clips))
-            n -= len(range(0, n, 20))  # held-out validation rows
-            sigma = plan_noise_multiplier(
-                args.target_epsilon,
-                args.delta,
-                poisson_sample_rate(max(n, 1), args.batch_size),
-                args.steps,
-                args.accountant,
-            )
-        dp = DPConfig(
-            noise_multiplier=sigma,
-            max_grad_norm=args.max_grad_norm,
-            delta=args.delta,
-            accountant=args.accountant,
-            grad_sample_mode=args.grad_sample_mode,
-        )
+        clips = load_clips(find_videos(args.video_dirs), args.every, args.max_frames_per_video)
+        n = len(make_segments(clips, cfg.segment_frames)) if cfg.segment_frames else sum(map(len, clips))
+        n -= len(range(0, n, 20))  # held-out validation rows
+        q = poisson_sample_rate(max(n, 1), args.batch_size)
+        sigma = plan_noise_multiplier(args.target_epsilon, args.delta, q, args.steps, args.accountant)
+    settings = {opt.attr: getattr(args, opt.attr) for opt in DP_OPTIONS}
+    return DPConfig(**{**settings, "noise_multiplier": sigma})
+
+
+def cmd_train(args) -> int:
+    from common.training import train
+
+    cfg = _train_config(args)
+    dp = _dp_config(args, cfg)
     with tqdm(total=args.steps, desc="training", unit="step", disable=args.quiet) as bar:
 
         def progress(step, loss):
@@ -171,21 +168,12 @@ def cmd_train(args) -> int:
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.refresh()
 
-        summary = train(
-            args.video_dirs,
-            args.out,
-            cfg,
-            dp=dp,
-            init_model=args.init_model,
-            log=(lambda s: tqdm.write(s)),
-            progress=progress,
-        )
+        log = lambda s: tqdm.write(s)  # noqa: E731
+        summary = train(args.video_dirs, args.out, cfg, dp=dp, init_model=args.init_model, log=log, progress=progress)
     eps = summary["epsilon"]
     unit = "segments" if cfg.segment_frames else "frames"
-    print(
-        f"{args.out}: {summary['steps']} steps on {summary['rows']} {unit}"
-        + ("" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}")
-    )
+    at = "" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}"
+    print(f"{args.out}: {summary['steps']} steps on {summary['rows']} {unit}{at}")
     return 0
 
 
@@ -198,7 +186,7 @@ def cmd_sweep(args) -> int:
 
 
 def _compress_parser(sub) -> None:
-    c = sub.add_parser("compress", help="compress a video into a .lvc bitstream")
+    c = _subcommand(sub, "compress", "compress a video into a .lvc bitstream", cmd_compress)
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
@@ -206,8 +194,6 @@ def _compress_parser(sub) -> None:
     o.GOP.add_to(c, default=None, help=o.GOP.help + f" (default {o.GOP.default}, or 1 for an intra-only model)")
     _p_rule_options(c, "")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _progress_options(c)
-    c.set_defaults(func=cmd_compress)
 
 
 def _p_rule_options(parser, what: str) -> None:
@@ -217,7 +203,7 @@ def _p_rule_options(parser, what: str) -> None:
 
 
 def _decompress_parser(sub) -> None:
-    d = sub.add_parser("decompress", help="decode a .lvc bitstream to .mkv (FFV1 RGB), .y4m or .mp4")
+    d = _subcommand(sub, "decompress", "decode a .lvc bitstream to .mkv (FFV1 RGB), .y4m or .mp4", cmd_decompress)
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--model", help="checkpoint (.safetensors); default: the shipped model")
@@ -228,12 +214,10 @@ def _decompress_parser(sub) -> None:
         help="first frame to output (decoding starts at the I-frame before it; default 0)",
     )
     d.add_argument("--frames", type=_positive_int, default=None, help="output at most N frames")
-    _progress_options(d)
-    d.set_defaults(func=cmd_decompress)
 
 
 def _evaluate_parser(sub) -> None:
-    e = sub.add_parser("evaluate", help="RD of every quality level against x264/x265 on the same frames")
+    e = _subcommand(sub, "evaluate", "RD of every quality level against x264/x265 on the same frames", cmd_evaluate)
     e.add_argument("input")
     e.add_argument("--model")
     e.add_argument("--json", help="write the report as JSON here")
@@ -248,12 +232,10 @@ def _evaluate_parser(sub) -> None:
         default=None,
         help=f"fedlvc group lengths to measure (default: {o.GOP.default} and 1, i.e. I+P and intra-only)",
     )
-    _progress_options(e)
-    e.set_defaults(func=cmd_evaluate)
 
 
 def _demo_data_parser(sub) -> None:
-    g = sub.add_parser("demo-data", help="generate distinct, deterministic clips for N sites")
+    g = _subcommand(sub, "demo-data", "generate distinct, deterministic clips for N sites", cmd_demo_data)
     g.add_argument("outdir")
     g.add_argument("--sites", type=_positive_int, default=4)
     g.add_argument(
@@ -266,16 +248,14 @@ def _demo_data_parser(sub) -> None:
     g.add_argument("--frames", type=_positive_int, default=120)
     g.add_argument("--width", type=_positive_int, default=320)
     g.add_argument("--height", type=_positive_int, default=240)
-    _progress_options(g)
-    g.set_defaults(func=cmd_demo_data)
 
 
 def _public_data_parser(sub) -> None:
-    pub = sub.add_parser("public-data", help="camera pans over the stills scikit-image ships (public training data)")
+    pub = _subcommand(
+        sub, "public-data", "camera pans over the stills scikit-image ships (public training data)", cmd_public_data
+    )
     pub.add_argument("outdir")
     pub.add_argument("--frames", type=_positive_int, default=48)
-    _progress_options(pub)
-    pub.set_defaults(func=cmd_public_data)
 
 
 def _train_parser(sub) -> None:
@@ -284,7 +264,7 @@ def _train_parser(sub) -> None:
     from common.privacy import DP_OPTIONS
     from common.training import TRAIN_OPTIONS
 
-    t = sub.add_parser("train", help="train the codec on one site's videos (non-private or DP-SGD)")
+    t = _subcommand(sub, "train", "train the codec on one site's videos (non-private or DP-SGD)", cmd_train)
     t.add_argument("video_dirs", nargs="+")
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors); resumes if its state exists")
     t.add_argument("--init-model", help="start from this checkpoint (e.g. the shipped public model)")
@@ -299,16 +279,12 @@ def _train_parser(sub) -> None:
     for opt in DP_OPTIONS:
         opt.add_to(dpg, **({"default": None} if opt is o.NOISE_MULTIPLIER else {}))
     dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")
-    _progress_options(t)
-    t.set_defaults(func=cmd_train)
 
 
 def _sweep_parser(sub) -> None:
-    w = sub.add_parser("sweep", help="privacy vs quality: one federated simulation per noise setting")
+    w = _subcommand(sub, "sweep", "privacy vs quality: one federated simulation per noise setting", cmd_sweep)
     w.add_argument("config", help="YAML: noise-multipliers, num-sites, and any run-config key")
     w.add_argument("--out", required=True, help="output folder (a finished setting there is not rerun)")
-    _progress_options(w)
-    w.set_defaults(func=cmd_sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:

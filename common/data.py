@@ -253,45 +253,42 @@ def make_segments(clips, length: int) -> list[list[np.ndarray]]:
     return [list(c[i : i + length]) for c in clips for i in range(0, len(c) - length + 1, length)]
 
 
-def sample_segments(paths, limit: int, length: int, seed: int = 0) -> list[list[np.ndarray]]:
-    """At most ``limit`` segments (non-overlapping runs of ``length`` consecutive frames of one video) drawn
-    uniformly from all of them in one streaming pass (reservoir sampling), in their original order."""
+def _reservoir(items, limit: int, seed: int) -> list:
+    """At most ``limit`` of ``items`` drawn uniformly in one pass (reservoir sampling: memory bounded by
+    ``limit`` items however many there are), in their original order."""
     rng = np.random.default_rng(seed)
-    kept: list[tuple[int, list]] = []
-    seen = 0
+    kept: list[tuple[int, object]] = []
+    for seen, item in enumerate(items):
+        if len(kept) < limit:
+            kept.append((seen, item))
+        else:
+            j = int(rng.integers(0, seen + 1))
+            if j < limit:
+                kept[j] = (seen, item)
+    return [item for _, item in sorted(kept, key=lambda t: t[0])]
+
+
+def _runs(paths, length: int):
+    """Non-overlapping runs of ``length`` consecutive frames of each video, streamed."""
     for path in paths:
         run: list[np.ndarray] = []
         for f in iter_frames(path):
             run.append(f)
-            if len(run) < length:
-                continue
-            if len(kept) < limit:
-                kept.append((seen, run))
-            else:
-                j = int(rng.integers(0, seen + 1))
-                if j < limit:
-                    kept[j] = (seen, run)
-            seen += 1
-            run = []
-    return [seg for _, seg in sorted(kept, key=lambda t: t[0])]
+            if len(run) == length:
+                yield run
+                run = []
+
+
+def sample_segments(paths, limit: int, length: int, seed: int = 0) -> list[list[np.ndarray]]:
+    """At most ``limit`` segments (non-overlapping runs of ``length`` consecutive frames of one video) drawn
+    uniformly from all of them in one streaming pass (reservoir sampling), in their original order."""
+    return _reservoir(_runs(paths, length), limit, seed)
 
 
 def sample_frames(paths, limit: int, seed: int = 0) -> list[np.ndarray]:
     """At most ``limit`` frames drawn uniformly from all frames of the given videos (reservoir sampling:
     one pass, memory bounded by ``limit`` frames whatever the amount of video), in their original order."""
-    rng = np.random.default_rng(seed)
-    kept: list[tuple[int, np.ndarray]] = []
-    seen = 0
-    for path in paths:
-        for f in iter_frames(path):
-            if len(kept) < limit:
-                kept.append((seen, f))
-            else:
-                j = int(rng.integers(0, seen + 1))
-                if j < limit:
-                    kept[j] = (seen, f)
-            seen += 1
-    return [f for _, f in sorted(kept, key=lambda t: t[0])]
+    return _reservoir((f for path in paths for f in iter_frames(path)), limit, seed)
 
 
 def _random_crop_box(rng: np.random.Generator, h: int, w: int, c: int) -> tuple[int, int, bool]:
@@ -309,43 +306,40 @@ def _crop(f: np.ndarray, c: int, y: int, x: int, flip: bool) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
 
 
-class SegmentCrops(Dataset):
-    """Map-style dataset: row ``i`` is segment ``i`` (``S`` consecutive frames); each access takes one random
-    crop (and flip) at the same place in every frame of the segment and a random quality level, so one row
-    is one privacy unit (a segment) whatever the crop.
+class _CropRows(Dataset):
+    """Map-style dataset whose row ``i`` is one privacy unit; each access takes a fresh random crop (and flip)
+    and a random quality level, drawn from one generator seeded by ``seed`` (the crops are reproducible)."""
+
+    def __init__(self, rows: list, crop: int, num_levels: int, seed: int = 0):
+        self.rows, self.crop, self.num_levels = rows, crop, num_levels
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _level(self) -> torch.Tensor:
+        return torch.tensor(int(self.rng.integers(0, self.num_levels)), dtype=torch.long)
+
+
+class SegmentCrops(_CropRows):
+    """Row ``i`` is segment ``i`` (``S`` consecutive frames); each access crops every frame of the segment at
+    the same place, so one row is one privacy unit (a segment) whatever the crop.
 
     Returns (crops float32 (S, 3, c, c) in [0, 1], level int64)."""
 
-    def __init__(self, segments: list[list[np.ndarray]], crop: int, num_levels: int, seed: int = 0):
-        self.segments, self.crop, self.num_levels = segments, crop, num_levels
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.segments)
-
     def __getitem__(self, i: int):
-        seg = self.segments[i]
+        seg = self.rows[i]
         h, w = seg[0].shape[:2]
         y, x, flip = _random_crop_box(self.rng, h, w, self.crop)
-        t = torch.stack([_crop(f, self.crop, y, x, flip) for f in seg])
-        return t, torch.tensor(int(self.rng.integers(0, self.num_levels)), dtype=torch.long)
+        return torch.stack([_crop(f, self.crop, y, x, flip) for f in seg]), self._level()
 
 
-class FrameCrops(Dataset):
-    """Map-style dataset: row ``i`` is frame ``i``; each access takes a fresh random crop (and flip) of that
-    frame and a random quality level, so one row is one privacy unit (a frame) whatever the crop.
+class FrameCrops(_CropRows):
+    """Row ``i`` is frame ``i``, so one row is one privacy unit (a frame) whatever the crop.
 
     Returns (crop float32 (3, c, c) in [0, 1], level int64)."""
 
-    def __init__(self, frames: list[np.ndarray], crop: int, num_levels: int, seed: int = 0):
-        self.frames, self.crop, self.num_levels = frames, crop, num_levels
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
     def __getitem__(self, i: int):
-        f = self.frames[i]
+        f = self.rows[i]
         y, x, flip = _random_crop_box(self.rng, f.shape[0], f.shape[1], self.crop)
-        t = _crop(f, self.crop, y, x, flip)
-        return t, torch.tensor(int(self.rng.integers(0, self.num_levels)), dtype=torch.long)
+        return _crop(f, self.crop, y, x, flip), self._level()

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -136,21 +137,28 @@ def fedlvc_codec_names(model: FedlvcCodec, gops=None) -> dict[int, str]:
     return names
 
 
-def evaluate_clip(
-    path,
-    model: FedlvcCodec,
-    max_frames=None,
-    json_path=None,
-    plot_path=None,
-    grid_path=None,
-    qualities=None,
-    crfs=None,
-    progress=False,
-    gop=None,
-) -> dict:
-    for out in (json_path, plot_path, grid_path):
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_clip` measured: the report (JSON-ready), the clip's frames, fedlvc's decoded frames
+    at the grid's qualities and x264's at its middle crf (for :func:`write_evaluation`'s pictures)."""
+
+    report: dict
+    frames: np.ndarray
+    decoded: dict  # quality → decoded frames
+    kept: dict  # (baseline, crf) → decoded frames
+    grid_qualities: list
+
+
+def check_output_folders(*paths) -> None:
+    """Refuse outputs in folders that do not exist, before any work is done."""
+    for out in paths:
         if out is not None and not Path(out).parent.is_dir():
             raise FedlvcError(f"output folder does not exist: {Path(out).parent}")
+
+
+def evaluate_clip(path, model: FedlvcCodec, max_frames=None, qualities=None, crfs=None, gop=None, progress=False):
+    """``fedlvc evaluate``: every quality (I+P and intra-only by default) and x264/x265 at ``crfs`` on the same
+    frames of ``path``; returns an :class:`Evaluation`."""
     qualities = list(qualities or range(1, model.cfg.num_levels + 1))
     for q in qualities:
         model.check_level(q - 1)
@@ -160,20 +168,17 @@ def evaluate_clip(
         check_gop(model, g)
     info = probe(path)
     frames = read_frames(path, max_frames)
+    grid_q = sorted({qualities[0], qualities[len(qualities) // 2], qualities[-1]})
+    ours, theirs, decoded, kept = [], [], {}, {}
     steps = len(qualities) * len(names) + len(BASELINES) * len(crfs)
     with tqdm(total=steps, desc="evaluate", unit="point", disable=not progress) as bar:
-        mid = qualities[len(qualities) // 2]
-        grid_q = sorted({qualities[0], mid, qualities[-1]})
-        ours, decoded = [], {}
         for i, (g, name) in enumerate(names.items()):
             for q in qualities:
-                pts, dec = fedlvc_points(
-                    frames, model, [q], info.fps, keep_decoded=grid_q if i == 0 else (), gop=g, codec=name
-                )
+                keep = grid_q if i == 0 else ()
+                pts, dec = fedlvc_points(frames, model, [q], info.fps, keep_decoded=keep, gop=g, codec=name)
                 ours += pts
                 decoded.update(dec)
                 bar.update(1)
-        theirs, kept = [], {}
         for name in BASELINES:
             for crf in crfs:
                 pts, k = baseline_points(frames, info.fps, [name], [crf], keep=("x264", crfs[len(crfs) // 2]))
@@ -193,26 +198,26 @@ def evaluate_clip(
         "note": "bpp counts every byte of each file (fedlvc .lvc header included, whole mp4 for x264/x265); "
         "PSNR-RGB and MS-SSIM by the same code on frames decoded from those files",
     }
+    return Evaluation(report, frames, decoded, kept, grid_q)
+
+
+def write_evaluation(ev: Evaluation, json_path=None, plot_path=None, grid_path=None) -> None:
+    """The report as JSON, the RD plot, and the original-vs-reconstruction grid, where asked for."""
+    report = ev.report
     if json_path:
         with atomic_output(json_path) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=2))
     if plot_path:
-        plot_rd(
-            points,
-            plot_path,
-            title=f"{report['input']} ({report['width']}x{report['height']}, {report['frames']} frames)",
-        )
+        title = f"{report['input']} ({report['width']}x{report['height']}, {report['frames']} frames)"
+        plot_rd(report["points"], plot_path, title=title)
     if grid_path:
-        rows = [("original", frames)] + [(f"fedlvc q{q}", decoded[q]) for q in grid_q]
-        for (name, crf), dec in kept.items():
-            rows.append((f"{name} crf {crf}", dec))
-        ours = [p for p in ours if p["codec"] == "fedlvc"]
-        bpp_of = {f"fedlvc q{p['quality']}": p["bpp"] for p in ours}
-        bpp_of.update({f"{p['codec']} crf {p['crf']}": p["bpp"] for p in theirs})
-        psnr_of = {f"fedlvc q{p['quality']}": p["psnr"] for p in ours}
-        psnr_of.update({f"{p['codec']} crf {p['crf']}": p["psnr"] for p in theirs})
-        plot_grid(rows, grid_path, bpp_of, psnr_of)
-    return report
+        rows = [("original", ev.frames)] + [(f"fedlvc q{q}", ev.decoded[q]) for q in ev.grid_qualities]
+        rows += [(f"{name} crf {crf}", dec) for (name, crf), dec in ev.kept.items()]
+        label = {
+            **{f"fedlvc q{p['quality']}": p for p in report["points"] if p["codec"] == "fedlvc"},
+            **{f"{p['codec']} crf {p['crf']}": p for p in report["points"] if "crf" in p},
+        }
+        plot_grid(rows, grid_path, {k: p["bpp"] for k, p in label.items()}, {k: p["psnr"] for k, p in label.items()})
 
 
 def plot_rd(points: list[dict], out, title: str = "") -> None:

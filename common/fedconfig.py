@@ -45,24 +45,10 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("eval-quality", int, 4, "quality level of the federated evaluation", 1, 16),
     Option("eval-frames", int, 4, "held-out frames per site (never trained on)", 1, 1000),
     Option("final-quality", int, 4, "quality of each site's final compression", 1, 16),
-    Option(
-        "site-max-frames",
-        int,
-        5000,
-        "a site trains on at most this many of its frames, drawn uniformly (memory: frames x W x H x 3 bytes)",
-        2,
-        1_000_000,
-    ),
+    Option("site-max-frames", int, 5000, "a site trains on at most this many of its frames, drawn uniformly", 2, 10**6),
     Option("demo-frames", int, 96, "frames per generated clip of a simulated site", 2, 100_000),
     Option("demo-clips", int, 2, "generated clips per simulated site", 1, 1000),
-    Option(
-        "demo-site-offset",
-        int,
-        100,
-        "simulated site k shows the generated scenes of site k + offset (the shipped model trained on 0-3)",
-        0,
-        1_000_000,
-    ),
+    Option("demo-site-offset", int, 100, "simulated site k shows the scenes of generated site k + offset", 0, 10**6),
     Option("demo-width", int, 160, "width of generated clips", 16, 4096),
     Option("demo-height", int, 120, "height of generated clips", 16, 4096),
     Option("min-sites", int, 2, "FedAvg's minimum sites", 1, 100_000),
@@ -147,6 +133,11 @@ class _RunConfigMethods:
             raise FedlvcError("run-config key 'clip-only' needs noise-multiplier = 0")
         if self.train_parts == "temporal" and self.privacy_unit != "segment":
             raise FedlvcError("run-config key 'train-parts' temporal needs privacy-unit = segment")
+
+    @property
+    def row_frames(self) -> int:
+        """Frames per training row as the training loop takes it: 0 (frame rows) or segment-frames."""
+        return self.segment_frames if self.privacy_unit == "segment" else 0
 
     @property
     def unit_frames(self) -> int:

@@ -67,6 +67,11 @@ class _TrainConfigMethods:
     def p_rule(self) -> PFrameRule:
         return PFrameRule.of(self.rd_weight, self.skip_threshold)
 
+    @property
+    def row_frames(self) -> int:
+        """Frames per training row: 0 (frame rows) or S (segments)."""
+        return self.segment_frames
+
 
 TrainConfig = make_dataclass(
     "TrainConfig",
@@ -148,41 +153,41 @@ class Trainer:
         self,
         model: FedlvcCodec,
         rows: list,
+        cfg,
         *,
-        crop_size: int,
-        batch_size: int,
-        learning_rate: float,
         dp: DPConfig | None = None,
         history=None,
-        segment_frames: int = 0,
-        parts: str = "all",
-        rule: PFrameRule = PFrameRule(),
-        clip_norm: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
         device: str | torch.device = "cpu",
         fast_layout: bool = False,
         restore=None,
     ):
-        """``fast_layout``: channels_last activations (faster on a CPU; never under DP, whose convolution
-        sampler gets them wrong). ``restore(model, optimizer)`` loads a saved state before Opacus wraps."""
-        self.model, self.device, self.dp, self.clip_norm = model.to(device).train(), device, dp, clip_norm
+        """``cfg``: a :class:`TrainConfig` or a federated ``RunConfig`` (crop_size, batch_size, learning_rate,
+        row_frames, train_parts, p_rule, seed and, single-site, clip_norm). ``seed``: of the crops, when not
+        ``cfg.seed``. ``fast_layout``: channels_last activations (faster on a CPU; never under DP, whose
+        convolution sampler gets them wrong). ``restore(model, optimizer)`` loads a saved state before Opacus
+        wraps."""
+        self.model, self.device, self.dp = model.to(device).train(), device, dp
+        self.clip_norm = getattr(cfg, "clip_norm", 1.0)  # federated rounds: 1, as always
         self.fast_layout = fast_layout and dp is None
         if self.fast_layout:
             self.model = self.model.to(memory_format=torch.channels_last)
+        seed = cfg.seed if seed is None else seed
         dataset, loss_cls, self.forward = rows_dataset(
-            rows, crop_size, model.cfg.num_levels, segment_frames, seed, rule
+            rows, cfg.crop_size, model.cfg.num_levels, cfg.row_frames, seed, cfg.p_rule
         )
-        self.sample_rate = poisson_sample_rate(len(dataset), batch_size)
-        self.params = set_trainable(self.model, segment_frames, parts)
-        self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
+        self.sample_rate = poisson_sample_rate(len(dataset), cfg.batch_size)
+        self.params = set_trainable(self.model, cfg.row_frames, cfg.train_parts)
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.learning_rate)
         self.restored = restore(self.model, self.optimizer) if restore else None
         self.loss_fn = loss_cls(model.cfg.lambdas)
         self.engine = self.hooks = None
         if dp is None:  # every epoch yields a batch, however few the rows
-            self.loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
+            batch = min(cfg.batch_size, len(dataset))
+            self.loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
         else:
             self.engine, self.hooks, self.optimizer, self.loader = make_private(
-                self.model, self.optimizer, DataLoader(dataset, batch_size=batch_size), dp, history
+                self.model, self.optimizer, DataLoader(dataset, batch_size=cfg.batch_size), dp, history
             )
         self.nonfinite_steps, self._in_a_row = 0, 0
 
@@ -442,22 +447,8 @@ def train(
     if info:
         log(f"resuming from step {info['step']} (best validation loss {info['best_val']})")
     info = info or {"step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0}
-    trainer = Trainer(
-        model,
-        train_rows,
-        crop_size=cfg.crop_size,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        dp=dp,
-        history=info["dp_history"],
-        segment_frames=cfg.segment_frames,
-        parts=cfg.train_parts,
-        rule=cfg.p_rule,
-        clip_norm=cfg.clip_norm,
-        seed=cfg.seed,
-        fast_layout=True,
-        restore=(lambda m, o: _load_tensors(out, m, o)) if info["step"] else None,
-    )
+    restore = (lambda m, o: _load_tensors(out, m, o)) if info["step"] else None
+    trainer = Trainer(model, train_rows, cfg, dp=dp, history=info["dp_history"], fast_layout=True, restore=restore)
     meta = {
         "rows": len(train_rows),
         "videos": [p.name for p in paths],
@@ -488,42 +479,17 @@ def train(
     }
 
 
-def local_train(
-    model: FedlvcCodec,
-    rows: list,
-    steps: int,
-    batch_size: int,
-    crop_size: int,
-    learning_rate: float,
-    dp: DPConfig | None = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    segment_frames: int = 0,
-    rule: PFrameRule = PFrameRule(),
-    parts: str = "all",
-) -> dict:
-    """One site's local work in a federated round: ``steps`` optimizer steps on crops of its rows (frames,
-    or segments of ``segment_frames`` consecutive frames), DP-SGD (Poisson sampling, per-sample clipping,
-    noise on every trainable parameter) when ``dp`` is given. ``seed`` makes the crops and the training's
-    own randomness reproducible; DP noise and sampling come from OS entropy (``common.privacy.make_private``).
+def local_train(model: FedlvcCodec, rows: list, rc, dp: DPConfig | None, seed: int, device="cpu") -> dict:
+    """One site's local work in a federated round (``rc``: the run's RunConfig): ``local-steps`` optimizer steps
+    on crops of its rows (frames, or segments), DP-SGD (Poisson sampling, per-sample clipping, noise on every
+    trainable parameter) when ``dp`` is given. ``seed`` makes the crops and the training's own randomness
+    reproducible; DP noise and sampling come from OS entropy (``common.privacy.make_private``).
 
     Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "nonfinite_steps", "history" (what
     this call's accountant counted, ``[(σ, q, steps)]``; empty without DP)}."""
     torch.manual_seed(seed)
-    trainer = Trainer(
-        model,
-        rows,
-        crop_size=crop_size,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        dp=dp,
-        segment_frames=segment_frames,
-        parts=parts,
-        rule=rule,
-        seed=seed,
-        device=device,
-    )
-    losses = [trainer.step(x, levels) for x, levels in trainer.batches(steps)]
+    trainer = Trainer(model, rows, rc, dp=dp, seed=seed, device=device)
+    losses = [trainer.step(x, levels) for x, levels in trainer.batches(rc.local_steps)]
     finite = [v for v in losses if not math.isnan(v)]  # nan: an empty Poisson batch, or no finite sample
     trainer.close().cpu()
     return {

@@ -37,7 +37,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from simulations.local_runtime import APP_DIR, flwr_bin, flwr_env, wait_port
+from simulations.local_runtime import APP_DIR, flwr_bin, flwr_env, flwr_json, latest_run, wait_port
 
 
 def _generate_site_videos(folder: Path, site: int, frames: int) -> None:
@@ -71,15 +71,7 @@ def make_node_key(path: Path) -> Path:
 
 
 def registered_nodes(work: Path, cli_home: Path) -> list[dict]:
-    out = subprocess.run(
-        [flwr_bin("flwr"), "supernode", "list", "deploy", "--format", "json"],
-        cwd=work,
-        env=flwr_env(cli_home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout[out.stdout.index("{") :]).get("nodes", [])
+    return flwr_json(["supernode", "list", "deploy"], work, cli_home, "nodes")
 
 
 def check_intruder(work: Path, args, tls_node: list, cli_home: Path, logs: Path) -> bool:
@@ -164,11 +156,7 @@ def _parse(argv):
         "only app bundles signed by it. Flower 1.41 attaches signatures only to Flower Hub apps, "
         "so every locally submitted run is refused (see README, trust model)",
     )
-    ap.add_argument(
-        "--cautious-site",
-        action="store_true",
-        help="add one more SuperNode started with --trusted-entities beside the others",
-    )
+    ap.add_argument("--cautious-site", action="store_true", help="one more SuperNode, with --trusted-entities")
     ap.add_argument("--video-dirs", nargs="*", default=[])
     ap.add_argument("--frames", type=int, default=48, help="frames per generated clip")
     ap.add_argument(
@@ -338,16 +326,7 @@ class Deployment:
             stderr=subprocess.STDOUT,
             timeout=self.args.timeout,
         )
-        listing = subprocess.run(
-            [flwr_bin("flwr"), "list", "deploy", "--format", "json"],
-            cwd=self.work,
-            env=flwr_env(self.cli_home),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        runs = json.loads(listing.stdout[listing.stdout.index("{") :]).get("runs", [])
-        latest = max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
+        latest = latest_run(flwr_json(["list", "deploy"], self.work, self.cli_home, "runs"))
         return {
             "run_id": latest.get("run-id"),
             "status": latest.get("status"),

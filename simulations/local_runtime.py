@@ -38,6 +38,19 @@ def flwr_env(home: Path) -> dict:
     return env
 
 
+def flwr_json(args: list[str], cwd, home: Path, key: str) -> list[dict]:
+    """The ``key`` list of ``flwr ARGS --format json`` (Flower may print log lines before the JSON)."""
+    cmd = [flwr_bin("flwr"), *args, "--format", "json"]
+    out = subprocess.run(cmd, cwd=cwd, env=flwr_env(home), capture_output=True, text=True, timeout=120)
+    text = out.stdout
+    return json.loads(text[text.index("{") :]).get(key, []) if "{" in text else []
+
+
+def latest_run(runs: list[dict]) -> dict:
+    """The run submitted last, {} when there is none."""
+    return max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
+
+
 def wait_port(port: int, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -113,21 +126,11 @@ class SimulationRuntime:
         output = proc.stdout + proc.stderr
         if log is not None:
             log.write_text(output)
-        new = [r for r in self.list_runs() if r["run-id"] not in before]
-        run = max(new, key=lambda r: r.get("pending-at", "")) if new else {}
+        run = latest_run([r for r in self.list_runs() if r["run-id"] not in before])
         return {"run_id": run.get("run-id"), "status": run.get("status"), "output": output}
 
     def list_runs(self) -> list[dict]:
-        out = subprocess.run(
-            [flwr_bin("flwr"), "list", "sim", "--format", "json"],
-            cwd=self.workdir,
-            env=flwr_env(self.home),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        text = out.stdout
-        return json.loads(text[text.index("{") :]).get("runs", []) if "{" in text else []
+        return flwr_json(["list", "sim"], self.workdir, self.home, "runs")
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:

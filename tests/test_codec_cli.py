@@ -255,6 +255,22 @@ def test_a_script_sees_exactly_the_one_line_error(lvc, chunks, tiny_model_path, 
 # ------------------------------------------------------------------------------------- bad input: compress
 
 
+def test_evaluate_writes_report_plot_and_grid(capsys, odd_clip, coding_model_path, dirs):
+    """fedlvc evaluate: every asked quality (I+P and intra-only) and the baselines on the same frames, BD-rates,
+    the JSON report, the RD plot and the reconstruction grid; an output in a missing folder fails first."""
+    src, dst = dirs
+    outs = [dst / "r.json", dst / "rd.png", dst / "grid.png"]
+    args = ["evaluate", odd_clip, "--model", coding_model_path, "--frames", "4", "--qualities", "1", "6"]
+    rc, out, err = cli(capsys, *args, "--crfs", "23", "38", "--json", outs[0], "--plot", outs[1], "--grid", outs[2])
+    assert rc == 0, err
+    report = json.loads(outs[0].read_text())
+    codecs = {p["codec"] for p in report["points"]}
+    assert {"fedlvc", "x264", "x265"} <= codecs and report["frames"] == 4
+    assert set(report["bd_rate_vs"]) == codecs - {"fedlvc"}
+    assert all(o.stat().st_size > 0 for o in outs) and "x264" in out
+    expect_user_error(capsys, [*args, "--plot", src / "missing" / "rd.png"], folders=[src, dst], match="folder")
+
+
 def test_compress_missing_input(capsys, tiny_model_path, dirs):
     src, dst = dirs
     msg = expect_user_error(

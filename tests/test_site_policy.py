@@ -155,7 +155,8 @@ def test_two_runs_with_the_same_seed_and_messages_draw_different_noise_but_the_s
 
     def run(dp):
         model = _model(1)
-        local_train(model, frames, 2, 4, 32, 1e-3, dp=dp, seed=7)
+        rc = RunConfig.from_mapping({"local-steps": 2, "batch-size": 4, "crop-size": 32, "learning-rate": 1e-3})
+        local_train(model, frames, rc, dp, seed=7)
         return model.state_dict()
 
     dp = DPConfig(1.0, 1.0)

@@ -14,7 +14,7 @@ from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.model import FedlvcCodec
 from common.privacy import DPConfig
-from common.training import MAX_NONFINITE_IN_A_ROW, Trainer
+from common.training import MAX_NONFINITE_IN_A_ROW, TrainConfig, Trainer
 from tests.conftest import TINY_CONFIG
 
 FRAMES = list(generate_site_clip(2, 0, 64, 48, 10))
@@ -22,7 +22,8 @@ FRAMES = list(generate_site_clip(2, 0, 64, 48, 10))
 
 def _trainer(dp=None, seed=0) -> Trainer:
     torch.manual_seed(seed)
-    return Trainer(FedlvcCodec(TINY_CONFIG), FRAMES, crop_size=32, batch_size=4, learning_rate=1e-3, dp=dp)
+    cfg = TrainConfig(crop_size=32, batch_size=4, learning_rate=1e-3)
+    return Trainer(FedlvcCodec(TINY_CONFIG), FRAMES, cfg, dp=dp)
 
 
 def _poison_first_sample(trainer: Trainer) -> None:
@@ -99,3 +100,23 @@ def test_plain_training_with_fewer_rows_than_the_batch_finishes(tmp_path):
     thread.join(timeout=300)
     assert not thread.is_alive(), "train() did not finish"
     assert result["summary"]["steps"] == 3 and result["summary"]["rows"] == 5
+
+
+def test_cli_train_plans_sigma_for_a_target_epsilon(tmp_path, capsys):
+    """`fedlvc train --target-epsilon 8`: σ is planned over the run's steps at its Poisson rate, so the run ends
+    at ε ≈ 8; giving σ as well is one clear error."""
+    from client.cli import main
+    from common.checkpoint import read_meta
+    from common.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mkv", FRAMES, Fraction(25))
+    out = tmp_path / "m.safetensors"
+    common = ["train", str(videos), "--out", str(out), "--steps", "3", "--batch-size", "4", "--crop-size", "32"]
+    assert main([*common, "--target-epsilon", "8", "--validate-every", "100", "--quiet"]) == 0
+    dp = read_meta(out)["dp"]
+    assert dp["epsilon"] == pytest.approx(8.0, rel=0.02) and sum(n for _, _, n in dp["dp_history"]) == 3
+    capsys.readouterr()
+    assert main([*common, "--target-epsilon", "8", "--noise-multiplier", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
