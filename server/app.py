@@ -57,13 +57,13 @@ class SiteFedAvg(FedAvg):
         self.train_log: dict[int, dict] = {}
         self.eval_log: dict[int, dict] = {}
         self.sampled: dict[int, list[int]] = {}  # round → node ids asked to train
-        self.sent: dict[int, ArrayRecord] = {}  # round → the global model sent to train
+        self.sent: dict[int, ArrayRecord] = {}  # this round → the global model sent to train
         self.clipping_norms: dict[int, float] = {}  # round → central-DP clipping norm sent to the sites
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [int(m.metadata.dst_node_id) for m in messages]
-        self.sent[server_round] = arrays
+        self.sent = {server_round: arrays}  # the current round's only: a model per round would pile up
         if KEY_CLIPPING_NORM in config:  # set by a central-DP wrapper around us: the norm this round used
             self.clipping_norms[server_round] = float(config[KEY_CLIPPING_NORM])
         return messages
