@@ -175,6 +175,13 @@ def _dp_config(args, cfg):
     return DPConfig(**{**settings, "noise_multiplier": sigma})
 
 
+def _model_config(args):
+    """The architecture a fresh `fedlvc train` builds (ignored with --init-model, which brings its own)."""
+    from common.model import CodecConfig
+
+    return CodecConfig.v4() if args.architecture == "v4" else CodecConfig()
+
+
 def cmd_train(args) -> int:
     from common.training import train
 
@@ -188,7 +195,16 @@ def cmd_train(args) -> int:
             bar.refresh()
 
         log = lambda s: tqdm.write(s)  # noqa: E731
-        summary = train(args.video_dirs, args.out, cfg, dp=dp, init_model=args.init_model, log=log, progress=progress)
+        summary = train(
+            args.video_dirs,
+            args.out,
+            cfg,
+            dp=dp,
+            init_model=args.init_model,
+            model_cfg=_model_config(args),
+            log=log,
+            progress=progress,
+        )
     eps = summary["epsilon"]
     unit = "segments" if cfg.segment_frames else "frames"
     at = "" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}"
@@ -296,6 +312,13 @@ def _train_parser(sub) -> None:
     t.add_argument("video_dirs", nargs="+")
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors); resumes if its state exists")
     t.add_argument("--init-model", help="start from this checkpoint (e.g. the shipped public model)")
+    t.add_argument(
+        "--architecture",
+        choices=("v3", "v4"),
+        default="v3",
+        help="a fresh model's architecture (without --init-model): v3 (factorized prior, as the shipped model) or "
+        "v4 (GDN transforms and a mean-scale hyperprior with exact integer tables)",
+    )
     for opt in TRAIN_OPTIONS:
         if opt.name in ("rd-weight", "skip-threshold", "segment-frames"):  # the CLI's own forms, below
             continue

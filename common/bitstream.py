@@ -4,7 +4,10 @@ Layout (integers in the header big-endian)::
 
     header  (49 bytes)
       magic        4s   b"FLVC"
-      version      B    3 (versions 1 and 2 are still read; see "older versions" below)
+      version      B    4 for models of architecture v4 (I-frames under the hyperprior, common.hypercoder), 3 for
+                   the older ones; versions 1 and 2 are still read (see "older versions" below). Versions 3
+                   and 4 share this layout; a version 4 stream needs a v4 model and a version 3 one an older
+                   model (the fingerprint names the model anyway)
       flags        B    0 (reserved)
       fingerprint  16s  hash of the model that wrote the stream (see common.checkpoint.fingerprint)
       quality      B    1..N
@@ -53,8 +56,16 @@ import numpy as np
 from .errors import FedlvcError
 
 MAGIC = b"FLVC"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 3  # what models of architectures v1-v3 write
+VERSION_HYPER = 4  # what architecture v4 writes
+READABLE_VERSIONS = (1, 2, 3, 4)
+
+
+def version_for(hyper: bool) -> int:
+    """The version a model writes: 4 with a hyperprior (architecture v4), else 3."""
+    return VERSION_HYPER if hyper else VERSION
+
+
 HEADER = struct.Struct(">4sBB16sBIIIIIH")
 HEADER_CRC = struct.Struct(">I")
 HEADER_SIZE = HEADER.size + HEADER_CRC.size

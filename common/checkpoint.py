@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import FedlvcError
+from .hypercoder import CodingTables, coding_tables
 from .model import CodecConfig, FedlvcCodec
 from .video import atomic_output
 
@@ -54,11 +55,20 @@ FINGERPRINT_BYTES = 16
 def fingerprint(model: FedlvcCodec) -> bytes:
     """16-byte SHA-256 prefix over the architecture config and the weights (names, shapes, dtypes, bytes)."""
     h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(_tensors(model).items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.numpy().tobytes())
     return h.digest()[:FINGERPRINT_BYTES]
+
+
+def _tensors(model: FedlvcCodec) -> dict:
+    """What a checkpoint holds: the weights and, for architecture v4, the integer coding tables derived from them
+    (``tables.*``; never part of ``state_dict``, so never averaged)."""
+    state = dict(model.state_dict())
+    if model.cfg.hyper:
+        state.update(coding_tables(model).to_tensors())
+    return state
 
 
 def config_path(weights: str | os.PathLike) -> Path:
@@ -70,7 +80,7 @@ def save_model(path: str | os.PathLike, model: FedlvcCodec, meta: dict | None = 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise FedlvcError(f"a checkpoint path must end in .safetensors: {path}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in _tensors(model).items()}
     doc = {"config": model.cfg.to_dict(), "meta": meta or {}, "fingerprint": fingerprint(model).hex()}
     with atomic_output(path) as tmp:
         save_file(state, str(tmp))
@@ -106,6 +116,7 @@ def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
     except (SafetensorError, OSError, ValueError) as e:
         raise FedlvcError(f"model checkpoint {path} is not a valid safetensors file: {e}") from None
     model = FedlvcCodec(cfg)
+    tables = {k: state.pop(k) for k in list(state) if k.startswith("tables.")} if cfg.hyper else {}
     expected = model.state_dict()
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -121,6 +132,8 @@ def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
         if not torch.isfinite(v).all():
             raise FedlvcError(f"model checkpoint {path}: tensor {k} holds non-finite values")
     model.load_state_dict(state)
+    if cfg.hyper:
+        model._coding_tables = CodingTables.from_tensors(tables, model)
     if "fingerprint" in doc and doc["fingerprint"] != fingerprint(model).hex():
         raise FedlvcError(f"model checkpoint {path} does not match the fingerprint in {cfg_file.name}")
     return model.eval()

@@ -121,6 +121,7 @@ class FrameEncoder:
         self.rule = rule
         self._weights = None  # channel sensitivities of the current group (rate-distortion optimisation)
         self._contexts = None  # context indices of the P-frame latent just chosen
+        self._intra_params = None  # coding parameters of the I-frame latent just chosen (v4)
         self._raw = None  # the temporal prior's raw scales at this level (1, C, contexts)
         self._lam = torch.tensor([model.cfg.lambdas[self.level]])
         self.track_bits = track_bits
@@ -135,13 +136,13 @@ class FrameEncoder:
 
     def latent(self, frame: np.ndarray) -> np.ndarray:
         """The quantized latent this encoder would code for ``frame`` as an I-frame."""
-        return self.coder.clip(np.round(self.analysis(frame)).astype(np.int64))
+        return self.coder.intra(np.round(self.analysis(frame)).astype(np.int64))[0]
 
     def choose(self, y: np.ndarray) -> np.ndarray:
         """The integer latent to code for the scaled latent ``y`` of the next frame."""
         st = self.state
         if st.frame_type == bs.FRAME_INTRA:
-            y_hat = self.coder.clip(np.round(y).astype(np.int64))
+            y_hat, self._intra_params = self.coder.intra(np.round(y).astype(np.int64))
             if self.rule.uses_rd and st.gop > 1:
                 self._weights = synthesis_sensitivity(self.model, torch.from_numpy(y_hat).float()[None], self._levels)
             return y_hat
@@ -174,7 +175,7 @@ class FrameEncoder:
         y_hat = self.choose(self.analysis(frame))
         ftype = st.frame_type
         prev, history = st.references()
-        params = None
+        params = self._intra_params if prev is None else None
         if prev is not None:  # the contexts the choice was made under are the ones the frame is coded under
             params = (
                 self.coder.p.params_of(prev, self._contexts, self.level)
@@ -183,7 +184,7 @@ class FrameEncoder:
             )
         if self.track_bits:
             self.ideal_bits += (
-                self.coder.bits(y_hat, self.level)
+                self.coder.bits(y_hat, self.level, params)
                 if prev is None
                 else self.coder.p.bits(y_hat, prev, history, self.level, params)
             )
@@ -278,7 +279,8 @@ def encode_frames(
         for frame in frames:
             if size is None:
                 size = frame.shape[:2]
-                header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), 0, gop)
+                version = bs.version_for(model.cfg.hyper)
+                header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), 0, gop, version)
             elif frame.shape[:2] != size:
                 raise FedlvcError(
                     f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
@@ -365,6 +367,11 @@ def open_stream(path) -> tuple[object, bs.StreamHeader, int]:
 
 
 def check_model(header: bs.StreamHeader, model: FedlvcCodec) -> None:
+    if (header.version == bs.VERSION_HYPER) != model.cfg.hyper:
+        raise FedlvcError(
+            f"bitstream version {header.version} cannot be decoded with a model of architecture "
+            f"{model.cfg.architecture!r}"
+        )
     fp = fingerprint(model)
     if header.fingerprint != fp:
         raise FedlvcError(

@@ -14,6 +14,7 @@ import torch
 
 from .contexts import MotionHistory
 from .errors import FedlvcError
+from .hypercoder import HyperCoder, coding_tables
 from .model import FedlvcCodec
 from .pframe import MIN_PROBABILITY, PFrameCoder
 from .priors import mixture_cdf
@@ -39,6 +40,7 @@ class LatentCoder:
         self.model = model
         self.support = model.cfg.support
         self.p = PFrameCoder(model)
+        self.hyper = HyperCoder(model) if model.cfg.hyper else None
         self._pmfs: dict[int, np.ndarray] = {}
         self._models: dict[int, list] = {}
 
@@ -65,8 +67,17 @@ class LatentCoder:
     def clip(self, y_hat: np.ndarray) -> np.ndarray:
         return np.clip(y_hat, -self.support, self.support)
 
-    def bits(self, y_hat: np.ndarray, level: int) -> float:
-        """Ideal code length −Σ log2 p(ŷ) in bits of an I-frame latent (C, h, w) under the coding tables."""
+    def intra(self, y_hat: np.ndarray) -> tuple[np.ndarray, tuple | None]:
+        """(the integer latent an I-frame codes for the rounded latent ``y_hat``, its coding parameters): clipped
+        to the support, and with a hyperprior (v4) into the ranges of the tables its ẑ selects."""
+        y_hat = self.clip(y_hat)
+        return self.hyper.fit(y_hat) if self.hyper is not None else (y_hat, None)
+
+    def bits(self, y_hat: np.ndarray, level: int, params: tuple | None = None) -> float:
+        """Ideal code length −Σ log2 p(ŷ) in bits of an I-frame latent (C, h, w) under the coding tables
+        (``params``: from :meth:`intra`, v4)."""
+        if self.hyper is not None:
+            return self.hyper.bits(y_hat, level, params if params is not None else self.hyper.fit(y_hat)[1])
         sym = (self.clip(y_hat) + self.support).reshape(y_hat.shape[0], -1).astype(np.int64)
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
@@ -77,16 +88,19 @@ class LatentCoder:
         level: int,
         prev: np.ndarray | None = None,
         history: MotionHistory | None = None,
-        params: tuple[np.ndarray, np.ndarray] | None = None,
+        params: tuple | None = None,
         check: int = SENTINEL,
     ) -> bytes:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
         or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given
-        (``params``: its :meth:`PFrameCoder.params` when already computed). ``check``: the 32-bit value the
-        stream ends with (version 3: :func:`common.bitstream.latent_checksum`)."""
+        (``params``: its :meth:`PFrameCoder.params`, or an I-frame's from :meth:`intra`, when already computed).
+        ``check``: the 32-bit value the stream ends with (versions 3, 4: :func:`common.bitstream.latent_checksum`).
+        """
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(_check_symbols(check), _CHECK_MODEL)  # bottom of the stack: decoded last
-        if prev is None:
+        if prev is None and self.hyper is not None:
+            self.hyper.encode(coder, y_hat, level, params if params is not None else self.hyper.fit(y_hat)[1])
+        elif prev is None:
             models = self._categoricals(level)
             sym = (self.clip(y_hat) + self.support).astype(np.int32).reshape(y_hat.shape[0], -1)
             for c in reversed(range(sym.shape[0])):  # ANS is a stack: encode backwards, decode forwards
@@ -114,7 +128,9 @@ class LatentCoder:
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
         try:
             coder = constriction.stream.stack.AnsCoder(words)
-            if prev is None:
+            if prev is None and self.hyper is not None:
+                out = self.hyper.decode(coder, level, shape)
+            elif prev is None:
                 models = self._categoricals(level)
                 out = np.stack([coder.decode(models[i], h * w) for i in range(c)]).astype(np.int64) - self.support
             else:
@@ -123,6 +139,8 @@ class LatentCoder:
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None
         out = out.reshape(c, h, w)
+        if np.abs(out).max(initial=0) > self.support:
+            raise FedlvcError("bitstream chunk is damaged (a latent value out of range)")
         if check is None and (hi << 16 | lo) != SENTINEL:
             raise FedlvcError(
                 "bitstream chunk does not decode to the frame size in the header (forged or foreign stream)"
@@ -146,8 +164,11 @@ def coding_fingerprint(model: FedlvcCodec) -> str:
     r = coder.support
     symbols = np.arange(-r, r + 1, dtype=np.int32)
     h = hashlib.sha256()
+    if model.cfg.hyper:  # integer tables: their bytes are what the coder makes of them
+        for t in coding_tables(model).to_tensors().values():
+            h.update(t.numpy().tobytes())
     for level in range(model.cfg.num_levels):
-        for table in coder._categoricals(level):
+        for table in [] if model.cfg.hyper else coder._categoricals(level):
             ans = constriction.stream.stack.AnsCoder()
             ans.encode_reverse(symbols + r, table)
             h.update(ans.get_compressed().tobytes())

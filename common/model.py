@@ -26,15 +26,27 @@ from torch import nn
 
 from .contexts import IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS, next_history, p_context
 from .errors import FedlvcError
+from .hyperprior import (
+    GDN,
+    Z_SUPPORT,
+    AnalysisGDN,
+    HyperAnalysis,
+    HyperSynthesis,
+    SynthesisGDN,
+    gaussian_likelihood,
+)
 from .pframe import PFrameCoder
-from .priors import LevelPriorParams, TemporalPrior, latent_likelihood
+from .priors import LIKELIHOOD_FLOOR, LevelPriorParams, TemporalPrior, latent_likelihood
 from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
 from .transforms import AnalysisTransform, LevelGains, SynthesisTransform
 
 ARCHITECTURE = "fedlvc-factorized-gain-v3"  # v2 plus contexts inside a P-frame (channel groups)
 ARCHITECTURE_V2 = "fedlvc-factorized-gain-v2"  # v1 plus the temporal (P-frame) prior; still loads and decodes
 ARCHITECTURE_INTRA = "fedlvc-factorized-gain-v1"  # intra-only models still load (and decode their streams)
-ARCHITECTURES = (ARCHITECTURE, ARCHITECTURE_V2, ARCHITECTURE_INTRA)
+# GDN transforms and a mean-scale hyperprior for I-frames, exact integer coding tables (common.hyperprior);
+# P-frames as v3.
+ARCHITECTURE_V4 = "fedlvc-hyperprior-gdn-v4"
+ARCHITECTURES = (ARCHITECTURE, ARCHITECTURE_V2, ARCHITECTURE_INTRA, ARCHITECTURE_V4)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class CodecConfig:
     support: int = 255  # coded symbols lie in [-support, support]
     lambdas: tuple[float, ...] = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.05)  # one per quality level
     stride: int = 16  # total downsampling of g_a; frames are padded to a multiple of it
+    hyper_channels: int = 0  # channels of the hyper-latent z (architecture v4 only; 0 otherwise)
 
     @property
     def num_levels(self) -> int:
@@ -56,7 +69,21 @@ class CodecConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lambdas"] = list(self.lambdas)
+        if not self.hyper:
+            del d["hyper_channels"]  # configs (and fingerprints) of v1-v3 models are as they always were
         return d
+
+    @classmethod
+    def v4(cls, **kw) -> CodecConfig:
+        """The default configuration of architecture v4."""
+        base = dict(
+            architecture=ARCHITECTURE_V4,
+            channels=64,
+            latent_channels=128,
+            hyper_channels=64,
+            lambdas=(0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
+        )
+        return cls(**{**base, **kw})
 
     @classmethod
     def from_dict(cls, d: dict) -> CodecConfig:
@@ -78,7 +105,13 @@ class CodecConfig:
 
     # Limits on what a model config (from a checkpoint, or from the server's message to a site) may make us
     # allocate: far above the shipped model (64 / 96 / 3 / 255 / 6 levels), far below what exhausts a machine.
-    LIMITS = {"channels": (1, 512), "latent_channels": (1, 512), "mixtures": (1, 16), "support": (1, 1023)}
+    LIMITS = {
+        "channels": (1, 512),
+        "latent_channels": (1, 512),
+        "mixtures": (1, 16),
+        "support": (1, 1023),
+        "hyper_channels": (0, 512),
+    }
     MAX_LEVELS = 16
 
     def check_bounds(self) -> None:
@@ -93,16 +126,26 @@ class CodecConfig:
             )
         if self.stride != 16:
             raise FedlvcError(f"model config stride must be 16 (four stride-2 stages), not {self.stride!r}")
+        if self.hyper != (self.hyper_channels > 0):
+            raise FedlvcError(
+                f"model config hyper_channels must be at least 1 for architecture {ARCHITECTURE_V4!r} and 0 "
+                f"otherwise, not {self.hyper_channels!r}"
+            )
+
+    @property
+    def hyper(self) -> bool:
+        """Whether I-frames are coded under the mean-scale hyperprior (architecture v4)."""
+        return self.architecture == ARCHITECTURE_V4
 
     @property
     def temporal(self) -> bool:
         """Whether the model has a P-frame prior (can code groups of pictures longer than 1)."""
-        return self.architecture in (ARCHITECTURE, ARCHITECTURE_V2)
+        return self.architecture in (ARCHITECTURE, ARCHITECTURE_V2, ARCHITECTURE_V4)
 
     @property
     def p_groups(self) -> int:
         """Channel groups a P-frame latent is coded in (1: all at once, as architecture v2 does)."""
-        return P_GROUPS if self.architecture == ARCHITECTURE else 1
+        return P_GROUPS if self.architecture in (ARCHITECTURE, ARCHITECTURE_V4) else 1
 
     @property
     def p_contexts(self) -> int:
@@ -120,13 +163,19 @@ class FedlvcCodec(nn.Module):
         super().__init__()
         self.cfg = cfg or CodecConfig()
         n = self.cfg.num_levels
-        self.g_a = AnalysisTransform(self.cfg)
-        self.g_s = SynthesisTransform(self.cfg)
+        if self.cfg.hyper:
+            self.g_a, self.g_s = AnalysisGDN(self.cfg), SynthesisGDN(self.cfg)
+        else:
+            self.g_a, self.g_s = AnalysisTransform(self.cfg), SynthesisTransform(self.cfg)
         # Higher levels quantize more finely: gains from 0.5× to 2× of the middle level at start.
         init = torch.linspace(math.log(0.5), math.log(2.0), n)
         self.gain = LevelGains(n, self.cfg.latent_channels, init)
         self.inv_gain = LevelGains(n, self.cfg.latent_channels, -init)
-        self.prior = LevelPriorParams(n, self.cfg.latent_channels, self.cfg.mixtures)
+        if self.cfg.hyper:
+            self.h_a, self.h_s = HyperAnalysis(self.cfg), HyperSynthesis(self.cfg)
+            self.z_prior = LevelPriorParams(n, self.cfg.hyper_channels, self.cfg.mixtures)
+        else:
+            self.prior = LevelPriorParams(n, self.cfg.latent_channels, self.cfg.mixtures)
         if self.cfg.temporal:
             self.temporal = TemporalPrior(n, self.cfg.latent_channels, self.cfg.p_contexts)
 
@@ -149,8 +198,32 @@ class FedlvcCodec(nn.Module):
         else:
             y_tilde = torch.round(y)
         x_hat = self.synthesis(y_tilde, levels)
-        likelihood = latent_likelihood(y_tilde, *self.prior(levels))
-        return {"x_hat": x_hat, "likelihoods": likelihood}
+        return {"x_hat": x_hat, "likelihoods": self.intra_likelihoods(y_tilde, levels)}
+
+    def hyper_latent(self, y_tilde: torch.Tensor) -> torch.Tensor:
+        """z̃ of (noisy or integer) latents: z + U(-½,½) when training, else the coded integers."""
+        z = self.h_a(y_tilde)
+        if self.training:
+            return z + torch.empty_like(z).uniform_(-0.5, 0.5)
+        return torch.round(z).clamp(-Z_SUPPORT, Z_SUPPORT)
+
+    def intra_likelihoods(self, y_tilde: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """(B, N) probabilities of everything an I-frame codes: the latent under the factorized prior (v1-v3), or
+        the hyper-latent under its factorized prior and the latent under the Gaussian it gives (v4)."""
+        if not self.cfg.hyper:
+            return latent_likelihood(y_tilde, *self.prior(levels)).flatten(1)
+        z_tilde = self.hyper_latent(y_tilde)
+        mean, log_scale = self.h_s(z_tilde, y_tilde.shape[-2:])
+        ly = gaussian_likelihood(y_tilde, mean, log_scale, LIKELIHOOD_FLOOR)
+        lz = latent_likelihood(z_tilde, *self.z_prior(levels))
+        return torch.cat([ly.flatten(1), lz.flatten(1)], 1)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Back into the parameter set after an optimizer step (GDN's weights non-negative)."""
+        for m in self.modules():
+            if isinstance(m, GDN):
+                m.project_()
 
     def forward_segment(self, x: torch.Tensor, levels: torch.Tensor, rule: PFrameRule = PFrameRule()) -> dict:
         """Training path for rows of consecutive frames x: (B, S, 3, H, W) coded as one group of pictures:
@@ -207,7 +280,7 @@ class FedlvcCodec(nn.Module):
             y_tilde = torch.stack(targets, 1).reshape(y.shape)
         x_hat = self.synthesis(y_tilde, levels.repeat_interleave(frames))
         first = y_tilde.reshape(b, frames, *y.shape[1:])[:, 0]
-        bits = -torch.log2(latent_likelihood(first, *self.prior(levels))).flatten(1).sum(1)
+        bits = -torch.log2(self.intra_likelihoods(first, levels)).sum(1)
         for s in range(1, frames):
             bits = bits + PFrameCoder.training_bits(raw, targets[s], coded[s - 1], contexts[s])
         return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
@@ -225,7 +298,7 @@ def with_temporal_prior(model: FedlvcCodec) -> FedlvcCodec:
     """A model upgraded to the current architecture, same weights: an intra-only (v1) model gains a fresh
     temporal prior; a v2 temporal prior gains the in-frame contexts of v3, every in-frame value starting
     from the v2 scale of its context (so the upgraded model codes as the v2 one did until trained)."""
-    if model.cfg.architecture == ARCHITECTURE:
+    if model.cfg.architecture in (ARCHITECTURE, ARCHITECTURE_V4):
         return model
     cfg = CodecConfig.from_dict(dict(model.cfg.to_dict(), architecture=ARCHITECTURE))
     new = FedlvcCodec(cfg)

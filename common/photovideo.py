@@ -89,7 +89,8 @@ def _paste(frame: np.ndarray, sprite: Sprite, t: float) -> None:
 
 def _camera(rng, frames: int, bh: int, bw: int, width: int, height: int):
     """Per frame (top, left, view width, view height) of the camera's view in the photograph."""
-    zoom = np.exp(np.linspace(0, rng.uniform(-0.25, 0.25), frames)) * rng.uniform(0.7, 1.0)
+    # The view never exceeds the photograph (a zoom-out past its edge would leave the picture).
+    zoom = np.minimum(np.exp(np.linspace(0, rng.uniform(-0.25, 0.25), frames)) * rng.uniform(0.7, 1.0), 1.0)
     view_w = np.minimum(bw, bh * width / height) * zoom
     view_h = view_w * height / width
     start, end = rng.uniform(0, 1, 2), rng.uniform(0, 1, 2)

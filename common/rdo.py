@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contexts import MotionHistory, PFrameContexts
+from .hyperprior import GDN
 from .priors import LIKELIHOOD_FLOOR, laplace_scale
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ def _hook_free(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             x = F.pixel_shuffle(x, m.upscale_factor)
         elif isinstance(m, nn.LeakyReLU):
             x = F.leaky_relu(x, m.negative_slope)
+        elif isinstance(m, GDN):
+            x = m.detached(x)
         else:
             raise TypeError(f"unexpected layer {m!r}")
     return x

@@ -82,7 +82,7 @@ TrainConfig.__module__ = __name__
 TrainConfig.__doc__ = "Single-site training settings, one field per option of TRAIN_OPTIONS."
 
 
-ENTROPY_MODULES = ("gain.", "inv_gain.", "prior.", "temporal.")
+ENTROPY_MODULES = ("gain.", "inv_gain.", "prior.", "temporal.", "z_prior.", "h_a.", "h_s.")
 
 
 def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -> list:
@@ -218,6 +218,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if x.shape[0] == 0:
             empty_batch_step(self.model, self.optimizer)
+            self.model.project_()
             return float("nan")
         per_sample = self.loss_fn(self.forward(self.model, x, levels), x, levels)
         finite = torch.isfinite(per_sample)
@@ -242,6 +243,7 @@ class Trainer:
                 for p in self.params:
                     p.grad_sample[~finite] = 0
         self.optimizer.step()
+        self.model.project_()
         return per_sample[finite].mean().item() if finite.any() else float("nan")
 
     def _count_finite(self, all_finite: bool) -> bool:

@@ -19,6 +19,7 @@ from common.rdo import PFrameRule
 from common.training import set_trainable
 
 CFG = CodecConfig(channels=8, latent_channels=8, mixtures=2)
+CFG_V4 = CodecConfig.v4(channels=8, latent_channels=8, hyper_channels=8, mixtures=2)
 
 
 @pytest.fixture
@@ -47,9 +48,10 @@ def _max_rel_error(model, expected) -> float:
     return worst
 
 
-def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise):
+@pytest.mark.parametrize("cfg", [CFG, CFG_V4], ids=["v3", "v4"])
+def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise, cfg):
     torch.manual_seed(0)
-    model = FedlvcCodec(CFG).train()
+    model = FedlvcCodec(cfg).train()
     set_trainable(model, 0)
     x, levels = torch.rand(3, 3, 32, 32), torch.tensor([0, 2, 5])
     loss_fn = RateDistortion(model.cfg.lambdas)
@@ -60,12 +62,13 @@ def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise):
     assert _max_rel_error(model, expected) < 1e-4
 
 
+@pytest.mark.parametrize("cfg", [CFG, CFG_V4], ids=["v3", "v4"])
 @pytest.mark.parametrize("frames,rule", [(2, PFrameRule()), (4, PFrameRule()), (4, PFrameRule(rd_weight=1.0))])
-def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, rule):
+def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, rule, cfg):
     """Also with rate-distortion optimised P-frames, whose channel sensitivities take a backward pass of
     their own inside the forward: Opacus' hooks must not see it, and a row's choices depend on that row."""
     torch.manual_seed(1)
-    model = FedlvcCodec(CFG).train()
+    model = FedlvcCodec(cfg).train()
     with torch.no_grad():  # gains that make the latents take many values (else all round to 0 and no choice is made)
         model.gain.log_gain.weight.fill_(math.log(100.0))
         model.inv_gain.log_gain.weight.fill_(-math.log(100.0))
@@ -80,6 +83,8 @@ def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, r
     forward = lambda m, a, b: m.forward_segment(a, b, rule)  # noqa: E731
     expected = _per_unit_grads(model, loss_fn, forward, x, levels)
     assert expected[0]["temporal.table.weight"].abs().sum() > 0  # the P-frame prior is trained by segments
+    if cfg.hyper:  # and the hyperprior by the segments' I-frames
+        assert expected[0]["h_s.out.weight"].abs().sum() > 0 and expected[0]["g_a.layers.1.conv.weight"].abs().sum() > 0
     GradSampleModule(model)
     model.zero_grad()
     loss_fn(forward(model, x, levels), x, levels).mean().backward()
@@ -100,3 +105,11 @@ def test_channels_last_breaks_opacus_conv_sampler(no_noise):
     model.zero_grad()
     loss_fn(model(x, levels), x, levels).mean().backward()
     assert _max_rel_error(model, expected) > 1e-2
+
+
+def test_the_v4_model_passes_opacus_strict_validation_and_has_no_buffers():
+    from opacus.validators import ModuleValidator
+
+    model = FedlvcCodec(CFG_V4)
+    assert not list(model.buffers())
+    assert ModuleValidator.validate(model, strict=True) == []

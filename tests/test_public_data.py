@@ -140,3 +140,16 @@ def test_cli_writes_clips_over_a_photo_corpus(corpus, tmp_path, capsys):
     assert read_frames(clips[0]).shape == (4, 48, 64, 3)
     assert main(["public-data", str(tmp_path / "none"), "--photos", str(tmp_path / "missing")]) == 2
     assert "no photo corpus" in capsys.readouterr().err
+
+
+def test_the_camera_view_stays_inside_the_photograph():
+    """A zoom-out past the photograph's edge once gave a negative crop box (PIL refused it mid-run)."""
+    from common.photovideo import _camera
+
+    outside = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        top, left, view_w, view_h = _camera(rng, 24, 300, 400, 256, 192)
+        outside += int((top < 0).any() or (left < 0).any())
+        assert (top + view_h <= 300 + 1e-6).all() and (left + view_w <= 400 + 1e-6).all()
+    assert outside == 0

@@ -517,7 +517,7 @@ def test_version_1_header_claiming_groups_is_refused(tmp_path, model, streams, g
 
 def test_unknown_version_is_refused(tmp_path, model, streams):
     data = streams[3].read_bytes()
-    for version in (0, bs.VERSION + 1, 255):
+    for version in (0, bs.VERSION_HYPER + 1, 255):
         msg = decode_error(_damaged(tmp_path, restream(data, model, version=version)), model)
         assert f"version {version}" in msg
 
