@@ -31,8 +31,9 @@ import _common as C
 MODES = ("hooks", "functorch")
 
 
-def build_base_model(arg: str | None, fresh: bool):
-    """(model in train mode, description): a checkpoint's weights, or a fresh ``CodecConfig()`` model."""
+def build_base_model(arg: str | None, fresh: str | None):
+    """(model in train mode, description): a checkpoint's weights, or a fresh model of architecture ``fresh``
+    (v3: ``CodecConfig()``, v4: ``CodecConfig.v4()``)."""
     from common.checkpoint import load_model
     from common.model import CodecConfig, FedlvcCodec
 
@@ -40,7 +41,8 @@ def build_base_model(arg: str | None, fresh: bool):
         path = C.model_path(arg)
         if arg or path.is_file():
             return load_model(path).train(), str(path)
-    return FedlvcCodec(CodecConfig()).train(), "fresh CodecConfig() (random init)"
+    cfg = CodecConfig.v4() if fresh == "v4" else CodecConfig()
+    return FedlvcCodec(cfg).train(), f"fresh {cfg.architecture} model (random init)"
 
 
 def fixed_batch(batch: int, crop: int, num_levels: int, seed: int = 0):
@@ -165,7 +167,13 @@ def _parse(argv):
         help="initial weights (.safetensors); default: the shipped model if present, "
         "else a fresh CodecConfig() model (timings do not depend on the weights)",
     )
-    p.add_argument("--fresh", action="store_true", help="use a freshly initialised CodecConfig() model")
+    p.add_argument(
+        "--fresh",
+        nargs="?",
+        const="v3",
+        choices=("v3", "v4"),
+        help="use a freshly initialised model of this architecture (default v3: CodecConfig())",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crop-size", type=int, default=96)
     p.add_argument("--grad-sample-mode", default="hooks", choices=MODES)

@@ -226,7 +226,9 @@ class FrameDecoder:
 
     @property
     def max_payload(self) -> int:
-        return bs.max_payload_bytes(int(np.prod(self.shape)))
+        c, h, w = self.shape
+        hyper = self.model.cfg.hyper_channels * -(-h // 4) * -(-w // 4)  # ẑ of an I-frame (v4)
+        return bs.max_payload_bytes(c * h * w + hyper)
 
     def seek(self, index: int) -> None:
         """Continue at frame ``index``, which must be an I-frame."""

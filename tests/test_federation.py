@@ -651,3 +651,27 @@ def test_simulation_with_segment_privacy_unit_records_the_unit(tmp_path):
         with open(lvc, "rb") as f:
             header = bs.read_header(f, lvc.stat().st_size)
         assert header.gop == 4 and header.version == bs.VERSION
+
+
+def test_a_v4_model_trains_under_dp_and_answers_queries_without_sending_its_tables():
+    """Architecture v4 in a federated round: every parameter gets DP noise (GDN kept non-negative), the reply
+    carries exactly the state_dict (the integer coding tables stay out of FedAvg), and the site codes with the
+    model it received (query.rd compresses at every quality)."""
+    torch.manual_seed(5)
+    model = FedlvcCodec(CodecConfig.v4(channels=8, latent_channels=8, hyper_channels=8, mixtures=2))
+    ctx = _context()
+    reply = client_app.train(_message(model, "train"), ctx)
+    m = reply.content["metrics"]
+    assert m["declined"] == 0 and m["steps"] == RUN["local-steps"] and m["epsilon"] > 0
+    after = reply.content["arrays"].to_torch_state_dict()
+    before = model.state_dict()
+    assert set(after) == set(before) and not any(k.startswith("tables.") for k in after)
+    assert all(
+        not torch.equal(before[k], after[k]) for k in before if not k.startswith("temporal.")
+    )  # noise everywhere
+    gdn = [k for k in after if k.endswith(".conv.weight") and k.startswith(("g_a.", "g_s."))]
+    assert gdn and all((after[k] >= 0).all() for k in gdn)
+    trained = FedlvcCodec(model.cfg)
+    trained.load_state_dict(after)
+    rd = client_app.rd(_rd_message(trained, model), ctx).content["metrics"]
+    assert len(rd["bpp-federated"]) == model.cfg.num_levels and all(b > 0 for b in rd["bpp-federated"])
