@@ -28,6 +28,7 @@ from common.privacy import DPConfig, poisson_sample_rate
 from common.training import local_train
 
 from .ledger import earlier_ledger, open_ledger, state_dir_of
+from .personal import personal_model
 from .policy import SitePolicy
 from .site import load_site, site_clips, site_identity, site_out_dir
 
@@ -249,6 +250,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
 
 
+def _coding_model(model: FedlvcCodec, rc: RunConfig, policy: SitePolicy, context: Context, name: str, number: int):
+    """(the model the site codes its own video with, a note): the received model, or with ``personal-steps`` the
+    site's personal model fine-tuned from it on its training frames (kept at the site; :mod:`client.personal`)."""
+    if not rc.personal_steps:
+        return model, ""
+    site = load_site(context.node_config, rc, policy, context.node_id)
+    return personal_model(model, site.train_rows, rc, policy, context.node_config, name, rc.seed + 7919 + number)
+
+
 @app.query("compress")
 def compress(msg: Message, context: Context) -> Message:
     """Compress every clip of this site with the final global model into the site's own out-dir (never a
@@ -258,8 +268,8 @@ def compress(msg: Message, context: Context) -> Message:
     refused = _refusal(policy, context, "compress", "", _round(msg))
     if refused:
         return _reply(msg, context, {"refused": 1}, note=refused)
-    name, _ = site_identity(context.node_config, context.node_id)
-    model = _model_from(msg, policy).eval()
+    name, number = site_identity(context.node_config, context.node_id)
+    model, personal_note = _coding_model(_model_from(msg, policy).eval(), rc, policy, context, name, number)
     out = site_out_dir(context.node_config, name)
     out.mkdir(parents=True, exist_ok=True)
     quality = _quality(model, int(msg.content["config"].get("quality", rc.final_quality)))
@@ -273,8 +283,10 @@ def compress(msg: Message, context: Context) -> Message:
         total_bytes += summary["bytes"]
         total_pixels += summary["frames"] * summary["width"] * summary["height"]
         frames_total += summary["frames"]
+    personal = {"personal": int(rc.personal_steps > 0 and not personal_note)}
     if not policy.releases("compress-summary"):
-        return _reply(msg, context, {"compressed": 1}, note="compressed; the site does not release a summary")
+        note = "; ".join(filter(None, ["compressed; the site does not release a summary", personal_note]))
+        return _reply(msg, context, {"compressed": 1}, note=note)
     _count_release(context, "compress-summary", policy)
     return _reply(
         msg,
@@ -285,7 +297,9 @@ def compress(msg: Message, context: Context) -> Message:
             "bpp": total_bytes * 8 / max(total_pixels, 1),
             "psnr": psnr_sum / max(frames_total, 1),
             "quality": quality,
+            **personal,
         },
+        note=personal_note,
     )
 
 
@@ -309,10 +323,16 @@ def rd(msg: Message, context: Context) -> Message:
     site = load_site(context.node_config, rc, policy, context.node_id)
     frames = np.stack(site.held_out)
     metrics = {"frames": len(site.held_out)}
-    for key in names:
-        model = _model_from(msg, policy, key).eval()
+    models = {key: _model_from(msg, policy, key).eval() for key in names}
+    note = ""
+    if rc.personal_steps and "federated" in models:  # the site's personal model, from the federated one
+        name, number = site_identity(context.node_config, context.node_id)
+        personal, note = _coding_model(models["federated"], rc, policy, context, name, number)
+        if not note:
+            models["personal"] = personal
+    for key, model in models.items():
         points = [_measure(model, frames, q, rc, with_ms_ssim=False) for q in range(1, model.cfg.num_levels + 1)]
         metrics[f"bpp-{key}"] = [p["bpp"] for p in points]
         metrics[f"psnr-{key}"] = [p["psnr"] for p in points]
     _count_release(context, "rd", policy)
-    return _reply(msg, context, metrics)
+    return _reply(msg, context, metrics, note=note)

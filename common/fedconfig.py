@@ -107,6 +107,15 @@ RUN_OPTIONS: tuple[Option, ...] = (
     o.RD_WEIGHT,
     o.SKIP_THRESHOLD,
     o.TRAIN_PART,
+    Option(
+        "personal-steps",
+        int,
+        0,
+        "steps of each site's personal fine-tuning of the final model's entropy parameters on its own frames, "
+        "without noise, kept at the site and used for its final compression (0 = off)",
+        0,
+        100_000,
+    ),
     o.SEED,
 )
 _BY_NAME = {opt.name: opt for opt in RUN_OPTIONS}

@@ -358,7 +358,8 @@ def main(grid: Grid, context: Context) -> None:
             k: {
                 **{f: last["sites"].get(k, {}).get(f) for f in ("epsilon", "delta", "accountant", "units")},
                 **v,
-                "gain_over_public": gains.get(k),
+                "gain_over_public": gains.get(k, {}).get("federated"),
+                **({"gain_over_public_personal": gains.get(k, {}).get("personal")} if rc.personal_steps else {}),
                 "releases": releases(rounds, k, v, gains.get(k)),
             }
             for k, v in sorted(compressed.items())
@@ -422,31 +423,37 @@ def gain_over_public(grid: Grid, rc: RunConfig, final: FedlvcCodec, public: Fedl
         records,
         {"model-config": json.dumps(final.cfg.to_dict())},
         fedavg,
-        lambda r: checked_rd_curves(r, ("federated", "public"), final.cfg.num_levels),
+        lambda r: checked_rd_curves(r, ("federated", "public"), final.cfg.num_levels, ("personal",)),
     )
     gains = {}
     q = rc.final_quality - 1
     for site, c in sorted(curves.items()):
         if "federated" not in c:
             continue
-        ours, theirs = c["federated"], c["public"]
-        gains[site] = {
-            "bd_rate_percent": bd_rate(theirs, ours),
-            "psnr_db": ours[q][1] - theirs[q][1],
-            "bpp_ratio": ours[q][0] / theirs[q][0],
-            "public": theirs,
-            "federated": ours,
-        }
+        gains[site] = {name: _gain(c["public"], c[name], q, name) for name in ("federated", "personal") if name in c}
     return gains
 
 
+def _gain(public: list, ours: list, q: int, name: str) -> dict:
+    """A site's model (``name``: federated, or its personal one) against the public model on its held-out frames:
+    BD-rate over every quality level, PSNR and bpp change at final-quality, both curves."""
+    return {
+        "bd_rate_percent": bd_rate(public, ours),
+        "psnr_db": ours[q][1] - public[q][1],
+        "bpp_ratio": ours[q][0] / public[q][0],
+        "public": public,
+        name: ours,
+    }
+
+
 def summary_table(summary: dict, out: Path) -> str:
+    personal = any("gain_over_public_personal" in s for s in summary["sites"].values())
     lines = [
         f"fedlvc: {summary['rounds']} rounds; history in {out / 'history.json'}; each site wrote its .lvc files "
         "to its own node-config out-dir, else <state-dir>/out, else (a simulated site) runs/sites/<site> "
         "under the simulation's working folder",
         f"{'site':<12}{'frames':>8}{'epsilon':>10}{'delta':>9}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"
-        f"{'BD-rate vs public':>19}",
+        f"{'BD-rate vs public':>19}" + (f"{'+ personal':>12}" if personal else ""),
     ]
     for name, s in summary["sites"].items():
         eps = s["epsilon"]
@@ -461,9 +468,12 @@ def summary_table(summary: dict, out: Path) -> str:
         else:
             note = s.get("refused") or s.get("dropped") or "summary not released"
             size = f"{'-':>8}{eps_text:>10}{delta:>9}  ({note})"[:80]
-        lines.append(f"{name:<12}{size}{gain_text:>19}")
+        mine = (s.get("gain_over_public_personal") or {}).get("bd_rate_percent")
+        mine_text = (f"{'-' if mine is None else f'{mine:+.1f} %':>12}") if personal else ""
+        lines.append(f"{name:<12}{size}{gain_text:>19}{mine_text}")
     lines.append(
         "BD-rate vs public: the federated model against the public starting model on each site's "
         "held-out frames (every quality; negative = fewer bits for the same PSNR)"
+        + ("; + personal: the site's personal model (fine-tuned at the site, never sent)" if personal else "")
     )
     return "\n".join(lines)

@@ -192,11 +192,12 @@ def checked_eval_metrics(msg: Message) -> dict:
     }
 
 
-def checked_rd_curves(msg: Message, names, levels: int) -> dict:
-    """{model name: [(bpp, psnr) per quality level]} of a query.rd reply."""
+def checked_rd_curves(msg: Message, names, levels: int, optional=()) -> dict:
+    """{model name: [(bpp, psnr) per quality level]} of a query.rd reply: every one of ``names``, and those of
+    ``optional`` the site sent."""
     m = _metrics(msg)
     curves = {}
-    for name in names:
+    for name in [*names, *(n for n in optional if f"bpp-{n}" in m or f"psnr-{n}" in m)]:
         bpp, psnr = _numbers(m, f"bpp-{name}", levels), _numbers(m, f"psnr-{name}", levels)
         if not all(b > 0 and math.isfinite(b) and 0 <= p <= 200 for b, p in zip(bpp, psnr)):
             raise BadReply(f"the {name} curve holds values out of range")
@@ -215,4 +216,5 @@ def checked_compress_summary(msg: Message) -> dict | None:
         "bpp": number(m, "bpp", 0),
         "psnr": number(m, "psnr", 0, 200),
         "quality": number(m, "quality", 1, 16),
+        **({"personal": int(number(m, "personal", 0, 1, integer=True))} if "personal" in m else {}),
     }

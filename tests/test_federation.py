@@ -306,7 +306,7 @@ def test_simulation_runs_end_to_end(tmp_path):
 
     out = tmp_path / "out"
     with SimulationRuntime(tmp_path) as runtime:
-        run = runtime.run(f"{TINY_RUN} out-dir='{out}'", num_supernodes=2, timeout=900)
+        run = runtime.run(f"{TINY_RUN} personal-steps=3 out-dir='{out}'", num_supernodes=2, timeout=900)
         port, pid = runtime.port, runtime.process.pid
     assert run["status"] == "finished:completed", run["output"][-3000:]
     history = json.loads((out / "history.json").read_text())
@@ -325,6 +325,11 @@ def test_simulation_runs_end_to_end(tmp_path):
         assert len(gain["public"]) == len(gain["federated"]) == 6
         assert gain["bd_rate_percent"] is None or math.isfinite(gain["bd_rate_percent"])
         assert gain["federated"][3][1] - gain["public"][3][1] == pytest.approx(gain["psnr_db"])
+        personal = summary["sites"][site]["gain_over_public_personal"]  # the site's own model, kept at the site
+        assert len(personal["personal"]) == 6 and personal["public"] == gain["public"]
+        assert summary["sites"][site]["personal"] == 1
+        assert list((tmp_path / "runs" / "sites" / site / "personal").glob("personal-*.safetensors"))
+    assert "+ personal" in run["output"]
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
 
@@ -675,3 +680,47 @@ def test_a_v4_model_trains_under_dp_and_answers_queries_without_sending_its_tabl
     trained.load_state_dict(after)
     rd = client_app.rd(_rd_message(trained, model), ctx).content["metrics"]
     assert len(rd["bpp-federated"]) == model.cfg.num_levels and all(b > 0 for b in rd["bpp-federated"])
+
+
+def test_a_personal_model_stays_at_the_site_and_only_it_decodes_the_sites_streams(tmp_path, monkeypatch):
+    """personal-steps: the site fine-tunes the final model's entropy parameters on its own frames (no noise),
+    keeps the result in its own folder, compresses with it and measures it in query.rd; no reply carries it,
+    its streams name its fingerprint (the global model refuses them), and it is trained once."""
+    from common.checkpoint import fingerprint, load_model
+    from common.codec import decompress_file, open_stream
+
+    monkeypatch.chdir(tmp_path)  # a simulated site without state-dir keeps it under runs/sites/<site>
+    ctx, model = _context({"personal-steps": 4}), _model(11)
+    client_app.train(_message(model, "train"), ctx)
+    reply = client_app.compress(_message(model, "query.compress"), ctx)
+    assert set(reply.content.keys()) == {"metrics", "site"} and reply.content["metrics"]["personal"] == 1
+    (stored,) = (tmp_path / "runs" / "sites" / "site_0" / "personal").glob("personal-*.safetensors")
+    personal = load_model(stored)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, personal.state_dict()[k])}
+    assert changed == {"gain.log_gain.weight", "inv_gain.log_gain.weight", "prior.table.weight"}
+    streams = sorted((tmp_path / "runs" / "sites" / "site_0").glob("*.lvc"))
+    assert streams
+    f, header, _ = open_stream(streams[0])
+    f.close()
+    assert header.fingerprint == fingerprint(personal) != fingerprint(model)
+    with pytest.raises(FedlvcError, match="different model"):
+        decompress_file(streams[0], tmp_path / "x.mkv", model)
+    when = stored.stat().st_mtime_ns
+    rd = client_app.rd(_rd_message(model, _model(12)), ctx).content["metrics"]
+    assert len(rd["bpp-personal"]) == len(rd["psnr-personal"]) == model.cfg.num_levels
+    assert rd["bpp-personal"] != rd["bpp-federated"]  # its own entropy parameters
+    assert stored.stat().st_mtime_ns == when  # the same personal model, not trained again
+
+
+def test_a_site_keeps_no_personal_model_beyond_its_step_limit_or_without_a_state_dir(tmp_path, monkeypatch):
+    from client.personal import personal_dir
+
+    monkeypatch.chdir(tmp_path)
+    ctx, model = _context({"personal-steps": 5}, {"max-local-steps": 4}), _model(13)
+    client_app.train(_message(model, "train"), ctx)
+    reply = client_app.compress(_message(model, "query.compress"), ctx)
+    assert reply.content["metrics"]["personal"] == 0
+    assert "max-local-steps 4" in reply.content["site"]["note"]
+    assert not (tmp_path / "runs" / "sites" / "site_0" / "personal").exists()
+    assert personal_dir({"video-dir": "/x"}, "a") is None  # real video: only under its state-dir
+    assert personal_dir({"video-dir": "/x", "state-dir": str(tmp_path)}, "a") == tmp_path / "personal"
