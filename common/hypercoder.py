@@ -153,6 +153,7 @@ class HyperCoder:
         self.tables = coding_tables(model)
         self._gauss: dict[int, object] = {}
         self._z: dict[int, list] = {}
+        self._layers = model.h_s.integer_layers()
 
     # ----------------------------------------------------------------------------------------- encoder side
 
@@ -164,7 +165,7 @@ class HyperCoder:
 
     def params(self, z_hat: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(table, offset, radius) of every element of the latent (flattened, channel order) from ẑ."""
-        mean_q, log_scale_q = self.model.h_s.integer_forward(torch.from_numpy(z_hat)[None], shape[1:])
+        mean_q, log_scale_q = self.model.h_s.integer_forward(torch.from_numpy(z_hat)[None], shape[1:], self._layers)
         table, offset = table_index(mean_q[0], log_scale_q[0])
         table, offset = table.reshape(-1).numpy(), offset.reshape(-1).numpy()
         return table, offset, self.tables.radius[table // MEAN_FRACS].astype(np.int64)

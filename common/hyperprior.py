@@ -27,6 +27,7 @@ pass also clamps the denominator, so a step that leaves the set (DP noise) canno
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -154,30 +155,49 @@ class HyperSynthesis(nn.Module):
         return p[:, : self.m], p[:, self.m :].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
 
     @torch.no_grad()
-    def integer_forward(self, z_hat: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def integer_layers(self) -> list[IntegerConv]:
+        """The convolutions with integer weights (computed once per coder: :class:`common.hypercoder.HyperCoder`)."""
+        return [IntegerConv.of(m) for m in [*self.layers, self.out] if isinstance(m, nn.Conv2d)]
+
+    @torch.no_grad()
+    def integer_forward(
+        self, z_hat: torch.Tensor, size: tuple[int, int], layers: list[IntegerConv] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log-scale) in units of 2^-ACT_BITS as float64 tensors holding integers, computed exactly.
-        z_hat: (1, Z, h', w') integer-valued."""
+        z_hat: (1, Z, h', w') integer-valued; ``layers``: :meth:`integer_layers` when already computed."""
         a = z_hat.double() * 2**ACT_BITS
-        convs = [m for m in self.layers if isinstance(m, nn.Conv2d)] + [self.out]
-        for i, conv in enumerate(convs):
-            a = _integer_conv(a, conv)
-            if i < len(convs) - 1:
+        layers = layers if layers is not None else self.integer_layers()
+        for i, conv in enumerate(layers):
+            a = conv(a)
+            if i < len(layers) - 1:
                 a = F.pixel_shuffle(a, 2).clamp_min(0.0)  # ReLU commutes with the pixel shuffle
         a = a[:, :, : size[0], : size[1]]
         return a[:, : self.m], a[:, self.m :]
 
 
-def _integer_conv(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """One convolution on integer activations (units of 2^-ACT_BITS): integer weights, a float64 matrix product
-    whose every partial sum is an integer below 2^53 (exact in any order), a floor by 2^WEIGHT_BITS."""
-    w = torch.round(conv.weight.detach().double() * 2**WEIGHT_BITS).clamp(-MAX_WEIGHT, MAX_WEIGHT)
-    b = torch.round(conv.bias.detach().double() * 2**ACT_BITS).clamp(-MAX_ACT, MAX_ACT)
-    k, pad = conv.kernel_size[0], conv.padding[0]
-    n, c, h, wd = a.shape
-    cols = F.unfold(a, k, padding=pad)  # (n, c·k·k, h·w): copies, no arithmetic
-    acc = torch.matmul(w.reshape(w.shape[0], -1), cols)  # |Σ| ≤ 2^22 · 2^18 · 9·512 < 2^53
-    out = torch.floor(acc / 2**WEIGHT_BITS) + b[:, None]
-    return out.clamp(-MAX_ACT, MAX_ACT).reshape(n, w.shape[0], h, wd)
+@dataclass(frozen=True)
+class IntegerConv:
+    """A convolution on integer activations (units of 2^-ACT_BITS): integer weights (units of 2^-WEIGHT_BITS),
+    a float64 matrix product whose every partial sum is an integer below 2^53 (exact in any order), a floor
+    by 2^WEIGHT_BITS."""
+
+    weight: torch.Tensor  # (out, in·k·k) float64 holding integers
+    bias: torch.Tensor  # (out, 1) float64 holding integers
+    kernel: int
+    padding: int
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> IntegerConv:
+        w = torch.round(conv.weight.detach().double() * 2**WEIGHT_BITS).clamp(-MAX_WEIGHT, MAX_WEIGHT)
+        b = torch.round(conv.bias.detach().double() * 2**ACT_BITS).clamp(-MAX_ACT, MAX_ACT)
+        return cls(w.reshape(w.shape[0], -1), b[:, None], conv.kernel_size[0], conv.padding[0])
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = a.shape
+        cols = F.unfold(a, self.kernel, padding=self.padding)  # (n, c·k·k, h·w): copies, no arithmetic
+        acc = torch.matmul(self.weight, cols)  # |Σ| ≤ 2^22 · 2^18 · 9·512 < 2^53
+        out = torch.floor(acc / 2**WEIGHT_BITS) + self.bias
+        return out.clamp(-MAX_ACT, MAX_ACT).reshape(n, self.weight.shape[0], h, w)
 
 
 def table_index(mean_q: torch.Tensor, log_scale_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
