@@ -78,12 +78,13 @@ class Stepper:
         return seconds
 
 
-def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None) -> Stepper:
+def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None, parts: str = "all") -> Stepper:
     """A trainer over the same frames and start weights: plain (channels_last, Adam with gradient-norm
-    clipping) or DP (NCHW, Opacus with Poisson sampling; its loader is built but never iterated)."""
+    clipping) or DP (NCHW, Opacus with Poisson sampling; its loader is built but never iterated); ``parts``:
+    what it trains (``train-parts``)."""
     from common.training import TrainConfig, Trainer
 
-    cfg = TrainConfig(crop_size=crop, batch_size=batch, learning_rate=lr)
+    cfg = TrainConfig(crop_size=crop, batch_size=batch, learning_rate=lr, train_parts=parts)
     return Stepper(Trainer(copy.deepcopy(base), frames, cfg, dp=dp, fast_layout=True))
 
 
@@ -105,6 +106,26 @@ def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:
         "ratio_median_of_pairs": statistics.median(d / p for d, p in zip(td, tp)),
         "dp_seconds": td,
         "plain_seconds": tp,
+    }
+
+
+def measure_part(args, base, frames, x, levels, part: str) -> dict:
+    """The DP step against the plain step when only ``part`` trains (the selected grad-sample mode)."""
+    from common.privacy import DPConfig
+
+    C.log(f"  parts {part}:")
+    plain = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr, parts=part)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp_cfg = DPConfig(noise_multiplier=args.noise_multiplier, grad_sample_mode=args.grad_sample_mode)
+        dp = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr, dp_cfg, part)
+        m = measure(plain, dp, x, levels, args.steps, args.warmup)
+    C.log(f"    ratio {m['ratio']:.2f}")
+    return {
+        "ratio": m["ratio"],
+        "dp_step_seconds": m["dp_step_seconds"],
+        "plain_step_seconds": m["plain_step_seconds"],
+        "trainable_parameters": sum(p.numel() for p in plain.params),
     }
 
 
@@ -184,6 +205,12 @@ def _parse(argv):
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of both optimizers")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--parts",
+        default="all",
+        help="comma list of trainable part sets (train-parts: all, entropy) measured one after the other; "
+        "the first one gives the top-level ratio",
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1, --warmup >= 0")
@@ -210,7 +237,8 @@ def main(argv=None) -> int:
             f"dp_overhead: {source}, {params} parameters, batch {args.batch_size}, crop {args.crop_size}, "
             f"torch threads {torch.get_num_threads()}"
         )
-        plain = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr)
+        parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        plain = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr, parts=parts[0])
         trainable = sum(p.numel() for p in plain.params)
 
         modes = [args.grad_sample_mode] + ([m for m in MODES if m != args.grad_sample_mode] if args.all_modes else [])
@@ -228,6 +256,7 @@ def main(argv=None) -> int:
                         args.batch_size,
                         args.lr,
                         DPConfig(noise_multiplier=args.noise_multiplier, grad_sample_mode=mode),
+                        parts[0],
                     )
                     per_mode[mode] = measure(plain, dp, x, levels, args.steps, args.warmup)
                 C.log(f"    ratio {per_mode[mode]['ratio']:.2f}")
@@ -238,6 +267,10 @@ def main(argv=None) -> int:
                 dp = None
 
         result, ok = _result(args, per_mode, base, source, params, trainable, hw, time.perf_counter() - t_start)
+        result["parts"] = {parts[0]: {k: result[k] for k in ("ratio", "dp_step_seconds", "plain_step_seconds")}}
+        result["parts"][parts[0]]["trainable_parameters"] = trainable
+        for part in parts[1:]:
+            result["parts"][part] = measure_part(args, base, frames, x, levels, part)
         emit(result)
     return 0 if ok else 1
 
