@@ -116,8 +116,12 @@ def _rounds(context: Context) -> ConfigRecord:
 
 def training_bytes(rc: RunConfig, params: int) -> float:
     """Rough peak memory of a DP step: per-sample gradients (and their clipped copies) of every parameter,
-    and the activations of a crop, for twice the expected Poisson batch."""
-    return 2.0 * rc.batch_size * (8.0 * params + 400.0 * rc.crop_size**2)
+    and the activations of a crop, for twice the expected Poisson batch, or for one piece of at most
+    ``max-physical-batch`` rows (× frames per row)."""
+    rows = 2.0 * rc.batch_size
+    if rc.max_physical_batch:
+        rows = min(rows, rc.max_physical_batch)
+    return rows * max(rc.unit_frames, 1) * (8.0 * params + 400.0 * rc.crop_size**2)
 
 
 def _decide(plan, ledger, q: float, policy: SitePolicy, context: Context) -> str:

@@ -20,6 +20,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("num-server-rounds", int, 3, "FedAvg rounds", 1, 100_000),
     Option("local-steps", int, 12, "DP-SGD steps per site per round", 1, 1_000_000),
     o.BATCH_SIZE,
+    o.MAX_PHYSICAL_BATCH,
     o.CROP_SIZE,
     o.LEARNING_RATE,
     o.NOISE_MULTIPLIER.but(help="sigma; 0 = non-private (only sites whose policy allows it)"),

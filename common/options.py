@@ -113,6 +113,16 @@ SEED = Option("seed", int, 0, "seed of the crops and of training's own randomnes
 BATCH_SIZE = Option(
     "batch-size", int, 16, "expected batch size (Poisson under DP); q = 1 / ceil(rows / batch)", 1, 4096
 )
+MAX_PHYSICAL_BATCH = Option(
+    "max-physical-batch",
+    int,
+    0,
+    "DP-SGD: a Poisson batch larger than this is processed in pieces of at most this many rows (per-sample "
+    "clipped gradients summed, one noise draw and one accounted step per batch): memory stays bounded whatever "
+    "the batch size; 0 = one piece",
+    0,
+    4096,
+)
 CROP_SIZE = Option("crop-size", int, 64, "training crop, pixels", 16, 512, multiple_of=16)
 LEARNING_RATE = Option("learning-rate", float, 3e-4, "Adam learning rate", 0, 10, lo_open=True)
 TRAIN_PART = Option(

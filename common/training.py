@@ -29,6 +29,7 @@ from .video import atomic_output
 TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("steps", int, 20000, "total optimizer steps (a resumed run continues up to this)", 1, 10**9),
     o.BATCH_SIZE,
+    o.MAX_PHYSICAL_BATCH,
     o.CROP_SIZE.but(default=96),
     o.LEARNING_RATE.but(default=1e-3),
     Option("lr-drop-at", float, 0.75, "fraction of the steps after which the learning rate is divided by 10", 0, 1),
@@ -131,6 +132,16 @@ def empty_batch_step(model, optimizer) -> None:
     optimizer.step()
 
 
+def _backward(per_sample: torch.Tensor) -> None:
+    with warnings.catch_warnings():
+        # Opacus' full backward hooks on the first layer, whose input (the frames) needs no gradient: harmless
+        # (tests/test_dp_grad_samples.py checks every per-sample gradient), but torch warns each step.
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+        )
+        per_sample.mean().backward()
+
+
 MAX_NONFINITE_IN_A_ROW = 20  # steps whose loss is not finite, one after the other: training has diverged
 
 
@@ -169,6 +180,7 @@ class Trainer:
         wraps."""
         self.model, self.device, self.dp = model.to(device).train(), device, dp
         self.clip_norm = getattr(cfg, "clip_norm", 1.0)  # federated rounds: 1, as always
+        self.max_physical_batch = cfg.max_physical_batch
         self.fast_layout = fast_layout and dp is None
         if self.fast_layout:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -220,31 +232,45 @@ class Trainer:
             empty_batch_step(self.model, self.optimizer)
             self.model.project_()
             return float("nan")
+        if self.dp is not None:
+            return self._dp_step(x, levels)
         per_sample = self.loss_fn(self.forward(self.model, x, levels), x, levels)
-        finite = torch.isfinite(per_sample)
-        if not self._count_finite(bool(finite.all())):
-            if self.dp is None:
-                return float("nan")
-            per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
-        with warnings.catch_warnings():
-            # Opacus' full backward hooks on the first layer, whose input (the frames) needs no gradient:
-            # harmless (tests/test_dp_grad_samples.py checks every per-sample gradient), but torch warns each step.
-            warnings.filterwarnings(
-                "ignore",
-                message="Full backward hook is firing when gradients are computed with respect to module outputs",
-            )
-            per_sample.mean().backward()
-        if self.dp is None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        else:
-            if x.dim() == 5:
-                fold_segment_grad_samples(self.model, x.shape[0], x.shape[1])
+        if not self._count_finite(bool(torch.isfinite(per_sample).all())):
+            return float("nan")
+        _backward(per_sample)
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        self.model.project_()
+        return per_sample.mean().item()
+
+    def _dp_step(self, x: torch.Tensor, levels: torch.Tensor) -> float:
+        """One DP-SGD step on a Poisson batch, in pieces of at most ``max-physical-batch`` rows: each piece's
+        per-sample gradients are clipped and summed by Opacus (``signal_skip_step``), the last piece adds the
+        noise once and takes the one accounted step. A sample whose loss is not finite contributes a zero
+        gradient."""
+        size = self.max_physical_batch or x.shape[0]
+        pieces = [slice(i, i + size) for i in range(0, x.shape[0], size)]
+        losses, all_finite = [], True
+        for i, rows in enumerate(pieces):
+            if i:
+                self.optimizer.zero_grad(set_to_none=True)  # the summed clipped gradients are kept
+            xs, ls = x[rows], levels[rows]
+            per_sample = self.loss_fn(self.forward(self.model, xs, ls), xs, ls)
+            finite = torch.isfinite(per_sample)
+            all_finite &= bool(finite.all())
+            _backward(torch.where(finite, per_sample, torch.zeros_like(per_sample)))
+            if xs.dim() == 5:
+                fold_segment_grad_samples(self.model, xs.shape[0], xs.shape[1])
             if not finite.all():
                 for p in self.params:
                     p.grad_sample[~finite] = 0
-        self.optimizer.step()
+            losses.append(per_sample[finite].detach())
+            self.optimizer.signal_skip_step(do_skip=i < len(pieces) - 1)
+            self.optimizer.step()
+        self._count_finite(all_finite)
         self.model.project_()
-        return per_sample[finite].mean().item() if finite.any() else float("nan")
+        kept = torch.cat(losses)
+        return kept.mean().item() if kept.numel() else float("nan")
 
     def _count_finite(self, all_finite: bool) -> bool:
         if all_finite:

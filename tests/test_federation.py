@@ -724,3 +724,14 @@ def test_a_site_keeps_no_personal_model_beyond_its_step_limit_or_without_a_state
     assert not (tmp_path / "runs" / "sites" / "site_0" / "personal").exists()
     assert personal_dir({"video-dir": "/x"}, "a") is None  # real video: only under its state-dir
     assert personal_dir({"video-dir": "/x", "state-dir": str(tmp_path)}, "a") == tmp_path / "personal"
+
+
+def test_large_poisson_batches_in_pieces_account_one_step_per_batch():
+    """max-physical-batch: a site takes batches of 16 expected rows in pieces of 2; Opacus accounts exactly the
+    steps the ledger booked (the round would fail otherwise) and ε matches an independent computation."""
+    ctx, model = _context({"batch-size": 16, "max-physical-batch": 2}), _model(21)
+    m = client_app.train(_message(model, "train"), ctx).content["metrics"]
+    assert m["declined"] == 0 and sum(m["dp_steps"]) == RUN["local-steps"]
+    assert m["epsilon"] == pytest.approx(
+        independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"])
+    )

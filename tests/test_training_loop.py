@@ -7,6 +7,7 @@ import math
 import threading
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,10 +21,11 @@ from tests.conftest import TINY_CONFIG
 FRAMES = list(generate_site_clip(2, 0, 64, 48, 10))
 
 
-def _trainer(dp=None, seed=0) -> Trainer:
+def _trainer(dp=None, seed=0, **settings) -> Trainer:
     torch.manual_seed(seed)
-    cfg = TrainConfig(crop_size=32, batch_size=4, learning_rate=1e-3)
-    return Trainer(FedlvcCodec(TINY_CONFIG), FRAMES, cfg, dp=dp)
+    cfg = TrainConfig(**{"crop_size": 32, "batch_size": 4, "learning_rate": 1e-3, **settings})
+    rows = FRAMES if not cfg.segment_frames else [np.stack(FRAMES[i : i + 2]) for i in range(0, len(FRAMES) - 1, 2)]
+    return Trainer(FedlvcCodec(TINY_CONFIG), rows, cfg, dp=dp)
 
 
 def _poison_first_sample(trainer: Trainer) -> None:
@@ -73,6 +75,31 @@ def test_a_run_that_keeps_failing_stops_with_an_error(dp):
         for _ in range(MAX_NONFINITE_IN_A_ROW):
             trainer.step(x, levels)
     assert trainer.nonfinite_steps == MAX_NONFINITE_IN_A_ROW
+
+
+@pytest.mark.parametrize("segment_frames", [0, 2])
+@pytest.mark.parametrize("piece", [1, 2, 4])
+def test_a_dp_batch_in_pieces_takes_the_same_step(monkeypatch, piece, segment_frames):
+    """max-physical-batch: a Poisson batch processed in pieces gives the same clipped, summed, scaled gradient
+    as in one piece, and one accounted step (no noise and no quantization noise here, so they compare)."""
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.zero_())
+    x, levels = _batch(6)
+    levels = torch.tensor([0, 1, 2, 3, 4, 5])
+    if segment_frames:
+        x = torch.stack([x[:3], x[3:]], 1)  # 3 rows of 2 frames
+        levels = levels[:3]
+    grads, histories, losses = [], [], []
+    for size in (0, piece):
+        trainer = _trainer(DPConfig(0.0, 0.05), segment_frames=segment_frames, max_physical_batch=size)
+        losses.append(trainer.step(x, levels))
+        grads.append([p.grad.clone() for p in trainer.params])
+        histories.append(trainer.history)
+        trainer.close()
+    assert histories[0] == histories[1] and sum(n for _, _, n in histories[1]) == 1
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[1])
 
 
 def test_plain_training_with_fewer_rows_than_the_batch_finishes(tmp_path):
