@@ -6,7 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import find_videos, generate_site_clip, make_segments, sample_frames, sample_segments, split_held_out
+from common.data import (
+    StreamedSite,
+    find_videos,
+    generate_site_clip,
+    make_segments,
+    sample_frames,
+    sample_segments,
+    split_held_out,
+    streamed_site_frame,
+)
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 
@@ -60,6 +69,8 @@ def site_out_dir(node_config, name: str) -> Path:
 
 def _frame_bytes(rc: RunConfig, videos: list) -> float:
     """What holding the site's rows costs, before any is decoded: frames × width × height × 3 bytes."""
+    if not videos and rc.site_frames:  # streamed: a few clips' backgrounds (float32), never the frames
+        return 8 * (rc.demo_width + rc.demo_frames) * rc.demo_height * 3 * 4.0
     if not videos:
         return rc.demo_clips * rc.demo_frames * rc.demo_width * rc.demo_height * 3.0
     from common.video import probe
@@ -79,6 +90,7 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
         pid,
         rc.demo_frames,
         rc.demo_clips,
+        rc.site_frames,
         rc.demo_width,
         rc.demo_height,
         rc.demo_site_offset,
@@ -99,6 +111,9 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
             rows = sample_frames(videos, rc.site_max_frames, seed=pid)
         else:
             rows = sample_segments(videos, max(1, rc.site_max_frames // s), s, seed=pid)
+    elif rc.site_frames:
+        generated = True
+        rows = StreamedSite(pid + rc.demo_site_offset, rc.site_frames, rc.demo_width, rc.demo_height, rc.demo_frames, s)
     else:
         generated = True
         clips = [
@@ -130,6 +145,12 @@ def site_clips(node_config, rc: RunConfig, node_id: int = 0):
     if video_dir:
         for path in find_videos([video_dir]):
             yield path.stem, (lambda p=path: iter_frames(p)), probe(path).fps
+    elif rc.site_frames:  # a streamed site compresses its first demo-clips clips (of its many)
+        site, w, h, n = pid + rc.demo_site_offset, rc.demo_width, rc.demo_height, rc.demo_frames
+        for c in range(min(rc.demo_clips, -(-rc.site_frames // n))):
+            length = min(n, rc.site_frames - c * n)
+            clip = lambda c=c, length=length: (streamed_site_frame(site, c, t, w, h, n) for t in range(length))  # noqa: E731
+            yield f"clip_{c}", clip, Fraction(25)
     else:
         for c in range(rc.demo_clips):
             yield (

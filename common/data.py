@@ -4,6 +4,7 @@ segment of consecutive frames (:class:`SegmentCrops`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -93,6 +94,80 @@ def generate_site_clip(site: int, clip: int, width: int = 320, height: int = 240
                     m["vel"][k] *= -1
         frame += rng.normal(0, 1.5, frame.shape)
         yield np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+
+
+def _bounce(x: np.ndarray, lim: np.ndarray) -> np.ndarray:
+    """Positions of a point moving at constant velocity inside [0, lim], reflected at the walls (closed form)."""
+    y = np.mod(x, 2 * lim)
+    return np.where(y > lim, 2 * lim - y, y)
+
+
+@functools.lru_cache(maxsize=8)
+def _streamed_clip_setup(site: int, clip: int, width: int, height: int, clip_frames: int):
+    """(kind, background, movers, pan range) of one clip of a streamed site; a few clips' backgrounds cached."""
+    kind = SITE_KINDS[site % len(SITE_KINDS)]
+    rng = np.random.default_rng([site, clip, 7919])
+    span = min(clip_frames, width) if kind == "park" else 0  # the park camera pans back and forth
+    background = _scene(rng, height, width + span, kind).astype(np.float32)
+    speed = {"classroom": 0.8, "street": 3.0, "corridor": 1.5, "park": 1.0}[kind]
+    movers = [
+        (
+            rng.uniform([0, 0], [height, width]),
+            rng.normal(0, speed, 2),
+            rng.uniform(height / 20, height / 7, 2),
+            rng.uniform(20, 235, 3),
+        )  # fmt: skip
+        for _ in range(int(rng.integers(2, 7)))
+    ]
+    return kind, background, movers, span
+
+
+def streamed_site_frame(site: int, clip: int, t: int, width: int, height: int, clip_frames: int) -> np.ndarray:
+    """Frame ``t`` of clip ``clip`` of a streamed site, computed on its own (no earlier frame needed): the scenes
+    of :func:`generate_site_clip` (a camera on a scene of the site's kind, movers bouncing through it, slow light
+    changes, sensor noise) in closed form, so a site of any length is generated on demand, never held."""
+    _, background, movers, span = _streamed_clip_setup(site, clip, width, height, clip_frames)
+    x0 = int(_bounce(np.array(float(t)), np.array(float(span)))) if span else 0
+    frame = background[:, x0 : x0 + width] * (1.0 + 0.03 * np.sin(2 * np.pi * (t / 90.0 + site)))
+    yy, xx = np.ogrid[0:height, 0:width]
+    for pos, vel, r, color in movers:
+        cy, cx = _bounce(pos + vel * t, np.array([height, width], float))
+        frame[((yy - cy) / r[0]) ** 2 + ((xx - cx) / r[1]) ** 2 <= 1.0] = color
+    frame = frame + np.random.default_rng([site, clip, t, 104729]).normal(0, 1.5, frame.shape)
+    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+
+
+class StreamedSite:
+    """The rows of a simulated site of ``frames`` frames in clips of ``clip_frames``, generated when a row is
+    read (:func:`streamed_site_frame`), never held: row ``i`` is a frame (``unit`` 1) or a segment of ``unit``
+    consecutive frames of one clip. A sequence: ``len``, indexing, and slicing (a view)."""
+
+    def __init__(self, site: int, frames: int, width: int, height: int, clip_frames: int, unit: int = 1, rows=None):
+        self.site, self.frames, self.width, self.height = site, frames, width, height
+        self.clip_frames, self.unit = clip_frames, unit
+        per_clip = clip_frames // unit
+        total = (frames // clip_frames) * per_clip + (frames % clip_frames) // unit
+        self._rows = range(total) if rows is None else rows
+        self._per_clip = per_clip
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _frame(self, clip: int, t: int) -> np.ndarray:
+        return streamed_site_frame(self.site, clip, t, self.width, self.height, self.clip_frames)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            args = (self.site, self.frames, self.width, self.height, self.clip_frames, self.unit)
+            return StreamedSite(*args, rows=self._rows[i])
+        row = self._rows[i]
+        clip, k = divmod(row, self._per_clip)
+        if self.unit == 1:
+            return self._frame(clip, k)
+        return [self._frame(clip, k * self.unit + j) for j in range(self.unit)]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def write_demo_data(

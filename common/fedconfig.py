@@ -49,6 +49,15 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("site-max-frames", int, 5000, "a site trains on at most this many of its frames, drawn uniformly", 2, 10**6),
     Option("demo-frames", int, 96, "frames per generated clip of a simulated site", 2, 100_000),
     Option("demo-clips", int, 2, "generated clips per simulated site", 1, 1000),
+    Option(
+        "site-frames",
+        int,
+        0,
+        "a simulated site of this many frames (clips of demo-frames), generated when a row is read and never "
+        "held in memory; 0 = demo-clips clips held in memory",
+        0,
+        1_000_000,
+    ),
     Option("demo-site-offset", int, 100, "simulated site k shows the scenes of generated site k + offset", 0, 10**6),
     Option("demo-width", int, 160, "width of generated clips", 16, 4096),
     Option("demo-height", int, 120, "height of generated clips", 16, 4096),

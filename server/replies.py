@@ -123,10 +123,11 @@ def checked_arrays(msg: Message, expected: ArrayRecord) -> ArrayRecord:
 def checked_train_metrics(msg: Message, rc: RunConfig) -> dict:
     """A training reply's record for ``history.json``; its weight (``num_examples``) is positive and no larger
     than the units the site holds, which is no larger than the run lets a site hold (``site-max-frames`` of
-    its videos, or all frames of its generated clips)."""
+    its videos, all frames of its generated clips, or ``site-frames`` of a streamed simulated site)."""
     m = _metrics(msg)
     declined = number(m, "declined", 0, 1, integer=True) == 1
-    units = int(number(m, "units", 1, max(rc.site_max_frames, rc.demo_clips * rc.demo_frames), integer=True))
+    most = max(rc.site_max_frames, rc.demo_clips * rc.demo_frames, rc.site_frames)
+    units = int(number(m, "units", 1, most, integer=True))
     examples = int(number(m, "num-examples", 0, units, integer=True))
     if declined != (examples == 0):
         raise BadReply("a reply trains on examples exactly when it does not decline")

@@ -6,10 +6,12 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.cli import main as cli
 from common.errors import FedlvcError
+from common.fedconfig import RunConfig
 from simulations.sweep import CSV_COLUMNS, load_sweep, psnr_at_bpp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +48,14 @@ def test_default_study_config_is_valid():
     sweep, settings, rc, _ = load_sweep(REPO / "simulations" / "privacy_quality.yaml")
     assert [s.noise_multiplier for s in settings if not s.clip_only] == sweep["noise-multipliers"]
     assert any(s.clip_only for s in settings) and sweep["num-sites"] == 4
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "simulations").glob("*.yaml")))
+def test_every_study_config_is_valid(name):
+    sweep, settings, rc, _ = load_sweep(REPO / "simulations" / name)
+    assert [s.noise_multiplier for s in settings if not s.clip_only] == sweep["noise-multipliers"]
+    if name == "large_sites.yaml":  # sites of realistic size, streamed, in bounded memory
+        assert rc.site_frames >= 2000 and rc.max_physical_batch and rc.batch_size >= 64
 
 
 def test_psnr_at_matched_bpp_interpolates_in_log_rate():
@@ -97,3 +107,17 @@ eval-frames: 2
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert cli(["sweep", str(config), "--out", str(out), "--quiet"]) == 0  # resumes: nothing is rerun
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == finished
+
+
+def test_the_sweep_measures_a_streamed_site_on_the_frames_it_holds_out():
+    from client.policy import SitePolicy
+    from client.site import load_site
+    from simulations.sweep import held_out_frames
+
+    rc = RunConfig.from_mapping({"site-frames": 300, "demo-frames": 40, "demo-width": 64, "demo-height": 48})
+    frames = held_out_frames(rc, 2)
+    assert frames.shape == (2 * rc.eval_frames, 48, 64, 3)
+    for k in range(2):  # what the sweep measures is what each ClientApp holds out
+        node = {"partition-id": k, "num-partitions": 2}
+        site = load_site(node, rc, SitePolicy.of(node), k)
+        assert np.array_equal(np.stack(site.held_out), frames[k * rc.eval_frames : (k + 1) * rc.eval_frames])
