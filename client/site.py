@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.data import (
-    StreamedSite,
     find_videos,
     generate_site_clip,
     make_segments,
     sample_frames,
     sample_segments,
+    simulated_site,
     split_held_out,
-    streamed_site_frame,
 )
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
@@ -69,8 +68,8 @@ def site_out_dir(node_config, name: str) -> Path:
 
 def _frame_bytes(rc: RunConfig, videos: list) -> float:
     """What holding the site's rows costs, before any is decoded: frames × width × height × 3 bytes."""
-    if not videos and rc.site_frames:  # streamed: a few clips' backgrounds (float32), never the frames
-        return 8 * (rc.demo_width + rc.demo_frames) * rc.demo_height * 3 * 4.0
+    if not videos and (rc.site_frames or rc.demo_photos):  # streamed: a few clips' scenes, never the frames
+        return 8 * 4 * (2 * max(rc.demo_width, rc.demo_height)) ** 2 * 3.0
     if not videos:
         return rc.demo_clips * rc.demo_frames * rc.demo_width * rc.demo_height * 3.0
     from common.video import probe
@@ -91,6 +90,7 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
         rc.demo_frames,
         rc.demo_clips,
         rc.site_frames,
+        rc.demo_photos,
         rc.demo_width,
         rc.demo_height,
         rc.demo_site_offset,
@@ -111,9 +111,9 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
             rows = sample_frames(videos, rc.site_max_frames, seed=pid)
         else:
             rows = sample_segments(videos, max(1, rc.site_max_frames // s), s, seed=pid)
-    elif rc.site_frames:
+    elif rc.site_frames or rc.demo_photos:
         generated = True
-        rows = StreamedSite(pid + rc.demo_site_offset, rc.site_frames, rc.demo_width, rc.demo_height, rc.demo_frames, s)
+        rows = simulated_site(pid + rc.demo_site_offset, rc, s)
     else:
         generated = True
         clips = [
@@ -145,12 +145,10 @@ def site_clips(node_config, rc: RunConfig, node_id: int = 0):
     if video_dir:
         for path in find_videos([video_dir]):
             yield path.stem, (lambda p=path: iter_frames(p)), probe(path).fps
-    elif rc.site_frames:  # a streamed site compresses its first demo-clips clips (of its many)
-        site, w, h, n = pid + rc.demo_site_offset, rc.demo_width, rc.demo_height, rc.demo_frames
-        for c in range(min(rc.demo_clips, -(-rc.site_frames // n))):
-            length = min(n, rc.site_frames - c * n)
-            clip = lambda c=c, length=length: (streamed_site_frame(site, c, t, w, h, n) for t in range(length))  # noqa: E731
-            yield f"clip_{c}", clip, Fraction(25)
+    elif rc.site_frames or rc.demo_photos:  # a streamed site compresses its first demo-clips clips
+        site = simulated_site(pid + rc.demo_site_offset, rc)
+        for c in range(min(rc.demo_clips, site.clips)):
+            yield f"clip_{c}", (lambda c=c: site.clip(c)), Fraction(25)
     else:
         for c in range(rc.demo_clips):
             yield (

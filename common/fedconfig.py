@@ -58,6 +58,13 @@ RUN_OPTIONS: tuple[Option, ...] = (
         0,
         1_000_000,
     ),
+    Option(
+        "demo-photos",
+        str,
+        "",
+        "a photo corpus folder (fedlvc public-data --fetch): simulated sites film its held-out photographs (a fixed "
+        "or slowly panning camera, objects crossing, sensor noise) instead of generated scenes; '' = generated",
+    ),
     Option("demo-site-offset", int, 100, "simulated site k shows the scenes of generated site k + offset", 0, 10**6),
     Option("demo-width", int, 160, "width of generated clips", 16, 4096),
     Option("demo-height", int, 120, "height of generated clips", 16, 4096),

@@ -11,6 +11,7 @@ never saw.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -150,3 +151,47 @@ def write_photo_clips(photos: list[Path], outdir: str | os.PathLike, clips: int,
         if progress:
             progress()
     return paths
+
+
+def _triangle(t: float, period: float) -> float:
+    """0 → 1 → 0 over ``period`` frames, repeating."""
+    if period <= 0:
+        return 0.0
+    x = (t / period) % 2.0
+    return x if x <= 1.0 else 2.0 - x
+
+
+@functools.lru_cache(maxsize=4)
+def _photo_scene(photos: tuple, site: int, clip: int, width: int, height: int, clip_frames: int):
+    """(background float32, camera path, sprites, noise) of one clip of a photo site; a few clips cached."""
+    from PIL import Image
+
+    rng = np.random.default_rng([site, clip, 31337])
+    short = int(max(width, height) * rng.uniform(1.1, 1.4))
+    image = load_photo(photos[int(rng.integers(len(photos)))], short)
+    if image.shape[0] < height + 2 or image.shape[1] < width + 2:  # a small photograph: scaled up to cover
+        scale = max((height + 2) / image.shape[0], (width + 2) / image.shape[1])
+        size = (int(np.ceil(image.shape[1] * scale)), int(np.ceil(image.shape[0] * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+    margin = np.array(image.shape[:2]) - (height, width)
+    start = rng.uniform(0, 1, 2) * margin
+    end = rng.uniform(0, 1, 2) * margin if rng.random() < 0.4 else start  # most cameras are fixed
+    sprites = [_sprite(rng, load_photo(photos[int(rng.integers(len(photos)))], short), width, height)
+               for _ in range(int(rng.choice([0, 1, 1, 2, 3])))]  # fmt: skip
+    noise = (rng.uniform(0.5, 2.5), rng.uniform(0.0, 0.3))
+    return image.astype(np.float32), (start, end), sprites, noise
+
+
+def photo_site_frame(photos: tuple, site: int, clip: int, t: int, width: int, height: int, clip_frames: int):
+    """Frame ``t`` of clip ``clip`` of a simulated site filming photographs (the corpus' held-out ones): a fixed or
+    slowly panning camera over a real scene, objects cut from other photographs crossing it back and forth,
+    slow light changes, sensor noise. Closed form in ``t``, so a site of any length is generated on demand."""
+    image, (start, end), sprites, (read_noise, shot_gain) = _photo_scene(photos, site, clip, width, height, clip_frames)
+    phase = _triangle(t, clip_frames)
+    top, left = np.rint(start + (end - start) * phase).astype(int)
+    frame = image[top : top + height, left : left + width] * (1.0 + 0.03 * np.sin(2 * np.pi * (t / 120.0 + site)))
+    for k, sprite in enumerate(sprites):
+        _paste(frame, sprite, _triangle(t, clip_frames / (k + 1)))
+    rng = np.random.default_rng([site, clip, t, 7])
+    frame = frame + rng.normal(0, 1, frame.shape) * np.sqrt(read_noise**2 + shot_gain * np.clip(frame, 0, 255))
+    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)

@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from common.checkpoint import load_model
-from common.data import StreamedSite, generated_site_frames, split_held_out
+from common.data import generated_site_frames, simulated_site, split_held_out
 from common.errors import FedlvcError
 from common.evaluate import baseline_points, fedlvc_points
 from common.fedconfig import RunConfig
@@ -116,10 +116,8 @@ def held_out_frames(rc: RunConfig, sites: int) -> np.ndarray:
     """The held-out frames of every generated site (the frames the ClientApps never train on)."""
     frames = []
     for site in range(sites):
-        if rc.site_frames:  # a streamed site: generated on demand
-            args = (site + rc.demo_site_offset, rc.site_frames, rc.demo_width, rc.demo_height, rc.demo_frames)
-            all_frames = StreamedSite(*args)
-        else:
+        all_frames = simulated_site(site + rc.demo_site_offset, rc)  # a streamed site, generated on demand
+        if all_frames is None:
             all_frames = generated_site_frames(
                 site + rc.demo_site_offset, rc.demo_clips, rc.demo_frames, rc.demo_width, rc.demo_height
             )

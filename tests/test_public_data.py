@@ -17,19 +17,7 @@ from PIL import Image
 from client.cli import main
 from common.corpus import rcc_files, readme_licences, write_corpus
 from common.photovideo import HELD_OUT_SHARE, corpus_photos, is_held_out, photo_clip
-
-
-def _jpeg(w: int, h: int, seed: int = 0, exif_orientation: int | None = None) -> bytes:
-    rng = np.random.default_rng(seed)
-    im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    if exif_orientation:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        im.save(buf, "JPEG", exif=exif)
-    else:
-        im.save(buf, "JPEG")
-    return buf.getvalue()
+from tests.conftest import random_jpeg
 
 
 def _put(root: Path, rel: str, data: bytes) -> None:
@@ -39,17 +27,21 @@ def _put(root: Path, rel: str, data: bytes) -> None:
 
 def test_the_corpus_keeps_originals_converts_the_rest_and_writes_the_manifest(tmp_path):
     roots = {p: tmp_path / "x" / p for p in ("mate-backgrounds", "libjxl-testdata", "kphotoalbum", "scikit-learn")}
-    aqua = _jpeg(64, 40, 1)
+    aqua = random_jpeg(64, 40, 1)
     _put(roots["mate-backgrounds"], "usr/share/backgrounds/mate/nature/Aqua.jpg", aqua)
-    _put(roots["mate-backgrounds"], "usr/share/backgrounds/mate/nature/Dune.jpg", _jpeg(40, 64, 2, exif_orientation=6))
+    _put(
+        roots["mate-backgrounds"],
+        "usr/share/backgrounds/mate/nature/Dune.jpg",
+        random_jpeg(40, 64, 2, exif_orientation=6),
+    )
     rgba = Image.new("RGBA", (30, 20), (255, 0, 0, 0))
     buf = io.BytesIO()
     rgba.save(buf, "PNG")
     _put(roots["libjxl-testdata"], "usr/share/libjxl-testdata/jxl/flower/flower.png", buf.getvalue())
-    _put(roots["kphotoalbum"], "usr/share/kphotoalbum/demo/a.jpg", _jpeg(48, 32, 3))
+    _put(roots["kphotoalbum"], "usr/share/kphotoalbum/demo/a.jpg", random_jpeg(48, 32, 3))
     _put(roots["kphotoalbum"], "usr/share/kphotoalbum/demo/index.xml",
          b'<images><image file="a.jpg" angle="90" /></images>')  # fmt: skip
-    _put(roots["scikit-learn"], "sklearn/datasets/images/china.jpg", _jpeg(32, 32, 4))
+    _put(roots["scikit-learn"], "sklearn/datasets/images/china.jpg", random_jpeg(32, 32, 4))
     versions = {p: f"1.{i}" for i, p in enumerate(roots)}
     rows = write_corpus(roots, versions, tmp_path / "photos")
     with open(tmp_path / "photos" / "MANIFEST.tsv", newline="") as f:
@@ -103,20 +95,6 @@ def test_gcompris_bundles_and_licence_notes_are_read():
         "b.jpg": "CC-BY-SA-4.0",
         "c.png": "?",
     }
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small corpus folder: 24 random photographs and their manifest."""
-    folder = tmp_path_factory.mktemp("photos")
-    rows = []
-    for i in range(24):
-        name = f"pkg__photo{i}.jpg"
-        (folder / name).write_bytes(_jpeg(160 + 8 * i, 120, i))
-        rows.append(f"{name}\tpkg\t1\tCC0-1.0\t{160 + 8 * i}\t120\tx\tJPEG\t1\t1\n")
-    (folder / "MANIFEST.tsv").write_text("file\tsource_package\tversion\tlicence\twidth\theight\torigin_path\t"
-                                         "src_format\tsrc_bytes\tsrc_bits_per_pixel\n" + "".join(rows))  # fmt: skip
-    return folder
 
 
 def test_photo_clips_are_deterministic_and_the_held_out_photos_never_used(corpus):

@@ -87,3 +87,27 @@ def test_a_dp_round_on_a_streamed_site_accounts_every_row(unit):
     rows = (2000 - 4) if unit == "frame" else 2000 // 4 - 1
     assert m["declined"] == 0 and m["units"] == rows
     assert m["sample_rate"] == pytest.approx(1 / -(-rows // 8))
+
+
+def test_a_photo_site_films_only_held_out_photographs(corpus, tmp_path):
+    """demo-photos: simulated sites film the corpus' held-out photographs (never the pre-training ones),
+    deterministic per site, moving and noisy, generated on demand."""
+    from client.policy import SitePolicy
+    from client.site import load_site, site_clips
+    from common.data import simulated_site
+    from common.photovideo import corpus_photos
+
+    rc = RunConfig.from_mapping(
+        {"demo-photos": str(corpus), "site-frames": 400, "demo-frames": 40, "demo-width": 64, "demo-height": 48}
+    )
+    site = simulated_site(101, rc)
+    assert site.photos == tuple(corpus_photos(corpus, held_out=True)) and len(site) == 400
+    assert not set(site.photos) & set(corpus_photos(corpus))  # no pre-training photograph
+    a = site[17]
+    assert a.shape == (48, 64, 3) and np.array_equal(a, simulated_site(101, rc)[17])
+    assert np.abs(a.astype(int) - site[18]).mean() > 0.3  # a moment later: sensor noise at least
+    node = {"partition-id": 1, "num-partitions": 2}
+    held = load_site(node, rc, SitePolicy.of(node), 1).held_out
+    assert np.array_equal(held[-1], site[399])
+    first = list(next(iter(site_clips(node, rc, 1)))[1]())
+    assert len(first) == 40 and np.array_equal(first[3], site[3])
