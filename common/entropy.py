@@ -71,13 +71,13 @@ class LatentCoder:
         """(the integer latent an I-frame codes for the rounded latent ``y_hat``, its coding parameters): clipped
         to the support, and with a hyperprior (v4) into the ranges of the tables its ẑ selects."""
         y_hat = self.clip(y_hat)
-        return self.hyper.fit(y_hat) if self.hyper is not None else (y_hat, None)
+        return self.hyper.fit(y_hat, self.support) if self.hyper is not None else (y_hat, None)
 
     def bits(self, y_hat: np.ndarray, level: int, params: tuple | None = None) -> float:
         """Ideal code length −Σ log2 p(ŷ) in bits of an I-frame latent (C, h, w) under the coding tables
         (``params``: from :meth:`intra`, v4)."""
         if self.hyper is not None:
-            return self.hyper.bits(y_hat, level, params if params is not None else self.hyper.fit(y_hat)[1])
+            return self.hyper.bits(y_hat, level, params if params is not None else self.intra(y_hat)[1])
         sym = (self.clip(y_hat) + self.support).reshape(y_hat.shape[0], -1).astype(np.int64)
         p = np.take_along_axis(self.pmf(level), sym, axis=1)
         return float(-np.log2(np.maximum(p, MIN_PROBABILITY)).sum())
@@ -99,7 +99,7 @@ class LatentCoder:
         coder = constriction.stream.stack.AnsCoder()
         coder.encode_reverse(_check_symbols(check), _CHECK_MODEL)  # bottom of the stack: decoded last
         if prev is None and self.hyper is not None:
-            self.hyper.encode(coder, y_hat, level, params if params is not None else self.hyper.fit(y_hat)[1])
+            self.hyper.encode(coder, y_hat, level, params if params is not None else self.intra(y_hat)[1])
         elif prev is None:
             models = self._categoricals(level)
             sym = (self.clip(y_hat) + self.support).astype(np.int32).reshape(y_hat.shape[0], -1)

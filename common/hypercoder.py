@@ -170,12 +170,15 @@ class HyperCoder:
         table, offset = table.reshape(-1).numpy(), offset.reshape(-1).numpy()
         return table, offset, self.tables.radius[table // MEAN_FRACS].astype(np.int64)
 
-    def fit(self, y_hat: np.ndarray) -> tuple[np.ndarray, tuple]:
-        """The latent the encoder codes (``y_hat`` brought into its tables' ranges) and its coding parameters."""
+    def fit(self, y_hat: np.ndarray, support: int) -> tuple[np.ndarray, tuple]:
+        """The latent the encoder codes (``y_hat`` brought into its tables' ranges and ±``support``, where the
+        decoder accepts it) and its coding parameters."""
         z_hat = self.hyper_latent(y_hat)
         table, offset, radius = self.params(z_hat, y_hat.shape)
-        fitted = np.clip(y_hat.reshape(-1), offset - radius, offset + radius).reshape(y_hat.shape)
-        return fitted, (z_hat, table, offset, radius)
+        lo, hi = np.maximum(offset - radius, -support), np.minimum(offset + radius, support)
+        if (lo > hi).any():
+            raise FedlvcError("this model's hyperprior puts latent means out of range: it cannot code this frame")
+        return np.clip(y_hat.reshape(-1), lo, hi).reshape(y_hat.shape), (z_hat, table, offset, radius)
 
     # --------------------------------------------------------------------------------------------- coding
 

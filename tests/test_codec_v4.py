@@ -232,3 +232,20 @@ def test_fedlvc_train_builds_a_v4_model_that_compresses(tmp_path, capsys):
     assert main(["compress", str(videos / "v0.mkv"), str(lvc), "--model", str(out), "--quality", "3"]) == 0
     assert main(["decompress", str(lvc), str(tmp_path / "a.mkv"), "--model", str(out)]) == 0
     assert lvc.read_bytes()[4] == 4
+
+
+def test_an_encoder_never_writes_a_latent_its_decoder_refuses():
+    """Means near the edge of the support: the latent is clipped to what the decoder accepts and round-trips;
+    means beyond it (a broken or hostile model): one clear error, no stream."""
+    model = make_v4()
+    m = CFG.latent_channels
+    with torch.no_grad():
+        model.h_s.out.bias[:m] = 250.0  # every mean near +support (255)
+    enc = FrameEncoder(model, 4)
+    _, payload = enc.encode(frames(1)[0])
+    assert enc.state.prev.max() <= 255
+    assert np.array_equal(FrameDecoder(model, 4, 40, 56, version=4).decode_latent(payload), enc.state.prev)
+    with torch.no_grad():
+        model.h_s.out.bias[:m] = 2000.0
+    with pytest.raises(FedlvcError, match="out of range"):
+        FrameEncoder(model, 4).encode(frames(1)[0])
