@@ -78,6 +78,8 @@ def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
     for key in ("out-dir", "noise-multiplier", "clip-only", "min-sites"):
         if key in overrides:
             raise FedlvcError(f"sweep config key {key!r} is set by the sweep itself; remove it")
+    if overrides.get("demo-photos"):  # the simulated sites run elsewhere: a path relative to here, made absolute
+        overrides["demo-photos"] = str(Path(str(overrides["demo-photos"])).expanduser().resolve())
     rc = RunConfig.from_mapping(overrides)  # names the offending key when one is unknown or mistyped
     sigmas = sweep.get("noise-multipliers")
     if not isinstance(sigmas, list) or not sigmas or not all(isinstance(s, (int, float)) and s >= 0 for s in sigmas):

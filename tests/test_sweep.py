@@ -54,8 +54,10 @@ def test_default_study_config_is_valid():
 def test_every_study_config_is_valid(name):
     sweep, settings, rc, _ = load_sweep(REPO / "simulations" / name)
     assert [s.noise_multiplier for s in settings if not s.clip_only] == sweep["noise-multipliers"]
-    if name == "large_sites.yaml":  # sites of realistic size, streamed, in bounded memory
+    if name in ("large_sites.yaml", "photo_sites.yaml"):  # sites of realistic size, streamed, in bounded memory
         assert rc.site_frames >= 2000 and rc.max_physical_batch and rc.batch_size >= 64
+    if name == "photo_sites.yaml":  # the sites run in another folder: the corpus path is made absolute
+        assert Path(rc.demo_photos).is_absolute() and rc.demo_photos.endswith("data/public/photos")
 
 
 def test_psnr_at_matched_bpp_interpolates_in_log_rate():
