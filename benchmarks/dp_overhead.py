@@ -82,10 +82,12 @@ def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None, parts:
     """A trainer over the same frames and start weights: plain (channels_last, Adam with gradient-norm
     clipping) or DP (NCHW, Opacus with Poisson sampling; its loader is built but never iterated); ``parts``:
     what it trains (``train-parts``)."""
+    from common.model import with_adapters
     from common.training import TrainConfig, Trainer
 
     cfg = TrainConfig(crop_size=crop, batch_size=batch, learning_rate=lr, train_parts=parts)
-    return Stepper(Trainer(copy.deepcopy(base), frames, cfg, dp=dp, fast_layout=True))
+    model = with_adapters(copy.deepcopy(base)) if parts == "adapters" else copy.deepcopy(base)
+    return Stepper(Trainer(model, frames, cfg, dp=dp, fast_layout=True))
 
 
 def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:
@@ -208,7 +210,7 @@ def _parse(argv):
     p.add_argument(
         "--parts",
         default="all",
-        help="comma list of trainable part sets (train-parts: all, entropy) measured one after the other; "
+        help="comma list of trainable part sets (train-parts: all, entropy, adapters) measured one after the other; "
         "the first one gives the top-level ratio",
     )
     args = p.parse_args(argv)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .transforms import Adapted
+
 if TYPE_CHECKING:
     from .model import CodecConfig
 
@@ -96,7 +98,7 @@ class GDN(nn.Module):
         self.conv.bias.clamp_(min=GDN_FLOOR)
 
 
-class AnalysisGDN(nn.Module):
+class AnalysisGDN(Adapted):
     """g_a of v4: four 5×5 stride-2 convolutions with GDN between them."""
 
     def __init__(self, cfg: CodecConfig):
@@ -105,12 +107,10 @@ class AnalysisGDN(nn.Module):
         self.layers = nn.Sequential(
             _conv(3, n, 5, 2), GDN(n), _conv(n, n, 5, 2), GDN(n), _conv(n, n, 5, 2), GDN(n), _conv(n, m, 5, 2)
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        self._add_adapters(cfg)
 
 
-class SynthesisGDN(nn.Module):
+class SynthesisGDN(Adapted):
     """g_s of v4: 3×3 convolutions and PixelShuffle, with inverse GDN between them."""
 
     def __init__(self, cfg: CodecConfig):
@@ -120,9 +120,7 @@ class SynthesisGDN(nn.Module):
         for cin in (m, n, n):
             layers += [_conv(cin, 4 * n, 3), nn.PixelShuffle(2), GDN(n, inverse=True)]
         self.layers = nn.Sequential(*layers, _conv(n, 12, 3), nn.PixelShuffle(2))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.layers(y)
+        self._add_adapters(cfg)
 
 
 class HyperAnalysis(nn.Module):

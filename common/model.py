@@ -61,6 +61,7 @@ class CodecConfig:
     lambdas: tuple[float, ...] = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.05)  # one per quality level
     stride: int = 16  # total downsampling of g_a; frames are padded to a multiple of it
     hyper_channels: int = 0  # channels of the hyper-latent z (architecture v4 only; 0 otherwise)
+    adapters: bool = False  # FiLM adapters after the transforms' convolutions (common.transforms.FiLM)
 
     @property
     def num_levels(self) -> int:
@@ -71,6 +72,8 @@ class CodecConfig:
         d["lambdas"] = list(self.lambdas)
         if not self.hyper:
             del d["hyper_channels"]  # configs (and fingerprints) of v1-v3 models are as they always were
+        if not self.adapters:
+            del d["adapters"]  # likewise for models without adapters
         return d
 
     @classmethod
@@ -126,6 +129,8 @@ class CodecConfig:
             )
         if self.stride != 16:
             raise FedlvcError(f"model config stride must be 16 (four stride-2 stages), not {self.stride!r}")
+        if not isinstance(self.adapters, bool):
+            raise FedlvcError(f"model config adapters must be true or false, not {self.adapters!r}")
         if self.hyper != (self.hyper_channels > 0):
             raise FedlvcError(
                 f"model config hyper_channels must be at least 1 for architecture {ARCHITECTURE_V4!r} and 0 "
@@ -307,4 +312,15 @@ def with_temporal_prior(model: FedlvcCodec) -> FedlvcCodec:
         state["temporal.table.weight"] = upgrade_temporal_table(state["temporal.table.weight"], cfg)
     missing, unexpected = new.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("temporal.") for k in missing), (missing, unexpected)
+    return new.train(model.training)
+
+
+def with_adapters(model: FedlvcCodec) -> FedlvcCodec:
+    """The same model with FiLM adapters (identity at start: it codes exactly as before), for private
+    fine-tuning of few parameters (``train-parts = adapters``)."""
+    if model.cfg.adapters:
+        return model
+    new = FedlvcCodec(CodecConfig.from_dict(dict(model.cfg.to_dict(), adapters=True)))
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".film." in k for k in missing), (missing, unexpected)
     return new.train(model.training)

@@ -106,7 +106,7 @@ def check_fields(config, options, where: str) -> None:
 
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-TRAIN_PARTS = ("all", "entropy", "temporal")
+TRAIN_PARTS = ("all", "entropy", "temporal", "adapters")
 
 # ------------------------------------------------------------------- training (federated rounds and single-site)
 SEED = Option("seed", int, 0, "seed of the crops and of training's own randomness (never of DP noise)")
@@ -130,7 +130,8 @@ TRAIN_PART = Option(
     str,
     "all",
     "what training moves: all; entropy: only the quantization gains and "
-    "priors; temporal: only the P-frame prior (segments)",
+    "priors; temporal: only the P-frame prior (segments); adapters: only FiLM adapters on the transforms "
+    "(added, identity at start, when the model has none)",
     choices=TRAIN_PARTS,
 )
 PRIVACY_UNIT = Option(

@@ -113,10 +113,11 @@ def choose_p_latent(
     return out
 
 
-def _hook_free(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``layers(x)`` with detached weights and without calling any module, so that no hook (Opacus' per-sample
+def _hook_free(transform: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``transform(x)`` with detached weights and without calling any module, so that no hook (Opacus' per-sample
     gradient capture) sees the pass."""
-    for m in layers:
+    film = getattr(transform, "film", None) or {}
+    for i, m in enumerate(transform.layers):
         if isinstance(m, nn.Conv2d):
             x = F.conv2d(x, m.weight.detach(), None if m.bias is None else m.bias.detach(), m.stride, m.padding)
         elif isinstance(m, nn.PixelShuffle):
@@ -127,6 +128,9 @@ def _hook_free(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             x = m.detached(x)
         else:
             raise TypeError(f"unexpected layer {m!r}")
+        if str(i) in film:
+            f = film[str(i)]
+            x = F.conv2d(x, f.weight.detach(), f.bias.detach(), groups=f.groups)
     return x
 
 
@@ -146,7 +150,7 @@ def synthesis_sensitivity(
     gen = torch.Generator(device=y_hat.device).manual_seed(seed)
     with torch.enable_grad():
         y = y_hat.detach().float().clone().requires_grad_(True)
-        x = _hook_free(model.g_s.layers, y * inv_gain)
+        x = _hook_free(model.g_s, y * inv_gain)
         acc = torch.zeros(y.shape[:2], device=y.device)
         for p in range(probes):
             # One probe for every row: a row's estimate depends on that row alone, whatever the batch.

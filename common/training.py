@@ -20,7 +20,7 @@ from .checkpoint import load_model, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
-from .model import CodecConfig, FedlvcCodec, with_temporal_prior
+from .model import CodecConfig, FedlvcCodec, with_adapters, with_temporal_prior
 from .options import TRAIN_PARTS, Option, check_fields
 from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
 from .rdo import PFrameRule
@@ -98,11 +98,15 @@ def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -
         raise FedlvcError(f"train parts must be one of {', '.join(TRAIN_PARTS)}, not {parts!r}")
     if parts == "temporal" and not segment_frames:
         raise FedlvcError("training only the temporal prior needs segments (segment frames >= 2)")
+    if parts == "adapters" and not model.cfg.adapters:
+        raise FedlvcError("training only the adapters needs a model with adapters (common.model.with_adapters)")
     for name, p in model.named_parameters():
         temporal = name.startswith("temporal.")
         reachable = bool(segment_frames) or not temporal
         if parts == "temporal":
             p.requires_grad_(temporal)
+        elif parts == "adapters":
+            p.requires_grad_(".film." in name)
         elif parts == "entropy":
             p.requires_grad_(reachable and name.startswith(ENTROPY_MODULES))
         else:
@@ -471,6 +475,8 @@ def train(
     model = load_model(init_model).train() if init_model else FedlvcCodec(model_cfg)
     if cfg.segment_frames:
         model = with_temporal_prior(model)
+    if cfg.train_parts == "adapters":
+        model = with_adapters(model)
     info = _read_info(out)
     if info:
         log(f"resuming from step {info['step']} (best validation loss {info['best_val']})")

@@ -17,7 +17,34 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
 
 
-class AnalysisTransform(nn.Module):
+class FiLM(nn.Conv2d):
+    """A per-channel scale and shift (a depthwise 1×1 convolution, identity at start): the adapters a site can
+    fine-tune privately with few parameters (``train-parts = adapters``). A Conv2d, so Opacus samples it."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 1, groups=channels)
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+
+class Adapted(nn.Module):
+    """A transform: ``layers`` in order, with (``cfg.adapters``) a :class:`FiLM` after each convolution but the
+    last, kept apart in ``film`` so that the layers' names (and older checkpoints) stay as they are."""
+
+    def _add_adapters(self, cfg: CodecConfig) -> None:
+        convs = [i for i, m in enumerate(self.layers) if isinstance(m, nn.Conv2d)][:-1]
+        self.film = nn.ModuleDict({str(i): FiLM(self.layers[i].out_channels) for i in convs}) if cfg.adapters else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.film is not None and str(i) in self.film:
+                x = self.film[str(i)](x)
+        return x
+
+
+class AnalysisTransform(Adapted):
     """g_a: RGB in [-½, ½] → latent y at 1/16 resolution."""
 
     def __init__(self, cfg: CodecConfig):
@@ -32,12 +59,10 @@ class AnalysisTransform(nn.Module):
             nn.LeakyReLU(0.1),
             _conv(n, m, 5, 2),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        self._add_adapters(cfg)
 
 
-class SynthesisTransform(nn.Module):
+class SynthesisTransform(Adapted):
     """g_s: latent → RGB in [-½, ½] (before clamping), by 3×3 convs and PixelShuffle."""
 
     def __init__(self, cfg: CodecConfig):
@@ -56,9 +81,7 @@ class SynthesisTransform(nn.Module):
             _conv(n, 4 * 3, 3),
             nn.PixelShuffle(2),
         )
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.layers(y)
+        self._add_adapters(cfg)
 
 
 class LevelGains(nn.Module):

@@ -21,7 +21,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common.checkpoint import load_model, read_meta, save_model
 from common.fedconfig import RunConfig
 from common.metrics import bd_rate
-from common.model import FedlvcCodec, with_temporal_prior
+from common.model import FedlvcCodec, with_adapters, with_temporal_prior
 from common.privacy import check_privacy_unit, epsilon_from_history
 from common.video import atomic_output
 
@@ -329,6 +329,8 @@ def main(grid: Grid, context: Context) -> None:
     ledgers = earlier_ledgers(_history_rounds(rc), rc)
     if rc.privacy_unit == "segment":
         model = with_temporal_prior(model)  # an intra-only starting model gains a P-frame prior to train
+    if rc.train_parts == "adapters":
+        model = with_adapters(model)  # identity adapters: the sites fine-tune only them
     model_config = json.dumps(model.cfg.to_dict())
     strategy, fedavg, central = make_strategy(rc)
     recorder = RoundRecorder(out, rc, context, model, offset, rounds, fedavg, central)
@@ -408,7 +410,8 @@ def final_compression(grid: Grid, rc: RunConfig, final: FedlvcCodec, fedavg: Sit
 def public_model(rc: RunConfig) -> FedlvcCodec:
     """The public starting point the federation fine-tunes: init-model, or the shipped model."""
     model = load_model(rc.init_model or None)
-    return with_temporal_prior(model) if rc.privacy_unit == "segment" else model
+    model = with_temporal_prior(model) if rc.privacy_unit == "segment" else model
+    return with_adapters(model) if rc.train_parts == "adapters" else model  # identity adapters: codes as before
 
 
 def gain_over_public(grid: Grid, rc: RunConfig, final: FedlvcCodec, public: FedlvcCodec, fedavg: SiteFedAvg) -> dict:

@@ -20,6 +20,7 @@ from common.training import set_trainable
 
 CFG = CodecConfig(channels=8, latent_channels=8, mixtures=2)
 CFG_V4 = CodecConfig.v4(channels=8, latent_channels=8, hyper_channels=8, mixtures=2)
+CFG_FILM = CodecConfig(channels=8, latent_channels=8, mixtures=2, adapters=True)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def _max_rel_error(model, expected) -> float:
     return worst
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG_V4], ids=["v3", "v4"])
+@pytest.mark.parametrize("cfg", [CFG, CFG_V4, CFG_FILM], ids=["v3", "v4", "v3-adapters"])
 def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise, cfg):
     torch.manual_seed(0)
     model = FedlvcCodec(cfg).train()
@@ -62,7 +63,7 @@ def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise, cfg):
     assert _max_rel_error(model, expected) < 1e-4
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG_V4], ids=["v3", "v4"])
+@pytest.mark.parametrize("cfg", [CFG, CFG_V4, CFG_FILM], ids=["v3", "v4", "v3-adapters"])
 @pytest.mark.parametrize("frames,rule", [(2, PFrameRule()), (4, PFrameRule()), (4, PFrameRule(rd_weight=1.0))])
 def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, rule, cfg):
     """Also with rate-distortion optimised P-frames, whose channel sensitivities take a backward pass of
@@ -83,6 +84,8 @@ def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, r
     forward = lambda m, a, b: m.forward_segment(a, b, rule)  # noqa: E731
     expected = _per_unit_grads(model, loss_fn, forward, x, levels)
     assert expected[0]["temporal.table.weight"].abs().sum() > 0  # the P-frame prior is trained by segments
+    if cfg.adapters:  # the adapters of both transforms
+        assert expected[0]["g_s.film.0.weight"].abs().sum() > 0 and expected[0]["g_a.film.0.bias"].abs().sum() > 0
     if cfg.hyper:  # and the hyperprior by the segments' I-frames
         assert expected[0]["h_s.out.weight"].abs().sum() > 0 and expected[0]["g_a.layers.1.conv.weight"].abs().sum() > 0
     GradSampleModule(model)

@@ -735,3 +735,20 @@ def test_large_poisson_batches_in_pieces_account_one_step_per_batch():
     assert m["epsilon"] == pytest.approx(
         independent_epsilon(m["dp_sigma"], m["dp_sample_rate"], m["dp_steps"], m["delta"])
     )
+
+
+def test_train_parts_adapters_moves_only_the_adapters_which_start_as_the_identity():
+    """train-parts = adapters: FiLM adapters added to the public model code exactly as it did (identity), and a
+    DP round moves them and nothing else (1,920 parameters of the shipped architecture)."""
+    from common.model import with_adapters
+
+    model = _model(8)
+    adapted = with_adapters(model).eval()
+    x, levels = torch.rand(2, 3, 32, 32), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, levels)["x_hat"], adapted(x, levels)["x_hat"])
+    reply = client_app.train(_message(adapted, "train"), _context({"train-parts": "adapters"}))
+    before, after = adapted.state_dict(), reply.content["arrays"].to_torch_state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".film." in k for k in changed)
+    assert changed == {k for k in before if ".film." in k}
