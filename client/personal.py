@@ -64,7 +64,8 @@ def personal_model(
     note = why_no_personal(rc, policy, folder)
     if note:
         return global_model, note
-    key = f"{fingerprint(global_model).hex()[:16]}-{rc.personal_steps}-{rc.privacy_unit}{rc.unit_frames}"
+    global_fp = fingerprint(global_model).hex()
+    key = f"{global_fp[:16]}-{rc.personal_steps}-{rc.privacy_unit}{rc.unit_frames}"
     path = folder / f"personal-{key}.safetensors"
     if path.is_file():
         try:
@@ -75,6 +76,6 @@ def personal_model(
     settings = dataclasses.replace(rc, local_steps=rc.personal_steps, train_parts=PERSONAL_PARTS)
     local_train(model, rows, settings, None, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"personal": True, "global_fingerprint": fingerprint(global_model).hex(), "steps": rc.personal_steps}
+    meta = {"personal": True, "global_fingerprint": global_fp, "steps": rc.personal_steps}
     save_model(path, model.eval(), meta)
     return model, ""

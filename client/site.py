@@ -68,7 +68,7 @@ def site_out_dir(node_config, name: str) -> Path:
 
 def _frame_bytes(rc: RunConfig, videos: list) -> float:
     """What holding the site's rows costs, before any is decoded: frames × width × height × 3 bytes."""
-    if not videos and (rc.site_frames or rc.demo_photos):  # streamed: a few clips' scenes, never the frames
+    if not videos and rc.streamed_sites:  # streamed: a few clips' scenes, never the frames
         return 8 * 4 * (2 * max(rc.demo_width, rc.demo_height)) ** 2 * 3.0
     if not videos:
         return rc.demo_clips * rc.demo_frames * rc.demo_width * rc.demo_height * 3.0
@@ -111,7 +111,7 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
             rows = sample_frames(videos, rc.site_max_frames, seed=pid)
         else:
             rows = sample_segments(videos, max(1, rc.site_max_frames // s), s, seed=pid)
-    elif rc.site_frames or rc.demo_photos:
+    elif rc.streamed_sites:
         generated = True
         rows = simulated_site(pid + rc.demo_site_offset, rc, s)
     else:
@@ -145,7 +145,7 @@ def site_clips(node_config, rc: RunConfig, node_id: int = 0):
     if video_dir:
         for path in find_videos([video_dir]):
             yield path.stem, (lambda p=path: iter_frames(p)), probe(path).fps
-    elif rc.site_frames or rc.demo_photos:  # a streamed site compresses its first demo-clips clips
+    elif rc.streamed_sites:  # a streamed site compresses its first demo-clips clips
         site = simulated_site(pid + rc.demo_site_offset, rc)
         for c in range(min(rc.demo_clips, site.clips)):
             yield f"clip_{c}", (lambda c=c: site.clip(c)), Fraction(25)

@@ -96,7 +96,7 @@ def generate_site_clip(site: int, clip: int, width: int = 320, height: int = 240
         yield np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 
-def _bounce(x: np.ndarray, lim: np.ndarray) -> np.ndarray:
+def bounce(x, lim):
     """Positions of a point moving at constant velocity inside [0, lim], reflected at the walls (closed form)."""
     y = np.mod(x, 2 * lim)
     return np.where(y > lim, 2 * lim - y, y)
@@ -104,7 +104,7 @@ def _bounce(x: np.ndarray, lim: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _streamed_clip_setup(site: int, clip: int, width: int, height: int, clip_frames: int):
-    """(kind, background, movers, pan range) of one clip of a streamed site; a few clips' backgrounds cached."""
+    """(background, movers, pan range) of one clip of a streamed site; a few clips' backgrounds cached."""
     kind = SITE_KINDS[site % len(SITE_KINDS)]
     rng = np.random.default_rng([site, clip, 7919])
     span = min(clip_frames, width) if kind == "park" else 0  # the park camera pans back and forth
@@ -119,19 +119,19 @@ def _streamed_clip_setup(site: int, clip: int, width: int, height: int, clip_fra
         )  # fmt: skip
         for _ in range(int(rng.integers(2, 7)))
     ]
-    return kind, background, movers, span
+    return background, movers, span
 
 
 def streamed_site_frame(site: int, clip: int, t: int, width: int, height: int, clip_frames: int) -> np.ndarray:
     """Frame ``t`` of clip ``clip`` of a streamed site, computed on its own (no earlier frame needed): the scenes
     of :func:`generate_site_clip` (a camera on a scene of the site's kind, movers bouncing through it, slow light
     changes, sensor noise) in closed form, so a site of any length is generated on demand, never held."""
-    _, background, movers, span = _streamed_clip_setup(site, clip, width, height, clip_frames)
-    x0 = int(_bounce(np.array(float(t)), np.array(float(span)))) if span else 0
+    background, movers, span = _streamed_clip_setup(site, clip, width, height, clip_frames)
+    x0 = int(bounce(np.array(float(t)), np.array(float(span)))) if span else 0
     frame = background[:, x0 : x0 + width] * (1.0 + 0.03 * np.sin(2 * np.pi * (t / 90.0 + site)))
     yy, xx = np.ogrid[0:height, 0:width]
     for pos, vel, r, color in movers:
-        cy, cx = _bounce(pos + vel * t, np.array([height, width], float))
+        cy, cx = bounce(pos + vel * t, np.array([height, width], float))
         frame[((yy - cy) / r[0]) ** 2 + ((xx - cx) / r[1]) ** 2 <= 1.0] = color
     frame = frame + np.random.default_rng([site, clip, t, 104729]).normal(0, 1.5, frame.shape)
     return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
@@ -197,7 +197,7 @@ def simulated_site(site: int, rc, unit: int = 1) -> StreamedSite | None:
     """A simulated site streamed on demand when the run asks for one (``rc``: a RunConfig): ``site-frames`` frames
     (else ``demo-clips`` × ``demo-frames``) of generated scenes, or of the held-out photographs of a photo corpus
     (``demo-photos``); None: the in-memory demo clips."""
-    if not rc.site_frames and not rc.demo_photos:
+    if not rc.streamed_sites:
         return None
     photos = None
     if rc.demo_photos:

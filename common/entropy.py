@@ -17,7 +17,7 @@ from .errors import FedlvcError
 from .hypercoder import HyperCoder, coding_tables
 from .model import FedlvcCodec
 from .pframe import MIN_PROBABILITY, PFrameCoder
-from .priors import mixture_cdf
+from .priors import mixture_pmf
 
 # Each payload ends (in decoding order) with a 32-bit check value, two 16-bit symbols under a uniform model:
 # the CRC-32 of the frame's position and latent (bitstream version 3, common.bitstream.latent_checksum), or
@@ -48,12 +48,8 @@ class LatentCoder:
         """(C, 2R+1) float64 probabilities of the symbols -R..R for every channel."""
         if level not in self._pmfs:
             with torch.no_grad():
-                logits, means, log_scales = (t[0].double() for t in self.model.prior(torch.tensor([level])))
-                r = self.support
-                edges = torch.arange(-r - 0.5, r + 1.0, 1.0, dtype=torch.float64)  # 2R+2 bin edges
-                cdf = mixture_cdf(edges[None, :], logits[:, None, :], means[:, None, :], log_scales[:, None, :])
-                cdf[:, 0], cdf[:, -1] = 0.0, 1.0  # fold the tails into the end symbols
-                pmf = torch.diff(cdf, dim=1).clamp_min(0.0).numpy()
+                params = (t[0].double() for t in self.model.prior(torch.tensor([level])))
+                pmf = mixture_pmf(*params, self.support).numpy()
             self._pmfs[level] = pmf / pmf.sum(1, keepdims=True)
         return self._pmfs[level]
 

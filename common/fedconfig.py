@@ -177,6 +177,11 @@ class _RunConfigMethods:
         return PFrameRule.of(self.rd_weight, self.skip_threshold)
 
     @property
+    def streamed_sites(self) -> bool:
+        """Whether simulated sites are streamed on demand (``site-frames`` or ``demo-photos``; common.data)."""
+        return bool(self.site_frames or self.demo_photos)
+
+    @property
     def private(self) -> bool:
         return self.noise_multiplier > 0
 

@@ -26,12 +26,11 @@ import torch
 
 from .errors import FedlvcError
 from .hyperprior import MEAN_FRACS, SCALE_LEVELS, Z_SUPPORT, scale_of_index, table_index
-from .priors import mixture_cdf
+from .priors import mixture_pmf
 
 TABLE_BITS = 16
 TABLE_TOTAL = 1 << TABLE_BITS
 MAX_RADIUS = 255
-TABLE_KEYS = ("tables.gauss_radius", "tables.gauss_counts", "tables.z_counts", "tables.source")
 
 
 def quantize_pmf(p: np.ndarray) -> np.ndarray:
@@ -71,15 +70,11 @@ def _source(model) -> bytes:
 
 def z_tables(model) -> np.ndarray:
     """(levels, Z, 2·Z_SUPPORT+1) counts of the hyper-latent's factorized prior."""
-    n, r = model.cfg.num_levels, Z_SUPPORT
-    edges = torch.arange(-r - 0.5, r + 1.0, 1.0, dtype=torch.float64)
     out = []
     with torch.no_grad():
-        for level in range(n):
-            logits, means, log_scales = (t[0].double() for t in model.z_prior(torch.tensor([level])))
-            cdf = mixture_cdf(edges[None, :], logits[:, None, :], means[:, None, :], log_scales[:, None, :])
-            cdf[:, 0], cdf[:, -1] = 0.0, 1.0
-            out.append(quantize_pmf(torch.diff(cdf, dim=1).clamp_min(0.0).numpy()))
+        for level in range(model.cfg.num_levels):
+            params = (t[0].double() for t in model.z_prior(torch.tensor([level])))
+            out.append(quantize_pmf(mixture_pmf(*params, Z_SUPPORT).numpy()))
     return np.stack(out)
 
 

@@ -54,10 +54,8 @@ MAX_WEIGHT = 2**18  # |weight| in units of 2^-WEIGHT_BITS (16.0)
 Z_SUPPORT = 63  # coded hyper-latents lie in [-Z_SUPPORT, Z_SUPPORT]
 
 
-def scale_of_index(i) -> float | torch.Tensor:
-    """σ of table index ``i`` (float64)."""
-    if isinstance(i, torch.Tensor):
-        return torch.exp((SCALE_LOG0 + i.double() * SCALE_LOG_STEP) / 2**ACT_BITS)
+def scale_of_index(i: int) -> float:
+    """σ of table index ``i``."""
     return math.exp((SCALE_LOG0 + i * SCALE_LOG_STEP) / 2**ACT_BITS)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import bounce
 from .errors import FedlvcError
 
 HELD_OUT_SHARE = 10  # one photograph in ten, by name
@@ -153,14 +154,6 @@ def write_photo_clips(photos: list[Path], outdir: str | os.PathLike, clips: int,
     return paths
 
 
-def _triangle(t: float, period: float) -> float:
-    """0 → 1 → 0 over ``period`` frames, repeating."""
-    if period <= 0:
-        return 0.0
-    x = (t / period) % 2.0
-    return x if x <= 1.0 else 2.0 - x
-
-
 @functools.lru_cache(maxsize=4)
 def _photo_scene(photos: tuple, site: int, clip: int, width: int, height: int, clip_frames: int):
     """(background float32, camera path, sprites, noise) of one clip of a photo site; a few clips cached."""
@@ -187,11 +180,11 @@ def photo_site_frame(photos: tuple, site: int, clip: int, t: int, width: int, he
     slowly panning camera over a real scene, objects cut from other photographs crossing it back and forth,
     slow light changes, sensor noise. Closed form in ``t``, so a site of any length is generated on demand."""
     image, (start, end), sprites, (read_noise, shot_gain) = _photo_scene(photos, site, clip, width, height, clip_frames)
-    phase = _triangle(t, clip_frames)
+    phase = float(bounce(t / clip_frames, 1.0))  # 0 → 1 → 0 over two clip lengths
     top, left = np.rint(start + (end - start) * phase).astype(int)
     frame = image[top : top + height, left : left + width] * (1.0 + 0.03 * np.sin(2 * np.pi * (t / 120.0 + site)))
     for k, sprite in enumerate(sprites):
-        _paste(frame, sprite, _triangle(t, clip_frames / (k + 1)))
+        _paste(frame, sprite, float(bounce(t / (clip_frames / (k + 1)), 1.0)))
     rng = np.random.default_rng([site, clip, t, 7])
     frame = frame + rng.normal(0, 1, frame.shape) * np.sqrt(read_noise**2 + shot_gain * np.clip(frame, 0, 255))
     return np.clip(np.rint(frame), 0, 255).astype(np.uint8)

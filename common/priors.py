@@ -43,6 +43,15 @@ def mixture_cdf(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_
     return (weights * torch.sigmoid((x[..., None] - means) / scales)).sum(-1)
 
 
+def mixture_pmf(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, r: int) -> torch.Tensor:
+    """(C, 2r+1) float64 probabilities of the symbols −r…r under each channel's discretised mixture (parameters
+    (C, K), float64): CDF(k+½) − CDF(k−½), the tails folded into the end symbols (not renormalised)."""
+    edges = torch.arange(-r - 0.5, r + 1.0, 1.0, dtype=torch.float64)  # 2r+2 bin edges
+    cdf = mixture_cdf(edges[None, :], logits[:, None, :], means[:, None, :], log_scales[:, None, :])
+    cdf[:, 0], cdf[:, -1] = 0.0, 1.0
+    return torch.diff(cdf, dim=1).clamp_min(0.0)
+
+
 LIKELIHOOD_FLOOR = 1e-9
 
 
