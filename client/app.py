@@ -30,6 +30,8 @@ from common.training import local_train
 from .ledger import earlier_ledger, open_ledger, state_dir_of
 from .personal import personal_model
 from .policy import SitePolicy
+from .secure import FITINS_ARRAYS, masked, masked_update_records, positional_state_dict, secure_aggregation_mod
+from .secure import train_config as _config
 from .site import load_site, site_clips, site_identity, site_out_dir
 
 app = ClientApp()
@@ -49,13 +51,17 @@ def _model_from(msg: Message, policy: SitePolicy, key: str = "arrays") -> Fedlvc
     """The model in a message, checked before it is built: its config within ``CodecConfig``'s limits and
     the site's memory, its arrays exactly the config's."""
     try:
-        cfg = CodecConfig.from_dict(json.loads(str(msg.content["config"]["model-config"])))
+        cfg = CodecConfig.from_dict(json.loads(str(_config(msg.content)["model-config"])))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise FedlvcError(f"the server's model-config is malformed: {e}") from None
     policy.check_memory("the server's model", 16.0 * model_params(cfg))
     model = FedlvcCodec(cfg)
     try:
-        model.load_state_dict(msg.content[key].to_torch_state_dict())
+        if masked() and key == "arrays" and FITINS_ARRAYS in msg.content.array_records:  # SecAgg+'s FitIns layout
+            state = positional_state_dict(msg.content[FITINS_ARRAYS], list(model.state_dict()))
+        else:
+            state = msg.content[key].to_torch_state_dict()
+        model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as e:
         raise FedlvcError(f"the server's model arrays do not fit its model-config: {str(e)[:300]}") from None
     return model
@@ -76,9 +82,10 @@ def _inject_fault(site_number: int, server_round: int) -> None:
 
 def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's client-side clipping of the model update when the server runs central (site-level) DP: the
-    server's DP wrapper puts the clipping norm into the train config, our server says fixed or adaptive."""
-    config = msg.content["config"]
-    if KEY_CLIPPING_NORM not in config:
+    server's DP wrapper puts the clipping norm into the train config, our server says fixed or adaptive. Not
+    under SecAgg+ (the run config refuses the combination: the server cannot clip what it cannot see)."""
+    config = msg.content.config_records.get("config", {})
+    if masked() or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     if config.get("central-dp") == "adaptive":
         return adaptiveclipping_mod(msg, context, call_next)
@@ -87,19 +94,27 @@ def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
 
 def _round(msg: Message) -> int:
     try:
-        return int(msg.content["config"].get("server-round", 0))
+        return int(_config(msg.content).get("server-round", 0))
     except (TypeError, ValueError):
         raise FedlvcError("the server's server-round is not a number") from None
 
 
 def _reply(
-    msg: Message, context: Context, metrics: dict, note: str = "", arrays: ArrayRecord | None = None, **extra: str
+    msg: Message,
+    context: Context,
+    metrics: dict,
+    note: str = "",
+    arrays: ArrayRecord | None = None,
+    records: dict | None = None,
+    **extra: str,
 ) -> Message:
-    """A reply: metrics (numbers), the site's name and, when the site declined or refused, why."""
+    """A reply: metrics (numbers), the site's name and, when the site declined or refused, why; ``arrays`` (the
+    trained model) or ``records`` (SecAgg+'s ``fitres.*``, masked by Flower's mod before they leave)."""
     name, _ = site_identity(context.node_config, context.node_id)
     content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name, "note": note, **extra})}
     if arrays is not None:
         content["arrays"] = arrays
+    content.update(records or {})
     return Message(RecordDict(content), reply_to=msg)
 
 
@@ -128,6 +143,11 @@ def _decide(plan, ledger, q: float, policy: SitePolicy, context: Context) -> str
     """Why this round is declined ("" = it trains): the policy, a ledger on disk for real video, the budget."""
     if plan.declined:
         return plan.declined
+    if policy.require_secure_aggregation and not masked():
+        return (
+            "the site's policy requires secure aggregation (require-secure-aggregation = true); this round is not "
+            "run under SecAgg+"
+        )
     if policy.real_video and state_dir_of(context.node_config) is None:
         return "a site with real video keeps its privacy ledger on disk: set state-dir in its node config"
     if plan.private:
@@ -150,7 +170,7 @@ def _train_round(model: FedlvcCodec, rows: list, rc: RunConfig, plan, policy: Si
     return result["loss"]
 
 
-@app.train(mods=[central_dp_mod])
+@app.train(mods=[secure_aggregation_mod, central_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     policy = SitePolicy.of(context.node_config)
@@ -160,13 +180,14 @@ def train(msg: Message, context: Context) -> Message:
     rounds = _rounds(context)
     rounds["train"] = max(int(rounds["train"]), server_round)
     model = _model_from(msg, policy)
+    received = {k: v.clone() for k, v in model.state_dict().items()} if masked() else None
     plan = policy.plan(rc)
     site = load_site(context.node_config, rc, policy, context.node_id)
     policy.check_memory("a training step", training_bytes(rc, model_params(model.cfg)))
     q = poisson_sample_rate(len(site.train_rows), rc.batch_size)
     # Decide and write what the round spends under the ledger's lock, before training: concurrent runs on one
     # state-dir serialise their spending, and a crash mid-round counts as spent.
-    with open_ledger(context, rc, earlier_ledger(msg.content["config"], name)) as ledger:
+    with open_ledger(context, rc, earlier_ledger(_config(msg.content), name)) as ledger:
         declined = _decide(plan, ledger, q, policy, context)
         if not declined:
             ledger.spend(plan.noise_multiplier if plan.private else 0.0, q, plan.steps)
@@ -188,8 +209,11 @@ def train(msg: Message, context: Context) -> Message:
     }
     if loss is not None and np.isfinite(loss) and policy.releases("train-loss"):
         metrics["train_loss"] = float(loss)
-    arrays = ArrayRecord(model.state_dict())
-    return _reply(msg, context, metrics, note=declined, arrays=arrays, accountant=",".join(plan.accountants))
+    accountant = ",".join(plan.accountants)
+    if received is not None:  # SecAgg+: the update goes into the sum, masked; the model itself never leaves
+        records = masked_update_records(model.state_dict(), received, contributes=not declined)
+        return _reply(msg, context, metrics, note=declined, records=records, accountant=accountant)
+    return _reply(msg, context, metrics, note=declined, arrays=ArrayRecord(model.state_dict()), accountant=accountant)
 
 
 # ----------------------------------------------------------------------------- releases (not DP: the site's choice)

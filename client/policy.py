@@ -14,6 +14,7 @@ round the policy forbids is declined, with the reason in the reply, before anyth
     allow-non-private      false                               true (the sweep's references)
     release                eval                                eval,rd,compress-summary,train-loss
     max-memory-mb          8192                                8192
+    require-secure-aggregation  false                          false
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class SitePolicy:
     release: frozenset
     max_memory_mb: float
     real_video: bool  # the site holds real video (video-dir): strict defaults, a ledger on disk required
+    require_secure_aggregation: bool = False  # decline a training round that is not under SecAgg+
 
     @classmethod
     def of(cls, node_config) -> SitePolicy:
@@ -121,6 +123,7 @@ class SitePolicy:
             release=frozenset(items),
             max_memory_mb=_number(node_config, "max-memory-mb", 8192.0, lo=1),
             real_video=real,
+            require_secure_aggregation=_flag(node_config, "require-secure-aggregation", False),
         )
 
     def plan(self, rc: RunConfig) -> RoundPlan:

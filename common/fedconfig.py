@@ -118,6 +118,23 @@ RUN_OPTIONS: tuple[Option, ...] = (
         0,
         None,
     ),
+    Option(
+        "secure-aggregation",
+        bool,
+        False,
+        "Flower's SecAgg+: the server sees only the sum of the sites' masked updates (each site that trains "
+        "counts once); not with central-dp",
+    ),
+    Option(
+        "secagg-threshold",
+        float,
+        0.5,
+        "SecAgg+: fraction of a site's key shares needed to unmask (more: stronger against colluding sites, "
+        "fewer dropouts survived)",
+        0,
+        1,
+        lo_open=True,
+    ),
     o.PRIVACY_UNIT,
     o.SEGMENT_FRAMES,
     o.GOP.but(help="group-of-pictures length of the evaluation and the final compression (1 = intra-only)"),
@@ -159,6 +176,13 @@ class _RunConfigMethods:
             raise FedlvcError("run-config key 'clip-only' needs noise-multiplier = 0")
         if self.train_parts == "temporal" and self.privacy_unit != "segment":
             raise FedlvcError("run-config key 'train-parts' temporal needs privacy-unit = segment")
+        if self.secure_aggregation and self.central_dp != "off":
+            raise FedlvcError(
+                "run-config key 'secure-aggregation' cannot be combined with central-dp: the server would have "
+                "to clip each site's update, which it no longer sees"
+            )
+        if self.secure_aggregation and self.min_sites < 2:
+            raise FedlvcError("run-config key 'secure-aggregation' needs min-sites >= 2 (a sum of one is the update)")
 
     @property
     def row_frames(self) -> int:

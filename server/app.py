@@ -36,6 +36,7 @@ from .replies import (
     checked_train_metrics,
     clip_note,
 )
+from .secure import PROTOCOL, SecureRound, secure_round
 
 app = ServerApp()
 
@@ -59,6 +60,7 @@ class SiteFedAvg(FedAvg):
         self.sampled: dict[int, list[int]] = {}  # round → node ids asked to train
         self.sent: dict[int, ArrayRecord] = {}  # this round → the global model sent to train
         self.clipping_norms: dict[int, float] = {}  # round → central-DP clipping norm sent to the sites
+        self.secure: dict[int, SecureRound] = {}  # this round → what SecAgg+ gave (secure-aggregation)
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -66,6 +68,22 @@ class SiteFedAvg(FedAvg):
         self.sent = {server_round: arrays}  # the current round's only: a model per round would pile up
         if KEY_CLIPPING_NORM in config:  # set by a central-DP wrapper around us: the norm this round used
             self.clipping_norms[server_round] = float(config[KEY_CLIPPING_NORM])
+        if self.rc.secure_aggregation and messages:
+            # The whole round runs here, as SecAgg+'s four stages; Flower's loop then has nothing to send and
+            # aggregate_train takes what the protocol revealed.
+            config = messages[0].content["config"]
+            self.secure = {
+                server_round: secure_round(
+                    grid,
+                    self.sampled[server_round],
+                    arrays,
+                    config,
+                    server_round,
+                    self.rc.secagg_threshold,
+                    self.rc.round_timeout,
+                )
+            }
+            return []
         return messages
 
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -89,6 +107,9 @@ class SiteFedAvg(FedAvg):
     def aggregate_train(self, server_round, replies):
         sent = self.sent[server_round]
         base = [a.numpy().astype(np.float64) for a in sent.values()]
+        secure = self.secure.get(server_round) if self.rc.secure_aggregation else None
+        if secure is not None:
+            replies = secure.replies
         sites, dropped, updates, weights = {}, [], [], []
         answered = set()
         for msg in replies:
@@ -99,21 +120,28 @@ class SiteFedAvg(FedAvg):
                 if msg.has_error():
                     raise BadReply(clip_note(msg.error.reason))
                 record = checked_train_metrics(msg, self.rc)
-                arrays = checked_arrays(msg, sent)
+                arrays = None if secure else checked_arrays(msg, sent)  # under SecAgg+ there is none to check
             except BadReply as e:
                 dropped.append({"node_id": node, "site": label, "reason": str(e)})
                 continue
             sites[label] = {"node_id": node, **record}
             if not record["declined"]:
-                updates.append(self._update(server_round, base, arrays))
+                updates.append(None if secure else self._update(server_round, base, arrays))
                 weights.append(1.0 if self.average_all else float(record["num_examples"]))
+        failed = secure.failed if secure else {}  # a node that left SecAgg+ before its masked update
         dropped += [
-            {"node_id": n, "site": self.registry.labels.get(n), "reason": "no reply before the round timeout"}
+            {
+                "node_id": n,
+                "site": self.registry.labels.get(n),
+                "reason": clip_note(failed.get(n, "no reply before the round timeout")),
+            }
             for n in self.sampled.get(server_round, [])
             if n not in answered
         ]
         trained = len(updates)
         self.train_log[server_round] = {"sites": sites, "dropped": dropped, "sites_trained": trained}
+        if secure is not None:
+            return self._secure_result(server_round, base, sent, secure, trained)
         if not trained:
             return None, None  # Flower's loop keeps the previous global model
         if self.average_all:  # every other sampled site (declined, dropped, silent) adds a zero update
@@ -122,6 +150,37 @@ class SiteFedAvg(FedAvg):
         total = sum(weights)
         mean = [sum(w / total * u[i] for w, u in zip(weights, updates)) for i in range(len(base))]
         arrays = ArrayRecord({k: Array(np.asarray(v, dtype=a.dtype)) for (k, a), v in zip(sent.items(), mean)})
+        return arrays, MetricRecord({"sites_trained": trained})
+
+    def _secure_result(self, server_round, base, sent, secure: SecureRound, trained: int):
+        """The global model after a SecAgg+ round: the previous one plus the mean update the protocol revealed
+        (the sites that trained count once each); the previous one kept when the protocol halted, no site
+        trained, or the sum is not finite (a site sent garbage: under SecAgg+ nobody can tell which)."""
+        log = self.train_log[server_round]
+        mean, note = secure.mean_update, ""
+        if not trained:
+            note = "no site trained"
+        elif mean is None:
+            note = "the SecAgg+ protocol halted (too few sites answered a stage to unmask the sum)"
+        elif len(mean) != len(base) or any(m.shape != b.shape for m, b in zip(mean, base)):
+            note = "the unmasked sum does not have the model's shapes"
+        elif not all(np.isfinite(m).all() for m in mean):
+            note = "the unmasked sum is not finite (a site's update was not); the round is void"
+        log["secure_aggregation"] = {
+            "protocol": PROTOCOL,
+            "shares": secure.shares,
+            "threshold": secure.threshold,
+            "completed": secure.completed,
+            "sites_in_sum": trained if not note else 0,
+            **({"restarted_without": secure.restarted_without} if secure.restarted_without else {}),
+            **({"note": note} if note else {}),
+        }
+        if note:
+            log["sites_trained"] = 0
+            return None, None
+        arrays = ArrayRecord(
+            {k: Array(np.asarray(b + m, dtype=a.dtype)) for (k, a), b, m in zip(sent.items(), base, mean)}
+        )
         return arrays, MetricRecord({"sites_trained": trained})
 
     def aggregate_evaluate(self, server_round, replies):
@@ -300,6 +359,7 @@ class RoundRecorder:
                 "dropped": train["dropped"],
                 "wall_seconds": round(time.time() - self.started, 1),
                 **({"note": train["note"]} if "note" in train else {}),
+                **({"secure_aggregation": train["secure_aggregation"]} if "secure_aggregation" in train else {}),
             }
         )
         if self.central is not None:  # site-level rounds so far, earlier runs resumed from included

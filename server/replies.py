@@ -64,9 +64,12 @@ def site_field(msg: Message, key: str) -> str | None:
     return clip_note(value) if isinstance(value, str) else None
 
 
-def _metrics(msg: Message):
+SECAGG_RECORDS = frozenset({"fitres.num_examples"})  # what Flower's SecAgg+ mod leaves beside ours
+
+
+def _metrics(msg: Message, also=frozenset()):
     records = msg.content.metric_records
-    if set(records) != {"metrics"}:
+    if set(records) - also != {"metrics"}:
         raise BadReply(f"expected one MetricRecord 'metrics', got {sorted(records)}")
     return records["metrics"]
 
@@ -123,8 +126,9 @@ def checked_arrays(msg: Message, expected: ArrayRecord) -> ArrayRecord:
 def checked_train_metrics(msg: Message, rc: RunConfig) -> dict:
     """A training reply's record for ``history.json``; its weight (``num_examples``) is positive and no larger
     than the units the site holds, which is no larger than the run lets a site hold (``site-max-frames`` of
-    its videos, all frames of its generated clips, or ``site-frames`` of a streamed simulated site)."""
-    m = _metrics(msg)
+    its videos, all frames of its generated clips, or ``site-frames`` of a streamed simulated site). Under
+    secure aggregation the reply also carries Flower's SecAgg+ records (its update is in the masked sum)."""
+    m = _metrics(msg, SECAGG_RECORDS if rc.secure_aggregation else frozenset())
     declined = number(m, "declined", 0, 1, integer=True) == 1
     most = max(rc.site_max_frames, rc.demo_clips * rc.demo_frames, rc.site_frames)
     units = int(number(m, "units", 1, most, integer=True))
