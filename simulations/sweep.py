@@ -28,7 +28,7 @@ from common.fedconfig import RunConfig
 from common.metrics import psnr_rgb
 from common.video import atomic_output
 
-SWEEP_KEYS = {"noise-multipliers", "num-sites", "clip-only-reference", "x264-crfs", "matched-bpp"}
+SWEEP_KEYS = {"noise-multipliers", "learning-rates", "num-sites", "clip-only-reference", "x264-crfs", "matched-bpp"}
 CSV_COLUMNS = [
     "setting",
     "codec",
@@ -58,6 +58,7 @@ class Setting:
     name: str
     noise_multiplier: float
     clip_only: bool = False
+    learning_rate: float | None = None  # this setting's own (learning-rates), else the run config's
 
 
 def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
@@ -88,7 +89,16 @@ def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
     if not isinstance(sites, int) or sites < 1:
         raise FedlvcError("sweep config key 'num-sites' must be a positive integer")
     sweep["num-sites"] = sites
-    settings = [Setting(f"sigma_{float(s):g}", float(s)) for s in sigmas]
+    rates = sweep.get("learning-rates", [None] * len(sigmas))
+    if not isinstance(rates, list) or len(rates) != len(sigmas):
+        raise FedlvcError("sweep config key 'learning-rates' must be a list with one rate per noise multiplier")
+    for lr in rates:
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1):
+            raise FedlvcError(f"sweep config key 'learning-rates' holds {lr!r}: each must be a number in (0, 1]")
+    settings = [
+        Setting(f"sigma_{float(s):g}", float(s), learning_rate=None if lr is None else float(lr))
+        for s, lr in zip(sigmas, rates)
+    ]
     if sweep.get("clip-only-reference", True):
         settings.append(Setting("clip_only", 0.0, clip_only=True))
     return sweep, settings, rc, overrides
@@ -109,6 +119,7 @@ def _run_config_text(overrides: dict, setting: Setting, out_dir: Path, sites: in
             "clip-only": setting.clip_only,
             "out-dir": str(out_dir),
             "min-sites": sites,
+            **({"learning-rate": setting.learning_rate} if setting.learning_rate is not None else {}),
         }
     )
     return " ".join(f"{k}={fmt(v)}" for k, v in items.items())
@@ -237,6 +248,7 @@ def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig
                 writer.writerow(r)
     write_site_gains(out, settings)
     matched = float(sweep.get("matched-bpp") or np.median([p["bpp"] for p in curves["public"]]))
+    write_study(out / "study.json", models, curves, matched, rc, settings)
     plot_privacy_quality(out / "privacy_quality.png", models, curves, matched)
     plot_rd_curves(out / "rd_curves.png", curves)
     plot_recon_grid(out / "recon_grid.png", frames, grid, rc.final_quality)
@@ -249,6 +261,7 @@ SITE_GAIN_COLUMNS = [
     "bd_rate_vs_public_percent",
     "psnr_gain_db_at_final_quality",
     "bpp_ratio_at_final_quality",
+    "bd_rate_personal_vs_public_percent",
 ]
 
 
@@ -263,6 +276,7 @@ def write_site_gains(out: Path, settings: list[Setting]) -> None:
                 summary = json.loads((out / "runs" / st.name / "summary.json").read_text())
                 for site, v in summary["sites"].items():
                     gain = v.get("gain_over_public") or {}
+                    personal = v.get("gain_over_public_personal") or {}
                     eps = v.get("epsilon")
                     writer.writerow(
                         {
@@ -272,8 +286,39 @@ def write_site_gains(out: Path, settings: list[Setting]) -> None:
                             "bd_rate_vs_public_percent": gain.get("bd_rate_percent"),
                             "psnr_gain_db_at_final_quality": gain.get("psnr_db"),
                             "bpp_ratio_at_final_quality": gain.get("bpp_ratio"),
+                            "bd_rate_personal_vs_public_percent": personal.get("bd_rate_percent"),
                         }
                     )
+
+
+def write_study(path: Path, models, curves: dict, bpp: float, rc: RunConfig, settings: list[Setting]) -> dict:
+    """``study.json``: per setting its ε, its PSNR at ``bpp`` on the sites' pooled held-out frames and the
+    difference to the non-private federated model (σ = 0, not clip-only) at that rate, and per site the
+    BD-rate against the public model of the shared model and of the site's personal model (``site_gains``)."""
+    reference = next((s.name for s in settings if s.noise_multiplier == 0 and not s.clip_only), None)
+    ref_psnr = psnr_at_bpp(curves[reference], bpp) if reference else None
+    study = {"matched_bpp": bpp, "non_private_reference": reference, "settings": {}}
+    for name, s, _, privacy in models:
+        psnr = psnr_at_bpp(curves[name], bpp)
+        entry = {
+            "noise_multiplier": None if s is None else s.noise_multiplier,
+            "clip_only": None if s is None else s.clip_only,
+            "learning_rate": None if s is None else (s.learning_rate or rc.learning_rate),
+            "epsilon": "inf" if math.isinf(privacy["epsilon"]) else privacy["epsilon"],
+            "psnr_at_matched_bpp": psnr,
+            "db_vs_non_private": None if psnr is None or ref_psnr is None else psnr - ref_psnr,
+        }
+        if s is not None:
+            summary = json.loads((path.parent / "runs" / s.name / "summary.json").read_text())
+            for key, field in (
+                ("gain_over_public", "site_bd_rate_vs_public"),
+                ("gain_over_public_personal", "site_bd_rate_personal_vs_public"),
+            ):
+                entry[field] = {k: (v.get(key) or {}).get("bd_rate_percent") for k, v in summary["sites"].items()}
+        study["settings"][name] = entry
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(study, indent=1))
+    return study
 
 
 def psnr_at_bpp(points: list[dict], bpp: float) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def _yaml(tmp_path, text: str) -> Path:
         ("noise-multipliers: [1.0]\nnum-sites: 0\n", "num-sites"),
         ("noise-multipliers: [1.0]\nout-dir: x\n", "out-dir"),
         ("noise-multipliers: [1.0\n", "YAML"),
+        ("noise-multipliers: [1.0]\nlearning-rates: [0.1, 0.2]\n", "learning-rates"),
+        ("noise-multipliers: [1.0]\nlearning-rates: [0]\n", "learning-rates"),
     ],
 )
 def test_config_errors_name_the_offending_key(tmp_path, capsys, text, key):
@@ -72,6 +75,7 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path):
         tmp_path,
         """
 noise-multipliers: [0.0, 2.0]
+learning-rates: [0.001, 0.0005]
 num-sites: 2
 clip-only-reference: false
 x264-crfs: [23, 33]
@@ -84,6 +88,7 @@ demo-clips: 1
 demo-width: 64
 demo-height: 48
 eval-frames: 2
+personal-steps: 2
 """,
     )
     out = tmp_path / "out"
@@ -106,6 +111,16 @@ eval-frames: 2
     }
     assert all(math.isfinite(float(g["psnr_gain_db_at_final_quality"])) for g in gains)
     assert {g["epsilon"] for g in gains if g["setting"] == "sigma_0"} == {"inf"}
+    # The learning rate of each setting reached its run; study.json compares each with the non-private one.
+    for name, lr in (("sigma_0", 0.001), ("sigma_2", 0.0005)):
+        history = json.loads((out / "runs" / name / "history.json").read_text())
+        assert history["run_config"]["learning-rate"] == lr
+    study = json.loads((out / "study.json").read_text())
+    assert study["non_private_reference"] == "sigma_0" and set(study["settings"]) == {"public", "sigma_0", "sigma_2"}
+    assert study["settings"]["sigma_2"]["learning_rate"] == 0.0005
+    assert set(study["settings"]["sigma_2"]["site_bd_rate_personal_vs_public"]) == {"site_0", "site_1"}
+    if study["settings"]["sigma_0"]["psnr_at_matched_bpp"] is not None:
+        assert study["settings"]["sigma_0"]["db_vs_non_private"] == 0.0
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert cli(["sweep", str(config), "--out", str(out), "--quiet"]) == 0  # resumes: nothing is rerun
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == finished
