@@ -59,7 +59,7 @@ def positional_state_dict(record: ArrayRecord, names: list[str]) -> dict[str, to
     try:
         order = sorted(record.keys(), key=int)
         arrays = [bytes_to_ndarray(record[k].data) for k in order]
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError, EOFError) as e:  # np.load of bytes that are no .npy (never pickles)
         raise FedlvcError(f"the server's fitins.parameters are malformed: {str(e)[:200]}") from None
     if [int(k) for k in order] != list(range(len(names))):
         raise FedlvcError(f"the server sent {len(order)} arrays; the model-config has {len(names)}")

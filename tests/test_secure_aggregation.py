@@ -300,3 +300,18 @@ def test_a_site_lost_before_the_key_shares_restarts_the_round_without_it(monkeyp
     log = fedavg.train_log[1]
     assert log["secure_aggregation"]["restarted_without"] == [303] and log["secure_aggregation"]["shares"] == 2
     assert log["sites_trained"] == 2 and "site 303 is offline" in log["dropped"][0]["reason"]
+
+
+def test_malformed_fitins_arrays_are_a_clear_error_at_the_site():
+    from flwr.app import Array
+
+    from client.secure import positional_state_dict
+
+    names = list(_global().state_dict())
+    good = {str(i): Array(v.numpy()) for i, v in enumerate(_global().state_dict().values())}
+    assert set(positional_state_dict(ArrayRecord(good), names)) == set(names)
+    with pytest.raises(FedlvcError, match="sent 1 arrays"):
+        positional_state_dict(ArrayRecord({"0": good["0"]}), names)
+    garbage = Array(data=b"not an npy file", dtype="", stype="numpy.ndarray", shape=())
+    with pytest.raises(FedlvcError, match="malformed"):
+        positional_state_dict(ArrayRecord({**good, "0": garbage}), names)
