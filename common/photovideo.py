@@ -154,9 +154,11 @@ def write_photo_clips(photos: list[Path], outdir: str | os.PathLike, clips: int,
     return paths
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=256)
 def _photo_scene(photos: tuple, site: int, clip: int, width: int, height: int, clip_frames: int):
-    """(background float32, camera path, sprites, noise) of one clip of a photo site; a few clips cached."""
+    """(background uint8, camera path, sprites, noise) of one clip of a photo site. Cached for 256 clips (about
+    0.2 MB each at 160x120): training draws a site's rows at random across all its clips, and decoding and
+    downscaling a photograph costs far more than rendering a frame from it."""
     from PIL import Image
 
     rng = np.random.default_rng([site, clip, 31337])
@@ -172,7 +174,7 @@ def _photo_scene(photos: tuple, site: int, clip: int, width: int, height: int, c
     sprites = [_sprite(rng, load_photo(photos[int(rng.integers(len(photos)))], short), width, height)
                for _ in range(int(rng.choice([0, 1, 1, 2, 3])))]  # fmt: skip
     noise = (rng.uniform(0.5, 2.5), rng.uniform(0.0, 0.3))
-    return image.astype(np.float32), (start, end), sprites, noise
+    return image, (start, end), sprites, noise
 
 
 def photo_site_frame(photos: tuple, site: int, clip: int, t: int, width: int, height: int, clip_frames: int):
@@ -182,7 +184,8 @@ def photo_site_frame(photos: tuple, site: int, clip: int, t: int, width: int, he
     image, (start, end), sprites, (read_noise, shot_gain) = _photo_scene(photos, site, clip, width, height, clip_frames)
     phase = float(bounce(t / clip_frames, 1.0))  # 0 → 1 → 0 over two clip lengths
     top, left = np.rint(start + (end - start) * phase).astype(int)
-    frame = image[top : top + height, left : left + width] * (1.0 + 0.03 * np.sin(2 * np.pi * (t / 120.0 + site)))
+    light = 1.0 + 0.03 * np.sin(2 * np.pi * (t / 120.0 + site))
+    frame = image[top : top + height, left : left + width].astype(np.float32) * light
     for k, sprite in enumerate(sprites):
         _paste(frame, sprite, float(bounce(t / (clip_frames / (k + 1)), 1.0)))
     rng = np.random.default_rng([site, clip, t, 7])

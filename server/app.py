@@ -155,7 +155,9 @@ class SiteFedAvg(FedAvg):
     def _secure_result(self, server_round, base, sent, secure: SecureRound, trained: int):
         """The global model after a SecAgg+ round: the previous one plus the mean update the protocol revealed
         (the sites that trained count once each); the previous one kept when the protocol halted, no site
-        trained, or the sum is not finite (a site sent garbage: under SecAgg+ nobody can tell which)."""
+        trained, or the sum is not finite (a site sent garbage: under SecAgg+ nobody can tell which). A site whose
+        clear record was dropped (a bad metric) is still in the sum: the protocol added its masked update, and
+        the server cannot take one update out of a sum it never saw the parts of."""
         log = self.train_log[server_round]
         mean, note = secure.mean_update, ""
         if not trained:
