@@ -1,10 +1,11 @@
-"""A site's personal model (run config ``personal-steps``): the final global model with its entropy parameters
-(quantization gains and priors, and v4's hyperprior) fine-tuned on the site's own training frames, without
-noise. It never leaves the site: it is stored under the site's ``state-dir`` (a simulated site without one:
-``runs/sites/<site>/personal``), never put in a reply, and costs no ε because nothing trained on it is
-released except what the site's ``release`` policy allows (the query.rd curves, measured on held-out frames).
-The site's final compression uses it; a ``.lvc`` header carries the fingerprint of the model that wrote it, so
-a stream made with a personal model decodes only with that personal model.
+"""A site's personal model (run config ``personal-steps``): the final global model with its ``personal-parts``
+(by default its entropy parameters: quantization gains and priors, and v4's hyperprior; or FiLM adapters on the
+transforms; or all) fine-tuned on the site's own training frames, without noise. It never leaves the site: it
+is stored under the site's ``state-dir`` (a simulated site without one: ``runs/sites/<site>/personal``), never
+put in a reply, and costs no ε because nothing trained on it is released except what the site's ``release``
+policy allows (the query.rd curves, measured on held-out frames). The site's final compression uses it; a
+``.lvc`` header carries the fingerprint of the model that wrote it, so a stream made with a personal model
+decodes only with that personal model.
 
 What it is not: anyone who gets the personal model and a stream decodes the stream (as with any model), and
 the personal model was trained on the site's frames without noise — it must not be shared.
@@ -19,14 +20,12 @@ from pathlib import Path
 from common.checkpoint import fingerprint, load_model, save_model
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
-from common.model import FedlvcCodec
+from common.model import FedlvcCodec, with_adapters
 from common.training import local_train
 
 from .ledger import state_dir_of
 from .policy import SitePolicy
 from .site import SIMULATED_OUT
-
-PERSONAL_PARTS = "entropy"
 
 
 def personal_dir(node_config, name: str) -> Path | None:
@@ -65,7 +64,8 @@ def personal_model(
     if note:
         return global_model, note
     global_fp = fingerprint(global_model).hex()
-    key = f"{global_fp[:16]}-{rc.personal_steps}-{rc.privacy_unit}{rc.unit_frames}"
+    parts = rc.personal_parts
+    key = f"{global_fp[:16]}-{rc.personal_steps}-{rc.privacy_unit}{rc.unit_frames}-{parts}"
     path = folder / f"personal-{key}.safetensors"
     if path.is_file():
         try:
@@ -73,9 +73,11 @@ def personal_model(
         except FedlvcError:
             pass  # damaged: train it again
     model = copy.deepcopy(global_model).train()
-    settings = dataclasses.replace(rc, local_steps=rc.personal_steps, train_parts=PERSONAL_PARTS)
+    if parts == "adapters" and not model.cfg.adapters:
+        model = with_adapters(model)  # identity adapters: the global model's coding until trained
+    settings = dataclasses.replace(rc, local_steps=rc.personal_steps, train_parts=parts)
     local_train(model, rows, settings, None, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"personal": True, "global_fingerprint": global_fp, "steps": rc.personal_steps}
+    meta = {"personal": True, "global_fingerprint": global_fp, "steps": rc.personal_steps, "parts": parts}
     save_model(path, model.eval(), meta)
     return model, ""

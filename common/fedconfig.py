@@ -145,10 +145,18 @@ RUN_OPTIONS: tuple[Option, ...] = (
         "personal-steps",
         int,
         0,
-        "steps of each site's personal fine-tuning of the final model's entropy parameters on its own frames, "
+        "steps of each site's personal fine-tuning of the final model (personal-parts) on its own frames, "
         "without noise, kept at the site and used for its final compression (0 = off)",
         0,
         100_000,
+    ),
+    Option(
+        "personal-parts",
+        str,
+        "entropy",
+        "what a site's personal fine-tuning moves: entropy (gains and priors), adapters (FiLM adapters, added "
+        "when the model has none) or all",
+        choices=("entropy", "adapters", "all"),
     ),
     o.SEED,
 )

@@ -712,6 +712,30 @@ def test_a_personal_model_stays_at_the_site_and_only_it_decodes_the_sites_stream
     assert stored.stat().st_mtime_ns == when  # the same personal model, not trained again
 
 
+@pytest.mark.parametrize("parts", ["adapters", "all"])
+def test_personal_parts_choose_what_the_personal_model_moves(tmp_path, monkeypatch, parts):
+    """personal-parts: adapters adds FiLM adapters to the final model and moves only them; all moves the
+    transforms as well (the frame-row reachable parameters); either way the personal model codes the site's
+    streams and the model it came from stays as it was."""
+    from common.checkpoint import load_model
+
+    monkeypatch.chdir(tmp_path)
+    ctx, model = _context({"personal-steps": 3, "personal-parts": parts, "learning-rate": 0.01}), _model(14)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    client_app.train(_message(model, "train"), ctx)
+    reply = client_app.compress(_message(model, "query.compress"), ctx)
+    assert reply.content["metrics"]["personal"] == 1
+    (stored,) = (tmp_path / "runs" / "sites" / "site_0" / "personal").glob(f"personal-*-{parts}.safetensors")
+    personal = load_model(stored).state_dict()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    changed = {k for k in personal if k not in before or not torch.equal(personal[k], before[k])}
+    if parts == "adapters":
+        assert changed and all(".film." in k for k in changed)
+    else:
+        assert any(k.startswith("g_a.") for k in changed) and any(k.startswith("g_s.") for k in changed)
+        assert not any(k.startswith("temporal.") for k in changed)  # frame rows do not reach the P-frame prior
+
+
 def test_a_site_keeps_no_personal_model_beyond_its_step_limit_or_without_a_state_dir(tmp_path, monkeypatch):
     from client.personal import personal_dir
 
