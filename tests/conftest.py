@@ -200,3 +200,14 @@ def corpus(tmp_path_factory) -> Path:
     (folder / "MANIFEST.tsv").write_text("file\tsource_package\tversion\tlicence\twidth\theight\torigin_path\t"
                                          "src_format\tsrc_bytes\tsrc_bits_per_pixel\n" + "".join(rows))  # fmt: skip
     return folder
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages made outside a Flower process need the identity Flower sets for a task (restored after)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

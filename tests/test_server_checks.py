@@ -14,7 +14,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from client.site import site_identity
 from common.fedconfig import RunConfig
 from server.app import RoundRecorder, SiteFedAvg
-from tests.test_federation import _model, task_identity  # noqa: F401
+from tests.test_federation import _model
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 RC = RunConfig.from_mapping({"site-max-frames": 1000})
 

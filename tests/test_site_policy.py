@@ -22,7 +22,9 @@ from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.video import write_video
 from tests.conftest import allocates_at_most
-from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon, task_identity  # noqa: F401
+from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
