@@ -20,21 +20,16 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client import app as client_app
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
-from common.model import CodecConfig, FedlvcCodec
+from common.model import FedlvcCodec
 from server.app import SiteFedAvg
+from tests.test_federation import RUN as FEDERATION_RUN
+from tests.test_federation import TINY
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = CodecConfig(channels=8, latent_channels=8, mixtures=2)
-RUN = {
+RUN = {  # test_federation's tiny sites and model, without noise: training is then deterministic, so the sum
+    **FEDERATION_RUN,  # can be checked against each site's own update
     "local-steps": 2,
-    "batch-size": 4,
-    "crop-size": 32,
-    "demo-frames": 12,
-    "demo-clips": 1,
-    "demo-width": 64,
-    "demo-height": 48,
-    "eval-frames": 2,
-    "noise-multiplier": 0.0,  # deterministic training, so the sum can be checked against each site's update
+    "noise-multiplier": 0.0,
     "learning-rate": 0.01,
     "min-sites": 3,
 }
