@@ -115,12 +115,12 @@ def secure_round(
     least two did. Nobody has trained yet (``train`` runs in the masked-vector stage), so nothing is spent
     twice."""
     result = _secure_round(grid, nodes, arrays, config, server_round, threshold, timeout)
-    lost = [n for n in nodes if n in result.failed or n not in result.answered]
+    lost = [n for n in nodes if n in result.round.failed or n not in result.answered]
     survivors = [n for n in nodes if n not in lost]
     if result.round.completed or Stage.COLLECT_MASKED_VECTORS in result.stages or not lost or len(survivors) < 2:
         return result.round
     again = _secure_round(grid, survivors, arrays, config, server_round, threshold, timeout)
-    again.round.failed = {**result.failed, **again.round.failed}
+    again.round.failed = {**result.round.failed, **again.round.failed}
     again.round.restarted_without = lost
     return again.round
 
@@ -130,7 +130,6 @@ class _Attempt:
     round: SecureRound
     answered: set[int]  # nodes that answered every stage that ran
     stages: set[str]
-    failed: dict[int, str]
 
 
 def _secure_round(grid, nodes, arrays, config, server_round, threshold, timeout) -> _Attempt:
@@ -165,4 +164,4 @@ def _secure_round(grid, nodes, arrays, config, server_round, threshold, timeout)
         completed=strategy.mean is not None,
         failed=dict(recording.failed),
     )
-    return _Attempt(done, answered, set(recording.answered), recording.failed)
+    return _Attempt(done, answered, set(recording.answered))
