@@ -265,6 +265,11 @@ SITE_GAIN_COLUMNS = [
 ]
 
 
+def run_sites(out: Path, setting: Setting) -> dict:
+    """``summary.json → sites`` of one setting's run: per site its ε, compression and gains over the public model."""
+    return json.loads((out / "runs" / setting.name / "summary.json").read_text())["sites"]
+
+
 def write_site_gains(out: Path, settings: list[Setting]) -> None:
     """``site_gains.csv``: per setting and site, what the federated model gains over the public one on the
     site's own held-out frames (from each run's summary.json, measured by the sites: query.rd)."""
@@ -273,8 +278,7 @@ def write_site_gains(out: Path, settings: list[Setting]) -> None:
             writer = csv.DictWriter(f, fieldnames=SITE_GAIN_COLUMNS)
             writer.writeheader()
             for st in settings:
-                summary = json.loads((out / "runs" / st.name / "summary.json").read_text())
-                for site, v in summary["sites"].items():
+                for site, v in run_sites(out, st).items():
                     gain = v.get("gain_over_public") or {}
                     personal = v.get("gain_over_public_personal") or {}
                     eps = v.get("epsilon")
@@ -309,12 +313,12 @@ def write_study(path: Path, models, curves: dict, bpp: float, rc: RunConfig, set
             "db_vs_non_private": None if psnr is None or ref_psnr is None else psnr - ref_psnr,
         }
         if s is not None:
-            summary = json.loads((path.parent / "runs" / s.name / "summary.json").read_text())
+            sites = run_sites(path.parent, s)
             for key, field in (
                 ("gain_over_public", "site_bd_rate_vs_public"),
                 ("gain_over_public_personal", "site_bd_rate_personal_vs_public"),
             ):
-                entry[field] = {k: (v.get(key) or {}).get("bd_rate_percent") for k, v in summary["sites"].items()}
+                entry[field] = {k: (v.get(key) or {}).get("bd_rate_percent") for k, v in sites.items()}
         study["settings"][name] = entry
     with atomic_output(path) as tmp:
         Path(tmp).write_text(json.dumps(study, indent=1))
