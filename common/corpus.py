@@ -335,7 +335,7 @@ def debian_mirror() -> str:
 def fetch_debian(work: Path) -> dict[str, tuple[Path, str]]:
     """Download the Debian packages with a private apt configuration (nothing is installed, the system's apt
     sources are untouched) and unpack them: {package: (root, version)}."""
-    apt = work / "apt"
+    apt = work.resolve() / "apt"  # apt reads a relative Dir:: path under /etc/apt/, not the working folder
     for d in ("state/lists/partial", "cache/archives/partial"):
         (apt / d).mkdir(parents=True, exist_ok=True)
     (apt / "state/status").touch()

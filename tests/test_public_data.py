@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -131,3 +132,21 @@ def test_the_camera_view_stays_inside_the_photograph():
         outside += int((top < 0).any() or (left < 0).any())
         assert (top + view_h <= 300 + 1e-6).all() and (left + view_w <= 400 + 1e-6).all()
     assert outside == 0
+
+
+def test_the_private_apt_configuration_names_absolute_folders(tmp_path, monkeypatch):
+    """apt reads a relative Dir:: path under /etc/apt/: `fedlvc public-data data/public --fetch` from a project
+    folder failed so ("Unable to read /etc/apt/data/public/..."). No network here: apt is not run."""
+    import common.corpus as corpus
+
+    calls = []
+    monkeypatch.setattr(corpus, "_run", lambda cmd, **kw: calls.append((cmd, kw)))
+    monkeypatch.setattr(corpus, "debian_mirror", lambda: "http://deb.example.org/debian")
+    monkeypatch.setattr(corpus, "DEBIAN", {})
+    monkeypatch.chdir(tmp_path)
+    assert corpus.fetch_debian(Path("data") / ".photos.download") == {}
+    conf = Path(calls[0][1]["env"]["APT_CONFIG"])
+    assert conf.is_absolute() and conf.is_file()
+    paths = re.findall(r'^Dir::[\w:]+ "([^"]+)";$', conf.read_text(), re.M)
+    assert len(paths) == 5 and all(Path(p).is_absolute() for p in paths)
+    assert Path(paths[0]).read_text().startswith("deb http://deb.example.org/debian bookworm main")
