@@ -204,6 +204,7 @@ def cmd_train(args) -> int:
             model_cfg=_model_config(args),
             log=log,
             progress=progress,
+            motion=args.motion,
         )
     eps = summary["epsilon"]
     unit = "segments" if cfg.segment_frames else "frames"
@@ -318,6 +319,13 @@ def _train_parser(sub) -> None:
         default="v3",
         help="a fresh model's architecture (without --init-model): v3 (factorized prior, as the shipped model) or "
         "v4 (GDN transforms and a mean-scale hyperprior with exact integer tables)",
+    )
+    t.add_argument(
+        "--motion",
+        action="store_true",
+        help="give the model motion-compensated P-frames (block motion on the previous decoded frame and a "
+        "residual codec that starts as a copy of the intra one; every I-frame stays as it was); train them on "
+        "segments with --train-parts motion",
     )
     for opt in TRAIN_OPTIONS:
         if opt.name in ("rd-weight", "skip-threshold", "segment-frames"):  # the CLI's own forms, below

@@ -4,10 +4,11 @@ Layout (integers in the header big-endian)::
 
     header  (49 bytes)
       magic        4s   b"FLVC"
-      version      B    4 for models of architecture v4 (I-frames under the hyperprior, common.hypercoder), 3 for
-                   the older ones; versions 1 and 2 are still read (see "older versions" below). Versions 3
-                   and 4 share this layout; a version 4 stream needs a v4 model and a version 3 one an older
-                   model (the fingerprint names the model anyway)
+      version      B    5 for models with motion-compensated P-frames (common.residual), 4 for models of
+                   architecture v4 (I-frames under the hyperprior, common.hypercoder), 3 for the older ones;
+                   versions 1 and 2 are still read (see "older versions" below). Versions 3, 4 and 5 share this
+                   layout; a version 5 stream needs a motion model, a version 4 one a v4 model and a version 3
+                   one an older model (the fingerprint names the model anyway)
       flags        B    0 (reserved)
       fingerprint  16s  hash of the model that wrote the stream (see common.checkpoint.fingerprint)
       quality      B    1..N
@@ -22,10 +23,15 @@ Layout (integers in the header big-endian)::
       header_crc   I    CRC-32 of the 45 bytes before it
     chunk × frames
       head         LEB128 varint (1-5 bytes, shortest form): payload length × 2 + frame type (0 = intra (I)
-                   frame, 1 = predicted (P) frame; must match the position in the group)
+                   frame, 1 = predicted (P) frame; must match the position in the group); version 5: payload
+                   length × 4 + frame type, type 2 being a motion-compensated P-frame (M), which a P position
+                   holds as well as a P-frame
       payload      length bytes: the frame's ANS words (32-bit, little-endian), the last one (the top of
                    the coder's state) without its zero high bytes
     end of file (trailing bytes are an error)
+
+A version 5 M-frame's ANS stream holds its block vectors (their differences to the median predictor, decoded
+first) and then its residual latent; its check value covers both (:func:`motion_checksum`).
 
 Each chunk's checksum travels inside its ANS stream: the last 32 bits its decoder reads are the CRC-32 of
 the frame index and the decoded latent (:func:`latent_checksum`), seeded with the stream key (the CRC-32
@@ -58,12 +64,20 @@ from .errors import FedlvcError
 MAGIC = b"FLVC"
 VERSION = 3  # what models of architectures v1-v3 write
 VERSION_HYPER = 4  # what architecture v4 writes
-READABLE_VERSIONS = (1, 2, 3, 4)
+VERSION_MOTION = 5  # what a model with motion-compensated P-frames writes (either architecture)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
-def version_for(hyper: bool) -> int:
-    """The version a model writes: 4 with a hyperprior (architecture v4), else 3."""
-    return VERSION_HYPER if hyper else VERSION
+def version_for(cfg) -> int:
+    """The version a model of config ``cfg`` (common.model.CodecConfig) writes: 5 with motion-compensated
+    P-frames, else 4 with a hyperprior (architecture v4), else 3."""
+    return VERSION_MOTION if cfg.motion else VERSION_HYPER if cfg.hyper else VERSION
+
+
+def readable_by(cfg) -> tuple[int, ...]:
+    """The versions a model of config ``cfg`` decodes: its own, and for a v3 model the older 1 and 2."""
+    own = version_for(cfg)
+    return (1, 2, VERSION) if own == VERSION else (own,)
 
 
 HEADER = struct.Struct(">4sBB16sBIIIIIH")
@@ -73,7 +87,14 @@ CHUNK = struct.Struct(">BII")  # the chunk header of versions 1 and 2
 MAX_HEAD_BYTES = 5  # a version 3 chunk head: 35 bits hold any payload length allowed below
 FRAME_INTRA = 0
 FRAME_PREDICTED = 1
-FRAME_TYPE_NAMES = {FRAME_INTRA: "I", FRAME_PREDICTED: "P"}
+FRAME_MOTION = 2  # version 5: a motion-compensated P-frame (a P position's other kind)
+FRAME_TYPE_NAMES = {FRAME_INTRA: "I", FRAME_PREDICTED: "P", FRAME_MOTION: "M"}
+
+
+def type_bits(version: int) -> int:
+    """Bits of a chunk head that hold the frame type: 2 in version 5 (I, P, M), else 1 (I, P)."""
+    return 2 if version >= VERSION_MOTION else 1
+
 
 MAX_SIDE = 16384  # pixels
 MAX_PIXELS = 8192 * 8192
@@ -164,6 +185,13 @@ def latent_checksum(y_hat, index: int, key: int) -> int:
     return zlib.crc32(data, zlib.crc32(struct.pack(">I", index), key))
 
 
+def motion_checksum(y_hat, vectors, index: int, key: int) -> int:
+    """What a version 5 P-frame's ANS stream ends with: :func:`latent_checksum` of its residual latent and its
+    block-vector differences (int16 both) together."""
+    both = np.concatenate([np.asarray(y_hat).reshape(-1), np.asarray(vectors).reshape(-1)])
+    return latent_checksum(both, index, key)
+
+
 def chunk_crc(payload: bytes, index: int, key: int) -> int:
     """The payload checksum of a version 1 or 2 chunk."""
     return zlib.crc32(payload, zlib.crc32(struct.pack(">I", index), key))
@@ -190,21 +218,20 @@ def _stored_length(words: bytes) -> int:
     return n
 
 
-def chunk_size(words: bytes, frame_type: int) -> int:
-    """Bytes on disk of the version 3 chunk of an ANS payload (what :func:`write_chunk` writes)."""
+def chunk_size(words: bytes, frame_type: int, version: int = VERSION) -> int:
+    """Bytes on disk of the version 3-5 chunk of an ANS payload (what :func:`write_chunk` writes)."""
+    return len(pack_chunk(words, frame_type, version))
+
+
+def pack_chunk(words: bytes, frame_type: int, version: int = VERSION) -> bytes:
+    """A version 3-5 chunk (head and payload) of an ANS payload of whole 32-bit little-endian words."""
     n = _stored_length(words)
-    return len(_varint(2 * n + frame_type)) + n
+    return _varint((n << type_bits(version)) + frame_type) + words[:n]
 
 
-def pack_chunk(words: bytes, frame_type: int) -> bytes:
-    """A version 3 chunk (head and payload) of an ANS payload of whole 32-bit little-endian words."""
-    n = _stored_length(words)
-    return _varint(2 * n + frame_type) + words[:n]
-
-
-def write_chunk(f: BinaryIO, words: bytes, frame_type: int = FRAME_INTRA) -> int:
-    """Write one version 3 chunk; returns its size in bytes."""
-    chunk = pack_chunk(words, frame_type)
+def write_chunk(f: BinaryIO, words: bytes, frame_type: int = FRAME_INTRA, version: int = VERSION) -> int:
+    """Write one version 3-5 chunk; returns its size in bytes."""
+    chunk = pack_chunk(words, frame_type, version)
     f.write(chunk)
     return len(chunk)
 
@@ -230,17 +257,18 @@ def _read_head(f: BinaryIO, index: int, version: int) -> tuple[int, int, int | N
         if not raw[0] & 0x80:
             if raw[0] == 0 and i > 0:
                 raise FedlvcError(f"frame {index} has a malformed chunk head (damaged stream)")
-            return value & 1, value >> 1, None, i + 1
+            bits = type_bits(version)
+            return value & ((1 << bits) - 1), value >> bits, None, i + 1
     raise FedlvcError(f"frame {index} has a malformed chunk head (damaged stream)")
 
 
 def _chunk_header(
     f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int, version: int
-) -> tuple[int, int | None, int]:
+) -> tuple[int, int | None, int, int]:
     frame_type, length, crc, head = _read_head(f, index, version)
-    if frame_type not in FRAME_TYPE_NAMES:
+    if frame_type not in FRAME_TYPE_NAMES or (frame_type == FRAME_MOTION and version < VERSION_MOTION):
         raise FedlvcError(f"frame {index} has unknown frame type {frame_type}")
-    if frame_type != expected_type:
+    if frame_type != expected_type and not (frame_type == FRAME_MOTION and expected_type == FRAME_PREDICTED):
         raise FedlvcError(
             f"frame {index} has frame type {FRAME_TYPE_NAMES[frame_type]} where the group "
             f"structure puts type {FRAME_TYPE_NAMES[expected_type]} (damaged stream)"
@@ -249,19 +277,19 @@ def _chunk_header(
         raise FedlvcError(f"frame {index} claims an impossible payload size of {length} bytes")
     if length > remaining - head:
         raise FedlvcError(f"bitstream is truncated at frame {index}")
-    return length, crc, head
+    return length, crc, head, frame_type
 
 
 def skip_chunk(
     f: BinaryIO, index: int, remaining: int, max_payload: int, expected_type: int, version: int = VERSION
 ) -> int:
     """Skip frame chunk ``index`` without reading its payload (random access); returns its size in bytes."""
-    length, _, head = _chunk_header(f, index, remaining, max_payload, expected_type, version)
+    length, _, head, _ = _chunk_header(f, index, remaining, max_payload, expected_type, version)
     f.seek(length, 1)
     return head + length
 
 
-def read_chunk(
+def read_frame_chunk(
     f: BinaryIO,
     index: int,
     remaining: int,
@@ -269,18 +297,24 @@ def read_chunk(
     key: int = 0,
     expected_type: int = FRAME_INTRA,
     version: int = VERSION,
-) -> tuple[bytes, int]:
+) -> tuple[bytes, int, int]:
     """Read frame chunk ``index`` of a stream of ``version``; ``remaining`` is the number of bytes left in
     the file, ``key`` the stream key of its header, ``expected_type`` the frame type its position in the
-    group requires. Returns (ANS payload as whole 32-bit words, chunk size in bytes). The payload checksum
+    group requires. Returns (ANS payload as whole 32-bit words, chunk size in bytes, frame type). The payload checksum
     of versions 1 and 2 is checked here; version 3's latent checksum when the payload is decoded."""
-    length, crc, head = _chunk_header(f, index, remaining, max_payload, expected_type, version)
+    length, crc, head, frame_type = _chunk_header(f, index, remaining, max_payload, expected_type, version)
     payload = f.read(length)
     if len(payload) != length:
         raise FedlvcError(f"bitstream is truncated at frame {index}")
     if crc is not None and chunk_crc(payload, index, key) != crc:
         raise FedlvcError(f"frame {index} is damaged (checksum mismatch)")
-    return payload + bytes(-length % 4), head + length
+    return payload + bytes(-length % 4), head + length, frame_type
+
+
+def read_chunk(f: BinaryIO, index: int, remaining: int, max_payload: int, key: int = 0,
+               expected_type: int = FRAME_INTRA, version: int = VERSION) -> tuple[bytes, int]:  # fmt: skip
+    """:func:`read_frame_chunk` without the frame type: (payload, chunk size in bytes)."""
+    return read_frame_chunk(f, index, remaining, max_payload, key, expected_type, version)[:2]
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 Frames come in groups of pictures of length ``gop``: the first of each group is an I-frame (its latent
 coded under the factorized prior), the others P-frames (their latent coded under the temporal prior,
-around the previous decoded latent). Decoding can start at any I-frame.
+around the previous decoded latent; or, for a motion model, block vectors and a motion-compensated residual,
+:mod:`common.residual`). Decoding can start at any I-frame.
 
 Both directions stream: the encoder holds one frame, the previous latent and the group's motion history
-(two arrays of the latent's size), the decoder one chunk, one frame and the same.
+(two arrays of the latent's size), the decoder one chunk, one frame and the same (a motion model: the
+previous decoded frame, the group's residual history and its vector counts).
 Outputs are written under a temporary name and renamed at the end, so a failure leaves no file.
 """
 
@@ -29,6 +31,7 @@ from .errors import FedlvcError
 from .model import FedlvcCodec
 from .options import GOP, RD_WEIGHT, SKIP_THRESHOLD
 from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
+from .residual import MotionPFrames, to_uint8
 from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 
 # The encoder's defaults (their limits: common.options): an I-frame every DEFAULT_GOP frames, P-frame latents
@@ -52,13 +55,18 @@ def padded_size(height: int, width: int, stride: int) -> tuple[int, int]:
     return -(-height // stride) * stride, -(-width // stride) * stride
 
 
-def _to_tensor(frame: np.ndarray, stride: int) -> torch.Tensor:
-    """(H, W, 3) uint8 → (1, 3, H', W') in [0, 1], edge-padded to a multiple of ``stride``."""
+def _padded(frame: np.ndarray, stride: int) -> np.ndarray:
+    """(H, W, 3) uint8 edge-padded to (H', W', 3), multiples of ``stride``."""
     h, w = frame.shape[:2]
     ph, pw = padded_size(h, w, stride)
     if (ph, pw) != (h, w):
         frame = np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float() / 255.0
+    return np.ascontiguousarray(frame)
+
+
+def _to_tensor(frame: np.ndarray, stride: int) -> torch.Tensor:
+    """(H, W, 3) uint8 → (1, 3, H', W') in [0, 1], edge-padded to a multiple of ``stride``."""
+    t = torch.from_numpy(_padded(frame, stride)).permute(2, 0, 1)[None].float() / 255.0
     return t.contiguous(memory_format=torch.channels_last)
 
 
@@ -89,7 +97,12 @@ class _GroupState:
         """(prev, history) for the next frame: (None, None) when it is an I-frame."""
         return (None, None) if self.frame_type == bs.FRAME_INTRA else (self.prev, self.history)
 
-    def advance(self, y_hat: np.ndarray) -> None:
+    def advance(self, y_hat: np.ndarray | None) -> None:
+        """On to the next frame; ``y_hat``: the decoded latent (None: a motion model, whose P-frames need none
+        of this state)."""
+        if y_hat is None:
+            self.index += 1
+            return
         if self.frame_type == bs.FRAME_INTRA:
             self.history = None
         else:
@@ -128,6 +141,8 @@ class FrameEncoder:
         self.ideal_bits = 0.0  # −Σ log2 p of everything encoded so far (when track_bits)
         self.bytes_by_type = {"I": 0, "P": 0}
         self.frames_by_type = {"I": 0, "P": 0}
+        self.motion = MotionPFrames(model, self.level) if model.cfg.motion else None
+        self.motion_frames = 0  # P positions coded as motion-compensated frames (M)
 
     @torch.inference_mode()
     def analysis(self, frame: np.ndarray) -> np.ndarray:
@@ -170,10 +185,22 @@ class FrameEncoder:
     def encode(self, frame: np.ndarray, key: int = 0) -> tuple[int, bytes]:
         """(frame type, ANS payload) of the next frame; ``key``: the stream key of the header it goes under
         (the payload ends with the latent checksum of its position and latent)."""
+        if self.motion is not None:
+            return self._encode_motion(frame, key)
+        st = self.state
+        ftype = st.frame_type
+        y_hat, payload, bits = self._latent_frame(frame, key)
+        self.ideal_bits += bits
+        self._count(ftype, payload)
+        st.advance(y_hat)
+        return ftype, payload
+
+    def _latent_frame(self, frame: np.ndarray, key: int) -> tuple[np.ndarray, bytes, float]:
+        """(latent, ANS payload, ideal bits when tracked) of the next frame coded in latent space: an I-frame, or
+        a P-frame around the previous decoded latent; the group's state is not moved on."""
         st = self.state
         self._contexts = None
         y_hat = self.choose(self.analysis(frame))
-        ftype = st.frame_type
         prev, history = st.references()
         params = self._intra_params if prev is None else None
         if prev is not None:  # the contexts the choice was made under are the ones the frame is coded under
@@ -182,8 +209,9 @@ class FrameEncoder:
                 if self._contexts is not None
                 else self.coder.p.params(prev, history, self.level, y_hat)
             )
+        bits = 0.0
         if self.track_bits:
-            self.ideal_bits += (
+            bits = (
                 self.coder.bits(y_hat, self.level, params)
                 if prev is None
                 else self.coder.p.bits(y_hat, prev, history, self.level, params)
@@ -191,11 +219,57 @@ class FrameEncoder:
         payload = self.coder.encode(
             y_hat, self.level, prev, history, params, check=bs.latent_checksum(y_hat, st.index, key)
         )
-        name = bs.FRAME_TYPE_NAMES[ftype]
-        self.bytes_by_type[name] += bs.chunk_size(payload, ftype)
+        return y_hat, payload, bits
+
+    def _count(self, ftype: int, payload: bytes) -> None:
+        name = bs.FRAME_TYPE_NAMES[bs.FRAME_PREDICTED if ftype == bs.FRAME_MOTION else ftype]
+        self.bytes_by_type[name] += bs.chunk_size(payload, ftype, bs.version_for(self.model.cfg))
         self.frames_by_type[name] += 1
+        self.motion_frames += ftype == bs.FRAME_MOTION
+
+    def _cost(self, frame: np.ndarray, decoded: torch.Tensor, payload: bytes, ftype: int) -> float:
+        """The training loss of a coded frame times its pixels: λ·255²·MSE·pixels + bits (on disk)."""
+        h, w = frame.shape[:2]
+        err = (decoded[:h, :w].numpy().astype(np.float64) - frame) / 255.0
+        lam = self.model.cfg.lambdas[self.level]
+        return lam * 255.0**2 * float(np.mean(err**2)) * h * w + 8 * bs.chunk_size(payload, ftype, bs.VERSION_MOTION)
+
+    def _encode_motion(self, frame: np.ndarray, key: int) -> tuple[int, bytes]:
+        """:meth:`encode` for a motion model. An I-frame as always (its decoded frame the group's first
+        reference). At a P position the motion-compensated frame (M, :class:`common.residual.MotionPFrames`)
+        and, where at least half of the blocks stand still (a fixed camera), the latent P-frame around the
+        group's last latent too: the one of lower rate–distortion cost is coded; both ends keep both states."""
+        st = self.state
+        ftype, index = st.frame_type, st.index
+        if ftype == bs.FRAME_INTRA:
+            y_hat, payload, bits = self._latent_frame(frame, key)
+            self.motion.reset(intra_frame(self.model, y_hat, self._levels))
+        else:
+            padded = torch.from_numpy(_padded(frame, self.model.cfg.stride))
+            check = lambda y, d: bs.motion_checksum(y, d, index, key)  # noqa: E731
+            trial = self.motion.trial(padded, self.rule, check)
+            ftype, payload, bits, y_hat = bs.FRAME_MOTION, trial.payload, trial.bits, None
+            if trial.still_share >= 0.5:
+                latent, l_payload, l_bits = self._latent_frame(frame, key)
+                decoded = intra_frame(self.model, latent, self._levels)
+                motion_cost = self._cost(frame, trial.decoded, trial.payload, bs.FRAME_MOTION)
+                if self._cost(frame, decoded, l_payload, bs.FRAME_PREDICTED) < motion_cost:
+                    ftype, payload, bits, y_hat = bs.FRAME_PREDICTED, l_payload, l_bits, latent
+            if ftype == bs.FRAME_MOTION:
+                trial.commit()
+            else:
+                self.motion.follow(decoded)
+        self.ideal_bits += bits if self.track_bits else 0.0
+        self._count(ftype, payload)
         st.advance(y_hat)
         return ftype, payload
+
+
+@torch.inference_mode()
+def intra_frame(model: FedlvcCodec, y_hat: np.ndarray, levels: torch.Tensor) -> torch.Tensor:
+    """The padded decoded frame (H, W, 3) uint8 of an I-frame latent (a motion model's reference)."""
+    y = torch.from_numpy(y_hat).float()[None].contiguous(memory_format=torch.channels_last)
+    return to_uint8(model.synthesis(y, levels))[0].contiguous()
 
 
 class FrameDecoder:
@@ -223,12 +297,14 @@ class FrameDecoder:
         self.coder = LatentCoder(model)
         self._levels = torch.tensor([self.level])
         self.version, self.key = version, key
+        self.motion = MotionPFrames(model, self.level) if model.cfg.motion else None
 
     @property
     def max_payload(self) -> int:
         c, h, w = self.shape
         hyper = self.model.cfg.hyper_channels * -(-h // 4) * -(-w // 4)  # ẑ of an I-frame (v4)
-        return bs.max_payload_bytes(c * h * w + hyper)
+        vectors = 2 * h * w if self.model.cfg.motion else 0  # a motion P-frame's block vectors
+        return bs.max_payload_bytes(c * h * w + max(hyper, vectors))
 
     def seek(self, index: int) -> None:
         """Continue at frame ``index``, which must be an I-frame."""
@@ -241,22 +317,38 @@ class FrameDecoder:
     def frame_type(self) -> int:
         return self.state.frame_type
 
-    def decode_latent(self, payload: bytes) -> np.ndarray:
+    def decode_latent(self, payload: bytes, frame_type: int | None = None):
         """Entropy-decode the next frame's latent (and move on); all that is needed of a frame that is only
-        a reference for the frames after it."""
+        a reference for the frames after it. For a motion model, whose references are decoded frames, the
+        padded decoded frame (H', W', 3) uint8 instead. ``frame_type``: the chunk's (its position's if None)."""
         st = self.state
         index = st.index
+        frame_type = st.frame_type if frame_type is None else frame_type
+        if frame_type == bs.FRAME_MOTION:
+            if len(payload) % 4:
+                raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
+            words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+            decoded = self.motion.decode(words, self.shape, lambda y, d: bs.motion_checksum(y, d, index, self.key))
+            st.advance(None)
+            return decoded
         check = None if self.version < 3 else (lambda y: bs.latent_checksum(y, index, self.key))
         y_hat = self.coder.decode(payload, self.level, self.shape, *st.references(), check=check)
+        if self.motion is None:
+            st.advance(y_hat)
+            return y_hat
+        decoded = intra_frame(self.model, y_hat, self._levels)
+        self.motion.reset(decoded) if frame_type == bs.FRAME_INTRA else self.motion.follow(decoded)
         st.advance(y_hat)
-        return y_hat
+        return decoded
 
     def decode(self, payload: bytes) -> np.ndarray:
         return self.reconstruct(self.decode_latent(payload))
 
     @torch.inference_mode()
-    def reconstruct(self, y_hat: np.ndarray) -> np.ndarray:
-        """The frame of a decoded latent."""
+    def reconstruct(self, y_hat) -> np.ndarray:
+        """The frame of a decoded latent (a motion model: of its padded decoded frame)."""
+        if self.motion is not None:
+            return y_hat[: self.height, : self.width].numpy().copy()
         y = torch.from_numpy(y_hat).float()[None].contiguous(memory_format=torch.channels_last)
         return _to_frame(self.model.synthesis(y, self._levels), self.height, self.width)
 
@@ -281,7 +373,7 @@ def encode_frames(
         for frame in frames:
             if size is None:
                 size = frame.shape[:2]
-                version = bs.version_for(model.cfg.hyper)
+                version = bs.version_for(model.cfg)
                 header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), 0, gop, version)
             elif frame.shape[:2] != size:
                 raise FedlvcError(
@@ -289,7 +381,7 @@ def encode_frames(
                     f"expected {size[1]}x{size[0]} (size changes are not supported)"
                 )
             ftype, payload = encoder.encode(frame, header.stream_key)
-            bs.write_chunk(f, payload, ftype)
+            bs.write_chunk(f, payload, ftype, header.version)
             count += 1
             if progress is not None:
                 progress.update(1)
@@ -311,6 +403,7 @@ def encode_frames(
         "bpp": total * 8 / pixels,
         "ideal_bpp": encoder.ideal_bits / pixels,
         "frames_by_type": dict(encoder.frames_by_type),
+        **({"motion_frames": encoder.motion_frames} if model.cfg.motion else {}),
         "chunk_bytes_by_type": dict(encoder.bytes_by_type),
     }
 
@@ -369,7 +462,7 @@ def open_stream(path) -> tuple[object, bs.StreamHeader, int]:
 
 
 def check_model(header: bs.StreamHeader, model: FedlvcCodec) -> None:
-    if (header.version == bs.VERSION_HYPER) != model.cfg.hyper:
+    if header.version not in bs.readable_by(model.cfg):
         raise FedlvcError(
             f"bitstream version {header.version} cannot be decoded with a model of architecture "
             f"{model.cfg.architecture!r}"
@@ -417,12 +510,12 @@ def decode_stream(
                 )
             decoder.seek(first)
             for i in range(first, end):
-                payload, n = bs.read_chunk(
+                payload, n, ftype = bs.read_frame_chunk(
                     f, i, size - pos, decoder.max_payload, header.stream_key, decoder.frame_type, header.version
                 )
                 pos += n
                 try:
-                    y_hat = decoder.decode_latent(payload)
+                    y_hat = decoder.decode_latent(payload, ftype)
                 except FedlvcError as e:
                     raise FedlvcError(f"frame {i}: {e}") from None
                 if i >= start:  # (a frame before start in its group is only a reference)

@@ -53,15 +53,32 @@ def next_history(history: MotionHistory | None, prev: torch.Tensor, current: tor
 
 
 @torch.no_grad()
+def history_value(history: MotionHistory | None, like: torch.Tensor) -> torch.Tensor:
+    """The motion value (0..MOTION_VALUES−1, int64, shaped like ``like``) of every element: NO_MOTION_HISTORY for
+    the group's first P-frame; else, where the neighbourhood changed in the last frame, that change bucketed by
+    MOTION_BOUNDS (1..4), and where it did not, for how long it has been still, bucketed by STILL_BOUNDS (5..7):
+    a background still for many frames stays still."""
+    if history is None:
+        return torch.full(like.shape, NO_MOTION_HISTORY, dtype=torch.int64, device=like.device)
+    dtype = history.change.dtype
+    moved = 1 + torch.bucketize(
+        history.change, torch.tensor(MOTION_BOUNDS, dtype=dtype, device=like.device), right=True
+    )
+    still = (
+        1
+        + len(MOTION_BOUNDS)
+        + 1
+        + torch.bucketize(history.still, torch.tensor(STILL_BOUNDS, dtype=dtype, device=like.device), right=True)
+    )
+    return torch.where(history.change > 0, moved, still)
+
+
+@torch.no_grad()
 def temporal_context(prev: torch.Tensor, history: MotionHistory | None) -> torch.Tensor:
     """Context index (B, C, h, w) int64 of every element of a P-frame latent, by integer arithmetic on the
-    decoded latents only (so encoder and decoder agree exactly on any machine):
-
-    * spatial activity of ``prev`` — the largest absolute difference to its 4 neighbours, bucketed by
-      GRADIENT_BOUNDS (a moving edge changes the latent where it is not flat);
-    * motion — NO_MOTION_HISTORY for the group's first P-frame; else, where the neighbourhood changed in
-      the last frame, that change bucketed by MOTION_BOUNDS (1..4), and where it did not, for how long it has
-      been still, bucketed by STILL_BOUNDS (5..7): a background still for many frames stays still."""
+    decoded latents only (so encoder and decoder agree exactly on any machine): the spatial activity of
+    ``prev`` — the largest absolute difference to its 4 neighbours, bucketed by GRADIENT_BOUNDS (a moving edge
+    changes the latent where it is not flat) — times MOTION_VALUES, plus the element's :func:`history_value`."""
     p = prev.float().contiguous()
     padded = F.pad(p, (1, 1, 1, 1), mode="replicate")
     h, w = p.shape[-2:]
@@ -69,20 +86,18 @@ def temporal_context(prev: torch.Tensor, history: MotionHistory | None) -> torch
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
         grad = torch.maximum(grad, (padded[..., dy : dy + h, dx : dx + w] - p).abs())
     g = torch.bucketize(grad, torch.tensor(GRADIENT_BOUNDS, dtype=p.dtype, device=p.device), right=True)
-    if history is None:
-        m = torch.full_like(g, NO_MOTION_HISTORY)
-    else:
-        moved = 1 + torch.bucketize(
-            history.change, torch.tensor(MOTION_BOUNDS, dtype=p.dtype, device=p.device), right=True
-        )
-        still = (
-            1
-            + len(MOTION_BOUNDS)
-            + 1
-            + torch.bucketize(history.still, torch.tensor(STILL_BOUNDS, dtype=p.dtype, device=p.device), right=True)
-        )
-        m = torch.where(history.change > 0, moved, still)
-    return g * MOTION_VALUES + m
+    return g * MOTION_VALUES + history_value(history, g)
+
+
+@torch.no_grad()
+def residual_context(motion_class: torch.Tensor, history: MotionHistory | None, channels: int) -> torch.Tensor:
+    """Context index (B, C, h, w) int64 of every element of a motion-compensated residual latent (architecture
+    motion): the motion class of its block (``motion_class`` (B, h, w) in 0..len(GRADIENT_BOUNDS), see
+    :func:`common.motion.motion_class`) in place of the previous latent's gradient bucket, times MOTION_VALUES,
+    plus the :func:`history_value` of the residual latents the group coded before (``history``: of residual
+    latents around zero). The same index range as :func:`temporal_context`, so a P-frame prior's table serves."""
+    m = motion_class.to(torch.int64)[:, None].expand(-1, channels, -1, -1)
+    return m * MOTION_VALUES + history_value(history, m)
 
 
 def channel_groups(channels: int, groups: int) -> list[slice]:
@@ -104,12 +119,16 @@ def in_frame_value(changed_before: torch.Tensor) -> torch.Tensor:
 class PFrameContexts:
     """The contexts of one P-frame latent, channel group by channel group in coding order: ``of(g)`` gives
     group g's context indices (B, n_g, h, w) int64 once ``add`` has been told the values of the groups before
-    it (an encoder knows them all; a decoder has just decoded them)."""
+    it (an encoder knows them all; a decoder has just decoded them). ``base``: the contexts before the in-frame
+    value (default: :func:`temporal_context` of ``prev`` and ``history``; a residual latent's come from
+    :func:`residual_context`)."""
 
-    def __init__(self, prev: torch.Tensor, history: MotionHistory | None, groups: int):
+    def __init__(
+        self, prev: torch.Tensor, history: MotionHistory | None, groups: int, base: torch.Tensor | None = None
+    ):
         self.prev, self.groups = prev, groups
         self.slices = channel_groups(prev.shape[1], groups)
-        tctx = temporal_context(prev, history)
+        tctx = temporal_context(prev, history) if base is None else base
         self.base = tctx * IN_FRAME_VALUES if groups > 1 else tctx
         self.count = torch.zeros_like(prev[:, :1], dtype=torch.float32)
 
@@ -127,13 +146,17 @@ class PFrameContexts:
 
 @torch.no_grad()
 def p_context(
-    prev: torch.Tensor, history: MotionHistory | None, current: torch.Tensor | None, groups: int
+    prev: torch.Tensor,
+    history: MotionHistory | None,
+    current: torch.Tensor | None,
+    groups: int,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Context index (B, C, h, w) int64 of every element of a P-frame latent: :func:`temporal_context`
     alone (groups 1, architecture v2), or combined with the in-frame value of its channel group computed
     from ``current`` (only its earlier groups are read, so a decoder may pass a latent whose later groups
     are not decoded yet)."""
-    contexts = PFrameContexts(prev, history, groups)
+    contexts = PFrameContexts(prev, history, groups, base)
     if groups == 1:
         return contexts.base
     out = torch.empty_like(contexts.base)

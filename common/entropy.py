@@ -31,6 +31,21 @@ def _check_symbols(value: int) -> np.ndarray:
     return np.array([value >> 16, value & 0xFFFF], dtype=np.int32)
 
 
+def push_check(coder, value: int) -> None:
+    """Put the 32-bit check value at the bottom of an ANS stack (encode it first: it is decoded last)."""
+    coder.encode_reverse(_check_symbols(value), _CHECK_MODEL)
+
+
+def pop_check(coder, expected: int) -> None:
+    """Read the check value a payload ends with and refuse the chunk unless it is ``expected`` and nothing is
+    left after it."""
+    hi, lo = (int(v) for v in coder.decode(_CHECK_MODEL, 2))
+    if (hi << 16 | lo) != expected:
+        raise FedlvcError("bitstream chunk is damaged (checksum mismatch)")
+    if not coder.is_empty():
+        raise FedlvcError("bitstream chunk is damaged (data left over after decoding)")
+
+
 class LatentCoder:
     """ANS coding of one frame's latent ``(C, h, w)`` int array per quality level: I-frames under the
     factorized prior (here), P-frames (``prev`` given) under the temporal prior (:class:`PFrameCoder`,
@@ -93,7 +108,7 @@ class LatentCoder:
         ``check``: the 32-bit value the stream ends with (versions 3, 4: :func:`common.bitstream.latent_checksum`).
         """
         coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(_check_symbols(check), _CHECK_MODEL)  # bottom of the stack: decoded last
+        push_check(coder, check)  # bottom of the stack: decoded last
         if prev is None and self.hyper is not None:
             self.hyper.encode(coder, y_hat, level, params if params is not None else self.intra(y_hat)[1])
         elif prev is None:

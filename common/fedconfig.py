@@ -182,8 +182,8 @@ class _RunConfigMethods:
             opt.check(getattr(self, opt.attr))
         if self.clip_only and self.noise_multiplier > 0:
             raise FedlvcError("run-config key 'clip-only' needs noise-multiplier = 0")
-        if self.train_parts == "temporal" and self.privacy_unit != "segment":
-            raise FedlvcError("run-config key 'train-parts' temporal needs privacy-unit = segment")
+        if self.train_parts in ("temporal", "motion") and self.privacy_unit != "segment":
+            raise FedlvcError(f"run-config key 'train-parts' {self.train_parts} needs privacy-unit = segment")
         if self.secure_aggregation and self.central_dp != "off":
             raise FedlvcError(
                 "run-config key 'secure-aggregation' cannot be combined with central-dp: the server would have "

@@ -19,7 +19,7 @@ noise is added in the parent, and every parameter is reached through a module's 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from .hyperprior import (
 from .pframe import PFrameCoder
 from .priors import LIKELIHOOD_FLOOR, LevelPriorParams, TemporalPrior, latent_likelihood
 from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
-from .transforms import AnalysisTransform, LevelGains, SynthesisTransform
+from .transforms import AnalysisTransform, LevelGains, SynthesisTransform, without_biases
 
 ARCHITECTURE = "fedlvc-factorized-gain-v3"  # v2 plus contexts inside a P-frame (channel groups)
 ARCHITECTURE_V2 = "fedlvc-factorized-gain-v2"  # v1 plus the temporal (P-frame) prior; still loads and decodes
@@ -62,6 +62,7 @@ class CodecConfig:
     stride: int = 16  # total downsampling of g_a; frames are padded to a multiple of it
     hyper_channels: int = 0  # channels of the hyper-latent z (architecture v4 only; 0 otherwise)
     adapters: bool = False  # FiLM adapters after the transforms' convolutions (common.transforms.FiLM)
+    motion: bool = False  # P-frames as motion-compensated residuals (common.residual) instead of latent P-frames
 
     @property
     def num_levels(self) -> int:
@@ -74,6 +75,8 @@ class CodecConfig:
             del d["hyper_channels"]  # configs (and fingerprints) of v1-v3 models are as they always were
         if not self.adapters:
             del d["adapters"]  # likewise for models without adapters
+        if not self.motion:
+            del d["motion"]  # and without motion-compensated P-frames
         return d
 
     @classmethod
@@ -129,8 +132,11 @@ class CodecConfig:
             )
         if self.stride != 16:
             raise FedlvcError(f"model config stride must be 16 (four stride-2 stages), not {self.stride!r}")
-        if not isinstance(self.adapters, bool):
-            raise FedlvcError(f"model config adapters must be true or false, not {self.adapters!r}")
+        for key in ("adapters", "motion"):
+            if not isinstance(getattr(self, key), bool):
+                raise FedlvcError(f"model config {key} must be true or false, not {getattr(self, key)!r}")
+        if self.motion and self.architecture not in (ARCHITECTURE, ARCHITECTURE_V4):
+            raise FedlvcError(f"model config motion needs architecture {ARCHITECTURE!r} or {ARCHITECTURE_V4!r}")
         if self.hyper != (self.hyper_channels > 0):
             raise FedlvcError(
                 f"model config hyper_channels must be at least 1 for architecture {ARCHITECTURE_V4!r} and 0 "
@@ -183,6 +189,12 @@ class FedlvcCodec(nn.Module):
             self.prior = LevelPriorParams(n, self.cfg.latent_channels, self.cfg.mixtures)
         if self.cfg.temporal:
             self.temporal = TemporalPrior(n, self.cfg.latent_channels, self.cfg.p_contexts)
+        if self.cfg.motion:  # the residual codec of motion-compensated P-frames (common.residual), zero to zero
+            res_cfg = replace(self.cfg, adapters=False)
+            self.res_g_a, self.res_g_s = (without_biases(type(t)(res_cfg)) for t in (self.g_a, self.g_s))
+            self.res_gain = LevelGains(n, self.cfg.latent_channels, init)
+            self.res_inv_gain = LevelGains(n, self.cfg.latent_channels, -init)
+            self.res_prior = TemporalPrior(n, self.cfg.latent_channels, self.cfg.p_contexts)
 
     def check_level(self, level: int) -> None:
         if not 0 <= level < self.cfg.num_levels:
@@ -195,6 +207,14 @@ class FedlvcCodec(nn.Module):
     def synthesis(self, y_hat: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """Frames in [0, 1] (unclamped) from quantized latents."""
         return self.g_s(y_hat * self.inv_gain(levels)) + 0.5
+
+    def residual_analysis(self, r: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Scaled latent of motion-compensated residuals ``r`` = frame − prediction (in [−1, 1]; motion models)."""
+        return self.res_g_a(r) * self.res_gain(levels)
+
+    def residual_synthesis(self, y_hat: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Residuals (unclamped, [0, 1] units) from quantized residual latents (motion models)."""
+        return self.res_g_s(y_hat * self.res_inv_gain(levels))
 
     def forward(self, x: torch.Tensor, levels: torch.Tensor) -> dict:
         y = self.analysis(x, levels)
@@ -243,6 +263,10 @@ class FedlvcCodec(nn.Module):
         per segment by :func:`common.privacy.fold_segment_grad_samples` before clipping."""
         if not self.cfg.temporal:
             raise FedlvcError("this model has no temporal prior (intra-only architecture)")
+        if self.cfg.motion:
+            from .residual import forward_motion_segment
+
+            return forward_motion_segment(self, x, levels, rule)
         b, frames = x.shape[:2]
         flat = x.reshape(b * frames, *x.shape[2:]).contiguous()  # not channels_last: see common.privacy
         y = self.analysis(flat, levels.repeat_interleave(frames))
@@ -323,4 +347,26 @@ def with_adapters(model: FedlvcCodec) -> FedlvcCodec:
     new = FedlvcCodec(CodecConfig.from_dict(dict(model.cfg.to_dict(), adapters=True)))
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".film." in k for k in missing), (missing, unexpected)
+    return new.train(model.training)
+
+
+def with_motion(model: FedlvcCodec) -> FedlvcCodec:
+    """The same model with motion-compensated P-frames (``cfg.motion``): its residual codec starts as a copy of
+    the intra transforms (without their convolutions' biases, and without adapters) and gains, its residual prior
+    as a copy of the P-frame prior; everything else (and so every I-frame) is bit-identical. Train it on
+    segments (``fedlvc train --motion``)."""
+    if model.cfg.motion:
+        return model
+    model = with_temporal_prior(model)
+    new = FedlvcCodec(CodecConfig.from_dict(dict(model.cfg.to_dict(), motion=True)))
+    state = dict(model.state_dict())
+    sources = {"res_g_a.": "g_a.", "res_g_s.": "g_s.", "res_gain.": "gain.", "res_inv_gain.": "inv_gain."}
+    sources["res_prior."] = "temporal."
+    for name in new.state_dict():
+        for res, source in sources.items():
+            if name.startswith(res):
+                state[name] = state[source + name[len(res) :]].clone()
+    new.load_state_dict(state, strict=True)
+    if getattr(model, "_coding_tables", None) is not None:  # v4's integer tables: the same weights, the same tables
+        new._coding_tables = model._coding_tables
     return new.train(model.training)

@@ -106,7 +106,7 @@ def check_fields(config, options, where: str) -> None:
 
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-TRAIN_PARTS = ("all", "entropy", "temporal", "adapters")
+TRAIN_PARTS = ("all", "entropy", "temporal", "adapters", "motion")
 
 # ------------------------------------------------------------------- training (federated rounds and single-site)
 SEED = Option("seed", int, 0, "seed of the crops and of training's own randomness (never of DP noise)")
@@ -131,7 +131,8 @@ TRAIN_PART = Option(
     "all",
     "what training moves: all; entropy: only the quantization gains and "
     "priors; temporal: only the P-frame prior (segments); adapters: only FiLM adapters on the transforms "
-    "(added, identity at start, when the model has none)",
+    "(added, identity at start, when the model has none); motion: only the residual codec of motion-compensated "
+    "P-frames (segments; a motion model)",
     choices=TRAIN_PARTS,
 )
 PRIVACY_UNIT = Option(

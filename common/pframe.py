@@ -29,8 +29,12 @@ MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at
 
 
 class PFrameCoder:
-    def __init__(self, model: FedlvcCodec):
+    """``prior``: the module giving the raw scales (the model's temporal prior by default; a motion model's
+    residual latent uses its residual prior, around zero, :mod:`common.residual`)."""
+
+    def __init__(self, model: FedlvcCodec, prior: torch.nn.Module | None = None):
         self.model, self.support = model, model.cfg.support
+        self.prior = prior
         self._scales: dict[int, np.ndarray] = {}
         self._laplace = constriction.stream.model.QuantizedLaplace(-self.support, self.support)
 
@@ -50,7 +54,7 @@ class PFrameCoder:
             if not self.model.cfg.temporal:
                 raise FedlvcError("this model is intra-only: it cannot code P-frames (use --gop 1)")
             with torch.no_grad():
-                raw = self.model.temporal(torch.tensor([level]))[0].double()
+                raw = (self.prior or self.model.temporal)(torch.tensor([level]))[0].double()
                 self._scales[level] = laplace_scale(raw).numpy()
         return self._scales[level]
 
@@ -92,13 +96,20 @@ class PFrameCoder:
         )
 
     def decode(
-        self, coder, prev: np.ndarray, history: MotionHistory | None, level: int, shape: tuple[int, int, int]
+        self,
+        coder,
+        prev: np.ndarray,
+        history: MotionHistory | None,
+        level: int,
+        shape: tuple[int, int, int],
+        base: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Pop a P-frame latent of ``shape`` off ``coder``: channel group by channel group, each one's
-        contexts needing the groups before it."""
+        contexts needing the groups before it (``base``: contexts before the in-frame value, when not the
+        temporal ones of ``prev`` and ``history``)."""
         c, h, w = shape
         out = np.zeros(shape, dtype=np.int64)
-        contexts = PFrameContexts(torch.from_numpy(prev)[None], history, self.model.cfg.p_groups)
+        contexts = PFrameContexts(torch.from_numpy(prev)[None], history, self.model.cfg.p_groups, base)
         table = self.scale_table(level)
         for g, sl in enumerate(contexts.slices):
             ctx = contexts.of(g)[0].numpy().reshape(sl.stop - sl.start, -1)

@@ -86,14 +86,16 @@ def fold_segment_grad_samples(model, batch: int, frames: int) -> None:
 
     Modules that ran on all frames hold ``batch·frames`` samples, the segment's frames consecutive; their
     sum is the segment's gradient. Opacus scaled each by its own row count (``loss_reduction="mean"``),
-    ``batch·frames`` instead of ``batch``, hence the division by ``frames``. Modules that ran once per
-    segment (the priors) already hold ``batch`` samples."""
+    ``batch·frames`` instead of ``batch``, hence the division by ``frames``. A motion model's residual codec
+    ran on the P-frames only (``batch·(frames−1)`` samples, likewise). Modules that ran once per segment (the
+    priors, a motion model's intra transforms on the I-frames) already hold ``batch`` samples."""
     for p in model.parameters():
         gs = getattr(p, "grad_sample", None)
         if gs is None or frames == 1:
             continue
-        if gs.shape[0] == batch * frames:
-            p.grad_sample = gs.view(batch, frames, *gs.shape[1:]).sum(1) / frames
+        per = next((k for k in (frames, frames - 1) if k > 1 and gs.shape[0] == batch * k), None)
+        if per is not None:
+            p.grad_sample = gs.view(batch, per, *gs.shape[1:]).sum(1) / per
         elif gs.shape[0] != batch:
             raise RuntimeError(f"gradient sample of {tuple(gs.shape)} fits neither {batch} segments nor their frames")
 

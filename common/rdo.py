@@ -71,12 +71,14 @@ def choose_p_latent(
     lam: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     contexts_out: list | None = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The integer latent (B, C, h, w) (float) an encoder codes for the P-frame latent ``y`` on top of the
     previous decoded latent ``prev`` (see :class:`PFrameRule`). ``raw``: the temporal prior's raw scales
     (B, C, K); ``lam`` (B,) the λ of each row's level and ``weights`` (B, C) its channel sensitivities
     (both only for rate–distortion optimisation). With RDO, ``contexts_out`` (a list) receives the context
-    indices (B, C, h, w) of the chosen latent — the ones it will be coded under."""
+    indices (B, C, h, w) of the chosen latent — the ones it will be coded under. ``base``: the contexts before the
+    in-frame value when they are not the temporal ones of ``prev`` (a motion model's residual latent)."""
     r = torch.round(y).clamp(-support, support)
     if not rule.uses_rd:
         if rule.skip_threshold > 0:
@@ -92,7 +94,7 @@ def choose_p_latent(
         1.0 - torch.log2(-torch.expm1(-1.0 / scale)),
         1.0 / (scale * math.log(2.0)),
     )
-    contexts = PFrameContexts(prev, history, groups)
+    contexts = PFrameContexts(prev, history, groups, base)
     out = torch.empty_like(r)
     ctx_all = torch.empty_like(contexts.base) if contexts_out is not None else None
     for g, sl in enumerate(contexts.slices):
@@ -113,7 +115,7 @@ def choose_p_latent(
     return out
 
 
-def _hook_free(transform: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def hook_free(transform: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``transform(x)`` with detached weights and without calling any module, so that no hook (Opacus' per-sample
     gradient capture) sees the pass."""
     film = getattr(transform, "film", None) or {}
@@ -135,7 +137,12 @@ def _hook_free(transform: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def synthesis_sensitivity(
-    model: FedlvcCodec, y_hat: torch.Tensor, levels: torch.Tensor, probes: int = 1, seed: int = 0
+    model: FedlvcCodec,
+    y_hat: torch.Tensor,
+    levels: torch.Tensor,
+    probes: int = 1,
+    seed: int = 0,
+    residual: bool = False,
 ) -> torch.Tensor:
     """(B, C) float32: for each row and latent channel, the mean over positions of the squared error of the
     decoded frame (RGB in [0, 1], summed over pixels and colours) per unit² change of one element of the
@@ -145,12 +152,13 @@ def synthesis_sensitivity(
     are fixed by ``seed`` and the same for every row). Runs the synthesis transform's layers without
     calling its modules, so Opacus' per-sample gradient hooks never see it. Used by the encoder's
     rate–distortion optimisation (on each group's I-frame), and by training, which models it on each row's
-    own I-frame; the decoder never needs it."""
-    inv_gain = torch.exp(model.inv_gain.log_gain.weight.detach()[levels])[:, :, None, None]
+    own I-frame; the decoder never needs it. ``residual``: of a motion model's residual synthesis instead."""
+    g_s, gains = (model.res_g_s, model.res_inv_gain) if residual else (model.g_s, model.inv_gain)
+    inv_gain = torch.exp(gains.log_gain.weight.detach()[levels])[:, :, None, None]
     gen = torch.Generator(device=y_hat.device).manual_seed(seed)
     with torch.enable_grad():
         y = y_hat.detach().float().clone().requires_grad_(True)
-        x = _hook_free(model.g_s, y * inv_gain)
+        x = hook_free(g_s, y * inv_gain)
         acc = torch.zeros(y.shape[:2], device=y.device)
         for p in range(probes):
             # One probe for every row: a row's estimate depends on that row alone, whatever the batch.

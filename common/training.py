@@ -20,7 +20,7 @@ from .checkpoint import load_model, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
-from .model import CodecConfig, FedlvcCodec, with_adapters, with_temporal_prior
+from .model import CodecConfig, FedlvcCodec, with_adapters, with_motion, with_temporal_prior
 from .options import TRAIN_PARTS, Option, check_fields
 from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
 from .rdo import PFrameRule
@@ -83,7 +83,19 @@ TrainConfig.__module__ = __name__
 TrainConfig.__doc__ = "Single-site training settings, one field per option of TRAIN_OPTIONS."
 
 
-ENTROPY_MODULES = ("gain.", "inv_gain.", "prior.", "temporal.", "z_prior.", "h_a.", "h_s.")
+ENTROPY_MODULES = (
+    "gain.",
+    "inv_gain.",
+    "prior.",
+    "temporal.",
+    "z_prior.",
+    "h_a.",
+    "h_s.",
+    "res_gain.",
+    "res_inv_gain.",
+    "res_prior.",
+)
+RESIDUAL_MODULES = ("res_",)  # a motion model's residual codec (common.residual)
 
 
 def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -> list:
@@ -93,18 +105,24 @@ def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -
     train everything. ``parts="entropy"`` keeps only the quantization gains and the priors (0.7 % of the
     shipped model's parameters with frame rows, 3 % with segments: under DP the same noise per coordinate
     meets a clipped gradient spread over far fewer coordinates); ``parts="temporal"`` only the P-frame prior
-    (segments)."""
+    (segments); ``parts="motion"`` only a motion model's residual codec (segments: its P-frames)."""
     if parts not in TRAIN_PARTS:
         raise FedlvcError(f"train parts must be one of {', '.join(TRAIN_PARTS)}, not {parts!r}")
     if parts == "temporal" and not segment_frames:
         raise FedlvcError("training only the temporal prior needs segments (segment frames >= 2)")
+    if parts == "motion" and not (segment_frames and model.cfg.motion):
+        raise FedlvcError("training only the motion parts needs a motion model (--motion) and segments")
     if parts == "adapters" and not model.cfg.adapters:
         raise FedlvcError("training only the adapters needs a model with adapters (common.model.with_adapters)")
     for name, p in model.named_parameters():
         temporal = name.startswith("temporal.")
-        reachable = bool(segment_frames) or not temporal
+        residual = name.startswith(RESIDUAL_MODULES)
+        # a motion model's P-frames never use the latent P-frame prior; frame rows reach neither
+        reachable = bool(segment_frames) and not (temporal and model.cfg.motion) or not (temporal or residual)
         if parts == "temporal":
             p.requires_grad_(temporal)
+        elif parts == "motion":
+            p.requires_grad_(residual)
         elif parts == "adapters":
             p.requires_grad_(".film." in name)
         elif parts == "entropy":
@@ -112,6 +130,25 @@ def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -
         else:
             p.requires_grad_(reachable)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# Training the motion parts alone moves a residual prior table (raw Laplace scales) and per-level log-gains
+# (Embeddings) besides two transforms: Adam at a transform's rate would take tens of thousands of steps to move
+# a table or a gain as far as the P-frame prior's own stage did at 0.01, so they take this many times the rate.
+MOTION_TABLE_LR_SCALE = 100.0
+MOTION_TABLES = ("res_prior.", "res_gain.", "res_inv_gain.")
+
+
+def param_groups(model: FedlvcCodec, parts: str, lr: float) -> list[dict]:
+    """Adam's parameter groups of the trainable parameters, each with its ``scale`` of the learning rate: 1, but
+    MOTION_TABLE_LR_SCALE for the residual prior and gains when only the motion parts train."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fast = [p for n, p in named if parts == "motion" and n.startswith(MOTION_TABLES)]
+    rest = [p for n, p in named if not (parts == "motion" and n.startswith(MOTION_TABLES))]
+    groups = [{"params": rest, "lr": lr, "scale": 1.0}]
+    if fast:
+        groups.append({"params": fast, "lr": lr * MOTION_TABLE_LR_SCALE, "scale": MOTION_TABLE_LR_SCALE})
+    return groups
 
 
 def rows_dataset(
@@ -194,7 +231,7 @@ class Trainer:
         )
         self.sample_rate = poisson_sample_rate(len(dataset), cfg.batch_size)
         self.params = set_trainable(self.model, cfg.row_frames, cfg.train_parts)
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.learning_rate)
+        self.optimizer = torch.optim.Adam(param_groups(self.model, cfg.train_parts, cfg.learning_rate))
         self.restored = restore(self.model, self.optimizer) if restore else None
         self.loss_fn = loss_cls(model.cfg.lambdas)
         self.engine = self.hooks = None
@@ -227,7 +264,7 @@ class Trainer:
         Poisson batch)."""
         if lr is not None:
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["scale"]
         x, levels = x.to(self.device), levels.to(self.device)
         if self.fast_layout and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -359,7 +396,7 @@ def _load_tensors(out: Path, model, optimizer) -> None:
     tensors = load_file(str(_state_paths(out)[0]))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state = optimizer.state_dict()
-    for i in opt_state["param_groups"][0]["params"]:
+    for i in (i for group in opt_state["param_groups"] for i in group["params"]):
         st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
         if st:
             opt_state["state"][i] = st
@@ -458,8 +495,10 @@ def train(
     model_cfg: CodecConfig | None = None,
     log=print,
     progress=None,
+    motion: bool = False,
 ) -> dict:
     """Train on the frames of ``video_dirs`` and write the best checkpoint to ``out`` (.safetensors).
+    ``motion``: give the model motion-compensated P-frames first (:func:`common.model.with_motion`).
 
     Resumes from ``<out>.train-state.*`` when present. Returns a summary (steps, validation, ε)."""
     out = Path(out)
@@ -475,6 +514,8 @@ def train(
     model = load_model(init_model).train() if init_model else FedlvcCodec(model_cfg)
     if cfg.segment_frames:
         model = with_temporal_prior(model)
+    if motion:
+        model = with_motion(model)
     if cfg.train_parts == "adapters":
         model = with_adapters(model)
     info = _read_info(out)

@@ -84,6 +84,16 @@ class SynthesisTransform(Adapted):
         self._add_adapters(cfg)
 
 
+def without_biases(transform: Adapted) -> Adapted:
+    """``transform`` with the biases of its convolutions removed (a GDN's β stays): it then maps zero to exactly
+    zero — what a motion model's residual codec needs, so that a perfect prediction costs the zero latent and
+    decodes to the prediction itself, with no offset creeping into the frames of a group."""
+    for m in transform.layers:
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            m.register_parameter("bias", None)
+    return transform
+
+
 class LevelGains(nn.Module):
     """Per-level log-gain vectors: ``forward(levels)`` → gains of shape (B, C, 1, 1)."""
 

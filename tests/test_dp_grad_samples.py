@@ -96,6 +96,40 @@ def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, r
     assert _max_rel_error(model, expected) < 1e-4
 
 
+@pytest.mark.parametrize("rule", [PFrameRule(), PFrameRule(rd_weight=1.0)], ids=["rounding", "rdo"])
+@pytest.mark.parametrize("parts", ["motion", "all"])
+def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, parts):
+    """A motion model's segments: the intra path on the I-frames, the residual codec on the P-frames (B·(S−1)
+    rows), the priors on the segments — and the coder's chain (search, prediction, choice) in between, which
+    Opacus' hooks must not see and in which a row's decisions depend on that row alone."""
+    from common.model import with_motion
+
+    torch.manual_seed(2)
+    model = with_motion(FedlvcCodec(CFG)).train()
+    with torch.no_grad():
+        for g in (model.gain, model.res_gain):
+            g.log_gain.weight.fill_(math.log(100.0))
+        for g in (model.inv_gain, model.res_inv_gain):
+            g.log_gain.weight.fill_(-math.log(100.0))
+    frames = 3
+    set_trainable(model, frames, parts)
+    base = torch.rand(3, 3, 48, 48)
+    x = torch.stack([base[..., s : s + 32, 2 * s : 2 * s + 32] for s in range(frames)], 1)  # moving content
+    levels = torch.tensor([1, 3, 4])
+    loss_fn = SegmentRateDistortion(model.cfg.lambdas)
+    forward = lambda m, a, b: m.forward_segment(a, b, rule)  # noqa: E731
+    expected = _per_unit_grads(model, loss_fn, forward, x, levels)
+    assert (
+        expected[0]["res_prior.table.weight"].abs().sum() > 0 and expected[0]["res_g_a.layers.0.weight"].abs().sum() > 0
+    )
+    GradSampleModule(model)
+    model.zero_grad()
+    loss_fn(forward(model, x, levels), x, levels).mean().backward()
+    fold_segment_grad_samples(model, 3, frames)
+    assert all(p.grad_sample.shape[0] == 3 for p in model.parameters() if p.requires_grad)
+    assert _max_rel_error(model, expected) < 1e-4
+
+
 def test_channels_last_breaks_opacus_conv_sampler(no_noise):
     """Why training keeps DP in NCHW: if this starts passing (Opacus fixed), channels_last could be used."""
     torch.manual_seed(0)

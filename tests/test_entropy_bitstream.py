@@ -198,9 +198,9 @@ def test_read_header_refuses_truncated_header():
 
 
 def test_read_header_refuses_other_version():
-    raw = header(version=5).pack() + bytes(200)
+    raw = header(version=6).pack() + bytes(200)
     msg = _refused(raw, "version")
-    assert "5" in msg and "1, 2, 3, 4" in msg
+    assert "6" in msg and "1, 2, 3, 4, 5" in msg
 
 
 def test_read_header_refuses_crc_mismatch():

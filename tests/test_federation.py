@@ -768,3 +768,24 @@ def test_train_parts_adapters_moves_only_the_adapters_which_start_as_the_identit
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".film." in k for k in changed)
     assert changed == {k for k in before if ".film." in k}
+
+
+def test_a_motion_model_trains_its_motion_parts_under_dp_and_codes_with_them():
+    """train-parts = motion (segments): a DP round moves exactly the residual codec of the motion-compensated
+    P-frames (every one of its parameters noised), nothing else; the site's rd answer codes I+P with motion."""
+    from common.model import with_motion
+
+    model = with_motion(_model(13))
+    ctx = _context({"train-parts": "motion", "privacy-unit": "segment", "segment-frames": 3})
+    reply = client_app.train(_message(model, "train"), ctx)
+    m = reply.content["metrics"]
+    assert m["declined"] == 0 and m["steps"] == RUN["local-steps"] and m["epsilon"] > 0
+    before, after = model.state_dict(), reply.content["arrays"].to_torch_state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith("res_")}
+    trained = FedlvcCodec(model.cfg)
+    trained.load_state_dict(after)
+    rd = client_app.rd(_rd_message(trained, model), ctx).content["metrics"]
+    assert len(rd["bpp-federated"]) == model.cfg.num_levels and all(b > 0 for b in rd["bpp-federated"])
+    with pytest.raises(FedlvcError, match="needs privacy-unit = segment"):
+        RunConfig.from_mapping({"train-parts": "motion"})

@@ -72,6 +72,23 @@ def test_decoding_memory_does_not_grow_with_frames(streams, model):
     assert peak64 < peak8 + slack, (peak8, peak64, total64)
 
 
+def test_motion_decoding_memory_does_not_grow_with_frames(tmp_path, model):
+    """A motion model's decoder holds the previous decoded frame, the group's residual history and counts."""
+    from common.model import with_motion
+
+    motion = with_motion(model)
+    paths = {}
+    for n in (8, 64):
+        paths[n] = tmp_path / f"m{n}.lvc"
+        encode_frames(generate_site_clip(0, 1, SIDE, SIDE, n), paths[n], motion, 6, Fraction(25), 32)
+    _peak_decoding(paths[8], motion)
+    n8, total8, peak8 = _peak_decoding(paths[8], motion)
+    n64, total64, peak64 = _peak_decoding(paths[64], motion)
+    slack = 0.5 * peak8 + 64 * 1024
+    assert (n8, n64) == (8, 64) and total64 - total8 > 2 * slack
+    assert peak64 < peak8 + slack, (peak8, peak64, total64)
+
+
 def test_peak_memory_check_would_catch_accumulation(streams, model):
     """Sanity check of the measurement: keeping (numpy copies of) the frames shows up in the traced peak."""
     gc.collect()
