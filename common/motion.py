@@ -96,8 +96,12 @@ def vectors_from_differences(diff: np.ndarray) -> np.ndarray:
 
 def mv_bits_estimate(d: torch.Tensor) -> torch.Tensor:
     """Rough bits of vector differences ``d`` (..., 2) in quarter-pels (the search's rate term, not the coder's):
-    an exponential-Golomb-like 1 + 2·log2(1 + |d|) per component."""
-    return (1 + 2 * torch.log2(1 + d.abs().double())).sum(-1)
+    about 1 for a zero difference (the adaptive counts soon make it the likeliest symbol by far), else 6 plus
+    2·log2(1 + |d|) per component — so that a block does not move to fit noise."""
+    nonzero = (d != 0).any(-1)
+    return torch.where(
+        nonzero, 6 + (2 * torch.log2(1 + d.abs().double())).sum(-1), torch.ones_like(nonzero, dtype=torch.float64)
+    )
 
 
 def _luma(frame: torch.Tensor) -> torch.Tensor:
@@ -198,10 +202,10 @@ def estimate(cur: torch.Tensor, ref: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def search_lambda(lam_q: float) -> float:
-    """SAD units per bit for the quality level of rate–distortion weight ``lam_q`` (the training loss
+    """SAD units per bit for the quality level of rate–distortion weight ``lam_q``: the training loss
     ``λ·255²·MSE + bpp`` makes one bit worth 3/λ squared 0-255 errors; as H.264 does, the SAD weight is the
-    square root of that)."""
-    return math.sqrt(3.0 / lam_q)
+    square root of that, twice over here since the search's SAD is of the three channels' sum."""
+    return 2.0 * math.sqrt(3.0 / lam_q)
 
 
 def as_numpy(mv: torch.Tensor) -> np.ndarray:
