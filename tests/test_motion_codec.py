@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,32 @@ def test_a_motion_frame_stands_only_at_a_p_position():
         bs.read_chunk(io.BytesIO(raw), 0, len(raw), 4096, 0, bs.FRAME_INTRA, 5)  # M at an I position
     v3 = bs.pack_chunk(b"abcdefgh", bs.FRAME_PREDICTED, 3)
     assert bs.read_frame_chunk(io.BytesIO(v3), 1, len(v3), 4096, 0, bs.FRAME_PREDICTED, 3)[2] == bs.FRAME_PREDICTED
+
+
+MOTION_WIP = Path(__file__).resolve().parents[1] / "common" / "pretrained" / "motion" / "fedlvc-motion-wip.safetensors"
+
+
+def test_a_translating_real_picture_costs_a_third_with_motion(carphone_path, default_model):
+    """Issue 16's yardstick: a picture from a real camera (carphone's first frame, upscaled 2x) translated by
+    (1, 3) pixels a frame, coded by the shipped model (latent P-frames) and by the committed motion model (the same
+    model with the trained motion parts), every quality. At equal PSNR (BD-rate over the P-frames' bytes) the
+    motion-compensated P-frames cost under 35 % of the latent ones (measured: 31 %; the issue's goal of 25 % is
+    not reached yet)."""
+    from PIL import Image
+
+    from common.checkpoint import load_model
+    from common.evaluate import code_and_measure
+    from common.metrics import bd_rate
+    from common.video import read_frames
+
+    big = np.asarray(Image.fromarray(read_frames(carphone_path, 1)[0]).resize((352, 288), Image.BICUBIC))
+    clip = np.stack([big[40 + i : 168 + i, 20 + 3 * i : 180 + 3 * i] for i in range(12)])
+    motion = load_model(MOTION_WIP)
+    curves = {}
+    for name, model in (("latent", default_model), ("motion", motion)):
+        points = []
+        for q in range(1, model.cfg.num_levels + 1):
+            m, _ = code_and_measure(clip, model, q, 25, 32, None, None)
+            points.append((m["summary"]["chunk_bytes_by_type"]["P"], m["psnr"]))
+        curves[name] = points
+    assert bd_rate(curves["latent"], curves["motion"]) <= -65.0, curves
