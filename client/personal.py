@@ -65,7 +65,10 @@ def personal_model(
         return global_model, note
     global_fp = fingerprint(global_model).hex()
     parts = rc.personal_parts
+    lr = rc.personal_learning_rate or rc.learning_rate
     key = f"{global_fp[:16]}-{rc.personal_steps}-{rc.privacy_unit}{rc.unit_frames}-{parts}"
+    if rc.personal_learning_rate:  # (the name of a personal model trained at the run's rate stays as it was)
+        key += f"-lr{lr:g}"
     path = folder / f"personal-{key}.safetensors"
     if path.is_file():
         try:
@@ -75,9 +78,9 @@ def personal_model(
     model = copy.deepcopy(global_model).train()
     if parts == "adapters" and not model.cfg.adapters:
         model = with_adapters(model)  # identity adapters: the global model's coding until trained
-    settings = dataclasses.replace(rc, local_steps=rc.personal_steps, train_parts=parts)
+    settings = dataclasses.replace(rc, local_steps=rc.personal_steps, train_parts=parts, learning_rate=lr)
     local_train(model, rows, settings, None, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"personal": True, "global_fingerprint": global_fp, "steps": rc.personal_steps, "parts": parts}
+    meta = {"personal": True, "global_fingerprint": global_fp, "steps": rc.personal_steps, "parts": parts, "lr": lr}
     save_model(path, model.eval(), meta)
     return model, ""

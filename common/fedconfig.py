@@ -158,6 +158,14 @@ RUN_OPTIONS: tuple[Option, ...] = (
         "when the model has none) or all",
         choices=("entropy", "adapters", "all"),
     ),
+    Option(
+        "personal-learning-rate",
+        float,
+        0.0,
+        "Adam learning rate of each site's personal fine-tuning (0 = the run's learning-rate)",
+        0,
+        10,
+    ),
     o.SEED,
 )
 _BY_NAME = {opt.name: opt for opt in RUN_OPTIONS}

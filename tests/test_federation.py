@@ -728,6 +728,28 @@ def test_personal_parts_choose_what_the_personal_model_moves(tmp_path, monkeypat
         assert not any(k.startswith("temporal.") for k in changed)  # frame rows do not reach the P-frame prior
 
 
+def test_personal_learning_rate_is_the_personal_fine_tunings_own(tmp_path, monkeypatch):
+    """personal-learning-rate: the personal fine-tuning's Adam rate (0: the run's learning-rate); a personal model
+    trained at another rate is another model (its own file, other weights)."""
+    from common.checkpoint import load_model
+
+    monkeypatch.chdir(tmp_path)
+    model = _model(15)
+    folder = tmp_path / "runs" / "sites" / "site_0" / "personal"
+    stored = {}
+    for lr in (0.0, 0.05):
+        ctx = _context({"personal-steps": 3, "personal-parts": "all", "personal-learning-rate": lr})
+        client_app.train(_message(model, "train"), ctx)
+        assert client_app.compress(_message(model, "query.compress"), ctx).content["metrics"]["personal"] == 1
+        (stored[lr],) = set(folder.glob("personal-*.safetensors")) - set(stored.values())
+    assert stored[0.05].name.endswith("-all-lr0.05.safetensors") and stored[0.0].name.endswith("-all.safetensors")
+    a, b = (load_model(stored[lr]).state_dict() for lr in (0.0, 0.05))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert load_model(stored[0.05]).state_dict() and json.loads(stored[0.05].with_suffix(".json").read_text())["meta"][
+        "lr"
+    ] == pytest.approx(0.05)
+
+
 def test_a_site_keeps_no_personal_model_beyond_its_step_limit_or_without_a_state_dir(tmp_path, monkeypatch):
     from client.personal import personal_dir
 
