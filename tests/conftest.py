@@ -48,6 +48,27 @@ def allocates_at_most(limit_bytes: int):
     assert peak <= limit_bytes, f"peak allocation {peak} bytes > {limit_bytes}"
 
 
+def on_both_kernel_paths(tmp_path: Path, script: str, model_path: Path, clip_path: Path) -> dict[str, Path]:
+    """Run ``script`` (argv: model, clip, its own folder, the other path's folder or "-") once under torch's scalar
+    kernels, then under AVX2 reading the scalar run's outputs, then under the scalar kernels again reading the AVX2
+    run's: {"default": folder, "avx2": folder}. Asserts that each path really ran (the script prints torch's CPU
+    capability first). The caller skips on a CPU without a vector path."""
+    import subprocess
+    import sys
+
+    dirs = {p: tmp_path / p for p in ("default", "avx2")}
+    capability = {}
+    for path, other in (("default", "-"), ("avx2", "default"), ("default", "avx2")):
+        dirs[path].mkdir(exist_ok=True)
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=path)
+        args = [sys.executable, "-c", script, str(model_path), str(clip_path), str(dirs[path])]
+        out = subprocess.run([*args, str(dirs[other]) if other != "-" else "-"], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        capability[path] = out.stdout.split()[0]
+    assert capability == {"default": "DEFAULT", "avx2": "AVX2"}  # each path really ran
+    return dirs
+
+
 def make_tiny_model(seed: int = 0) -> FedlvcCodec:
     torch.manual_seed(seed)
     return FedlvcCodec(TINY_CONFIG).eval()

@@ -7,9 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
@@ -25,6 +22,7 @@ from common.errors import FedlvcError
 from common.hypercoder import TABLE_TOTAL, coding_tables
 from common.hyperprior import ACT_BITS, LOG_SCALE_MAX, LOG_SCALE_MIN, SCALE_LOG0, SCALE_LOG_STEP, table_index
 from common.model import CodecConfig, FedlvcCodec
+from tests.conftest import on_both_kernel_paths
 
 CFG = CodecConfig.v4(channels=16, latent_channels=16, hyper_channels=12, mixtures=2)
 
@@ -198,16 +196,7 @@ def test_v4_streams_decode_exactly_on_the_other_cpu_kernel_path(tmp_path):
     model_path = tmp_path / "v4.safetensors"
     save_model(model_path, make_v4())
     np.save(tmp_path / "clip.npy", frames(4, 72, 88, seed=3))
-    dirs = {p: tmp_path / p for p in ("default", "avx2")}
-    capability = {}
-    for path, other in (("default", "-"), ("avx2", "default"), ("default", "avx2")):
-        dirs[path].mkdir(exist_ok=True)
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=path)
-        args = [sys.executable, "-c", _CROSS_SCRIPT, str(model_path), str(tmp_path / "clip.npy"), str(dirs[path])]
-        out = subprocess.run([*args, str(dirs[other]) if other != "-" else "-"], env=env, capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        capability[path] = out.stdout.split()[0]
-    assert capability == {"default": "DEFAULT", "avx2": "AVX2"}  # each path really ran
+    dirs = on_both_kernel_paths(tmp_path, _CROSS_SCRIPT, model_path, tmp_path / "clip.npy")
     for q in range(1, CFG.num_levels + 1):
         for mine, other in (("default", "avx2"), ("avx2", "default")):
             decoded, coded = np.load(dirs[mine] / f"decoded_q{q}.npy"), np.load(dirs[other] / f"coded_q{q}.npy")

@@ -19,7 +19,7 @@ from common.model import CodecConfig, FedlvcCodec, with_motion
 from common.motion import block_grid
 from common.rdo import PFrameRule
 from common.training import set_trainable
-from tests.conftest import make_coding_model
+from tests.conftest import make_coding_model, on_both_kernel_paths
 
 
 def motion_model(seed: int = 0) -> FedlvcCodec:
@@ -213,10 +213,6 @@ def test_motion_streams_decode_on_the_other_cpu_kernel_path(tmp_path):
     quality: every chunk parses and passes its checksum (what is parsed depends on decoded integers only); the
     frames, which run through the float synthesis and are carried by the prediction, stay within a few levels
     of what the writing machine decoded."""
-    import os
-    import subprocess
-    import sys
-
     from common.checkpoint import save_model
 
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
@@ -224,16 +220,7 @@ def test_motion_streams_decode_on_the_other_cpu_kernel_path(tmp_path):
     model_path = tmp_path / "m.safetensors"
     save_model(model_path, motion_model())
     np.save(tmp_path / "clip.npy", panning(8, 40, 56))
-    dirs = {p: tmp_path / p for p in ("default", "avx2")}
-    capability = {}
-    for path, other in (("default", "-"), ("avx2", "default"), ("default", "avx2")):
-        dirs[path].mkdir(exist_ok=True)
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=path)
-        args = [sys.executable, "-c", _CROSS_SCRIPT, str(model_path), str(tmp_path / "clip.npy"), str(dirs[path])]
-        out = subprocess.run([*args, str(dirs[other]) if other != "-" else "-"], env=env, capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        capability[path] = out.stdout.split()[0]
-    assert capability == {"default": "DEFAULT", "avx2": "AVX2"}  # each path really ran
+    dirs = on_both_kernel_paths(tmp_path, _CROSS_SCRIPT, model_path, tmp_path / "clip.npy")
     worst = 0
     for q in range(1, motion_model().cfg.num_levels + 1):
         for mine, other in (("default", "avx2"), ("avx2", "default")):
