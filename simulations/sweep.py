@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,16 @@ from common.fedconfig import RunConfig
 from common.metrics import psnr_rgb
 from common.video import atomic_output
 
-SWEEP_KEYS = {"noise-multipliers", "learning-rates", "num-sites", "clip-only-reference", "x264-crfs", "matched-bpp"}
+SWEEP_KEYS = {
+    "noise-multipliers",
+    "learning-rates",
+    "num-sites",
+    "clip-only-reference",
+    "x264-crfs",
+    "matched-bpp",
+    "run-timeout-minutes",
+}
+DEFAULT_RUN_TIMEOUT_MINUTES = 360  # one setting's flwr run (the 2,000-frame studies take about an hour each)
 CSV_COLUMNS = [
     "setting",
     "codec",
@@ -89,6 +99,12 @@ def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
     if not isinstance(sites, int) or sites < 1:
         raise FedlvcError("sweep config key 'num-sites' must be a positive integer")
     sweep["num-sites"] = sites
+    minutes = sweep.get("run-timeout-minutes", DEFAULT_RUN_TIMEOUT_MINUTES)
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= 7 * 24 * 60:
+        raise FedlvcError(
+            f"sweep config key 'run-timeout-minutes' holds {minutes!r}: it must be a number of minutes in (0, 10080]"
+        )
+    sweep["run-timeout-minutes"] = float(minutes)
     rates = sweep.get("learning-rates", [None] * len(sigmas))
     if not isinstance(rates, list) or len(rates) != len(sigmas):
         raise FedlvcError("sweep config key 'learning-rates' must be a list with one rate per noise multiplier")
@@ -171,9 +187,19 @@ def run_sweep(config_path, out_dir, progress: bool = True) -> Path:
             for s in todo:
                 run_dir = out / "runs" / s.name
                 run_dir.mkdir(parents=True, exist_ok=True)
-                result = runtime.run(
-                    _run_config_text(overrides, s, run_dir, sites), num_supernodes=sites, log=run_dir / "flwr-run.log"
-                )
+                minutes = sweep["run-timeout-minutes"]
+                try:
+                    result = runtime.run(
+                        _run_config_text(overrides, s, run_dir, sites),
+                        num_supernodes=sites,
+                        timeout=60 * minutes,
+                        log=run_dir / "flwr-run.log",
+                    )
+                except subprocess.TimeoutExpired:
+                    raise FedlvcError(
+                        f"sweep setting {s.name} did not finish within {minutes:g} minutes (run-timeout-minutes); "
+                        f"finished settings are kept: raise the limit and run the sweep again to go on"
+                    ) from None
                 if result["status"] != "finished:completed" or not (run_dir / "summary.json").is_file():
                     raise FedlvcError(
                         f"sweep setting {s.name} failed (status {result['status']}); see {run_dir / 'flwr-run.log'}"

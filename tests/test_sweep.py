@@ -36,6 +36,8 @@ def _yaml(tmp_path, text: str) -> Path:
         ("noise-multipliers: [1.0\n", "YAML"),
         ("noise-multipliers: [1.0]\nlearning-rates: [0.1, 0.2]\n", "learning-rates"),
         ("noise-multipliers: [1.0]\nlearning-rates: [0]\n", "learning-rates"),
+        ("noise-multipliers: [1.0]\nrun-timeout-minutes: 0\n", "run-timeout-minutes"),
+        ("noise-multipliers: [1.0]\nrun-timeout-minutes: soon\n", "run-timeout-minutes"),
     ],
 )
 def test_config_errors_name_the_offending_key(tmp_path, capsys, text, key):
@@ -61,6 +63,39 @@ def test_every_study_config_is_valid(name):
         assert rc.site_frames >= 2000 and rc.max_physical_batch and rc.batch_size >= 64
     if name == "photo_sites.yaml":  # the sites run in another folder: the corpus path is made absolute
         assert Path(rc.demo_photos).is_absolute() and rc.demo_photos.endswith("data/public/photos")
+
+
+def test_a_setting_past_its_time_limit_is_one_clear_error_and_finished_settings_stay(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    import simulations.local_runtime as lr
+
+    asked = []
+
+    class SlowRuntime:  # stands in for the SuperLink: every run outlasts its limit
+        def __init__(self, workdir):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, run_config, num_supernodes, cpus_per_site=1, timeout=3600, log=None):
+            asked.append(timeout)
+            raise subprocess.TimeoutExpired(["flwr", "run"], timeout)
+
+    monkeypatch.setattr(lr, "SimulationRuntime", SlowRuntime)
+    path = _yaml(tmp_path, "noise-multipliers: [0.0, 1.0]\nclip-only-reference: false\nrun-timeout-minutes: 1.5\n")
+    out = tmp_path / "o"
+    done = out / "runs" / "sigma_0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")  # sigma_0 finished in an earlier sweep: not run again
+    assert cli(["sweep", str(path), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sigma_1 did not finish within 1.5 minutes (run-timeout-minutes)" in err[0]
+    assert asked == [90.0] and (done / "summary.json").read_text() == "{}"
 
 
 def test_psnr_at_matched_bpp_interpolates_in_log_rate():
