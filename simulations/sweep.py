@@ -71,6 +71,11 @@ class Setting:
     learning_rate: float | None = None  # this setting's own (learning-rates), else the run config's
 
 
+def _number_in(value, top: float) -> bool:
+    """Whether a YAML value is a number (not a boolean) in (0, top]."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= top
+
+
 def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
     """Read and check the YAML: (sweep options, settings, run config, run-config overrides)."""
     p = Path(path)
@@ -100,7 +105,7 @@ def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
         raise FedlvcError("sweep config key 'num-sites' must be a positive integer")
     sweep["num-sites"] = sites
     minutes = sweep.get("run-timeout-minutes", DEFAULT_RUN_TIMEOUT_MINUTES)
-    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= 7 * 24 * 60:
+    if not _number_in(minutes, 7 * 24 * 60):
         raise FedlvcError(
             f"sweep config key 'run-timeout-minutes' holds {minutes!r}: it must be a number of minutes in (0, 10080]"
         )
@@ -109,7 +114,7 @@ def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
     if not isinstance(rates, list) or len(rates) != len(sigmas):
         raise FedlvcError("sweep config key 'learning-rates' must be a list with one rate per noise multiplier")
     for lr in rates:
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1):
+        if lr is not None and not _number_in(lr, 1):
             raise FedlvcError(f"sweep config key 'learning-rates' holds {lr!r}: each must be a number in (0, 1]")
     settings = [
         Setting(f"sigma_{float(s):g}", float(s), learning_rate=None if lr is None else float(lr))
@@ -184,10 +189,10 @@ def run_sweep(config_path, out_dir, progress: bool = True) -> Path:
                 total=len(settings), initial=len(settings) - len(todo), desc="sweep", unit="run", disable=not progress
             ) as bar,
         ):
+            minutes = sweep["run-timeout-minutes"]
             for s in todo:
                 run_dir = out / "runs" / s.name
                 run_dir.mkdir(parents=True, exist_ok=True)
-                minutes = sweep["run-timeout-minutes"]
                 try:
                     result = runtime.run(
                         _run_config_text(overrides, s, run_dir, sites),
