@@ -8,7 +8,8 @@ gradient-norm clipping. Poisson sampling only changes which rows form a batch, s
 both sides are timed on one identical, fixed batch (the DP data loader is built but never iterated): forward
 + RD loss + backward + optimizer step. Each side uses the layout training uses for it: DP stays NCHW (Opacus'
 convolution gradient sampler returns wrong per-sample gradients on ``channels_last`` tensors,
-tests/test_dp_grad_samples.py), the plain model and its batch are ``channels_last``, the batch converted inside
+tests/test_dp_grad_samples.py) unless only FiLM adapters train (their own sampler does not care,
+``common.privacy.layout_safe_samples``), the plain model and its batch are ``channels_last``, the batch converted inside
 the timed step. Both freeze what frame-row training cannot reach (the temporal prior) and start from the same
 weights.
 
@@ -80,7 +81,8 @@ class Stepper:
 
 def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None, parts: str = "all") -> Stepper:
     """A trainer over the same frames and start weights: plain (channels_last, Adam with gradient-norm
-    clipping) or DP (NCHW, Opacus with Poisson sampling; its loader is built but never iterated); ``parts``:
+    clipping) or DP (NCHW but for the adapters alone, Opacus with Poisson sampling; its loader is built but
+    never iterated); ``parts``:
     what it trains (``train-parts``)."""
     from common.model import with_adapters
     from common.training import TrainConfig, Trainer
@@ -128,7 +130,12 @@ def measure_part(args, base, frames, x, levels, part: str) -> dict:
         "dp_step_seconds": m["dp_step_seconds"],
         "plain_step_seconds": m["plain_step_seconds"],
         "trainable_parameters": sum(p.numel() for p in plain.params),
+        "dp_memory_format": dp_memory_format(dp),
     }
+
+
+def dp_memory_format(stepper: Stepper) -> str:
+    return "channels_last" if stepper.trainer.fast_layout else "contiguous"
 
 
 def _result(args, per_mode: dict, base, source: str, params: int, trainable: int, hw: dict, wall: float):
@@ -151,7 +158,7 @@ def _result(args, per_mode: dict, base, source: str, params: int, trainable: int
         "statistic": "median step seconds over alternating (ABBA) plain/DP steps after warm-up",
         "noise_multiplier": args.noise_multiplier,
         "max_grad_norm": 1.0,
-        "memory_format": {"dp": "contiguous", "plain": "channels_last"},
+        "memory_format": {"dp": "see parts.<part>.dp_memory_format", "plain": "channels_last"},
         "trainable_parameters": trainable,
         "frozen": "temporal prior (set_trainable(model, 0))",
         "model_source": source,
@@ -245,6 +252,7 @@ def main(argv=None) -> int:
 
         modes = [args.grad_sample_mode] + ([m for m in MODES if m != args.grad_sample_mode] if args.all_modes else [])
         per_mode: dict[str, object] = {}
+        first_layout = None
         t_start = time.perf_counter()
         for mode in modes:
             C.log(f"  mode {mode}:")
@@ -261,6 +269,7 @@ def main(argv=None) -> int:
                         parts[0],
                     )
                     per_mode[mode] = measure(plain, dp, x, levels, args.steps, args.warmup)
+                    first_layout = dp_memory_format(dp)
                 C.log(f"    ratio {per_mode[mode]['ratio']:.2f}")
             except Exception as e:  # report, do not crash: some modes do not support every layer/layout
                 C.log(traceback.format_exc())
@@ -271,6 +280,7 @@ def main(argv=None) -> int:
         result, ok = _result(args, per_mode, base, source, params, trainable, hw, time.perf_counter() - t_start)
         result["parts"] = {parts[0]: {k: result[k] for k in ("ratio", "dp_step_seconds", "plain_step_seconds")}}
         result["parts"][parts[0]]["trainable_parameters"] = trainable
+        result["parts"][parts[0]]["dp_memory_format"] = first_layout
         for part in parts[1:]:
             result["parts"][part] = measure_part(args, base, frames, x, levels, part)
         emit(result)

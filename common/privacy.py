@@ -16,10 +16,12 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import register_grad_sampler
 
 from . import options as o
 from .errors import FedlvcError
 from .options import check_fields
+from .transforms import FiLM
 
 # Extend RDP orders: at small ε the optimum sits at the largest default order.
 RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 96, 128, 160, 192, 256, 384, 512]
@@ -52,6 +54,31 @@ def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
     gen = torch.Generator(device=torch.device(device))
     gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return gen
+
+
+@register_grad_sampler(FiLM)
+def film_grad_samples(layer: FiLM, activations, backprops: torch.Tensor) -> dict:
+    """Per-sample gradients of a :class:`common.transforms.FiLM` adapter (a per-channel scale and shift): for
+    sample n and channel c, Σ over positions of input × output gradient, and Σ of the output gradient. FiLM
+    is a Conv2d subclass, which Opacus would otherwise hand to functorch (its sampler table is looked up by
+    exact type): one vmapped convolution backward per layer, for what is one reduction. Indifferent to the
+    memory layout."""
+    x = activations[0]
+    out = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (x * backprops).sum((2, 3)).view(x.shape[0], *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum((2, 3))
+    return out
+
+
+def layout_safe_samples(model: torch.nn.Module) -> bool:
+    """Whether every module owning a trainable parameter is one whose per-sample gradients do not depend on
+    the memory layout (the FiLM adapters, :func:`film_grad_samples`): then DP training may run channels_last
+    like plain training. Opacus' convolution sampler returns wrong per-sample gradients on channels_last
+    tensors (tests/test_dp_grad_samples.py), so any other trainable module keeps DP training NCHW."""
+    owners = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return bool(owners) and all(type(m) is FiLM for m in owners)
 
 
 def make_private(model, optimizer, loader, dp: DPConfig, history=None):

@@ -22,7 +22,14 @@ from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
 from .model import CodecConfig, FedlvcCodec, with_adapters, with_motion, with_temporal_prior
 from .options import TRAIN_PARTS, Option, check_fields
-from .privacy import DPConfig, epsilon_from_history, fold_segment_grad_samples, make_private, poisson_sample_rate
+from .privacy import (
+    DPConfig,
+    epsilon_from_history,
+    fold_segment_grad_samples,
+    layout_safe_samples,
+    make_private,
+    poisson_sample_rate,
+)
 from .rdo import PFrameRule
 from .video import atomic_output
 
@@ -216,21 +223,22 @@ class Trainer:
     ):
         """``cfg``: a :class:`TrainConfig` or a federated ``RunConfig`` (crop_size, batch_size, learning_rate,
         row_frames, train_parts, p_rule, seed and, single-site, clip_norm). ``seed``: of the crops, when not
-        ``cfg.seed``. ``fast_layout``: channels_last activations (faster on a CPU; never under DP, whose
-        convolution sampler gets them wrong). ``restore(model, optimizer)`` loads a saved state before Opacus
+        ``cfg.seed``. ``fast_layout``: channels_last activations (faster on a CPU; under DP only where every
+        module Opacus samples is indifferent to the layout, :func:`common.privacy.layout_safe_samples`: its
+        convolution sampler gets channels_last wrong). ``restore(model, optimizer)`` loads a saved state before Opacus
         wraps."""
         self.model, self.device, self.dp = model.to(device).train(), device, dp
         self.clip_norm = getattr(cfg, "clip_norm", 1.0)  # federated rounds: 1, as always
         self.max_physical_batch = cfg.max_physical_batch
-        self.fast_layout = fast_layout and dp is None
-        if self.fast_layout:
-            self.model = self.model.to(memory_format=torch.channels_last)
         seed = cfg.seed if seed is None else seed
         dataset, loss_cls, self.forward = rows_dataset(
             rows, cfg.crop_size, model.cfg.num_levels, cfg.row_frames, seed, cfg.p_rule
         )
         self.sample_rate = poisson_sample_rate(len(dataset), cfg.batch_size)
         self.params = set_trainable(self.model, cfg.row_frames, cfg.train_parts)
+        self.fast_layout = fast_layout and (dp is None or layout_safe_samples(self.model))
+        if self.fast_layout:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(param_groups(self.model, cfg.train_parts, cfg.learning_rate))
         self.restored = restore(self.model, self.optimizer) if restore else None
         self.loss_fn = loss_cls(model.cfg.lambdas)

@@ -7,7 +7,9 @@ gradients, which would silently break the clipping bound (so DP training stays N
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -142,6 +144,52 @@ def test_channels_last_breaks_opacus_conv_sampler(no_noise):
     model.zero_grad()
     loss_fn(model(x, levels), x, levels).mean().backward()
     assert _max_rel_error(model, expected) > 1e-2
+
+
+def test_film_adapters_have_their_own_sampler_and_are_exact_on_channels_last(no_noise):
+    """The adapters' sampler (a reduction, not Opacus' functorch fallback for a Conv2d subclass) gives each
+    frame's own gradient whatever the layout: DP training of the adapters alone may run channels_last."""
+    from common.privacy import film_grad_samples, layout_safe_samples
+    from common.transforms import FiLM
+
+    assert GradSampleModule.GRAD_SAMPLERS[FiLM] is film_grad_samples
+    torch.manual_seed(3)
+    model = FedlvcCodec(CFG_FILM).train()
+    with torch.no_grad():  # adapters away from identity, so that their gradients differ per frame and channel
+        for m in model.modules():
+            if isinstance(m, FiLM):
+                m.weight.copy_(0.5 + torch.rand_like(m.weight))  # (no_noise makes uniform_ zero)
+                m.bias.copy_(0.2 * torch.rand_like(m.bias) - 0.1)
+        model.gain.log_gain.weight.fill_(math.log(100.0))  # latents that do not all round to 0
+        model.inv_gain.log_gain.weight.fill_(-math.log(100.0))
+    set_trainable(model, 0, "adapters")
+    assert layout_safe_samples(model)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    levels = torch.tensor([0, 2, 5])
+    loss_fn = RateDistortion(model.cfg.lambdas)
+    expected = _per_unit_grads(model, loss_fn, lambda m, a, b: m(a, b), x, levels)
+    assert all(g["g_s.film.0.weight"].abs().sum() > 0 and g["g_a.film.0.bias"].abs().sum() > 0 for g in expected)
+    GradSampleModule(model)
+    model.zero_grad()
+    loss_fn(model(x, levels), x, levels).mean().backward()
+    assert _max_rel_error(model, expected) < 1e-4
+
+
+@pytest.mark.parametrize("parts,safe", [("adapters", True), ("entropy", False), ("all", False)])
+def test_dp_training_runs_channels_last_only_when_every_sampled_module_allows_it(parts, safe):
+    from common.privacy import DPConfig
+    from common.training import TrainConfig, Trainer
+
+    frames = [np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(4)]
+    cfg = TrainConfig(crop_size=32, batch_size=2, learning_rate=1e-3, train_parts=parts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(FedlvcCodec(CFG_FILM), frames, cfg, dp=DPConfig(noise_multiplier=1.0), fast_layout=True)
+    assert trainer.fast_layout is safe
+    conv = trainer.model.g_a.layers[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is safe
+    assert Trainer(FedlvcCodec(CFG_FILM), frames, cfg, fast_layout=True).fast_layout  # without DP: always
 
 
 def test_the_v4_model_passes_opacus_strict_validation_and_has_no_buffers():
