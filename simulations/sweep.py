@@ -32,6 +32,7 @@ from common.video import atomic_output
 SWEEP_KEYS = {
     "noise-multipliers",
     "learning-rates",
+    "batch-sizes",
     "num-sites",
     "clip-only-reference",
     "x264-crfs",
@@ -69,6 +70,7 @@ class Setting:
     noise_multiplier: float
     clip_only: bool = False
     learning_rate: float | None = None  # this setting's own (learning-rates), else the run config's
+    batch_size: int | None = None  # this setting's own (batch-sizes), else the run config's
 
 
 def _number_in(value, top: float) -> bool:
@@ -116,10 +118,19 @@ def load_sweep(path) -> tuple[dict, list[Setting], RunConfig, dict]:
     for lr in rates:
         if lr is not None and not _number_in(lr, 1):
             raise FedlvcError(f"sweep config key 'learning-rates' holds {lr!r}: each must be a number in (0, 1]")
+    batches = sweep.get("batch-sizes", [None] * len(sigmas))
+    if not isinstance(batches, list) or len(batches) != len(sigmas):
+        raise FedlvcError("sweep config key 'batch-sizes' must be a list with one batch size per noise multiplier")
+    for b in batches:
+        if b is not None and not (isinstance(b, int) and not isinstance(b, bool) and _number_in(b, 4096)):
+            raise FedlvcError(f"sweep config key 'batch-sizes' holds {b!r}: each must be a whole number in [1, 4096]")
     settings = [
-        Setting(f"sigma_{float(s):g}", float(s), learning_rate=None if lr is None else float(lr))
-        for s, lr in zip(sigmas, rates)
+        Setting(f"sigma_{float(s):g}", float(s), learning_rate=None if lr is None else float(lr), batch_size=b)
+        for s, lr, b in zip(sigmas, rates, batches)
     ]
+    names = [st.name for st in settings]
+    if len(set(names)) != len(names):
+        raise FedlvcError("sweep config key 'noise-multipliers' holds a noise multiplier twice: one setting each")
     if sweep.get("clip-only-reference", True):
         settings.append(Setting("clip_only", 0.0, clip_only=True))
     return sweep, settings, rc, overrides
@@ -141,6 +152,7 @@ def _run_config_text(overrides: dict, setting: Setting, out_dir: Path, sites: in
             "out-dir": str(out_dir),
             "min-sites": sites,
             **({"learning-rate": setting.learning_rate} if setting.learning_rate is not None else {}),
+            **({"batch-size": setting.batch_size} if setting.batch_size is not None else {}),
         }
     )
     return " ".join(f"{k}={fmt(v)}" for k, v in items.items())
@@ -339,6 +351,7 @@ def write_study(path: Path, models, curves: dict, bpp: float, rc: RunConfig, set
             "noise_multiplier": None if s is None else s.noise_multiplier,
             "clip_only": None if s is None else s.clip_only,
             "learning_rate": None if s is None else (s.learning_rate or rc.learning_rate),
+            "batch_size": None if s is None else (s.batch_size or rc.batch_size),
             "epsilon": "inf" if math.isinf(privacy["epsilon"]) else privacy["epsilon"],
             "psnr_at_matched_bpp": psnr,
             "db_vs_non_private": None if psnr is None or ref_psnr is None else psnr - ref_psnr,

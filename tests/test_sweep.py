@@ -37,6 +37,11 @@ def _yaml(tmp_path, text: str) -> Path:
         ("noise-multipliers: [1.0]\nlearning-rates: [0.1, 0.2]\n", "learning-rates"),
         ("noise-multipliers: [1.0]\nlearning-rates: [0]\n", "learning-rates"),
         ("noise-multipliers: [1.0]\nrun-timeout-minutes: 0\n", "run-timeout-minutes"),
+        ("noise-multipliers: [1.0]\nbatch-sizes: [16, 32]\n", "batch-sizes"),
+        ("noise-multipliers: [1.0]\nbatch-sizes: [0]\n", "batch-sizes"),
+        ("noise-multipliers: [1.0]\nbatch-sizes: [8.5]\n", "batch-sizes"),
+        ("noise-multipliers: [1.0]\nbatch-sizes: [true]\n", "batch-sizes"),
+        ("noise-multipliers: [1.0, 1]\n", "noise-multipliers"),
         ("noise-multipliers: [1.0]\nrun-timeout-minutes: soon\n", "run-timeout-minutes"),
     ],
 )
@@ -111,6 +116,7 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path):
         """
 noise-multipliers: [0.0, 2.0]
 learning-rates: [0.001, 0.0005]
+batch-sizes: [8, 4]
 num-sites: 2
 clip-only-reference: false
 x264-crfs: [23, 33]
@@ -146,13 +152,14 @@ personal-steps: 2
     }
     assert all(math.isfinite(float(g["psnr_gain_db_at_final_quality"])) for g in gains)
     assert {g["epsilon"] for g in gains if g["setting"] == "sigma_0"} == {"inf"}
-    # The learning rate of each setting reached its run; study.json compares each with the non-private one.
-    for name, lr in (("sigma_0", 0.001), ("sigma_2", 0.0005)):
+    # The learning rate and batch size of each setting reached its run; study.json compares each with the
+    # non-private one.
+    for name, lr, batch in (("sigma_0", 0.001, 8), ("sigma_2", 0.0005, 4)):
         history = json.loads((out / "runs" / name / "history.json").read_text())
-        assert history["run_config"]["learning-rate"] == lr
+        assert history["run_config"]["learning-rate"] == lr and history["run_config"]["batch-size"] == batch
     study = json.loads((out / "study.json").read_text())
     assert study["non_private_reference"] == "sigma_0" and set(study["settings"]) == {"public", "sigma_0", "sigma_2"}
-    assert study["settings"]["sigma_2"]["learning_rate"] == 0.0005
+    assert study["settings"]["sigma_2"]["learning_rate"] == 0.0005 and study["settings"]["sigma_2"]["batch_size"] == 4
     assert set(study["settings"]["sigma_2"]["site_bd_rate_personal_vs_public"]) == {"site_0", "site_1"}
     if study["settings"]["sigma_0"]["psnr_at_matched_bpp"] is not None:
         assert study["settings"]["sigma_0"]["db_vs_non_private"] == 0.0
