@@ -6,12 +6,11 @@ a federated round run): the private side with Opacus as training wires it (``com
 Poisson sampling, per-sample clipping to C = 1 and Gaussian noise σ·C on Adam), the plain side with global
 gradient-norm clipping. Poisson sampling only changes which rows form a batch, so to compare like with like
 both sides are timed on one identical, fixed batch (the DP data loader is built but never iterated): forward
-+ RD loss + backward + optimizer step. Each side uses the layout training uses for it: DP stays NCHW (Opacus'
-convolution gradient sampler returns wrong per-sample gradients on ``channels_last`` tensors,
-tests/test_dp_grad_samples.py) unless only FiLM adapters train (their own sampler does not care,
-``common.privacy.layout_safe_samples``), the plain model and its batch are ``channels_last``, the batch converted inside
-the timed step. Both freeze what frame-row training cannot reach (the temporal prior) and start from the same
-weights.
++ RD loss + backward + optimizer step. Each side uses the layout training uses for it: ``channels_last`` model
+and batch (the batch converted inside the timed step), DP too where every trainable module's per-sample
+gradients are exact on it (``common.privacy.layout_safe_samples``: the convolutions' sampler takes NCHW
+copies, Opacus' own gets ``channels_last`` wrong, tests/test_dp_grad_samples.py), else NCHW for DP. Both
+freeze what frame-row training cannot reach (the temporal prior) and start from the same weights.
 
 Steps alternate (plain, DP, DP, plain, ...) so load changes hit both sides alike; ``--warmup`` steps of
 each are excluded. The ratio is the median DP step time over the median plain step time. Prints one
@@ -81,8 +80,8 @@ class Stepper:
 
 def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None, parts: str = "all") -> Stepper:
     """A trainer over the same frames and start weights: plain (channels_last, Adam with gradient-norm
-    clipping) or DP (NCHW but for the adapters alone, Opacus with Poisson sampling; its loader is built but
-    never iterated); ``parts``:
+    clipping) or DP (channels_last where layout-safe, else NCHW; Opacus with Poisson sampling; its loader is
+    built but never iterated); ``parts``:
     what it trains (``train-parts``)."""
     from common.model import with_adapters
     from common.training import TrainConfig, Trainer

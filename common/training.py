@@ -224,8 +224,8 @@ class Trainer:
         """``cfg``: a :class:`TrainConfig` or a federated ``RunConfig`` (crop_size, batch_size, learning_rate,
         row_frames, train_parts, p_rule, seed and, single-site, clip_norm). ``seed``: of the crops, when not
         ``cfg.seed``. ``fast_layout``: channels_last activations (faster on a CPU; under DP only where every
-        module Opacus samples is indifferent to the layout, :func:`common.privacy.layout_safe_samples`: its
-        convolution sampler gets channels_last wrong). ``restore(model, optimizer)`` loads a saved state before Opacus
+        module Opacus samples is indifferent to the layout, :func:`common.privacy.layout_safe_samples`: the
+        model's own module types are). ``restore(model, optimizer)`` loads a saved state before Opacus
         wraps."""
         self.model, self.device, self.dp = model.to(device).train(), device, dp
         self.clip_norm = getattr(cfg, "clip_norm", 1.0)  # federated rounds: 1, as always
@@ -236,7 +236,7 @@ class Trainer:
         )
         self.sample_rate = poisson_sample_rate(len(dataset), cfg.batch_size)
         self.params = set_trainable(self.model, cfg.row_frames, cfg.train_parts)
-        self.fast_layout = fast_layout and (dp is None or layout_safe_samples(self.model))
+        self.fast_layout = fast_layout and (dp is None or layout_safe_samples(self.model, dp.grad_sample_mode))
         if self.fast_layout:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(param_groups(self.model, cfg.train_parts, cfg.learning_rate))

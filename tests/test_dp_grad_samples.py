@@ -2,7 +2,8 @@
 segment rows (per-frame samples folded per segment) — checked against one backward pass per unit.
 
 The layout matters: on channels_last tensors Opacus' convolution sampler returns wrong per-sample
-gradients, which would silently break the clipping bound (so DP training stays NCHW)."""
+gradients, which would silently break the clipping bound; ours (``common.privacy.conv2d_grad_samples``)
+hands it NCHW copies, so every check runs on NCHW and on channels_last models and batches."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
+from torch import nn
 
 from common.losses import RateDistortion, SegmentRateDistortion
 from common.model import CodecConfig, FedlvcCodec
@@ -51,12 +53,21 @@ def _max_rel_error(model, expected) -> float:
     return worst
 
 
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("parts", ["all", "entropy"])
 @pytest.mark.parametrize("cfg", [CFG, CFG_V4, CFG_FILM], ids=["v3", "v4", "v3-adapters"])
-def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise, cfg):
+def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise, cfg, parts, layout):
+    from common.privacy import layout_safe_samples
+
     torch.manual_seed(0)
     model = FedlvcCodec(cfg).train()
-    set_trainable(model, 0)
-    x, levels = torch.rand(3, 3, 32, 32), torch.tensor([0, 2, 5])
+    set_trainable(model, 0, parts)
+    assert layout_safe_samples(model)  # as the Trainer decides: these run channels_last under DP
+    model = model.to(memory_format=layout)
+    x, levels = torch.rand(3, 3, 32, 32).contiguous(memory_format=layout), torch.tensor([0, 2, 5])
     loss_fn = RateDistortion(model.cfg.lambdas)
     expected = _per_unit_grads(model, loss_fn, lambda m, a, b: m(a, b), x, levels)
     GradSampleModule(model)
@@ -65,9 +76,10 @@ def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise, cfg):
     assert _max_rel_error(model, expected) < 1e-4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("cfg", [CFG, CFG_V4, CFG_FILM], ids=["v3", "v4", "v3-adapters"])
 @pytest.mark.parametrize("frames,rule", [(2, PFrameRule()), (4, PFrameRule()), (4, PFrameRule(rd_weight=1.0))])
-def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, rule, cfg):
+def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, rule, cfg, layout):
     """Also with rate-distortion optimised P-frames, whose channel sensitivities take a backward pass of
     their own inside the forward: Opacus' hooks must not see it, and a row's choices depend on that row."""
     torch.manual_seed(1)
@@ -76,6 +88,7 @@ def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, r
         model.gain.log_gain.weight.fill_(math.log(100.0))
         model.inv_gain.log_gain.weight.fill_(-math.log(100.0))
     set_trainable(model, frames)
+    model = model.to(memory_format=layout)  # segment batches stay 5-D NCHW; the model's layout is training's
     x, levels = torch.rand(3, frames, 3, 32, 32), torch.tensor([1, 3, 4])
     with torch.no_grad():
         y = model.analysis(x.flatten(0, 1), levels.repeat_interleave(frames))
@@ -132,18 +145,30 @@ def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, p
     assert _max_rel_error(model, expected) < 1e-4
 
 
-def test_channels_last_breaks_opacus_conv_sampler(no_noise):
-    """Why training keeps DP in NCHW: if this starts passing (Opacus fixed), channels_last could be used."""
+@pytest.mark.parametrize(
+    "conv",
+    [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 5, stride=2, padding=2), nn.Conv2d(8, 8, 3, padding=1, groups=8)],
+    ids=["3x3", "5x5-stride-2", "depthwise"],
+)
+def test_the_convolution_sampler_is_ours_and_exact_where_opacus_is_not(conv):
+    """Why the convolutions have a sampler of their own: Opacus' gets channels_last inputs wrong (if that
+    check starts failing, Opacus fixed it and ours could go); ours equals it on NCHW inputs."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from common.privacy import conv2d_grad_samples
+
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_samples
     torch.manual_seed(0)
-    model = FedlvcCodec(CFG).train()
-    set_trainable(model, 0)
-    x, levels = torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([0, 2, 5])
-    loss_fn = RateDistortion(model.cfg.lambdas)
-    expected = _per_unit_grads(model, loss_fn, lambda m, a, b: m(a, b), x, levels)
-    GradSampleModule(model)
-    model.zero_grad()
-    loss_fn(model(x, levels), x, levels).mean().backward()
-    assert _max_rel_error(model, expected) > 1e-2
+    x = torch.randn(4, 8, 12, 12)
+    g = torch.randn_like(conv(x))
+    last = [t.contiguous(memory_format=torch.channels_last) for t in (x, g)]
+    want = compute_conv_grad_sample(conv, [x], g)
+    opacus_last = compute_conv_grad_sample(conv, [last[0]], last[1])
+    ours_last = conv2d_grad_samples(conv, [last[0]], last[1])
+    assert (opacus_last[conv.weight] - want[conv.weight]).abs().max() > 1e-2 * want[conv.weight].abs().max()
+    for p in (conv.weight, conv.bias):
+        assert torch.allclose(ours_last[p], want[p], atol=1e-5)
+        assert torch.equal(conv2d_grad_samples(conv, [x], g)[p], want[p])
 
 
 def test_film_adapters_have_their_own_sampler_and_are_exact_on_channels_last(no_noise):
@@ -176,20 +201,36 @@ def test_film_adapters_have_their_own_sampler_and_are_exact_on_channels_last(no_
     assert _max_rel_error(model, expected) < 1e-4
 
 
-@pytest.mark.parametrize("parts,safe", [("adapters", True), ("entropy", False), ("all", False)])
-def test_dp_training_runs_channels_last_only_when_every_sampled_module_allows_it(parts, safe):
+@pytest.mark.parametrize(
+    "parts,mode,safe",
+    [("adapters", "hooks", True), ("entropy", "hooks", True), ("all", "hooks", True), ("all", "functorch", False)],
+)
+def test_dp_training_runs_channels_last_only_when_every_sampled_module_allows_it(parts, mode, safe):
     from common.privacy import DPConfig
     from common.training import TrainConfig, Trainer
 
     frames = [np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(4)]
     cfg = TrainConfig(crop_size=32, batch_size=2, learning_rate=1e-3, train_parts=parts)
+    dp = DPConfig(noise_multiplier=1.0, grad_sample_mode=mode)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = Trainer(FedlvcCodec(CFG_FILM), frames, cfg, dp=DPConfig(noise_multiplier=1.0), fast_layout=True)
+        trainer = Trainer(FedlvcCodec(CFG_FILM), frames, cfg, dp=dp, fast_layout=True)
     assert trainer.fast_layout is safe
     conv = trainer.model.g_a.layers[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) is safe
     assert Trainer(FedlvcCodec(CFG_FILM), frames, cfg, fast_layout=True).fast_layout  # without DP: always
+
+
+def test_a_module_of_another_type_keeps_dp_training_nchw():
+    from common.privacy import layout_safe_samples
+
+    assert layout_safe_samples(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)))
+    assert not layout_safe_samples(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))  # its sampler: untested
+    frozen_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4))
+    frozen_norm[1].requires_grad_(False)
+    assert layout_safe_samples(frozen_norm)  # only what trains is sampled
+    assert not layout_safe_samples(nn.Sequential(nn.Conv2d(3, 4, 3)), "functorch")
+    assert not layout_safe_samples(nn.Sequential(nn.ReLU()))  # nothing trains
 
 
 def test_the_v4_model_passes_opacus_strict_validation_and_has_no_buffers():
