@@ -111,9 +111,10 @@ def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, r
     assert _max_rel_error(model, expected) < 1e-4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("rule", [PFrameRule(), PFrameRule(rd_weight=1.0)], ids=["rounding", "rdo"])
 @pytest.mark.parametrize("parts", ["motion", "all"])
-def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, parts):
+def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, parts, layout):
     """A motion model's segments: the intra path on the I-frames, the residual codec on the P-frames (B·(S−1)
     rows), the priors on the segments — and the coder's chain (search, prediction, choice) in between, which
     Opacus' hooks must not see and in which a row's decisions depend on that row alone."""
@@ -128,6 +129,7 @@ def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, p
             g.log_gain.weight.fill_(-math.log(100.0))
     frames = 3
     set_trainable(model, frames, parts)
+    model = model.to(memory_format=layout)
     base = torch.rand(3, 3, 48, 48)
     x = torch.stack([base[..., s : s + 32, 2 * s : 2 * s + 32] for s in range(frames)], 1)  # moving content
     levels = torch.tensor([1, 3, 4])
