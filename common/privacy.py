@@ -79,8 +79,7 @@ def conv2d_grad_samples(layer: torch.nn.Conv2d, activations, backprops: torch.Te
     per-sample weight gradients (tests/test_dp_grad_samples.py), which would silently break the clipping
     bound. The copies are made once per sampled layer and step, so DP training may run channels_last like
     plain training (faster than NCHW on these CPUs even with the copies: docs/results.md, DP cost per trained
-    part); on NCHW tensors they are
-    no-ops and this is Opacus' sampler."""
+    part); on NCHW tensors they are no-ops and this is Opacus' sampler."""
     return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops.contiguous())
 
 
