@@ -256,6 +256,11 @@ def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, rc: RunConfig
     return {"bpp": m["summary"]["bpp"], "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
 
 
+def rd_points(model: FedlvcCodec, frames: np.ndarray, rc: RunConfig) -> list[dict]:
+    """:func:`_measure` (without MS-SSIM) at every quality level of ``model``: one model's curve in ``query.rd``."""
+    return [_measure(model, frames, q, rc, with_ms_ssim=False) for q in range(1, model.cfg.num_levels + 1)]
+
+
 def _quality(model: FedlvcCodec, quality: int) -> int:
     if not 1 <= quality <= model.cfg.num_levels:
         raise FedlvcError(f"quality {quality} is not one of the model's levels 1..{model.cfg.num_levels}")
@@ -359,7 +364,7 @@ def rd(msg: Message, context: Context) -> Message:
         if not note:
             models["personal"] = personal
     for key, model in models.items():
-        points = [_measure(model, frames, q, rc, with_ms_ssim=False) for q in range(1, model.cfg.num_levels + 1)]
+        points = rd_points(model, frames, rc)
         metrics[f"bpp-{key}"] = [p["bpp"] for p in points]
         metrics[f"psnr-{key}"] = [p["psnr"] for p in points]
     _count_release(context, "rd", policy)

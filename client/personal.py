@@ -51,6 +51,15 @@ def why_no_personal(rc: RunConfig, policy: SitePolicy, folder: Path | None) -> s
     return ""
 
 
+def personal_file(global_fingerprint: str, rc: RunConfig) -> str:
+    """The file name of the personal model a site trains from the global model with this fingerprint (hex) under
+    ``rc``'s personal settings: one per global model, steps, privacy unit, parts and learning rate."""
+    key = f"{global_fingerprint[:16]}-{rc.personal_steps}-{rc.privacy_unit}{rc.unit_frames}-{rc.personal_parts}"
+    if rc.personal_learning_rate:  # (the name of a personal model trained at the run's rate stays as it was)
+        key += f"-lr{rc.personal_learning_rate:g}"
+    return f"personal-{key}.safetensors"
+
+
 def personal_model(
     global_model: FedlvcCodec, rows: list, rc: RunConfig, policy: SitePolicy, node_config, name: str, seed: int
 ) -> tuple[FedlvcCodec, str]:
@@ -66,10 +75,7 @@ def personal_model(
     global_fp = fingerprint(global_model).hex()
     parts = rc.personal_parts
     lr = rc.personal_learning_rate or rc.learning_rate
-    key = f"{global_fp[:16]}-{rc.personal_steps}-{rc.privacy_unit}{rc.unit_frames}-{parts}"
-    if rc.personal_learning_rate:  # (the name of a personal model trained at the run's rate stays as it was)
-        key += f"-lr{lr:g}"
-    path = folder / f"personal-{key}.safetensors"
+    path = folder / personal_file(global_fp, rc)
     if path.is_file():
         try:
             return load_model(path), ""
