@@ -163,9 +163,39 @@ personal-steps: 2
     assert set(study["settings"]["sigma_2"]["site_bd_rate_personal_vs_public"]) == {"site_0", "site_1"}
     if study["settings"]["sigma_0"]["psnr_at_matched_bpp"] is not None:
         assert study["settings"]["sigma_0"]["db_vs_non_private"] == 0.0
+    _measure_setting_agrees(out, study["settings"]["sigma_2"])
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert cli(["sweep", str(config), "--out", str(out), "--quiet"]) == 0  # resumes: nothing is rerun
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == finished
+
+
+def _measure_setting_agrees(out: Path, entry: dict) -> None:
+    """``simulations/measure_setting.py`` (for a setting stopped before its summary.json) reports what the sweep
+    and its sites did for a finished one; a personal model it trains in a site's place is the site's."""
+    from client.personal import personal_file
+    from common.checkpoint import fingerprint, load_model
+    from simulations import measure_setting
+
+    sites_dir = out / "runtime" / "runs" / "sites"
+    final_model = load_model(out / "runs" / "sigma_2" / "final.safetensors")
+    rc = RunConfig.from_mapping(json.loads((out / "runs" / "sigma_2" / "history.json").read_text())["run_config"])
+    stored = sites_dir / "site_1" / "personal" / personal_file(fingerprint(final_model).hex(), rc)
+    site_made, final = load_model(stored).state_dict(), final_model.state_dict()
+    for p in stored.parent.glob(stored.stem + ".*"):
+        p.unlink()
+    run = [str(out / "runs" / "sigma_2"), "--sites", "2", "--sites-dir", str(sites_dir)]
+    measured = measure_setting.main([*run, "--train-personal", "1"])
+    remade = load_model(stored).state_dict()  # the same name: the same final model, steps, parts and rate
+    assert max((site_made[k] - final[k]).abs().max().item() for k in final) > 1e-4  # fine-tuning moved it
+    assert max((site_made[k] - remade[k]).abs().max().item() for k in final) < 1e-5  # the site's rows and seed
+    assert set(remade) == set(site_made)
+    for site in ("site_0", "site_1"):
+        assert measured["sites"][site]["federated"] == entry["site_bd_rate_vs_public"][site]
+        assert measured["sites"][site]["personal"] == pytest.approx(entry["site_bd_rate_personal_vs_public"][site])
+    pooled, reference = measured["psnr_at_matched_bpp"]["final"], entry["psnr_at_matched_bpp"]
+    assert (pooled is None) == (reference is None) and pooled == pytest.approx(reference, abs=1e-9)
+    with pytest.raises(FedlvcError, match="needs --sites-dir <runtime>/runs/sites"):
+        measure_setting.main([run[0], "--train-personal", "1", "--train-only"])
 
 
 def test_the_sweep_measures_a_streamed_site_on_the_frames_it_holds_out():
