@@ -28,7 +28,7 @@ from common.privacy import DPConfig, poisson_sample_rate
 from common.training import local_train
 
 from .ledger import earlier_ledger, open_ledger, state_dir_of
-from .personal import personal_model
+from .personal import personal_model, personal_seed
 from .policy import SitePolicy
 from .secure import FITINS_ARRAYS, masked, masked_update_records, positional_state_dict, secure_aggregation_mod
 from .secure import train_config as _config
@@ -289,7 +289,7 @@ def _coding_model(model: FedlvcCodec, rc: RunConfig, policy: SitePolicy, context
     if not rc.personal_steps:
         return model, ""
     site = load_site(context.node_config, rc, policy, context.node_id)
-    return personal_model(model, site.train_rows, rc, policy, context.node_config, name, rc.seed + 7919 + number)
+    return personal_model(model, site.train_rows, rc, policy, context.node_config, name, personal_seed(rc, number))
 
 
 @app.query("compress")

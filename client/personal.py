@@ -60,6 +60,11 @@ def personal_file(global_fingerprint: str, rc: RunConfig) -> str:
     return f"personal-{key}.safetensors"
 
 
+def personal_seed(rc: RunConfig, number: int) -> int:
+    """The seed a site trains its personal model with (its crops and sampling): the run's seed and its number."""
+    return rc.seed + 7919 + number
+
+
 def personal_model(
     global_model: FedlvcCodec, rows: list, rc: RunConfig, policy: SitePolicy, node_config, name: str, seed: int
 ) -> tuple[FedlvcCodec, str]:

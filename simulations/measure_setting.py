@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from client.app import rd_points
-from client.personal import personal_file, personal_model
+from client.personal import personal_file, personal_model, personal_seed
 from client.policy import SitePolicy
 from client.site import SIMULATED_OUT, load_site, site_identity
 from common.checkpoint import fingerprint, load_model
@@ -99,7 +99,7 @@ def train_personal(final, rc: RunConfig, pid: int, sites: int, sites_dir: Path |
     name, number = site_identity(node_config)
     with contextlib.chdir(sites_dir.resolve().parent.parent):  # the simulated site's cwd
         site = load_site(node_config, rc, policy, number)
-        _, note = personal_model(final, site.train_rows, rc, policy, node_config, name, rc.seed + 7919 + number)
+        _, note = personal_model(final, site.train_rows, rc, policy, node_config, name, personal_seed(rc, number))
     if note:
         raise FedlvcError(f"{name}: {note}")
     return sites_dir / name / "personal"
