@@ -602,13 +602,23 @@ def _healthy_round_timeout() -> float:
 @pytest.mark.slow
 def test_a_site_that_times_out_does_not_sink_the_round(tmp_path, monkeypatch):
     """Site 1 stalls in round 1 until well after the round's timeout, which is derived from a healthy round
-    measured here and now (a fixed 35 s once failed on a loaded 2-core machine)."""
+    measured here and now (a fixed 35 s once failed on a loaded 2-core machine). The machine can still get busier
+    after the measurement, so that the healthy sites miss the timeout too (seen once with a federated study
+    training beside the tests): that says nothing of what is tested, so the run is repeated with the timeout
+    doubled, up to three times; a run where the healthy sites replied in time must show the stalled site dropped
+    and the round going on without it."""
     timeout = _healthy_round_timeout()
-    monkeypatch.setenv("FEDLVC_INJECT_HANG", f"1:1:{2 * timeout + 10:.0f}")
-    rounds = _simulate(tmp_path, f"{TINY_RUN} min-sites=2 round-timeout={timeout:.1f}", tmp_path / "out", sites=3)
-    assert [r["round"] for r in rounds] == [1, 2]
-    dropped = rounds[0]["dropped"]
-    assert len(dropped) == 1 and "timeout" in dropped[0]["reason"]
+    for attempt in range(3):
+        monkeypatch.setenv("FEDLVC_INJECT_HANG", f"1:1:{2 * timeout + 10:.0f}")
+        out, config = tmp_path / f"out{attempt}", f"{TINY_RUN} min-sites=2 round-timeout={timeout:.1f}"
+        rounds = _simulate(tmp_path / f"runtime{attempt}", config, out, sites=3)
+        assert [r["round"] for r in rounds] == [1, 2]
+        dropped = rounds[0]["dropped"]
+        assert all("timeout" in d["reason"] for d in dropped)
+        if len(dropped) <= 1:  # every healthy site replied in time
+            break
+        timeout *= 2
+    assert len(dropped) == 1, dropped
     assert {k for k, v in rounds[0]["sites"].items() if "epsilon" in v} == {"site_0", "site_2"}
 
 
