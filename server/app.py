@@ -447,11 +447,20 @@ def _query(grid: Grid, rc: RunConfig, kind: str, records: dict, config: dict, fe
     """Send a query to every site, for the last round it was asked to train in (a site answers a query for
     its latest training round only); {site: check(reply)} or {site: {"refused" | "dropped": why}}."""
     messages = []
-    for nid in grid.get_node_ids():
+    node_ids = list(grid.get_node_ids())
+    for nid in node_ids:
         last = max((r for r, nodes in fedavg.sampled.items() if nid in nodes), default=0)
         content = RecordDict({**records, "config": ConfigRecord({**config, "server-round": last})})
         messages.append(Message(content=content, dst_node_id=nid, message_type=f"query.{kind}"))
-    return answers(grid.send_and_receive(messages, timeout=rc.round_timeout), fedavg.registry, check)
+    replies = list(grid.send_and_receive(messages, timeout=rc.round_timeout))
+    out = answers(replies, fedavg.registry, check)
+    replied = {int(m.metadata.src_node_id) for m in replies}
+    for nid in node_ids:  # a site that did not answer in time is listed, not left out of the summary
+        if int(nid) not in replied:
+            label = fedavg.registry.labels.get(int(nid), f"node_{nid}")
+            why = f"no reply to query.{kind} within round-timeout ({rc.round_timeout:g} s)"
+            out.setdefault(label, {"dropped": why})
+    return out
 
 
 def final_compression(grid: Grid, rc: RunConfig, final: FedlvcCodec, fedavg: SiteFedAvg) -> dict:

@@ -1,7 +1,8 @@
 """``fedlvc sweep CONFIG.yaml --out DIR``: privacy vs quality, one federated simulation per noise setting.
 
 Each setting runs the same ServerApp/ClientApp on Flower's simulation runtime (a SuperLink this process
-starts and stops). A setting whose ``runs/<name>/summary.json`` exists is not rerun, so a sweep resumes.
+starts and stops). A setting whose ``runs/<name>/summary.json`` exists is not rerun, so a sweep resumes (one
+that misses a site's figures is refused with what to do, not taken as finished).
 Then every final model is measured at every quality level on the sites' held-out frames (never trained on),
 with x264 on the same frames, into ``results.csv``, ``privacy_quality.png``, ``rd_curves.png`` and
 ``recon_grid.png``. Rows also give the public starting model (no fine-tuning, ε = 0).
@@ -190,6 +191,8 @@ def run_sweep(config_path, out_dir, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(config_path, out / "sweep.yaml")
     sites = sweep["num-sites"]
+    for s in settings:  # a kept run whose sites did not all answer the final queries is not taken as finished
+        _check_summary(out, s)
     todo = [s for s in settings if not (out / "runs" / s.name / "summary.json").is_file()]
     if todo:
         from .local_runtime import SimulationRuntime
@@ -221,9 +224,32 @@ def run_sweep(config_path, out_dir, progress: bool = True) -> Path:
                     raise FedlvcError(
                         f"sweep setting {s.name} failed (status {result['status']}); see {run_dir / 'flwr-run.log'}"
                     )
+                _check_summary(out, s)
                 bar.update(1)
     write_results(out, sweep, settings, rc, sites, progress)
     return out
+
+
+def _check_summary(out: Path, setting: Setting) -> None:
+    """Refuse a setting whose ``summary.json`` misses a site's compression or gain: every simulated site is
+    ours, so one that was dropped (for example no reply to the final queries within round-timeout, while it
+    trained its personal model) leaves the study without its figures. The run's training is kept."""
+    path = out / "runs" / setting.name / "summary.json"
+    if not path.is_file():
+        return
+    sites = json.loads(path.read_text()).get("sites") or {}
+    missing = [
+        f"{name}: {v.get('dropped') or 'no gain over the public model'}"
+        for name, v in sorted(sites.items())
+        if "refused" not in v and (v.get("dropped") or v.get("gain_over_public") is None)
+    ]
+    if not sites or missing:
+        why = "; ".join(missing) if missing else "no site answered the final queries"
+        raise FedlvcError(
+            f"sweep setting {setting.name} finished without every site's figures ({why}); raise round-timeout "
+            f"and remove {path.parent} to run it again, or measure its final model with "
+            f"python -m simulations.measure_setting {path.parent}"
+        )
 
 
 def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig, sites: int, progress: bool) -> None:

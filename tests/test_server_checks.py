@@ -185,3 +185,29 @@ def test_inconsistent_metrics_are_dropped(bad):
     fedavg = _strategy(model, [1])
     assert fedavg.aggregate_train(1, [_reply(1, _moved(model, 0.1), **bad)]) == (None, None)
     assert len(fedavg.train_log[1]["dropped"]) == 1
+
+
+def test_a_site_that_does_not_answer_a_final_query_in_time_is_listed_as_dropped():
+    """A site silent past round-timeout (say, still training its personal model) is in the summary with the
+    reason, not left out of it as if it never took part."""
+    from server.app import _query
+    from server.replies import checked_compress_summary
+
+    class Grid:  # node 1 answers, node 2 stays silent until the timeout
+        def get_node_ids(self):
+            return [1, 2]
+
+        def send_and_receive(self, messages, timeout):
+            self.timeout = timeout
+            ask = next(m for m in messages if m.metadata.dst_node_id == 1)
+            m = {"bytes": 100, "frames": 2, "bpp": 0.5, "psnr": 30.0, "quality": 4}
+            content = {"metrics": MetricRecord(m), "site": ConfigRecord({"name": "site_0"})}
+            return [Message(RecordDict(content), reply_to=ask)]
+
+    grid = Grid()
+    rc = RunConfig.from_mapping({"round-timeout": 90.0})
+    fedavg = SiteFedAvg(rc)
+    out = _query(grid, rc, "compress", {}, {"quality": 4}, fedavg, lambda r: checked_compress_summary(r) or {})
+    assert grid.timeout == 90.0
+    assert out["site_0"]["bytes"] == 100
+    assert out["node_2"] == {"dropped": "no reply to query.compress within round-timeout (90 s)"}

@@ -96,11 +96,45 @@ def test_a_setting_past_its_time_limit_is_one_clear_error_and_finished_settings_
     out = tmp_path / "o"
     done = out / "runs" / "sigma_0"
     done.mkdir(parents=True)
-    (done / "summary.json").write_text("{}")  # sigma_0 finished in an earlier sweep: not run again
+    finished = json.dumps({"rounds": 1, "sites": {"site_0": {"gain_over_public": {"bd_rate_percent": -1.0}}}})
+    (done / "summary.json").write_text(finished)  # sigma_0 finished in an earlier sweep: not run again
     assert cli(["sweep", str(path), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sigma_1 did not finish within 1.5 minutes (run-timeout-minutes)" in err[0]
-    assert asked == [90.0] and (done / "summary.json").read_text() == "{}"
+    assert asked == [90.0] and (done / "summary.json").read_text() == finished
+
+
+@pytest.mark.parametrize(
+    "sites, why",
+    [
+        ({}, "no site answered the final queries"),
+        (
+            {
+                "site_0": {"gain_over_public": {"bd_rate_percent": -1.0}},
+                "site_1": {"dropped": "no reply to query.compress within round-timeout (3600 s)"},
+            },
+            "site_1: no reply to query.compress within round-timeout (3600 s)",
+        ),
+        ({"site_0": {"bytes": 10, "gain_over_public": None}}, "site_0: no gain over the public model"),
+    ],
+)
+def test_a_kept_run_without_every_sites_figures_is_one_clear_error_not_a_finished_setting(
+    tmp_path, monkeypatch, capsys, sites, why
+):
+    import simulations.local_runtime as lr
+
+    monkeypatch.setattr(lr, "SimulationRuntime", None)  # nothing may be run again: the runtime is never started
+    path = _yaml(tmp_path, "noise-multipliers: [1.0]\nclip-only-reference: false\n")
+    out = tmp_path / "o"
+    kept = out / "runs" / "sigma_1"
+    kept.mkdir(parents=True)
+    summary = json.dumps({"rounds": 5, "sites": sites})
+    (kept / "summary.json").write_text(summary)
+    assert cli(["sweep", str(path), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"sigma_1 finished without every site's figures ({why})" in err[0]
+    assert "round-timeout" in err[0] and "simulations.measure_setting" in err[0]
+    assert (kept / "summary.json").read_text() == summary and not (out / "results.csv").exists()
 
 
 def test_psnr_at_matched_bpp_interpolates_in_log_rate():
