@@ -182,9 +182,25 @@ def _model_config(args):
     return CodecConfig.v4() if args.architecture == "v4" else CodecConfig()
 
 
+def _train_device(name: str | None):
+    """The device `fedlvc train` trains on: ``--device``, default CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FedlvcError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FedlvcError(f"--device {name}: this torch sees no CUDA GPU")
+    return device
+
+
 def cmd_train(args) -> int:
     from common.training import train
 
+    device = _train_device(args.device)
     cfg = _train_config(args)
     dp = _dp_config(args, cfg)
     with tqdm(total=args.steps, desc="training", unit="step", disable=args.quiet) as bar:
@@ -205,6 +221,7 @@ def cmd_train(args) -> int:
             log=log,
             progress=progress,
             motion=args.motion,
+            device=device,
         )
     eps = summary["epsilon"]
     unit = "segments" if cfg.segment_frames else "frames"
@@ -327,6 +344,7 @@ def _train_parser(sub) -> None:
         "residual codec that starts as a copy of the intra one; every I-frame stays as it was); train them on "
         "segments with --train-parts motion",
     )
+    t.add_argument("--device", help="torch device to train on (cpu, cuda, cuda:1; default: cuda when present)")
     for opt in TRAIN_OPTIONS:
         if opt.name in ("rd-weight", "skip-threshold", "segment-frames"):  # the CLI's own forms, below
             continue

@@ -3,6 +3,7 @@ by validation rate–distortion loss rather than the last one (training can dive
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from . import options as o
-from .checkpoint import load_model, save_model
+from .checkpoint import load_model, read_meta, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
@@ -366,7 +367,7 @@ def validation_loss(model: FedlvcCodec, crops: torch.Tensor, rule: PFrameRule = 
     loss_fn = (SegmentRateDistortion if segments else RateDistortion)(model.cfg.lambdas)
     total, per_level = 0.0, []
     for q in range(model.cfg.num_levels):
-        levels = torch.full((crops.shape[0],), q, dtype=torch.long)
+        levels = torch.full((crops.shape[0],), q, dtype=torch.long, device=crops.device)
         out = model.forward_segment(crops, levels, rule) if segments else model(crops, levels)
         out["x_hat"] = out["x_hat"].clamp(0, 1)
         total += loss_fn(out, crops, levels).mean().item()
@@ -437,7 +438,8 @@ class _Checkpoints:
         log,
     ):
         self.out, self.trainer, self.cfg, self.dp, self.info, self.meta = out, trainer, cfg, dp, info, meta
-        self.val_crops, self.log = val_crops, log
+        self.val_crops, self.log = val_crops.to(trainer.device), log
+        self.before = meta["trained_before"]
         self.started, self.last = time.time() - info["wall_seconds"], time.time()
         self.nonfinite_before = info.get("nonfinite_steps", 0)
 
@@ -474,10 +476,16 @@ class _Checkpoints:
                         "levels": [[round(v["bpp"], 3), round(v["psnr"], 2)] for v in val["levels"]],
                         "epsilon": self.epsilon(),
                         "wall_s": round(info["wall_seconds"]),
+                        "total_steps": self.before["steps"] + info["step"],
+                        "total_h": round((self.before["wall_seconds"] + info["wall_seconds"]) / 3600, 3),
                     }
                 )
             )
         meta = dict(self.meta, steps=info["step"], wall_seconds=round(info["wall_seconds"], 1), validation=val)
+        meta["total"] = {
+            "steps": self.before["steps"] + info["step"],
+            "wall_seconds": round(self.before["wall_seconds"] + info["wall_seconds"], 1),
+        }
         if self.dp is not None:
             info["dp_history"] = [list(h) for h in self.trainer.history]
             meta["dp"] = dict(
@@ -488,10 +496,47 @@ class _Checkpoints:
             )
         if info["best_val"] is None or val["loss"] <= info["best_val"] or self.dp is not None:
             info["best_val"] = val["loss"]
-            save_model(self.out, model, meta)
+            # the integer coding tables of a checkpoint are derived on the CPU
+            on_cpu = torch.device(self.trainer.device).type == "cpu"
+            save_model(self.out, model if on_cpu else copy.deepcopy(model).cpu(), meta)
         _save_state(self.out, model, self.trainer.optimizer, info)
         self.last = time.time()
         return val
+
+
+def trained_before(init_model: str | Path | None) -> dict:
+    """Steps and wall seconds a starting checkpoint had already been trained: its ``meta.total``, else the sum of
+    its ``meta.stages`` (a hand-assembled checkpoint), else its own ``steps``/``wall_seconds``; zero for a fresh
+    model. Lets a campaign of runs, each started from the last one's checkpoint, log cumulative figures."""
+    meta = read_meta(init_model) if init_model else {}
+    if "total" in meta:
+        return {"steps": int(meta["total"]["steps"]), "wall_seconds": float(meta["total"]["wall_seconds"])}
+    parts = list(meta.get("stages", {}).values()) if isinstance(meta.get("stages"), dict) else [meta]
+    return {
+        "steps": sum(int(p.get("steps", 0)) for p in parts),
+        "wall_seconds": sum(float(p.get("wall_seconds", 0.0)) for p in parts),
+    }
+
+
+def _check_run(out: Path, cfg: TrainConfig, model_cfg: CodecConfig) -> None:
+    if out.suffix != ".safetensors":
+        raise FedlvcError(f"--out must end in .safetensors: {out}")
+    if not out.parent.is_dir():
+        raise FedlvcError(f"output folder does not exist: {out.parent}")
+    if cfg.crop_size % model_cfg.stride:
+        raise FedlvcError(f"crop size must be a multiple of {model_cfg.stride}")
+
+
+def _start_model(init_model, model_cfg: CodecConfig, cfg: TrainConfig, motion: bool) -> FedlvcCodec:
+    """The model a run starts from (a checkpoint, or a fresh one of ``model_cfg``) with the parts it trains added."""
+    model = load_model(init_model).train() if init_model else FedlvcCodec(model_cfg)
+    if cfg.segment_frames:
+        model = with_temporal_prior(model)
+    if motion:
+        model = with_motion(model)
+    if cfg.train_parts == "adapters":
+        model = with_adapters(model)
+    return model
 
 
 def train(
@@ -504,39 +549,32 @@ def train(
     log=print,
     progress=None,
     motion: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
-    """Train on the frames of ``video_dirs`` and write the best checkpoint to ``out`` (.safetensors).
-    ``motion``: give the model motion-compensated P-frames first (:func:`common.model.with_motion`).
+    """Train on the frames of ``video_dirs`` and write the best checkpoint to ``out`` (.safetensors), on
+    ``device`` (checkpoints are written from the CPU). ``motion``: give the model motion-compensated P-frames
+    first (:func:`common.model.with_motion`).
 
     Resumes from ``<out>.train-state.*`` when present. Returns a summary (steps, validation, ε)."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise FedlvcError(f"--out must end in .safetensors: {out}")
-    if not out.parent.is_dir():
-        raise FedlvcError(f"output folder does not exist: {out.parent}")
-    model_cfg = model_cfg or CodecConfig()
-    if cfg.crop_size % model_cfg.stride:
-        raise FedlvcError(f"crop size must be a multiple of {model_cfg.stride}")
+    out, model_cfg = Path(out), model_cfg or CodecConfig()
+    _check_run(out, cfg, model_cfg)
     torch.manual_seed(cfg.seed)
     paths, train_rows, held_out = _training_rows(video_dirs, cfg)
-    model = load_model(init_model).train() if init_model else FedlvcCodec(model_cfg)
-    if cfg.segment_frames:
-        model = with_temporal_prior(model)
-    if motion:
-        model = with_motion(model)
-    if cfg.train_parts == "adapters":
-        model = with_adapters(model)
+    model = _start_model(init_model, model_cfg, cfg, motion)
     info = _read_info(out)
     if info:
         log(f"resuming from step {info['step']} (best validation loss {info['best_val']})")
     info = info or {"step": 0, "best_val": None, "wall_seconds": 0.0, "dp_history": [], "nonfinite_steps": 0}
     restore = (lambda m, o: _load_tensors(out, m, o)) if info["step"] else None
-    trainer = Trainer(model, train_rows, cfg, dp=dp, history=info["dp_history"], fast_layout=True, restore=restore)
+    trainer = Trainer(
+        model, train_rows, cfg, dp=dp, history=info["dp_history"], device=device, fast_layout=True, restore=restore
+    )
     meta = {
         "rows": len(train_rows),
         "videos": [p.name for p in paths],
         "train": asdict(cfg),
         "privacy_unit": "segment" if cfg.segment_frames else "frame",
+        "trained_before": trained_before(init_model),
     }
     checkpoints = _Checkpoints(out, trainer, cfg, dp, info, meta, _validation_crops(held_out, 128), log)
     running, lr = [], None
@@ -552,7 +590,7 @@ def train(
             checkpoints.save(running, lr)
             running = []
     val = checkpoints.save(running, None)
-    trainer.close()
+    trainer.close().cpu()
     return {
         "steps": info["step"],
         "validation": val,

@@ -147,3 +147,38 @@ def test_cli_train_plans_sigma_for_a_target_epsilon(tmp_path, capsys):
     capsys.readouterr()
     assert main([*common, "--target-epsilon", "8", "--noise-multiplier", "1"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_cli_train_device_and_cumulative_totals(tmp_path, capsys):
+    """`fedlvc train --device` takes a torch device (a missing GPU or a name torch does not know is one clear
+    error), and a run started from a checkpoint counts on from that checkpoint's training: its log lines and its
+    checkpoint's ``meta.total`` carry the cumulative steps and hours."""
+    import json
+
+    import torch
+
+    from client.cli import main
+    from common.checkpoint import read_meta
+    from common.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mkv", FRAMES, Fraction(25))
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    common = ["train", str(videos), "--steps", "3", "--batch-size", "4", "--crop-size", "32", "--quiet"]
+    if not torch.cuda.is_available():
+        assert main([*common, "--out", str(first), "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert main([*common, "--out", str(first), "--device", "abacus"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+    assert not first.exists()
+    assert main([*common, "--out", str(first), "--device", "cpu", "--validate-every", "1"]) == 0
+    before = read_meta(first)["total"]
+    assert before["steps"] == 3 and before["wall_seconds"] > 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(second), "--init-model", str(first), "--validate-every", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["total_steps"] for line in lines] == [4, 5, 6]
+    assert all(line["total_h"] >= round(before["wall_seconds"] / 3600, 3) for line in lines)
+    meta = read_meta(second)  # the best step's checkpoint: its own steps on top of the first run's
+    assert meta["total"]["steps"] == 3 + meta["steps"] and meta["total"]["wall_seconds"] > before["wall_seconds"]
