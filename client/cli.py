@@ -143,7 +143,7 @@ def cmd_public_data(args) -> int:
 
 
 def _train_config(args):
-    """The TrainConfig of `fedlvc train`'s options (every option of common.training.TRAIN_OPTIONS)."""
+    """The TrainConfig of `fedlvc train`'s options (every option of common.options.TRAIN_OPTIONS)."""
     from common.codec import p_rule
     from common.training import TRAIN_OPTIONS, TrainConfig
 
@@ -321,11 +321,8 @@ def _public_data_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    """Every training setting from the schema (common.training.TRAIN_OPTIONS), the DP settings from
-    common.privacy.DP_OPTIONS."""
-    from common.privacy import DP_OPTIONS
-    from common.training import TRAIN_OPTIONS
-
+    """Every training setting from the schema (common.options.TRAIN_OPTIONS) and the DP settings
+    (common.options.DP_OPTIONS); building it imports neither torch nor Opacus."""
     t = _subcommand(sub, "train", "train the codec on one site's videos (non-private or DP-SGD)", cmd_train)
     t.add_argument("video_dirs", nargs="+")
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors); resumes if its state exists")
@@ -345,7 +342,7 @@ def _train_parser(sub) -> None:
         "segments with --train-parts motion",
     )
     t.add_argument("--device", help="torch device to train on (cpu, cuda, cuda:1; default: cuda when present)")
-    for opt in TRAIN_OPTIONS:
+    for opt in o.TRAIN_OPTIONS:
         if opt.name in ("rd-weight", "skip-threshold", "segment-frames"):  # the CLI's own forms, below
             continue
         opt.add_to(t, *((f"--{opt.name}", "--lr") if opt.name == "learning-rate" else ()))
@@ -353,7 +350,7 @@ def _train_parser(sub) -> None:
     o.SEGMENT_FRAMES.add_to(t)
     _p_rule_options(t, "the encoder's P-frame rule that segment training models: ")
     dpg = t.add_argument_group("differential privacy (DP-SGD with Opacus; off unless a noise option is given)")
-    for opt in DP_OPTIONS:
+    for opt in o.DP_OPTIONS:
         opt.add_to(dpg, **({"default": None} if opt is o.NOISE_MULTIPLIER else {}))
     dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")
 

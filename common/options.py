@@ -178,3 +178,39 @@ SKIP_THRESHOLD = Option(
     10,
     hi_open=True,
 )
+
+
+# Single-site training (`fedlvc train`, common.training.TrainConfig) and DP-SGD (common.privacy.DPConfig): here,
+# not beside their code, so that building the command line imports neither torch nor Opacus.
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("steps", int, 20000, "total optimizer steps (a resumed run continues up to this)", 1, 10**9),
+    BATCH_SIZE,
+    MAX_PHYSICAL_BATCH,
+    CROP_SIZE.but(default=96),
+    LEARNING_RATE.but(default=1e-3),
+    Option("lr-drop-at", float, 0.75, "fraction of the steps after which the learning rate is divided by 10", 0, 1),
+    Option(
+        "clip-norm",
+        float,
+        1.0,
+        "global gradient-norm clipping of non-private training (stability)",
+        0,
+        None,
+        lo_open=True,
+    ),
+    Option("checkpoint-seconds", float, 120.0, "seconds between checkpoints", 0, None, lo_open=True),
+    Option("validate-every", int, 250, "steps between validations (and checkpoints)", 1, None),
+    SEED,
+    Option("every", int, 1, "use every n-th frame of each video", 1, None),
+    Option("max-frames-per-video", int, None, "use at most this many frames of each video", 1, None),
+    SEGMENT_FRAMES.but(
+        default=0,
+        lo=0,
+        help="0: one row = one frame (I-frame training); S >= 2: one row = S consecutive frames (I+P training)",
+    ),
+    TRAIN_PART,
+    RD_WEIGHT,
+    SKIP_THRESHOLD,
+)
+
+DP_OPTIONS = (NOISE_MULTIPLIER, MAX_GRAD_NORM, DELTA, ACCOUNTANT, GRAD_SAMPLE_MODE)

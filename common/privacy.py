@@ -21,14 +21,11 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 
 from . import options as o
 from .errors import FedlvcError
-from .options import check_fields
+from .options import DP_OPTIONS, check_fields
 from .transforms import FiLM
 
 # Extend RDP orders: at small ε the optimum sits at the largest default order.
 RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 96, 128, 160, 192, 256, 384, 512]
-
-
-DP_OPTIONS = (o.NOISE_MULTIPLIER, o.MAX_GRAD_NORM, o.DELTA, o.ACCOUNTANT, o.GRAD_SAMPLE_MODE)
 
 
 @dataclass(frozen=True)

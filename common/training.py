@@ -16,13 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from . import options as o
 from .checkpoint import load_model, read_meta, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
 from .model import CodecConfig, FedlvcCodec, with_adapters, with_motion, with_temporal_prior
-from .options import TRAIN_PARTS, Option, check_fields
+from .options import TRAIN_OPTIONS, TRAIN_PARTS, check_fields
 from .privacy import (
     DPConfig,
     epsilon_from_history,
@@ -33,37 +32,6 @@ from .privacy import (
 )
 from .rdo import PFrameRule
 from .video import atomic_output
-
-TRAIN_OPTIONS: tuple[Option, ...] = (
-    Option("steps", int, 20000, "total optimizer steps (a resumed run continues up to this)", 1, 10**9),
-    o.BATCH_SIZE,
-    o.MAX_PHYSICAL_BATCH,
-    o.CROP_SIZE.but(default=96),
-    o.LEARNING_RATE.but(default=1e-3),
-    Option("lr-drop-at", float, 0.75, "fraction of the steps after which the learning rate is divided by 10", 0, 1),
-    Option(
-        "clip-norm",
-        float,
-        1.0,
-        "global gradient-norm clipping of non-private training (stability)",
-        0,
-        None,
-        lo_open=True,
-    ),
-    Option("checkpoint-seconds", float, 120.0, "seconds between checkpoints", 0, None, lo_open=True),
-    Option("validate-every", int, 250, "steps between validations (and checkpoints)", 1, None),
-    o.SEED,
-    Option("every", int, 1, "use every n-th frame of each video", 1, None),
-    Option("max-frames-per-video", int, None, "use at most this many frames of each video", 1, None),
-    o.SEGMENT_FRAMES.but(
-        default=0,
-        lo=0,
-        help="0: one row = one frame (I-frame training); S >= 2: one row = S consecutive frames (I+P training)",
-    ),
-    o.TRAIN_PART,
-    o.RD_WEIGHT,
-    o.SKIP_THRESHOLD,
-)
 
 
 class _TrainConfigMethods:
