@@ -1,4 +1,5 @@
-"""The ``fedlvc`` command line: compress, decompress, evaluate, demo-data, public-data, train.
+"""The ``fedlvc`` command line: compress, decompress, evaluate, demo-data, public-data, train, sweep,
+seal-ledger.
 
 Errors a user can cause print one line (``fedlvc: error: ...``) and exit with code 2; no output file is left
 behind and the input is never modified.
@@ -355,6 +356,26 @@ def _train_parser(sub) -> None:
     dpg.add_argument("--target-epsilon", type=float, default=None, help="plan sigma to spend this epsilon")
 
 
+def cmd_seal_ledger(args) -> int:
+    from pathlib import Path
+
+    from client.ledger import seal_old_ledger
+
+    ledger = seal_old_ledger(Path(args.state_dir).expanduser())
+    print(
+        f"sealed the privacy ledger in {args.state_dir}: {len(ledger.history)} entries, {ledger.steps} DP steps "
+        f"(sigma, q, steps: {ledger.history}), releases {ledger.releases}"
+    )
+    return 0
+
+
+def _seal_ledger_parser(sub) -> None:
+    s = _subcommand(
+        sub, "seal-ledger", "seal a site's privacy ledger written before ledgers were sealed (once)", cmd_seal_ledger
+    )
+    s.add_argument("state_dir", help="the site's state-dir (check first that its ledger is the latest)")
+
+
 def _sweep_parser(sub) -> None:
     w = _subcommand(sub, "sweep", "privacy vs quality: one federated simulation per noise setting", cmd_sweep)
     w.add_argument("config", help="YAML: noise-multipliers, num-sites, and any run-config key")
@@ -378,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         _public_data_parser,
         _train_parser,
         _sweep_parser,
+        _seal_ledger_parser,
     ):
         build(sub)
     return p

@@ -9,6 +9,10 @@ site's disk and is the only record that counts:
 - ``privacy_ledger.seal``: the sequence number and total steps of the last save, written after it. A ledger
   that is missing, empty, damaged or older than its seal is an error, never a fresh start (only deleting
   both files starts a new site: keep state-dir backed up);
+- ``privacy_ledger.key``: a secret made at the first save (0600, never replaced). Both files above end with
+  ``mac``, a keyed hash (HMAC-SHA256) of their exact text: any edit, a file from another state-dir or a
+  ledger whose key is gone is an error. Whoever can read the key can still rewrite both files, or put back
+  an older state-dir whole; the seal cannot tell that from a real history;
 - ``privacy_ledger.lock``: an exclusive lock (``flock``) held from reading the ledger to saving what a round
   will spend, so concurrent runs on one state-dir serialise their spending.
 
@@ -23,7 +27,11 @@ forget, which is why a site with real video must keep its ledger on disk.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import json
+import os
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +40,98 @@ from common.fedconfig import RunConfig
 from common.privacy import check_privacy_unit, checked_history
 from common.video import atomic_output
 
-LEDGER, SEAL, LOCK = "privacy_ledger.json", "privacy_ledger.seal", "privacy_ledger.lock"
+LEDGER, SEAL, LOCK, KEY = "privacy_ledger.json", "privacy_ledger.seal", "privacy_ledger.lock", "privacy_ledger.key"
+FORMAT = 3  # 3: both files sealed with the key; 2 (before): unsealed, see seal_old_ledger
+KEY_BYTES = 32
+
+
+def _sealed_text(doc: dict, key: bytes, name: str) -> str:
+    """The text of the file ``name`` holding ``doc``: its JSON and ``mac``, the keyed hash of that JSON and of
+    the file's name (so that neither file can stand for the other)."""
+    body = json.dumps(doc, indent=1)
+    mac = hmac.new(key, f"{name}\n{body}".encode(), hashlib.sha256).hexdigest()
+    return json.dumps({**doc, "mac": mac}, indent=1)
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The site's secret (None when there is none yet); it must be private to the site's account."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise FedlvcError(f"privacy ledger key {path} cannot be read ({e.strerror}); restore state-dir") from None
+    with os.fdopen(fd, "rb") as f:
+        info, text = os.fstat(f.fileno()), f.read(4 * KEY_BYTES)
+    if info.st_mode & 0o077 or info.st_uid != os.geteuid():
+        raise FedlvcError(
+            f"privacy ledger key {path} must be private to the site's account: chmod 600 it, owned by that account"
+        )
+    try:
+        key = bytes.fromhex(text.decode())
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise FedlvcError(f"privacy ledger key {path} is damaged; restore state-dir from a backup")
+    return key
+
+
+def _new_key(path: Path) -> bytes:
+    """A fresh secret at ``path``, 0600 from its creation and whole when it appears (linked from a temporary
+    file); never replaces a key that exists: then that key."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.write(fd, secrets.token_hex(KEY_BYTES).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process made the key first: use it
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_key(path)
+
+
+def _unsealed(path: Path, key: bytes | None, what: str, old_ok: bool = False) -> dict | None:
+    """The content of the ledger file ``path`` without its ``mac`` (None when there is no file): it must be
+    exactly what :func:`_sealed_text` wrote with ``key`` (an unsealed one of format 2 only with ``old_ok``)."""
+    if not path.exists():
+        return None
+    try:
+        raw = path.read_bytes()  # not read_text: its newline translation would hide an edited "\r"
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise _damaged(what, path, e) from None
+    if "mac" not in doc and old_ok:
+        return doc
+    if key is None and "mac" not in doc:  # with a key, an unsealed file is an edited one
+        raise FedlvcError(
+            f"{what} {path} was written before ledgers were sealed: check that it is this site's latest ledger, "
+            f"then seal it once with `fedlvc seal-ledger {path.parent}`"
+        )
+    if key is None:
+        raise FedlvcError(
+            f"privacy ledger key {path.parent / KEY} is missing, but {path} exists: restore state-dir from a "
+            "backup (a ledger without its key is never a fresh start)"
+        )
+    content = {k: v for k, v in doc.items() if k != "mac"}
+    if not hmac.compare_digest(raw, _sealed_text(content, key, path.name).encode()):
+        raise FedlvcError(
+            f"{what} {path} does not match its seal key {KEY}: it was edited or comes from another state-dir; "
+            "restore state-dir from a backup"
+        )
+    return content
+
+
+def _damaged(what: str, path: Path, e: Exception) -> FedlvcError:
+    return FedlvcError(
+        f"{what} {path} is damaged ({e}); restore state-dir from a backup (a damaged ledger is never a fresh start)"
+    )
 
 
 def earlier_ledger(config, name: str) -> dict | None:
@@ -91,18 +190,19 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ on disk (state-dir)
 
     @classmethod
-    def _read(cls, state_dir: Path, unit_frames: int) -> PrivacyLedger:
+    def _read(cls, state_dir: Path, unit_frames: int | None, old_ok: bool = False) -> PrivacyLedger:
+        """The ledger in ``state_dir`` (``unit_frames`` None: the recorded unit); ``old_ok`` accepts files
+        written before ledgers were sealed (:func:`seal_old_ledger`)."""
         path, seal_path = state_dir / LEDGER, state_dir / SEAL
-        seal = None
-        if seal_path.exists():
+        key = _read_key(state_dir / KEY)
+        doc = _unsealed(path, key, "privacy ledger", old_ok)
+        seal = _unsealed(seal_path, key, "privacy ledger seal", old_ok)
+        if seal is not None:
             try:
-                doc = json.loads(seal_path.read_text())
-                seal = (int(doc["sequence"]), int(doc["steps"]))
-            except (OSError, ValueError, TypeError, KeyError) as e:
-                raise FedlvcError(
-                    f"privacy ledger seal {seal_path} is damaged ({e}); restore state-dir from a backup"
-                ) from None
-        if not path.exists():
+                seal = (int(seal["sequence"]), int(seal["steps"]))
+            except (ValueError, TypeError, KeyError) as e:
+                raise _damaged("privacy ledger seal", seal_path, e) from None
+        if doc is None:
             if seal is not None:
                 raise FedlvcError(
                     f"privacy ledger {path} is missing, but this site has spent privacy before "
@@ -111,19 +211,13 @@ class PrivacyLedger:
                 )
             return cls([], unit_frames, state_dir)
         try:
-            doc = json.loads(path.read_text())
-            if not isinstance(doc, dict):
-                raise ValueError("not a JSON object")
             history = checked_history(doc["history"], f"privacy ledger {path}")
             sequence = int(doc.get("sequence", 0))
             releases = {str(k): int(v) for k, v in dict(doc.get("releases", {})).items()}
             recorded_unit = int(doc.get("unit_frames", 1))
-        except (OSError, ValueError, TypeError, KeyError, FedlvcError) as e:
-            raise FedlvcError(
-                f"privacy ledger {path} is damaged ({e}); restore it from a backup (a damaged ledger "
-                "is never a fresh start)"
-            ) from None
-        ledger = cls(history, unit_frames, state_dir, sequence, releases)
+        except (ValueError, TypeError, KeyError, FedlvcError) as e:
+            raise _damaged("privacy ledger", path, e) from None
+        ledger = cls(history, recorded_unit if unit_frames is None else unit_frames, state_dir, sequence, releases)
         if seal is not None and (sequence < seal[0] or ledger.steps < seal[1]):
             raise FedlvcError(
                 f"privacy ledger {path} is older than its seal ({ledger.steps} DP steps recorded, "
@@ -131,14 +225,15 @@ class PrivacyLedger:
             )
         if history:
             check_privacy_unit(
-                recorded_unit, unit_frames, f"privacy ledger {path}", "use another state-dir or the same unit"
+                recorded_unit, ledger.unit_frames, f"privacy ledger {path}", "use another state-dir or the same unit"
             )
         return ledger
 
     def _write(self, accountant: str, delta: float) -> None:
         self.sequence += 1
+        key = _read_key(self.state_dir / KEY) or _new_key(self.state_dir / KEY)
         doc = {
-            "format": 2,
+            "format": FORMAT,
             "accountant": accountant,
             "delta": delta,
             "unit_frames": self.unit_frames,
@@ -148,9 +243,9 @@ class PrivacyLedger:
             "history": [list(h) for h in self.history],
         }
         with atomic_output(self.state_dir / LEDGER) as tmp:
-            tmp.write_text(json.dumps(doc, indent=1))
+            tmp.write_text(_sealed_text(doc, key, LEDGER))
         with atomic_output(self.state_dir / SEAL) as tmp:  # after the ledger: a crash leaves the ledger ahead
-            tmp.write_text(json.dumps({"sequence": self.sequence, "steps": self.steps}))
+            tmp.write_text(_sealed_text({"sequence": self.sequence, "steps": self.steps}, key, SEAL))
 
     # ------------------------------------------------------------------ in a run (Context.state)
 
@@ -210,3 +305,17 @@ def open_ledger(context, rc: RunConfig, earlier: dict | None = None):
         yield PrivacyLedger(earlier["history"], rc.unit_frames)
     else:
         yield PrivacyLedger([], rc.unit_frames)
+
+
+def seal_old_ledger(state_dir: Path) -> PrivacyLedger:
+    """Seal a ledger written before ledgers were sealed (format 2), once: the site's deliberate step, never
+    taken silently (else deleting the key would seal an edited ledger). Checked as before (damaged, missing,
+    older than its seal), then saved sealed with the key, made now if there is none."""
+    path = state_dir / LEDGER
+    if not path.exists():
+        raise FedlvcError(f"there is no privacy ledger {path} to seal")
+    with _exclusive(state_dir / LOCK):
+        ledger = PrivacyLedger._read(state_dir, None, old_ok=True)
+        recorded = json.loads(path.read_text())  # checked by _read; the accountant and δ it records stay
+        ledger._write(recorded.get("accountant"), recorded.get("delta"))
+    return ledger

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import threading
 import time
 from fractions import Fraction
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from client import app as client_app
-from client.ledger import LEDGER, LOCK, SEAL, _exclusive
+from client.ledger import KEY, LEDGER, LOCK, SEAL, PrivacyLedger, _exclusive, open_ledger
 from client.policy import SitePolicy
 from common.data import generate_site_clip
 from common.errors import FedlvcError
@@ -256,11 +258,9 @@ def test_two_runs_on_one_state_dir_serialise_their_spending(tmp_path):
         thread = threading.Thread(target=second_run)
         thread.start()
         time.sleep(1.0)
-        doc = json.loads((state / LEDGER).read_text())
-        doc["history"].append([7.0, 0.5, 5])
-        doc["sequence"] += 1
-        doc["steps"] += 5
-        (state / LEDGER).write_text(json.dumps(doc))
+        other = PrivacyLedger._read(state, 1)
+        other.spend(7.0, 0.5, 5)
+        other.save(None, "rdp", 1e-5)
     thread.join(timeout=300)
     history = _ledger(tmp_path)["history"]
     assert [7.0, 0.5, 5] in history  # the other run's spending survived
@@ -269,6 +269,109 @@ def test_two_runs_on_one_state_dir_serialise_their_spending(tmp_path):
         list(h)
         for h in zip(*(result["reply"].content["metrics"][k] for k in ("dp_sigma", "dp_sample_rate", "dp_steps")))
     ]
+
+
+# ------------------------------------------------------------------------------ a ledger sealed with a key
+
+
+def _read_ledger(state: Path) -> None:
+    with open_ledger(_context(node={"state-dir": str(state)}), RunConfig.from_mapping(RUN)):
+        pass
+
+
+def test_an_edited_sigma_is_an_error_and_the_round_the_true_ledger_declines_trains_nothing(tmp_path, monkeypatch):
+    """Issue 33, hole 5: σ of one entry edited from 1.0 to 100 on disk no longer lets a round through."""
+    state = tmp_path / "state"
+    node = {"state-dir": str(state)}
+    spent = _train(node=node)[0].content["metrics"]["epsilon"]
+    node["max-epsilon"] = spent * 1.05  # the true ledger declines a second round
+    assert _train(node=node, server_round=2)[0].content["metrics"]["declined"] == 1
+    doc = _ledger(tmp_path)
+    assert doc["history"][0][0] == 1.0
+    doc["history"][0][0] = 100.0
+    (state / LEDGER).write_text(json.dumps(doc, indent=1))
+    edited = {name: (state / name).read_bytes() for name in (LEDGER, SEAL)}
+    monkeypatch.setattr(client_app, "_train_round", lambda *a: pytest.fail("the site trained"))
+    with pytest.raises(FedlvcError, match=f"{LEDGER} does not match its seal key"):
+        _train(node=node, server_round=3)
+    assert {name: (state / name).read_bytes() for name in (LEDGER, SEAL)} == edited  # nothing booked
+
+
+def test_any_single_byte_edit_of_the_ledger_or_its_seal_is_an_error(tmp_path):
+    """Every byte of both files, changed to its neighbours and to whitespace (which keeps the JSON content the
+    same where the byte was whitespace): each edit is refused, naming the file."""
+    state = tmp_path / "state"
+    _train(node={"state-dir": str(state)})
+    _train(node={"state-dir": str(state)}, server_round=2)
+    for name in (LEDGER, SEAL):
+        path = state / name
+        original = path.read_bytes()
+        for i, byte in enumerate(original):
+            for other in {byte ^ 1, byte ^ 2, ord(" "), ord("\n"), ord("\r")} - {byte}:
+                path.write_bytes(original[:i] + bytes([other]) + original[i + 1 :])
+                with pytest.raises(FedlvcError, match=name):
+                    _read_ledger(state)
+        path.write_bytes(original)
+    _read_ledger(state)  # restored: accepted
+
+
+def test_the_key_is_private_made_once_and_a_ledger_without_it_is_an_error(tmp_path):
+    state = tmp_path / "state"
+    node = {"state-dir": str(state)}
+    umask = os.umask(0)  # not world-readable whatever the site's umask
+    try:
+        _train(node=node)
+    finally:
+        os.umask(umask)
+    key = state / KEY
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    made = key.read_bytes(), key.stat().st_ino
+    _train(node=node, server_round=2)
+    assert (key.read_bytes(), key.stat().st_ino) == made  # never rewritten
+    key.chmod(0o644)
+    with pytest.raises(FedlvcError, match=f"{KEY} must be private"):
+        _read_ledger(state)
+    key.chmod(0o600)
+    key.unlink()
+    with pytest.raises(FedlvcError, match=f"{KEY} is missing"):
+        _train(node=node, server_round=3)
+
+
+def test_another_sites_ledger_is_refused_without_its_key(tmp_path):
+    """A ledger and seal copied from another state-dir (written with another key) are refused."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for state in (mine, other):
+        _train(node={"state-dir": str(state)})
+    _train(node={"state-dir": str(other)}, server_round=2)
+    for name in (LEDGER, SEAL):
+        (mine / name).write_bytes((other / name).read_bytes())
+    with pytest.raises(FedlvcError, match="does not match its seal key"):
+        _read_ledger(mine)
+
+
+def test_a_ledger_written_before_seals_is_refused_until_the_site_seals_it_once(tmp_path, capsys):
+    """A ledger of format 2 (no key, no mac) is never sealed silently (deleting the key must not turn an edited
+    ledger into a fresh seal): the site is told to check it and run ``fedlvc seal-ledger`` once."""
+    from client.cli import main as cli
+
+    state = tmp_path / "state"
+    state.mkdir()
+    history = [[1.0, 0.25, 3], [2.0, 0.25, 4]]
+    old = {"format": 2, "accountant": "rdp", "delta": 1e-5, "unit_frames": 1, "sequence": 2, "steps": 7}
+    (state / LEDGER).write_text(json.dumps({**old, "releases": {"eval": 1}, "history": history}, indent=1))
+    (state / SEAL).write_text(json.dumps({"sequence": 2, "steps": 7}))
+    with pytest.raises(FedlvcError, match=f"{LEDGER} was written before ledgers were sealed.*seal-ledger"):
+        _train(node={"state-dir": str(state)})
+    assert cli(["seal-ledger", str(state)]) == 0
+    assert "2 entries, 7 DP steps" in capsys.readouterr().out
+    assert _ledger(tmp_path)["releases"] == {"eval": 1} and (state / KEY).exists()
+    m = _train(node={"state-dir": str(state)})[0].content["metrics"]
+    assert m["declined"] == 0 and m["dp_steps"][:2] == [3, 4] and sum(m["dp_steps"]) == 7 + RUN["local-steps"]
+    doc = _ledger(tmp_path)
+    del doc["mac"]
+    (state / LEDGER).write_text(json.dumps(doc, indent=1))  # unsealed again while the key exists: an edit
+    with pytest.raises(FedlvcError, match="does not match its seal key"):
+        _read_ledger(state)
 
 
 # ---------------------------------------------------------------------------- releases are the site's choice
