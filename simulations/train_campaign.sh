@@ -74,9 +74,12 @@ start() {
   echo "$stage" > "$run/stage"
   ln -sfn "$run" "$CURRENT"
   # shellcheck disable=SC2086  # the stage's arguments are words
-  (cd "$SRC" && OMP_NUM_THREADS=$THREADS nohup nice -n "$NICE" "$VENV/bin/fedlvc" --threads "$THREADS" train \
+  cd "$SRC"
+  OMP_NUM_THREADS=$THREADS nohup nice -n "$NICE" "$VENV/bin/fedlvc" --threads "$THREADS" train \
     "$DATA/public/clips" "$DATA/gen" --init-model "$run/init.safetensors" --out "$run/v4.safetensors" $args \
-    --quiet >> "$run/train.log" 2>&1 & echo $! > "$run/pid")
+    --quiet >> "$run/train.log" 2>&1 &
+  echo $! > "$run/pid"
+  cd - > /dev/null
   echo "training $stage in $run (PID $(cat "$run/pid")), log $run/train.log"
 }
 
