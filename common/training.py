@@ -472,11 +472,9 @@ class _Checkpoints:
         return val
 
 
-def trained_before(init_model: str | Path | None) -> dict:
-    """Steps and wall seconds a starting checkpoint had already been trained: its ``meta.total``, else the sum of
-    its ``meta.stages`` (a hand-assembled checkpoint), else its own ``steps``/``wall_seconds``; zero for a fresh
-    model. Lets a campaign of runs, each started from the last one's checkpoint, log cumulative figures."""
-    meta = read_meta(init_model) if init_model else {}
+def training_totals(meta: dict) -> dict:
+    """Steps and wall seconds a checkpoint (its ``meta``) has been trained in all: its ``total``, else the sum of
+    its ``stages`` (a hand-assembled checkpoint), else its own ``steps``/``wall_seconds``."""
     if "total" in meta:
         return {"steps": int(meta["total"]["steps"]), "wall_seconds": float(meta["total"]["wall_seconds"])}
     parts = list(meta.get("stages", {}).values()) if isinstance(meta.get("stages"), dict) else [meta]
@@ -484,6 +482,12 @@ def trained_before(init_model: str | Path | None) -> dict:
         "steps": sum(int(p.get("steps", 0)) for p in parts),
         "wall_seconds": sum(float(p.get("wall_seconds", 0.0)) for p in parts),
     }
+
+
+def trained_before(init_model: str | Path | None) -> dict:
+    """:func:`training_totals` of a run's starting checkpoint (zero for a fresh model): a campaign of runs, each
+    started from the last one's checkpoint, logs cumulative figures."""
+    return training_totals(read_meta(init_model) if init_model else {})
 
 
 def _check_run(out: Path, cfg: TrainConfig, model_cfg: CodecConfig) -> None:
