@@ -135,6 +135,39 @@ RUN_OPTIONS: tuple[Option, ...] = (
         1,
         lo_open=True,
     ),
+    Option(
+        "max-update-norm",
+        float,
+        # One honest site's first round measured 0.07 (the tiny test federation), 1.2 (the default), 0.5 (the
+        # adapter studies), 2.7 (photo_sites, 60 steps) and 4.5 (privacy_quality_tuned: learning-rate 1e-3, 24
+        # steps), the last three at their non-private settings (DP noise made them smaller): 100 touches none.
+        100.0,
+        "the server clips each site's update (its model - the global model) to this L2 norm, recording update_norm "
+        "and clipped_to per site and round in history.json (an honest update stays below about learning-rate x "
+        "local-steps x sqrt(parameters trained), 1.0 M in the shipped model); under secure-aggregation it bounds "
+        "the revealed mean update instead; 0 = off",
+        0,
+        None,
+    ),
+    Option(
+        "aggregation",
+        str,
+        "mean",
+        "how the server combines the sites' models: mean (weighted by their example counts), or, against a "
+        "minority of hostile sites, coordinate-wise median or trimmed-mean (each site counts once); not with "
+        "secure-aggregation or central-dp",
+        choices=("mean", "median", "trimmed-mean"),
+    ),
+    Option(
+        "trim-fraction",
+        float,
+        0.2,
+        "trimmed-mean: the fraction of sites cut from each end per coordinate (rounded down: with fewer than "
+        "1/trim-fraction sites nothing is cut)",
+        0,
+        0.5,
+        hi_open=True,
+    ),
     o.PRIVACY_UNIT,
     o.SEGMENT_FRAMES,
     o.GOP.but(help="group-of-pictures length of the evaluation and the final compression (1 = intra-only)"),
@@ -196,6 +229,12 @@ class _RunConfigMethods:
             raise FedlvcError(
                 "run-config key 'secure-aggregation' cannot be combined with central-dp: the server would have "
                 "to clip each site's update, which it no longer sees"
+            )
+        if self.aggregation != "mean" and (self.secure_aggregation or self.central_dp != "off"):
+            raise FedlvcError(
+                f"run-config key 'aggregation' {self.aggregation} cannot be combined with secure-aggregation or "
+                "central-dp: the server would need each site's update (SecAgg+ reveals only their sum), and central "
+                "DP's noise is calibrated to a mean"
             )
         if self.secure_aggregation and self.min_sites < 2:
             raise FedlvcError("run-config key 'secure-aggregation' needs min-sites >= 2 (a sum of one is the update)")

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
 )
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import load_model, read_meta, save_model
@@ -42,11 +43,13 @@ app = ServerApp()
 
 
 class SiteFedAvg(FedAvg):
-    """FedAvg over checked replies (``server.replies``): a reply with a wrong key, shape or dtype, a value
-    that is not finite, or a weight larger than the units the site holds is dropped with the reason; sites
-    that declined (privacy budget spent, or their policy refused the round) are recorded with their reason
-    and left out. A round in which no site trained keeps the previous global model. Sites are keyed by
-    Flower's node id (``SiteRegistry``)."""
+    """FedAvg over checked replies (``server.replies``): a reply with a wrong key, shape or dtype (in its
+    metadata or in the bytes it decodes to), a value that is not finite, or a weight larger than the units the
+    site holds is dropped with the reason; sites that declined (privacy budget spent, or their policy refused
+    the round) are recorded with their reason and left out. Each update is clipped to ``max-update-norm``, and
+    ``aggregation`` may replace the weighted mean by a coordinate-wise median or trimmed mean. A round in
+    which no site trained keeps the previous global model. Sites are keyed by Flower's node id
+    (``SiteRegistry``)."""
 
     def __init__(self, rc: RunConfig, *args, average_all: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -92,17 +95,15 @@ class SiteFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, self.sampled.get(server_round, []), MessageType.EVALUATE)
 
-    def _update(self, server_round: int, base: list[np.ndarray], arrays: ArrayRecord) -> list[np.ndarray]:
-        """A site's model as an update to average; under central DP clipped again here to the round's norm
+    def _update(self, server_round: int, base: list[np.ndarray], model: list[np.ndarray]) -> tuple[list, dict]:
+        """(a site's decoded model as an update to average, {update_norm, clipped_to} for history.json): its
+        update (model - global model) clipped to max-update-norm and, under central DP, to the round's norm
         (an honest site's mod already clipped it; a hostile one's is not trusted to)."""
-        out = [a.numpy().astype(np.float64) for a in arrays.values()]
-        norm_s = self.clipping_norms.get(server_round)
-        if self.average_all and norm_s is not None:
-            delta = [o - b for o, b in zip(out, base)]
-            norm = math.sqrt(sum(float((d * d).sum()) for d in delta))
-            scale = min(1.0, norm_s / norm) if norm > 0 else 1.0
-            out = [b + d * scale for b, d in zip(base, delta)]
-        return out
+        bounds = [self.rc.max_update_norm] if self.rc.max_update_norm > 0 else []
+        if self.average_all and server_round in self.clipping_norms:
+            bounds.append(self.clipping_norms[server_round])
+        delta, norm, scale = _bounded([m.astype(np.float64) - b for m, b in zip(model, base)], min(bounds, default=0))
+        return [b + d for b, d in zip(base, delta)], {"update_norm": norm, **scale}
 
     def aggregate_train(self, server_round, replies):
         sent = self.sent[server_round]
@@ -126,13 +127,15 @@ class SiteFedAvg(FedAvg):
                 continue
             sites[label] = {"node_id": node, **record}
             if not record["declined"]:
-                updates.append(None if secure else self._update(server_round, base, arrays))
+                update, bound = (None, {}) if secure else self._update(server_round, base, arrays)
+                sites[label].update(bound)
+                updates.append(update)
                 weights.append(1.0 if self.average_all else float(record["num_examples"]))
         failed = secure.failed if secure else {}  # a node that left SecAgg+ before its masked update
         dropped += [
             {
                 "node_id": n,
-                "site": self.registry.labels.get(n),
+                "site": self.registry.known(n),
                 "reason": clip_note(failed.get(n, "no reply before the round timeout")),
             }
             for n in self.sampled.get(server_round, [])
@@ -147,9 +150,8 @@ class SiteFedAvg(FedAvg):
         if self.average_all:  # every other sampled site (declined, dropped, silent) adds a zero update
             updates += [base] * (len(self.sampled.get(server_round, [])) - trained)
             weights += [1.0] * (len(updates) - len(weights))
-        total = sum(weights)
-        mean = [sum(w / total * u[i] for w, u in zip(weights, updates)) for i in range(len(base))]
-        arrays = ArrayRecord({k: Array(np.asarray(v, dtype=a.dtype)) for (k, a), v in zip(sent.items(), mean)})
+        combined = combine(self.rc, updates, weights)
+        arrays = ArrayRecord({k: Array(np.asarray(v, dtype=a.dtype)) for (k, a), v in zip(sent.items(), combined)})
         return arrays, MetricRecord({"sites_trained": trained})
 
     def _secure_result(self, server_round, base, sent, secure: SecureRound, trained: int):
@@ -157,9 +159,10 @@ class SiteFedAvg(FedAvg):
         (the sites that trained count once each); the previous one kept when the protocol halted, no site
         trained, or the sum is not finite (a site sent garbage: under SecAgg+ nobody can tell which). A site whose
         clear record was dropped (a bad metric) is still in the sum: the protocol added its masked update, and
-        the server cannot take one update out of a sum it never saw the parts of."""
+        the server cannot take one update out of a sum it never saw the parts of. max-update-norm bounds the
+        mean update here, not one site's: it caps how far one round moves the model, whoever moved it."""
         log = self.train_log[server_round]
-        mean, note = secure.mean_update, ""
+        mean, note, bound = secure.mean_update, "", {}
         if not trained:
             note = "no site trained"
         elif mean is None:
@@ -168,6 +171,9 @@ class SiteFedAvg(FedAvg):
             note = "the unmasked sum does not have the model's shapes"
         elif not all(np.isfinite(m).all() for m in mean):
             note = "the unmasked sum is not finite (a site's update was not); the round is void"
+        else:
+            mean, norm, bound = _bounded([np.asarray(m, dtype=np.float64) for m in mean], self.rc.max_update_norm)
+            bound["update_norm"] = norm
         log["secure_aggregation"] = {
             "protocol": PROTOCOL,
             "shares": secure.shares,
@@ -176,6 +182,7 @@ class SiteFedAvg(FedAvg):
             "sites_in_sum": trained if not note else 0,
             **({"restarted_without": secure.restarted_without} if secure.restarted_without else {}),
             **({"note": note} if note else {}),
+            **bound,
         }
         if note:
             log["sites_trained"] = 0
@@ -192,6 +199,28 @@ class SiteFedAvg(FedAvg):
         if not answered:
             return None
         return MetricRecord({k: sum(e[k] for e in answered) / len(answered) for k in ("bpp", "psnr", "ms_ssim")})
+
+
+def _bounded(delta: list[np.ndarray], bound: float) -> tuple[list[np.ndarray], float, dict]:
+    """(``delta`` scaled down to L2 norm ``bound`` where it is larger (0: no bound), its norm, {"clipped_to": bound}
+    when it was scaled). A site's finite float32 values square to at most 1.2e77: float64 holds their sum."""
+    norm = math.sqrt(sum(float(np.vdot(d, d)) for d in delta))
+    if bound <= 0 or norm <= bound:
+        return delta, norm, {}
+    return [d * (bound / norm) for d in delta], norm, {"clipped_to": bound}
+
+
+def combine(rc: RunConfig, models: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+    """The round's global model from the sites' (bounded) models: their mean weighted by ``weights``, or, robust
+    to a minority of hostile sites, their coordinate-wise median or trimmed mean (Flower's ``trim_mean``, the
+    one of its FedTrimmedAvg), each site counting once: a weight is what a site claims, a robust rule cannot
+    take it."""
+    if rc.aggregation == "median":
+        return [np.median(np.stack(layer), axis=0) for layer in zip(*models)]
+    if rc.aggregation == "trimmed-mean":
+        return [trim_mean(np.stack(layer), rc.trim_fraction) for layer in zip(*models)]
+    total = sum(weights)
+    return [sum(w / total * m[i] for w, m in zip(weights, models)) for i in range(len(models[0]))]
 
 
 class CentralDP:
@@ -420,6 +449,7 @@ def main(grid: Grid, context: Context) -> None:
         "rounds": offset + rc.num_server_rounds,
         "sites": {
             k: {
+                "node_id": fedavg.registry.node_of(k),  # what names a site: a label is only what it claimed first
                 **{f: last["sites"].get(k, {}).get(f) for f in ("epsilon", "delta", "accountant", "units")},
                 **v,
                 "gain_over_public": gains.get(k, {}).get("federated"),
@@ -457,7 +487,7 @@ def _query(grid: Grid, rc: RunConfig, kind: str, records: dict, config: dict, fe
     replied = {int(m.metadata.src_node_id) for m in replies}
     for nid in node_ids:  # a site that did not answer in time is listed, not left out of the summary
         if int(nid) not in replied:
-            label = fedavg.registry.labels.get(int(nid), f"node_{nid}")
+            label = fedavg.registry.known(nid)
             why = f"no reply to query.{kind} within round-timeout ({rc.round_timeout:g} s)"
             out.setdefault(label, {"dropped": why})
     return out
@@ -522,11 +552,12 @@ def _gain(public: list, ours: list, q: int, name: str) -> dict:
 
 def summary_table(summary: dict, out: Path) -> str:
     personal = any("gain_over_public_personal" in s for s in summary["sites"].values())
+    width = max([12, *(len(name) + 1 for name in summary["sites"])])  # a label is up to 64 + "@node_<id>"
     lines = [
         f"fedlvc: {summary['rounds']} rounds; history in {out / 'history.json'}; each site wrote its .lvc files "
         "to its own node-config out-dir, else <state-dir>/out, else (a simulated site) runs/sites/<site> "
         "under the simulation's working folder",
-        f"{'site':<12}{'frames':>8}{'epsilon':>10}{'delta':>9}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"
+        f"{'site':<{width}}{'node':>21}{'frames':>8}{'epsilon':>10}{'delta':>9}{'bytes':>10}{'bpp':>8}{'PSNR':>8}"
         f"{'BD-rate vs public':>19}" + (f"{'+ personal':>12}" if personal else ""),
     ]
     for name, s in summary["sites"].items():
@@ -544,7 +575,8 @@ def summary_table(summary: dict, out: Path) -> str:
             size = f"{'-':>8}{eps_text:>10}{delta:>9}  ({note})"[:80]
         mine = (s.get("gain_over_public_personal") or {}).get("bd_rate_percent")
         mine_text = (f"{'-' if mine is None else f'{mine:+.1f} %':>12}") if personal else ""
-        lines.append(f"{name:<12}{size}{gain_text:>19}{mine_text}")
+        node = "-" if s.get("node_id") is None else s["node_id"]
+        lines.append(f"{name:<{width}}{node:>21}{size}{gain_text:>19}{mine_text}")
     lines.append(
         "BD-rate vs public: the federated model against the public starting model on each site's "
         "held-out frames (every quality; negative = fewer bits for the same PSNR)"

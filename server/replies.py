@@ -3,22 +3,28 @@ is dropped with the reason (``history.json → rounds[].dropped``) and never cra
 
 A site is who Flower says sent the reply (its node id), not a name or number it reports: the name a site
 reports is only a label, made unique per run (a second node claiming a taken name is recorded as
-``<name>@node_<id>``), so no site can overwrite another's record.
+``<name>@node_<id>``), so no site can overwrite another's record. The ``node_<id>`` form belongs to the server:
+it labels a node that names no site (a silent or failed one included), and a node claiming it for another id is
+labelled by its own. Each record carries the node id, which is what names a site.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import re
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import SType
 
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.privacy import checked_history
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_RESERVED = re.compile(r"node_[0-9]+", re.IGNORECASE)  # the server's labels of nodes by id
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 MAX_NOTE = 500  # characters of a site's note (why it declined or refused) kept in history.json
 
 
@@ -41,17 +47,28 @@ class SiteRegistry:
 
     def label(self, node_id: int, claimed: str | None) -> str:
         if node_id not in self.labels:
-            name = claimed if claimed and _NAME.fullmatch(claimed) else f"node_{node_id}"
+            own = f"node_{node_id}"
+            name = claimed if claimed and _NAME.fullmatch(claimed) and not _RESERVED.fullmatch(claimed) else own
             if name in self.labels.values():
-                name = f"{name}@node_{node_id}"
+                name = f"{name}@{own}"
             self.labels[node_id] = name
         return self.labels[node_id]
+
+    def known(self, node_id: int) -> str:
+        """A node's label so far, else ``node_<id>`` (a node that never named itself: silent, or only failed)."""
+        return self.labels.get(int(node_id), f"node_{node_id}")
+
+    def node_of(self, label: str) -> int | None:
+        """The node id behind a label (None for a label no node of this run has)."""
+        found = [n for n, name in self.labels.items() if name == label]
+        by_id = re.fullmatch(r"node_([0-9]+)", label)
+        return found[0] if found else (int(by_id.group(1)) if by_id else None)
 
     def of(self, msg: Message) -> str:
         """The label of a reply's sender (an error reply carries no name: its node's label so far)."""
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
-            return self.labels.get(node, f"node_{node}")
+            return self.known(node)
         return self.label(node, site_field(msg, "name"))
 
 
@@ -101,8 +118,30 @@ def _numbers(metrics, key: str, length: int | None = None) -> list[float]:
     return [float(v) for v in value]
 
 
-def checked_arrays(msg: Message, expected: ArrayRecord) -> ArrayRecord:
-    """The reply's model: exactly the global model's keys, shapes and dtypes, every value finite."""
+def decoded(key: str, array: Array, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """An array's bytes as the ndarray they hold, which must be ``dtype`` and ``shape``: what is averaged is the
+    bytes, and a site writes them independently of the dtype and shape beside them. The ``.npy`` header is read
+    and checked before any data is, so a forged size allocates nothing."""
+    if array.stype != SType.NUMPY or not isinstance(array.data, bytes):
+        raise BadReply(f"array {key!r} is not a numpy array (stype {clip_note(array.stype)[:40]!r})")
+    stream = io.BytesIO(array.data)
+    try:
+        got_shape, _, got_dtype = _NPY_HEADERS[np.lib.format.read_magic(stream)](stream)
+    except Exception:  # whatever went wrong reading them, these bytes are not a .npy array
+        raise BadReply(f"array {key!r} is not a .npy array") from None
+    if got_dtype != dtype or tuple(got_shape) != shape:
+        raise BadReply(f"array {key!r} decodes to {got_dtype}{list(got_shape)}, expected {dtype}{list(shape)}")
+    if len(array.data) - stream.tell() != math.prod(shape) * dtype.itemsize:
+        raise BadReply(f"array {key!r} holds {len(array.data) - stream.tell()} bytes of data, not its shape's")
+    value = array.numpy()
+    if value.dtype != dtype or value.shape != shape:  # what np.load made of them, compared again
+        raise BadReply(f"array {key!r} decodes to {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}")
+    return value
+
+
+def checked_arrays(msg: Message, expected: ArrayRecord) -> list[np.ndarray]:
+    """The reply's model, decoded: exactly the global model's keys, shapes and dtypes (those the metadata says
+    and those the bytes hold), every value finite; the arrays in the global model's order."""
     records = msg.content.array_records
     if set(records) != {"arrays"}:
         raise BadReply(f"expected one ArrayRecord 'arrays', got {sorted(records)}")
@@ -112,15 +151,18 @@ def checked_arrays(msg: Message, expected: ArrayRecord) -> ArrayRecord:
         raise BadReply(
             f"model arrays differ from the global model's (extra {sorted(extra)[:5]}, missing {sorted(missing)[:5]})"
         )
+    out = []
     for key, array in arrays.items():
         want = expected[key]
         if tuple(array.shape) != tuple(want.shape) or array.dtype != want.dtype:
             raise BadReply(
                 f"array {key!r} is {array.dtype}{list(array.shape)}, expected {want.dtype}{list(want.shape)}"
             )
-        if not np.isfinite(array.numpy()).all():
+        value = decoded(key, array, np.dtype(want.dtype), tuple(want.shape))
+        if not np.isfinite(value).all():
             raise BadReply(f"array {key!r} holds values that are not finite")
-    return arrays
+        out.append(value)
+    return out
 
 
 def checked_train_metrics(msg: Message, rc: RunConfig) -> dict:
