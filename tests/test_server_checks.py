@@ -108,8 +108,11 @@ def test_bad_replies_are_dropped_with_the_reason_and_the_honest_average_survives
         12: Message(
             Error(code=0, reason="site crashed"), reply_to=Message(RecordDict(), dst_node_id=12, message_type="train")
         ),
+        13: _reply(  # every array right, in reverse order: averaged by position, it would mix tensors
+            13, ArrayRecord({k: Array(v.numpy() + 5.0) for k, v in reversed(model.state_dict().items())}), name="order"
+        ),
     }
-    fedavg = _strategy(model, list(replies) + [13])
+    fedavg = _strategy(model, list(replies) + [14])
     arrays, metrics = fedavg.aggregate_train(1, list(replies.values()))
     assert metrics["sites_trained"] == 1
     expected = model.state_dict()[first_key].numpy() + 0.01
@@ -117,12 +120,12 @@ def test_bad_replies_are_dropped_with_the_reason_and_the_honest_average_survives
     log = fedavg.train_log[1]
     assert set(log["sites"]) == {"honest"}
     reasons = {d["node_id"]: d["reason"] for d in log["dropped"]}
-    assert set(reasons) == set(range(2, 14))
+    assert set(reasons) == set(range(2, 15))
     assert "not finite" in reasons[2] and "not finite" in reasons[3]
     assert "out of range" in reasons[4] and "out of range" in reasons[5]  # weight > units, units > site-max-frames
     assert "expected float32[" in reasons[6] and "extra ['extra']" in reasons[7] and "float64" in reasons[8]
     assert "not a number" in reasons[9] and "ArrayRecord" in reasons[10] and "malformed" in reasons[11]
-    assert reasons[12] == "site crashed" and "timeout" in reasons[13]
+    assert reasons[12] == "site crashed" and "another order" in reasons[13] and "timeout" in reasons[14]
 
 
 def test_a_spoofed_site_name_cannot_overwrite_another_sites_record():
