@@ -3,7 +3,7 @@ have reported for its final shared model, with the functions they use.
 
 - per site: BD-rate of the final model (and of the personal model the site stored for it, when
   ``SITES_DIR/<site>/personal/`` holds one) against the public model on the site's held-out frames, as ``query.rd``
-  measures them (``load_site``, ``client.app.rd_points``, ``server.app._gain``);
+  measures them (``load_site``, ``client.app.rd_points``, ``server.queries.site_gain``);
 - ``--train-personal N ...``: first trains the personal models those sites had not stored yet, as the site does
   in ``query.compress`` / ``query.rd`` (``client.personal.personal_model`` from the final model, on the site's
   training rows, with the site's seed, stored where the simulated site keeps it), so a run stopped while its
@@ -35,7 +35,7 @@ from common.checkpoint import fingerprint, load_model
 from common.errors import FedlvcError
 from common.evaluate import fedlvc_points
 from common.fedconfig import RunConfig
-from server.app import _gain, public_model
+from server.queries import public_model, site_gain
 from simulations.sweep import held_out_frames, psnr_at_bpp
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         for name, m in models.items():
             curves[name] = [(p["bpp"], p["psnr"]) for p in rd_points(m, frames, rc)]
         out["sites"][f"site_{pid}"] = {
-            name: _gain(curves["public"], curves[name], q, name)["bd_rate_percent"]
+            name: site_gain(curves["public"], curves[name], q, name)["bd_rate_percent"]
             for name in curves
             if name != "public"
         }

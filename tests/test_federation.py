@@ -158,7 +158,7 @@ def _resumed_round(earlier_ledgers: str) -> Message:
 def test_a_resumed_run_continues_each_sites_epsilon_from_the_earlier_rounds():
     """A site without a ledger on disk (every simulated site) takes the rounds before resume-from from the
     server's history, so ε keeps adding up instead of starting again from zero."""
-    from server.app import earlier_ledgers
+    from server.recorder import earlier_ledgers
 
     before = [[1.0, 0.25, 3], [1.0, 0.25, 3]]
     rounds = [
@@ -427,7 +427,7 @@ def test_a_federation_in_which_every_site_declines_ends_cleanly(tmp_path):
 
 def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
     from common.checkpoint import save_model
-    from server.app import _history_rounds, _initial_model, earlier_ledgers
+    from server.recorder import earlier_ledgers, history_rounds, initial_model
 
     model = _model(3)
     save_model(tmp_path / "round_003.safetensors", model, {"round": 3})
@@ -437,11 +437,11 @@ def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):
     ]
     (tmp_path / "history.json").write_text(json.dumps({"rounds": rounds}))
     rc = RunConfig.from_mapping({"resume-from": str(tmp_path / "round_003.safetensors")})
-    resumed, done, earlier = _initial_model(rc)
+    resumed, done, earlier = initial_model(rc)
     assert done == 3 and [r["round"] for r in earlier] == [1, 2, 3]
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in model.state_dict().items())
     # ... but not from the sites' privacy ledgers: its updates were released, its privacy is spent.
-    assert earlier_ledgers(_history_rounds(rc), rc)["site_0"]["history"] == [[1.0, 0.1, 8]]
+    assert earlier_ledgers(history_rounds(rc), rc)["site_0"]["history"] == [[1.0, 0.1, 8]]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from client import app as client_app
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.model import FedlvcCodec
-from server.app import SiteFedAvg
+from server.strategy import SiteFedAvg
 from tests.test_federation import RUN as FEDERATION_RUN
 from tests.test_federation import TINY
 

@@ -13,7 +13,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 
 from client.site import site_identity
 from common.fedconfig import RunConfig
-from server.app import RoundRecorder, SiteFedAvg
+from server.recorder import RoundRecorder
+from server.strategy import SiteFedAvg
 from tests.test_federation import _model
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
@@ -200,7 +201,7 @@ def test_inconsistent_metrics_are_dropped(bad):
 def test_a_site_that_does_not_answer_a_final_query_in_time_is_listed_as_dropped():
     """A site silent past round-timeout (say, still training its personal model) is in the summary with the
     reason, not left out of it as if it never took part."""
-    from server.app import _query
+    from server.queries import query
     from server.replies import checked_compress_summary
 
     class Grid:  # node 1 answers, node 2 stays silent until the timeout
@@ -217,7 +218,7 @@ def test_a_site_that_does_not_answer_a_final_query_in_time_is_listed_as_dropped(
     grid = Grid()
     rc = RunConfig.from_mapping({"round-timeout": 90.0})
     fedavg = SiteFedAvg(rc)
-    out = _query(grid, rc, "compress", {}, {"quality": 4}, fedavg, lambda r: checked_compress_summary(r) or {})
+    out = query(grid, rc, "compress", {}, {"quality": 4}, fedavg, lambda r: checked_compress_summary(r) or {})
     assert grid.timeout == 90.0
     assert out["site_0"]["bytes"] == 100
     assert out["node_2"] == {"dropped": "no reply to query.compress within round-timeout (90 s)"}
