@@ -11,6 +11,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +144,92 @@ def test_node_config_policy_errors_are_one_clear_line():
             SitePolicy.of(node)
     policy = SitePolicy.of({"release": "none", "video-dir": "/x"})
     assert policy.release == frozenset() and policy.real_video and not policy.allow_non_private
+
+
+# ------------------------------------------------------------------------------- nothing but the noised model
+
+
+def _bright_crop_detector(gradient: bool):
+    """The operator's crafted model: the first analysis convolution measures how bright each 5×5 patch is
+    (channel 0: a·(mean − 0.85)), the next two multiply that by b and c and the last divides it back by 1e38,
+    so a patch darker than 0.85 stays a small number while a near-white one overflows float32 on the way:
+    its loss is inf (``gradient`` False), or its loss stays finite and its per-sample gradient of the last
+    convolution (activation 3.3e38 × back-propagated error) does not (``gradient`` True)."""
+    model = _model()
+    a_conv, b_conv, c_conv, d_conv = (m for m in model.g_a.layers if isinstance(m, torch.nn.Conv2d))
+    scale = (3.3e38 if gradient else 6.8e39) / 0.15  # a·b·c; a white patch reaches a·b·c·0.15
+    with torch.no_grad():
+        a_conv.weight[0] = scale ** (1 / 3) / a_conv.weight[0].numel()
+        a_conv.bias[0] = -(scale ** (1 / 3)) * (0.85 - 0.5)  # g_a sees x − 0.5
+        for conv in (b_conv, c_conv):  # channel 0 on its own: scaled by b, then by c
+            conv.weight[:, 0] = 0
+            conv.weight[0] = 0
+            conv.weight[0, 0, 2, 2] = scale ** (1 / 3)
+            conv.bias[0] = 0
+        d_conv.weight[:, 0] = 0
+        d_conv.weight[0, 0, 2, 2] = 1e-38
+        if gradient:  # the synthesis reads the bright channel at its centre only: a large error to back-propagate
+            s_conv = model.g_s.layers[0]
+            s_conv.weight[:, 0] = 0
+            s_conv.weight[:, 0, 1, 1] = 1.0
+    return model
+
+
+def _crops_behave(model, frames, gradient: bool) -> None:
+    """The crafted model does what the attack needs: every crop of the site's ordinary frames has a finite loss
+    and gradient; a white crop has a non-finite loss, or (``gradient``) a finite loss and a non-finite gradient."""
+    from common.losses import RateDistortion
+
+    loss_fn, model = RateDistortion(model.cfg.lambdas), model.train()
+    gen = torch.Generator().manual_seed(0)
+    ordinary = [
+        torch.from_numpy(f[y : y + 32, x : x + 32].copy()) for f in frames for y in (0, 16) for x in (0, 16, 32)
+    ]
+    for i, crop in enumerate([*ordinary, torch.full((32, 32, 3), 255, dtype=torch.uint8)]):
+        x = crop.permute(2, 0, 1)[None].float() / 255
+        levels = torch.randint(0, model.cfg.num_levels, (1,), generator=gen)
+        model.zero_grad()
+        loss = loss_fn(model(x, levels), x, levels)
+        loss.sum().backward()
+        grads = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        if i < len(ordinary):
+            assert torch.isfinite(loss).all() and grads
+        else:
+            assert bool(torch.isfinite(loss).all()) == gradient and not grads
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("gradient", [False, True], ids=["loss-overflows", "gradient-overflows"])
+def test_a_crafted_model_cannot_tell_a_site_with_one_bright_frame_from_one_without(tmp_path, gradient):
+    """Issue 33: a model whose loss (or per-sample gradient) overflows only on near-white crops, σ = 6, a batch
+    of at least the site's frames (q = 1: the bright frame is in every batch), 20 local steps, sent to two real
+    sites at their default policy that differ by one frame (white at one, ordinary at the other). Under DP the
+    replies may differ only by the noised model: no error, the same metrics and notes, finite arrays."""
+    clip = list(generate_site_clip(5, 0, 64, 48, 8))
+    replies, sent = [], {}
+    for name, first in (("without", clip[0]), ("with", np.full_like(clip[0], 255))):
+        folder = tmp_path / name / "videos"
+        folder.mkdir(parents=True)
+        write_video(folder / "cam.mkv", [first, *clip[1:]], Fraction(25))
+        node = {"video-dir": str(folder), "state-dir": str(tmp_path / name / "state")}
+        run = {"noise-multiplier": 6.0, "batch-size": 16, "local-steps": 20}
+        run["train-parts"] = "all" if gradient else "entropy"  # (entropy: the detector itself never moves)
+        model = _bright_crop_detector(gradient)
+        if not sent:
+            _crops_behave(model, clip, gradient)
+        sent = model.state_dict()
+        try:
+            replies.append(_train(run, node, model=model)[0])
+        except FedlvcError as e:  # the old site: "training diverged" reached the server
+            pytest.fail(f"the site {name} a bright frame answered with an error: {e}")
+    without, with_ = (r.content for r in replies)
+    assert dict(without["metrics"]) == dict(with_["metrics"])  # ε, steps, units, declined: all the same
+    assert without["metrics"]["declined"] == 0 and without["metrics"]["epsilon"] < 10
+    assert dict(without["site"]) == dict(with_["site"])
+    for content in (without, with_):
+        arrays = content["arrays"].to_torch_state_dict()
+        assert all(torch.isfinite(v).all() for v in arrays.values())
+        assert any(not torch.equal(arrays[k], sent[k]) for k in sent)  # trained and noised, not sent back
 
 
 # ------------------------------------------------------------------------------------------ noise nobody replays
