@@ -122,8 +122,9 @@ def _reply(
 
 
 def _rounds(context: Context) -> ConfigRecord:
-    """This run's bookkeeping of rounds: the latest training round, and the round each kind of release last
-    answered (a site answers at most one of each per training round)."""
+    """This run's bookkeeping of rounds: the latest round the site trained in (not one it declined or failed),
+    and for each kind of release the trained round whose one answer it gave (at most one of each per round
+    trained in)."""
     if "site-rounds" not in context.state:
         context.state["site-rounds"] = ConfigRecord({"train": 0, "eval": 0, "rd": 0, "compress": 0})
     return context.state["site-rounds"]
@@ -177,8 +178,6 @@ def train(msg: Message, context: Context) -> Message:
     name, number = site_identity(context.node_config, context.node_id)
     server_round = _round(msg)
     _inject_fault(number, server_round)
-    rounds = _rounds(context)
-    rounds["train"] = max(int(rounds["train"]), server_round)
     model = _model_from(msg, policy)
     received = {k: v.clone() for k, v in model.state_dict().items()} if masked() else None
     plan = policy.plan(rc)
@@ -194,6 +193,9 @@ def train(msg: Message, context: Context) -> Message:
             ledger.save(context, policy.accountant, policy.delta)
     seed = rc.seed + 1000 * server_round + number
     loss = None if declined else _train_round(model, site.train_rows, rc, plan, policy, q, seed)
+    if not declined:  # only a round trained in unlocks the releases about it
+        rounds = _rounds(context)
+        rounds["train"] = max(int(rounds["train"]), server_round)
     metrics = {
         "num-examples": 0 if declined else len(site.train_rows),
         "epsilon": plan.epsilon(ledger.history),
@@ -221,17 +223,21 @@ def train(msg: Message, context: Context) -> Message:
 
 def _refusal(policy: SitePolicy, context: Context, kind: str, release: str, server_round: int) -> str:
     """Why the site does not answer this query ("" = it does, and the answer is booked): the policy's
-    ``release`` list, and at most one answer of each kind per training round of this run."""
+    ``release`` list, and at most one answer of each kind per round of this run the site trained in, asked for
+    that round or a later one (the server's final queries name the last round it asked the site to train in)."""
     if release and not policy.releases(release):
         allowed = ",".join(sorted(policy.release)) or "none"
         return f"the site's policy does not release {release} (release = {allowed})"
     rounds = _rounds(context)
     latest = int(rounds["train"])
-    if latest == 0 or server_round != latest:
-        return f"{kind} is answered only for the site's latest training round ({latest}), not round {server_round}"
-    if int(rounds[kind]) == server_round:
-        return f"{kind} was answered already in round {server_round} (one a round)"
-    rounds[kind] = server_round
+    if latest == 0 or server_round < latest:
+        return (
+            f"{kind} is answered only for the site's latest training round ({latest or 'none in this run'}) or a "
+            f"later one, not round {server_round}"
+        )
+    if int(rounds[kind]) == latest:
+        return f"{kind} was answered already for training round {latest} (one for each round the site trained in)"
+    rounds[kind] = latest
     return ""
 
 

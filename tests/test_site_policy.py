@@ -384,6 +384,41 @@ def test_release_eval_answers_one_evaluation_a_round_and_nothing_else(tmp_path, 
     assert _ledger(tmp_path)["releases"] == {"eval": 1}  # counted on the site's disk, over all runs
 
 
+def _answered(ctx, kind: str, server_round: int) -> bool:
+    model = _model()
+    if kind == "rd":
+        reply = client_app.rd(_rd_message(model, model, server_round), ctx)
+    else:
+        reply = getattr(client_app, kind)(_message(model, f"query.{kind}", server_round), ctx)
+    return "refused" not in reply.content["metrics"]
+
+
+def test_only_a_round_the_site_trained_in_unlocks_one_release_of_each_kind(tmp_path, monkeypatch):
+    """Issue 33: a made-up training round that the site does not train in (a broken model config, a round it
+    declines) unlocked one more evaluation, rd and compression each. Only a round the site trained in unlocks
+    them: one of each, for that round or a later one the server asks about (the final queries' round)."""
+    monkeypatch.chdir(tmp_path)  # the simulated site's compressed clips go under runs/sites
+    ctx = _context({"local-steps": 2})
+    broken = _message(_model(), "train", 1)
+    broken.content["config"]["model-config"] = "{not json"
+    with pytest.raises(FedlvcError, match="model-config"):
+        client_app.train(broken, ctx)
+    assert not any(_answered(ctx, kind, 1) for kind in ("evaluate", "rd", "compress"))
+    first = client_app.train(_message(_model(), "train", 2), ctx).content["metrics"]
+    assert first["declined"] == 0 and _answered(ctx, "evaluate", 2)
+    ctx.node_config["max-epsilon"] = first["epsilon"] * 1.01  # the site's budget allows no further round
+    for server_round in (3, 4):  # declined rounds: nothing more to answer
+        assert client_app.train(_message(_model(), "train", server_round), ctx).content["metrics"]["declined"] == 1
+        assert not _answered(ctx, "evaluate", server_round)
+    assert not _answered(ctx, "rd", 1)  # before the round it trained in
+    assert _answered(ctx, "rd", 4) and _answered(ctx, "compress", 4)  # the final queries, once
+    assert not any(_answered(ctx, kind, 4) for kind in ("evaluate", "rd", "compress"))
+    fresh = _context({"epsilon-budget": 1e-3})  # a run whose every round the site declines
+    for server_round in (1, 2, 3):
+        assert client_app.train(_message(_model(), "train", server_round), fresh).content["metrics"]["declined"] == 1
+        assert not any(_answered(fresh, kind, server_round) for kind in ("evaluate", "rd", "compress"))
+
+
 @pytest.mark.parametrize("run_out", ["/tmp/fedlvc-hostile-{}", "../../fedlvc-hostile-{}"])
 def test_the_final_compression_never_writes_where_the_run_config_says(tmp_path, monkeypatch, run_out):
     (tmp_path / "a" / "b").mkdir(parents=True)
