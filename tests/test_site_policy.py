@@ -480,6 +480,44 @@ def test_run_config_sizes_are_bounded_and_the_site_checks_its_memory_first():
         client_app.train(_message(_model(), "train"), _context({"batch-size": 4096, "crop-size": 512}))
 
 
+def _wide(msg):
+    """``msg`` naming a 512-channel model in its model-config (its arrays stay the tiny model's: never built)."""
+    cfg = json.loads(msg.content["config"]["model-config"])
+    msg.content["config"]["model-config"] = json.dumps({**cfg, "channels": 512})
+    return msg
+
+
+def test_max_memory_mb_guards_evaluation_rd_and_compression_too(tmp_path, monkeypatch, video_dir):
+    """Issue 33: evaluation, query.rd and the final compression ran past max-memory-mb (a 512-channel model on a
+    1280×720 site grew the process by 934 MB against 800). Each estimates what coding the site's frames with the
+    message's model would hold and refuses with the reason before the model is built; a small model on a small
+    site still gets its answers."""
+    folder = tmp_path / "hd"
+    folder.mkdir()
+    write_video(folder / "cam.mkv", generate_site_clip(5, 0, 1280, 720, 4), Fraction(25))
+    node_policy = {"max-memory-mb": 800, "release": "eval,rd,compress-summary"}
+    node = _real_site(tmp_path, folder, **node_policy)
+    ctx = _context({"site-max-frames": 4, "local-steps": 1}, node)
+    assert _train(ctx=ctx)[0].content["metrics"]["declined"] == 0  # a round trained: each query may be answered
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built: the estimate came too late")
+
+    monkeypatch.setattr(client_app, "_model_from", never)
+    for reply in (
+        client_app.evaluate(_wide(_message(_model(), "evaluate", 1)), ctx),
+        client_app.rd(_wide(_rd_message(_model(), _model(), 1)), ctx),
+        client_app.compress(_wide(_message(_model(), "query.compress", 1)), ctx),
+    ):
+        assert reply.content["metrics"]["refused"] == 1
+        assert "max-memory-mb" in reply.content["site"]["note"] and "800 MB" in reply.content["site"]["note"]
+    monkeypatch.undo()
+    small = _context({"local-steps": 1}, _real_site(tmp_path / "small", video_dir, **node_policy))
+    _train(ctx=small)
+    for kind in ("evaluate", "rd", "compress"):
+        assert _answered(small, kind, 1)
+
+
 def test_a_message_whose_arrays_do_not_fit_its_model_config_is_one_clear_error():
     msg = _message(_model(), "train")
     msg.content["config"]["model-config"] = json.dumps(
