@@ -21,6 +21,7 @@ from client.policy import SitePolicy
 from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
+from common.model import CodecConfig, FedlvcCodec
 from common.video import write_video
 from tests.conftest import allocates_at_most
 from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon
@@ -516,6 +517,22 @@ def test_max_memory_mb_guards_evaluation_rd_and_compression_too(tmp_path, monkey
     _train(ctx=small)
     for kind in ("evaluate", "rd", "compress"):
         assert _answered(small, kind, 1)
+
+
+def test_a_site_trains_no_personal_model_past_its_memory(tmp_path, monkeypatch, video_dir):
+    """The final model may be wider than the ones the rounds trained: a personal model that fine-tuning would
+    need more than max-memory-mb for is not trained; the site measures (and codes with) the final model and
+    says why."""
+    monkeypatch.chdir(tmp_path)
+    run = {"local-steps": 1, "batch-size": 16, "crop-size": 64, "personal-steps": 2}
+    ctx = _context(run, _real_site(tmp_path, video_dir, **{"max-memory-mb": 300, "release": "rd"}))
+    _train(ctx=ctx)  # the tiny model's training fits
+    torch.manual_seed(0)
+    wide = FedlvcCodec(CodecConfig(channels=128))  # coding it fits, fine-tuning it would not
+    reply = client_app.rd(_rd_message(wide, wide), ctx)
+    note = reply.content["site"]["note"]
+    assert "no personal model: training the personal model would need" in note and "max-memory-mb" in note
+    assert "bpp-federated" in reply.content["metrics"] and "bpp-personal" not in reply.content["metrics"]
 
 
 def test_a_message_whose_arrays_do_not_fit_its_model_config_is_one_clear_error():
