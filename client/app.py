@@ -7,6 +7,7 @@ policy, the ledger, what the site releases and where it writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -32,7 +33,7 @@ from .personal import personal_model, personal_seed
 from .policy import SitePolicy
 from .secure import FITINS_ARRAYS, masked, masked_update_records, positional_state_dict, secure_aggregation_mod
 from .secure import train_config as _config
-from .site import load_site, site_clips, site_identity, site_out_dir
+from .site import clip_frame_sizes, load_site, site_clips, site_identity, site_out_dir
 
 app = ClientApp()
 
@@ -47,13 +48,18 @@ def model_params(cfg: CodecConfig) -> int:
         return sum(p.numel() for p in FedlvcCodec(cfg).parameters())
 
 
+def _config_from(msg: Message) -> CodecConfig:
+    """The model config in a message, within ``CodecConfig``'s limits (nothing built)."""
+    try:
+        return CodecConfig.from_dict(json.loads(str(_config(msg.content)["model-config"])))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FedlvcError(f"the server's model-config is malformed: {e}") from None
+
+
 def _model_from(msg: Message, policy: SitePolicy, key: str = "arrays") -> FedlvcCodec:
     """The model in a message, checked before it is built: its config within ``CodecConfig``'s limits and
     the site's memory, its arrays exactly the config's."""
-    try:
-        cfg = CodecConfig.from_dict(json.loads(str(_config(msg.content)["model-config"])))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise FedlvcError(f"the server's model-config is malformed: {e}") from None
+    cfg = _config_from(msg)
     policy.check_memory("the server's model", 16.0 * model_params(cfg))
     model = FedlvcCodec(cfg)
     try:
@@ -122,8 +128,9 @@ def _reply(
 
 
 def _rounds(context: Context) -> ConfigRecord:
-    """This run's bookkeeping of rounds: the latest training round, and the round each kind of release last
-    answered (a site answers at most one of each per training round)."""
+    """This run's bookkeeping of rounds: the latest round the site trained in (not one it declined or failed),
+    and for each kind of release the trained round whose one answer it gave (at most one of each per round
+    trained in)."""
     if "site-rounds" not in context.state:
         context.state["site-rounds"] = ConfigRecord({"train": 0, "eval": 0, "rd": 0, "compress": 0})
     return context.state["site-rounds"]
@@ -137,6 +144,38 @@ def training_bytes(rc: RunConfig, params: int) -> float:
     if rc.max_physical_batch:
         rows = min(rows, rc.max_physical_batch)
     return rows * max(rc.unit_frames, 1) * (8.0 * params + 400.0 * rc.crop_size**2)
+
+
+# Coding memory, measured as the peak RSS growth of a process coding frames as the final compression does
+# (encoder with its rate–distortion pass, decoder, PSNR) at 320×192 to 1280×768: per pixel and transform
+# channel 4–7 bytes (v3, 64–512 channels), 9 (v4), 7 (adapters), 6 (motion), plus 20–90 MB; evaluation's
+# MS-SSIM about 260 bytes per pixel of every held-out frame (float64 copies and filters of all at once).
+# The constants round these up (10 bytes per channel, v4, adapters and motion counted as twice the channels).
+CODING_BYTES_PER_PIXEL_CHANNEL = 10.0
+CODING_FIXED_BYTES = 128 * 2**20
+MEASURING_BYTES_PER_PIXEL = {True: 320.0, False: 32.0}  # per held-out pixel: with MS-SSIM, PSNR only
+
+
+def coding_bytes(cfg: CodecConfig, height: int, width: int) -> float:
+    """Rough peak memory of coding and decoding one frame of ``height`` × ``width`` pixels with a model of
+    this config (padded to the stride), with working copies of the model's weights (8 bytes a parameter): a
+    conservative estimate from the measurements above."""
+    pixels = -(-height // cfg.stride) * cfg.stride * -(-width // cfg.stride) * cfg.stride
+    channels = cfg.channels * (1 + cfg.hyper + cfg.adapters + cfg.motion)
+    return CODING_BYTES_PER_PIXEL_CHANNEL * channels * pixels + 8.0 * model_params(cfg) + CODING_FIXED_BYTES
+
+
+def measuring_bytes(cfg: CodecConfig, frames: list, with_ms_ssim: bool) -> float:
+    """:func:`coding_bytes` of the largest of ``frames`` plus what measuring them all at once holds (decoded
+    copies, PSNR, and MS-SSIM's filtered float64 copies): evaluation and ``query.rd``."""
+    largest = max(frames, key=lambda f: f.shape[0] * f.shape[1])
+    pixels = sum(f.shape[0] * f.shape[1] for f in frames)
+    return coding_bytes(cfg, *largest.shape[:2]) + MEASURING_BYTES_PER_PIXEL[with_ms_ssim] * pixels
+
+
+def personal_config(cfg: CodecConfig, rc: RunConfig) -> CodecConfig:
+    """The config of the personal model a site makes from a model of ``cfg`` (adapters added when it tunes them)."""
+    return dataclasses.replace(cfg, adapters=True) if rc.personal_parts == "adapters" else cfg
 
 
 def _decide(plan, ledger, q: float, policy: SitePolicy, context: Context) -> str:
@@ -177,8 +216,6 @@ def train(msg: Message, context: Context) -> Message:
     name, number = site_identity(context.node_config, context.node_id)
     server_round = _round(msg)
     _inject_fault(number, server_round)
-    rounds = _rounds(context)
-    rounds["train"] = max(int(rounds["train"]), server_round)
     model = _model_from(msg, policy)
     received = {k: v.clone() for k, v in model.state_dict().items()} if masked() else None
     plan = policy.plan(rc)
@@ -194,6 +231,9 @@ def train(msg: Message, context: Context) -> Message:
             ledger.save(context, policy.accountant, policy.delta)
     seed = rc.seed + 1000 * server_round + number
     loss = None if declined else _train_round(model, site.train_rows, rc, plan, policy, q, seed)
+    if not declined:  # only a round trained in unlocks the releases about it
+        rounds = _rounds(context)
+        rounds["train"] = max(int(rounds["train"]), server_round)
     metrics = {
         "num-examples": 0 if declined else len(site.train_rows),
         "epsilon": plan.epsilon(ledger.history),
@@ -220,19 +260,28 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _refusal(policy: SitePolicy, context: Context, kind: str, release: str, server_round: int) -> str:
-    """Why the site does not answer this query ("" = it does, and the answer is booked): the policy's
-    ``release`` list, and at most one answer of each kind per training round of this run."""
+    """Why the site does not answer this query ("" = it may; :func:`_book` it before coding): the policy's
+    ``release`` list, and at most one answer of each kind per round of this run the site trained in, asked for
+    that round or a later one (the server's final queries name the last round it asked the site to train in)."""
     if release and not policy.releases(release):
         allowed = ",".join(sorted(policy.release)) or "none"
         return f"the site's policy does not release {release} (release = {allowed})"
     rounds = _rounds(context)
     latest = int(rounds["train"])
-    if latest == 0 or server_round != latest:
-        return f"{kind} is answered only for the site's latest training round ({latest}), not round {server_round}"
-    if int(rounds[kind]) == server_round:
-        return f"{kind} was answered already in round {server_round} (one a round)"
-    rounds[kind] = server_round
+    if latest == 0 or server_round < latest:
+        return (
+            f"{kind} is answered only for the site's latest training round ({latest or 'none in this run'}) or a "
+            f"later one, not round {server_round}"
+        )
+    if int(rounds[kind]) == latest:
+        return f"{kind} was answered already for training round {latest} (one for each round the site trained in)"
     return ""
+
+
+def _book(context: Context, kind: str) -> None:
+    """Spend the latest training round's one answer of ``kind``: before the model codes a private frame."""
+    rounds = _rounds(context)
+    rounds[kind] = rounds["train"]
 
 
 def _count_release(context: Context, release: str, policy: SitePolicy) -> None:
@@ -272,9 +321,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     policy = SitePolicy.of(context.node_config)
     refused = _refusal(policy, context, "eval", "eval", _round(msg))
+    if not refused:
+        site = load_site(context.node_config, rc, policy, context.node_id)
+        need = measuring_bytes(_config_from(msg), site.held_out, with_ms_ssim=True)
+        refused = policy.memory_refusal("evaluating the held-out frames", need)
     if refused:
         return _reply(msg, context, {"refused": 1}, note=refused)
-    site = load_site(context.node_config, rc, policy, context.node_id)
+    _book(context, "eval")
     model = _model_from(msg, policy).eval()
     m = _measure(model, np.stack(site.held_out), _quality(model, rc.eval_quality), rc)
     _count_release(context, "eval", policy)
@@ -288,6 +341,10 @@ def _coding_model(model: FedlvcCodec, rc: RunConfig, policy: SitePolicy, context
     site's personal model fine-tuned from it on its training frames (kept at the site; :mod:`client.personal`)."""
     if not rc.personal_steps:
         return model, ""
+    params = model_params(personal_config(model.cfg, rc))
+    too_big = policy.memory_refusal("training the personal model", training_bytes(rc, params))
+    if too_big:
+        return model, f"no personal model: {too_big}"
     site = load_site(context.node_config, rc, policy, context.node_id)
     return personal_model(model, site.train_rows, rc, policy, context.node_config, name, personal_seed(rc, number))
 
@@ -299,8 +356,15 @@ def compress(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     policy = SitePolicy.of(context.node_config)
     refused = _refusal(policy, context, "compress", "", _round(msg))
+    if not refused:
+        cfg = _config_from(msg)
+        configs = {cfg, personal_config(cfg, rc)} if rc.personal_steps else {cfg}
+        sizes = clip_frame_sizes(context.node_config, rc)
+        need = max(coding_bytes(c, h, w) for c in configs for h, w in sizes)
+        refused = policy.memory_refusal("compressing the site's clips", need)
     if refused:
         return _reply(msg, context, {"refused": 1}, note=refused)
+    _book(context, "compress")
     name, number = site_identity(context.node_config, context.node_id)
     model, personal_note = _coding_model(_model_from(msg, policy).eval(), rc, policy, context, name, number)
     out = site_out_dir(context.node_config, name)
@@ -339,6 +403,14 @@ def compress(msg: Message, context: Context) -> Message:
 RD_MODELS = ("federated", "public")  # the models one query.rd may carry: what it is for, and a bound on work
 
 
+def _rd_bytes(msg: Message, rc: RunConfig, site, names: list) -> float:
+    """Memory of a ``query.rd``: the carried models (and a personal one) held at once, each measured in turn."""
+    cfg = _config_from(msg)
+    configs = [cfg, personal_config(cfg, rc)] if rc.personal_steps else [cfg]
+    held = 4.0 * sum(model_params(c) for c in [cfg] * len(names) + configs[1:])
+    return held + max(measuring_bytes(c, site.held_out, with_ms_ssim=False) for c in configs)
+
+
 @app.query("rd")
 def rd(msg: Message, context: Context) -> Message:
     """Rate–distortion of the models in the message (``federated`` and/or ``public`` arrays) on this site's
@@ -348,12 +420,15 @@ def rd(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     policy = SitePolicy.of(context.node_config)
     refused = _refusal(policy, context, "rd", "rd", _round(msg))
+    names = [k for k in RD_MODELS if k in msg.content.array_records]
+    if not refused and not names:
+        raise FedlvcError(f"query.rd carries none of the models {', '.join(RD_MODELS)}")
+    if not refused:
+        site = load_site(context.node_config, rc, policy, context.node_id)
+        refused = policy.memory_refusal("measuring the models on the held-out frames", _rd_bytes(msg, rc, site, names))
     if refused:
         return _reply(msg, context, {"refused": 1}, note=refused)
-    names = [k for k in RD_MODELS if k in msg.content.array_records]
-    if not names:
-        raise FedlvcError(f"query.rd carries none of the models {', '.join(RD_MODELS)}")
-    site = load_site(context.node_config, rc, policy, context.node_id)
+    _book(context, "rd")
     frames = np.stack(site.held_out)
     metrics = {"frames": len(site.held_out)}
     models = {key: _model_from(msg, policy, key).eval() for key in names}

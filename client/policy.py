@@ -172,10 +172,17 @@ class SitePolicy:
     def releases(self, what: str) -> bool:
         return what in self.release
 
+    def memory_refusal(self, what: str, nbytes: float) -> str:
+        """Why work of this estimated size is refused ("" = it fits in ``max-memory-mb``)."""
+        if nbytes <= self.max_memory_mb * 2**20:
+            return ""
+        return (
+            f"{what} would need about {nbytes / 2**20:,.0f} MB; the site allows {self.max_memory_mb:,.0f} MB "
+            "(node-config max-memory-mb)"
+        )
+
     def check_memory(self, what: str, nbytes: float) -> None:
         """Refuse work that would hold more than ``max-memory-mb`` (estimated before anything is allocated)."""
-        if nbytes > self.max_memory_mb * 2**20:
-            raise FedlvcError(
-                f"{what} would need about {nbytes / 2**20:,.0f} MB; the site allows "
-                f"{self.max_memory_mb:,.0f} MB (node-config max-memory-mb)"
-            )
+        reason = self.memory_refusal(what, nbytes)
+        if reason:
+            raise FedlvcError(reason)

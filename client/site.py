@@ -133,6 +133,17 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
     return data
 
 
+def clip_frame_sizes(node_config, rc: RunConfig) -> list[tuple[int, int]]:
+    """(height, width) of the frames of the site's clips for the final compression, from the containers'
+    headers (real video) or the run config (simulated), without decoding a frame."""
+    from common.video import probe
+
+    video_dir = str(node_config.get("video-dir", "") or "")
+    if video_dir:
+        return [(info.height, info.width) for info in map(probe, find_videos([video_dir]))]
+    return [(rc.demo_height, rc.demo_width)]
+
+
 def site_clips(node_config, rc: RunConfig, node_id: int = 0):
     """The site's own videos for the final compression: (name, a function giving a fresh frame iterator,
     fps) per clip, so that a clip can be streamed twice (encode, then compare) without holding it."""

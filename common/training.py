@@ -159,7 +159,7 @@ def _backward(per_sample: torch.Tensor) -> None:
         per_sample.mean().backward()
 
 
-MAX_NONFINITE_IN_A_ROW = 20  # steps whose loss is not finite, one after the other: training has diverged
+MAX_NONFINITE_IN_A_ROW = 20  # steps without DP whose loss is not finite, one after the other: diverged
 
 
 class Trainer:
@@ -171,11 +171,12 @@ class Trainer:
     per-frame gradient samples summed first). Opacus hooks the model itself (``wrap_model=False``) and is
     removed by :meth:`close`. An empty Poisson batch is a step of noise alone.
 
-    Failure policy (both): a sample whose loss is not finite never moves the model. Without DP that batch's
-    step is skipped; under DP the sample's gradient is zeroed (a per-sample operation, like clipping, so the
-    guarantee holds) and the step, its noise and the accountant go on: how many steps a run takes never
-    depends on the data. Each such step is counted; after ``MAX_NONFINITE_IN_A_ROW`` in a row the run stops
-    with an error (diverged)."""
+    Failure policy: a sample whose loss is not finite never moves the model. Without DP that batch's step is
+    skipped, and after ``MAX_NONFINITE_IN_A_ROW`` such steps in a row the run stops with an error (diverged).
+    Under DP a sample whose loss or per-sample gradient is not finite has its gradient zeroed before clipping (a
+    per-sample operation, like clipping, so the guarantee holds) and the step, its noise and the accountant go
+    on; the run never stops on it: whether and how long a run trains never depends on the data, and a run that
+    diverges shows it in its noised model. Such steps are counted (``nonfinite_steps``, never released)."""
 
     def __init__(
         self,
@@ -264,8 +265,8 @@ class Trainer:
     def _dp_step(self, x: torch.Tensor, levels: torch.Tensor) -> float:
         """One DP-SGD step on a Poisson batch, in pieces of at most ``max-physical-batch`` rows: each piece's
         per-sample gradients are clipped and summed by Opacus (``signal_skip_step``), the last piece adds the
-        noise once and takes the one accounted step. A sample whose loss is not finite contributes a zero
-        gradient."""
+        noise once and takes the one accounted step. A sample whose loss or per-sample gradient is not finite
+        contributes a zero gradient."""
         size = self.max_physical_batch or x.shape[0]
         pieces = [slice(i, i + size) for i in range(0, x.shape[0], size)]
         losses, all_finite = [], True
@@ -275,10 +276,11 @@ class Trainer:
             xs, ls = x[rows], levels[rows]
             per_sample = self.loss_fn(self.forward(self.model, xs, ls), xs, ls)
             finite = torch.isfinite(per_sample)
-            all_finite &= bool(finite.all())
             _backward(torch.where(finite, per_sample, torch.zeros_like(per_sample)))
             if xs.dim() == 5:
                 fold_segment_grad_samples(self.model, xs.shape[0], xs.shape[1])
+            finite &= self._finite_grad_samples()  # a finite loss can still have an inf gradient: NaN once clipped
+            all_finite &= bool(finite.all())
             if not finite.all():
                 for p in self.params:
                     p.grad_sample[~finite] = 0
@@ -290,13 +292,19 @@ class Trainer:
         kept = torch.cat(losses)
         return kept.mean().item() if kept.numel() else float("nan")
 
+    def _finite_grad_samples(self) -> torch.Tensor:
+        """(rows,) bool: the rows (privacy units) whose per-sample gradient is finite in every trainable parameter."""
+        rows = [torch.isfinite(p.grad_sample).flatten(1).all(1) for p in self.params]
+        return torch.stack(rows).all(0)
+
     def _count_finite(self, all_finite: bool) -> bool:
         if all_finite:
             self._in_a_row = 0
             return True
         self.nonfinite_steps += 1
         self._in_a_row += 1
-        if self._in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        # Under DP stopping would tell the server that some unit makes the loss overflow: outside what ε accounts.
+        if self.dp is None and self._in_a_row >= MAX_NONFINITE_IN_A_ROW:
             raise FedlvcError(f"training diverged: {self._in_a_row} steps in a row had a loss that is not finite")
         return False
 

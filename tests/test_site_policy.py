@@ -13,6 +13,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from client.policy import SitePolicy
 from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
+from common.model import CodecConfig, FedlvcCodec
 from common.video import write_video
 from tests.conftest import allocates_at_most
 from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon
@@ -145,6 +147,92 @@ def test_node_config_policy_errors_are_one_clear_line():
             SitePolicy.of(node)
     policy = SitePolicy.of({"release": "none", "video-dir": "/x"})
     assert policy.release == frozenset() and policy.real_video and not policy.allow_non_private
+
+
+# ------------------------------------------------------------------------------- nothing but the noised model
+
+
+def _bright_crop_detector(gradient: bool):
+    """The operator's crafted model: the first analysis convolution measures how bright each 5×5 patch is
+    (channel 0: a·(mean − 0.85)), the next two multiply that by b and c and the last divides it back by 1e38,
+    so a patch darker than 0.85 stays a small number while a near-white one overflows float32 on the way:
+    its loss is inf (``gradient`` False), or its loss stays finite and its per-sample gradient of the last
+    convolution (activation 3.3e38 × back-propagated error) does not (``gradient`` True)."""
+    model = _model()
+    a_conv, b_conv, c_conv, d_conv = (m for m in model.g_a.layers if isinstance(m, torch.nn.Conv2d))
+    scale = (3.3e38 if gradient else 6.8e39) / 0.15  # a·b·c; a white patch reaches a·b·c·0.15
+    with torch.no_grad():
+        a_conv.weight[0] = scale ** (1 / 3) / a_conv.weight[0].numel()
+        a_conv.bias[0] = -(scale ** (1 / 3)) * (0.85 - 0.5)  # g_a sees x − 0.5
+        for conv in (b_conv, c_conv):  # channel 0 on its own: scaled by b, then by c
+            conv.weight[:, 0] = 0
+            conv.weight[0] = 0
+            conv.weight[0, 0, 2, 2] = scale ** (1 / 3)
+            conv.bias[0] = 0
+        d_conv.weight[:, 0] = 0
+        d_conv.weight[0, 0, 2, 2] = 1e-38
+        if gradient:  # the synthesis reads the bright channel at its centre only: a large error to back-propagate
+            s_conv = model.g_s.layers[0]
+            s_conv.weight[:, 0] = 0
+            s_conv.weight[:, 0, 1, 1] = 1.0
+    return model
+
+
+def _crops_behave(model, frames, gradient: bool) -> None:
+    """The crafted model does what the attack needs: every crop of the site's ordinary frames has a finite loss
+    and gradient; a white crop has a non-finite loss, or (``gradient``) a finite loss and a non-finite gradient."""
+    from common.losses import RateDistortion
+
+    loss_fn, model = RateDistortion(model.cfg.lambdas), model.train()
+    gen = torch.Generator().manual_seed(0)
+    ordinary = [
+        torch.from_numpy(f[y : y + 32, x : x + 32].copy()) for f in frames for y in (0, 16) for x in (0, 16, 32)
+    ]
+    for i, crop in enumerate([*ordinary, torch.full((32, 32, 3), 255, dtype=torch.uint8)]):
+        x = crop.permute(2, 0, 1)[None].float() / 255
+        levels = torch.randint(0, model.cfg.num_levels, (1,), generator=gen)
+        model.zero_grad()
+        loss = loss_fn(model(x, levels), x, levels)
+        loss.sum().backward()
+        grads = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        if i < len(ordinary):
+            assert torch.isfinite(loss).all() and grads
+        else:
+            assert bool(torch.isfinite(loss).all()) == gradient and not grads
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("gradient", [False, True], ids=["loss-overflows", "gradient-overflows"])
+def test_a_crafted_model_cannot_tell_a_site_with_one_bright_frame_from_one_without(tmp_path, gradient):
+    """Issue 33: a model whose loss (or per-sample gradient) overflows only on near-white crops, σ = 6, a batch
+    of at least the site's frames (q = 1: the bright frame is in every batch), 20 local steps, sent to two real
+    sites at their default policy that differ by one frame (white at one, ordinary at the other). Under DP the
+    replies may differ only by the noised model: no error, the same metrics and notes, finite arrays."""
+    clip = list(generate_site_clip(5, 0, 64, 48, 8))
+    replies, sent = [], {}
+    for name, first in (("without", clip[0]), ("with", np.full_like(clip[0], 255))):
+        folder = tmp_path / name / "videos"
+        folder.mkdir(parents=True)
+        write_video(folder / "cam.mkv", [first, *clip[1:]], Fraction(25))
+        node = {"video-dir": str(folder), "state-dir": str(tmp_path / name / "state")}
+        run = {"noise-multiplier": 6.0, "batch-size": 16, "local-steps": 20}
+        run["train-parts"] = "all" if gradient else "entropy"  # (entropy: the detector itself never moves)
+        model = _bright_crop_detector(gradient)
+        if not sent:
+            _crops_behave(model, clip, gradient)
+        sent = model.state_dict()
+        try:
+            replies.append(_train(run, node, model=model)[0])
+        except FedlvcError as e:  # the old site: "training diverged" reached the server
+            pytest.fail(f"the site {name} a bright frame answered with an error: {e}")
+    without, with_ = (r.content for r in replies)
+    assert dict(without["metrics"]) == dict(with_["metrics"])  # ε, steps, units, declined: all the same
+    assert without["metrics"]["declined"] == 0 and without["metrics"]["epsilon"] < 10
+    assert dict(without["site"]) == dict(with_["site"])
+    for content in (without, with_):
+        arrays = content["arrays"].to_torch_state_dict()
+        assert all(torch.isfinite(v).all() for v in arrays.values())
+        assert any(not torch.equal(arrays[k], sent[k]) for k in sent)  # trained and noised, not sent back
 
 
 # ------------------------------------------------------------------------------------------ noise nobody replays
@@ -400,6 +488,41 @@ def test_release_eval_answers_one_evaluation_a_round_and_nothing_else(tmp_path, 
     assert _ledger(tmp_path)["releases"] == {"eval": 1}  # counted on the site's disk, over all runs
 
 
+def _answered(ctx, kind: str, server_round: int) -> bool:
+    model = _model()
+    if kind == "rd":
+        reply = client_app.rd(_rd_message(model, model, server_round), ctx)
+    else:
+        reply = getattr(client_app, kind)(_message(model, f"query.{kind}", server_round), ctx)
+    return "refused" not in reply.content["metrics"]
+
+
+def test_only_a_round_the_site_trained_in_unlocks_one_release_of_each_kind(tmp_path, monkeypatch):
+    """Issue 33: a made-up training round that the site does not train in (a broken model config, a round it
+    declines) unlocked one more evaluation, rd and compression each. Only a round the site trained in unlocks
+    them: one of each, for that round or a later one the server asks about (the final queries' round)."""
+    monkeypatch.chdir(tmp_path)  # the simulated site's compressed clips go under runs/sites
+    ctx = _context({"local-steps": 2})
+    broken = _message(_model(), "train", 1)
+    broken.content["config"]["model-config"] = "{not json"
+    with pytest.raises(FedlvcError, match="model-config"):
+        client_app.train(broken, ctx)
+    assert not any(_answered(ctx, kind, 1) for kind in ("evaluate", "rd", "compress"))
+    first = client_app.train(_message(_model(), "train", 2), ctx).content["metrics"]
+    assert first["declined"] == 0 and _answered(ctx, "evaluate", 2)
+    ctx.node_config["max-epsilon"] = first["epsilon"] * 1.01  # the site's budget allows no further round
+    for server_round in (3, 4):  # declined rounds: nothing more to answer
+        assert client_app.train(_message(_model(), "train", server_round), ctx).content["metrics"]["declined"] == 1
+        assert not _answered(ctx, "evaluate", server_round)
+    assert not _answered(ctx, "rd", 1)  # before the round it trained in
+    assert _answered(ctx, "rd", 4) and _answered(ctx, "compress", 4)  # the final queries, once
+    assert not any(_answered(ctx, kind, 4) for kind in ("evaluate", "rd", "compress"))
+    fresh = _context({"epsilon-budget": 1e-3})  # a run whose every round the site declines
+    for server_round in (1, 2, 3):
+        assert client_app.train(_message(_model(), "train", server_round), fresh).content["metrics"]["declined"] == 1
+        assert not any(_answered(fresh, kind, server_round) for kind in ("evaluate", "rd", "compress"))
+
+
 @pytest.mark.parametrize("run_out", ["/tmp/fedlvc-hostile-{}", "../../fedlvc-hostile-{}"])
 def test_the_final_compression_never_writes_where_the_run_config_says(tmp_path, monkeypatch, run_out):
     (tmp_path / "a" / "b").mkdir(parents=True)
@@ -459,6 +582,60 @@ def test_run_config_sizes_are_bounded_and_the_site_checks_its_memory_first():
             client_app.train(_message(_model(), "train"), _context(big))
     with pytest.raises(FedlvcError, match="a training step"):
         client_app.train(_message(_model(), "train"), _context({"batch-size": 4096, "crop-size": 512}))
+
+
+def _wide(msg):
+    """``msg`` naming a 512-channel model in its model-config (its arrays stay the tiny model's: never built)."""
+    cfg = json.loads(msg.content["config"]["model-config"])
+    msg.content["config"]["model-config"] = json.dumps({**cfg, "channels": 512})
+    return msg
+
+
+def test_max_memory_mb_guards_evaluation_rd_and_compression_too(tmp_path, monkeypatch, video_dir):
+    """Issue 33: evaluation, query.rd and the final compression ran past max-memory-mb (a 512-channel model on a
+    1280×720 site grew the process by 934 MB against 800). Each estimates what coding the site's frames with the
+    message's model would hold and refuses with the reason before the model is built; a small model on a small
+    site still gets its answers."""
+    folder = tmp_path / "hd"
+    folder.mkdir()
+    write_video(folder / "cam.mkv", generate_site_clip(5, 0, 1280, 720, 4), Fraction(25))
+    node_policy = {"max-memory-mb": 800, "release": "eval,rd,compress-summary"}
+    node = _real_site(tmp_path, folder, **node_policy)
+    ctx = _context({"site-max-frames": 4, "local-steps": 1}, node)
+    assert _train(ctx=ctx)[0].content["metrics"]["declined"] == 0  # a round trained: each query may be answered
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built: the estimate came too late")
+
+    monkeypatch.setattr(client_app, "_model_from", never)
+    for reply in (
+        client_app.evaluate(_wide(_message(_model(), "evaluate", 1)), ctx),
+        client_app.rd(_wide(_rd_message(_model(), _model(), 1)), ctx),
+        client_app.compress(_wide(_message(_model(), "query.compress", 1)), ctx),
+    ):
+        assert reply.content["metrics"]["refused"] == 1
+        assert "max-memory-mb" in reply.content["site"]["note"] and "800 MB" in reply.content["site"]["note"]
+    monkeypatch.undo()
+    small = _context({"local-steps": 1}, _real_site(tmp_path / "small", video_dir, **node_policy))
+    _train(ctx=small)
+    for kind in ("evaluate", "rd", "compress"):
+        assert _answered(small, kind, 1)
+
+
+def test_a_site_trains_no_personal_model_past_its_memory(tmp_path, monkeypatch, video_dir):
+    """The final model may be wider than the ones the rounds trained: a personal model that fine-tuning would
+    need more than max-memory-mb for is not trained; the site measures (and codes with) the final model and
+    says why."""
+    monkeypatch.chdir(tmp_path)
+    run = {"local-steps": 1, "batch-size": 16, "crop-size": 64, "personal-steps": 2}
+    ctx = _context(run, _real_site(tmp_path, video_dir, **{"max-memory-mb": 300, "release": "rd"}))
+    _train(ctx=ctx)  # the tiny model's training fits
+    torch.manual_seed(0)
+    wide = FedlvcCodec(CodecConfig(channels=128))  # coding it fits, fine-tuning it would not
+    reply = client_app.rd(_rd_message(wide, wide), ctx)
+    note = reply.content["site"]["note"]
+    assert "no personal model: training the personal model would need" in note and "max-memory-mb" in note
+    assert "bpp-federated" in reply.content["metrics"] and "bpp-personal" not in reply.content["metrics"]
 
 
 def test_a_message_whose_arrays_do_not_fit_its_model_config_is_one_clear_error():

@@ -65,16 +65,63 @@ def test_under_dp_the_sample_is_zeroed_and_the_step_still_counts():
     trainer.close()
 
 
-@pytest.mark.parametrize("dp", [None, DPConfig(1.0, 1.0)])
-def test_a_run_that_keeps_failing_stops_with_an_error(dp):
-    trainer = _trainer(dp)
+def _diverged(trainer: Trainer) -> None:
     loss_fn = trainer.loss_fn
     trainer.loss_fn = lambda out, x, levels: loss_fn(out, x, levels) * float("nan")  # every sample diverged
+
+
+def test_without_dp_a_run_that_keeps_failing_stops_with_an_error():
+    trainer = _trainer()
+    _diverged(trainer)
     x, levels = _batch()
     with pytest.raises(FedlvcError, match="diverged"):
         for _ in range(MAX_NONFINITE_IN_A_ROW):
             trainer.step(x, levels)
     assert trainer.nonfinite_steps == MAX_NONFINITE_IN_A_ROW
+
+
+def test_under_dp_a_run_that_keeps_failing_never_stops():
+    """Issue 33: stopping would tell the server that some frame makes the loss overflow, which ε does not
+    account. Every step is taken, noised and accounted; the model stays finite."""
+    trainer = _trainer(DPConfig(1.0, 1.0))
+    _diverged(trainer)
+    x, levels = _batch()
+    for _ in range(2 * MAX_NONFINITE_IN_A_ROW):
+        assert math.isnan(trainer.step(x, levels))
+    assert trainer.nonfinite_steps == 2 * MAX_NONFINITE_IN_A_ROW
+    assert sum(n for _, _, n in trainer.history) == 2 * MAX_NONFINITE_IN_A_ROW
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    trainer.close()
+
+
+class _InfGradientOfFirst(torch.autograd.Function):
+    """The identity on per-sample losses whose backward sends an inf gradient into the first sample only."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.cat([grad[:1] * float("inf"), grad[1:]])
+
+
+@pytest.mark.parametrize("segment_frames", [0, 2])
+def test_under_dp_a_finite_loss_with_an_inf_gradient_is_zeroed_per_sample(segment_frames):
+    """A unit whose loss is finite but whose per-sample gradient is not would make the clipped sum NaN (clipping
+    scales inf by 0): its row is zeroed before clipping, the others move the model, which stays finite."""
+    trainer = _trainer(DPConfig(0.0, 1.0), segment_frames=segment_frames)
+    loss_fn = trainer.loss_fn
+    trainer.loss_fn = lambda out, x, levels: _InfGradientOfFirst.apply(loss_fn(out, x, levels))
+    x, levels = _batch()
+    if segment_frames:
+        x, levels = torch.stack([x[:2], x[2:]], 1), levels[:2]
+    before = [p.detach().clone() for p in trainer.params]
+    assert math.isfinite(trainer.step(x, levels)) and trainer.nonfinite_steps == 1
+    assert all(torch.isfinite(p.grad).all() for p in trainer.params)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))  # the finite samples moved it
+    trainer.close()
 
 
 @pytest.mark.parametrize("segment_frames", [0, 2])
