@@ -279,9 +279,19 @@ def _refusal(policy: SitePolicy, context: Context, kind: str, release: str, serv
 
 
 def _book(context: Context, kind: str) -> None:
-    """Spend the latest training round's one answer of ``kind``: before the model codes a private frame."""
+    """Spend the latest training round's one answer of ``kind`` (-1: the one compression of a run the site
+    trained in no round of): before the model codes a private frame."""
     rounds = _rounds(context)
-    rounds[kind] = rounds["train"]
+    rounds[kind] = int(rounds["train"]) or -1
+
+
+def _compress_refusal(policy: SitePolicy, context: Context, server_round: int) -> tuple[str, bool]:
+    """(why the site does not compress ("" = it does), whether it may release a summary). A site that trained in
+    no round of this run still compresses its own video once, which is what it joined for, but releases nothing
+    about it: only a round it trained in unlocks a release."""
+    if int(_rounds(context)["train"]):
+        return _refusal(policy, context, "compress", "", server_round), True
+    return ("compress was answered already in this run" if int(_rounds(context)["compress"]) < 0 else ""), False
 
 
 def _count_release(context: Context, release: str, policy: SitePolicy) -> None:
@@ -352,10 +362,11 @@ def _coding_model(model: FedlvcCodec, rc: RunConfig, policy: SitePolicy, context
 @app.query("compress")
 def compress(msg: Message, context: Context) -> Message:
     """Compress every clip of this site with the final global model into the site's own out-dir (never a
-    path from the run config); reply with a summary if the site releases one."""
+    path from the run config); reply with a summary if the site releases one and trained in a round of this run
+    (:func:`_compress_refusal`)."""
     rc = RunConfig.from_mapping(context.run_config)
     policy = SitePolicy.of(context.node_config)
-    refused = _refusal(policy, context, "compress", "", _round(msg))
+    refused, may_release = _compress_refusal(policy, context, _round(msg))
     if not refused:
         cfg = _config_from(msg)
         configs = {cfg, personal_config(cfg, rc)} if rc.personal_steps else {cfg}
@@ -381,9 +392,11 @@ def compress(msg: Message, context: Context) -> Message:
         total_pixels += summary["frames"] * summary["width"] * summary["height"]
         frames_total += summary["frames"]
     personal = {"personal": int(rc.personal_steps > 0 and not personal_note)}
-    if not policy.releases("compress-summary"):
-        note = "; ".join(filter(None, ["compressed; the site does not release a summary", personal_note]))
-        return _reply(msg, context, {"compressed": 1}, note=note)
+    if not (may_release and policy.releases("compress-summary")):
+        why = "the site does not release a summary" if may_release else "the site trained in no round of this run"
+        return _reply(
+            msg, context, {"compressed": 1}, note="; ".join(filter(None, [f"compressed; {why}", personal_note]))
+        )
     _count_release(context, "compress-summary", policy)
     return _reply(
         msg,

@@ -17,6 +17,7 @@ from common.data import (
 )
 from common.errors import FedlvcError
 from common.fedconfig import RunConfig
+from common.video import probe
 
 from .ledger import state_dir_of
 from .policy import SitePolicy
@@ -136,8 +137,6 @@ def load_site(node_config, rc: RunConfig, policy: SitePolicy, node_id: int = 0) 
 def clip_frame_sizes(node_config, rc: RunConfig) -> list[tuple[int, int]]:
     """(height, width) of the frames of the site's clips for the final compression, from the containers'
     headers (real video) or the run config (simulated), without decoding a frame."""
-    from common.video import probe
-
     video_dir = str(node_config.get("video-dir", "") or "")
     if video_dir:
         return [(info.height, info.width) for info in map(probe, find_videos([video_dir]))]

@@ -406,8 +406,8 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
 def test_a_federation_in_which_every_site_declines_ends_cleanly(tmp_path):
     """The issue's run (budget 1.0 at σ 0.8): every site declines every round. The run completes, each round
     keeps the global model and says so, and the final model is the last one kept (here the public one). Only a
-    round a site trained in unlocks its releases (issue 33): each refuses the final queries, and the summary
-    lists it with the reason."""
+    round a site trained in unlocks its releases (issue 33): each site compresses its own video with the final
+    model but releases no summary, and refuses query.rd."""
     from common.checkpoint import load_model
 
     out = tmp_path / "out"
@@ -421,10 +421,11 @@ def test_a_federation_in_which_every_site_declines_ends_cleanly(tmp_path):
         assert all("past its budget" in s["declined_reason"] for s in r["sites"].values())
     final, public = load_model(out / "final.safetensors").state_dict(), load_model().state_dict()
     assert all(torch.equal(final[k], public[k]) for k in public)
-    assert not list((tmp_path / "runs" / "sites").glob("*/*.lvc"))
+    assert {p.parent.name for p in (tmp_path / "runs" / "sites").glob("*/*.lvc")} == {"site_0", "site_1"}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["sites"]) == {"site_0", "site_1"} and all(s["epsilon"] == 0 for s in summary["sites"].values())
-    assert all("latest training round" in s["refused"] for s in summary["sites"].values())
+    assert all("bytes" not in s and s["gain_over_public"] is None for s in summary["sites"].values())
+    assert all(s["releases"]["compress-summary"] == 0 for s in summary["sites"].values())
 
 
 def test_resume_from_a_round_checkpoint_continues_round_numbering(tmp_path):

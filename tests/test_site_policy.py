@@ -500,14 +500,17 @@ def _answered(ctx, kind: str, server_round: int) -> bool:
 def test_only_a_round_the_site_trained_in_unlocks_one_release_of_each_kind(tmp_path, monkeypatch):
     """Issue 33: a made-up training round that the site does not train in (a broken model config, a round it
     declines) unlocked one more evaluation, rd and compression each. Only a round the site trained in unlocks
-    them: one of each, for that round or a later one the server asks about (the final queries' round)."""
+    them: one of each, for that round or a later one the server asks about (the final queries' round). A site
+    that trained in no round of the run still compresses its own video once, releasing nothing about it."""
     monkeypatch.chdir(tmp_path)  # the simulated site's compressed clips go under runs/sites
     ctx = _context({"local-steps": 2})
     broken = _message(_model(), "train", 1)
     broken.content["config"]["model-config"] = "{not json"
     with pytest.raises(FedlvcError, match="model-config"):
         client_app.train(broken, ctx)
-    assert not any(_answered(ctx, kind, 1) for kind in ("evaluate", "rd", "compress"))
+    assert not any(_answered(ctx, kind, 1) for kind in ("evaluate", "rd"))
+    untrained = client_app.compress(_message(_model(), "query.compress", 1), ctx).content["metrics"]
+    assert set(untrained.keys()) == {"compressed"}  # the run's one compression without a trained round: no release
     first = client_app.train(_message(_model(), "train", 2), ctx).content["metrics"]
     assert first["declined"] == 0 and _answered(ctx, "evaluate", 2)
     ctx.node_config["max-epsilon"] = first["epsilon"] * 1.01  # the site's budget allows no further round
@@ -520,7 +523,11 @@ def test_only_a_round_the_site_trained_in_unlocks_one_release_of_each_kind(tmp_p
     fresh = _context({"epsilon-budget": 1e-3})  # a run whose every round the site declines
     for server_round in (1, 2, 3):
         assert client_app.train(_message(_model(), "train", server_round), fresh).content["metrics"]["declined"] == 1
-        assert not any(_answered(fresh, kind, server_round) for kind in ("evaluate", "rd", "compress"))
+        assert not any(_answered(fresh, kind, server_round) for kind in ("evaluate", "rd"))
+    # it still compresses its own video once in the run (what it joined for), releasing nothing about it
+    once = client_app.compress(_message(_model(), "query.compress", 3), fresh).content
+    assert set(once["metrics"].keys()) == {"compressed"} and "trained in no round" in once["site"]["note"]
+    assert not _answered(fresh, "compress", 3) and not _answered(fresh, "compress", 4)
 
 
 @pytest.mark.parametrize("run_out", ["/tmp/fedlvc-hostile-{}", "../../fedlvc-hostile-{}"])
