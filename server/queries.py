@@ -29,8 +29,9 @@ def releases(rounds: list, site: str, compressed: dict, gain: dict | None) -> di
 
 
 def query(grid: Grid, rc: RunConfig, kind: str, records: dict, config: dict, fedavg: SiteFedAvg, check) -> dict:
-    """Send a query to every site, for the last round it was asked to train in (a site answers a query for
-    its latest training round only); {site: check(reply)} or {site: {"refused" | "dropped": why}}."""
+    """Send a query to every site, for the last round it was asked to train in (a site answers one query of each
+    kind for the latest round it trained in, asked for that round or a later one); {site: check(reply)} or
+    {site: {"refused" | "dropped": why}}."""
     messages = []
     node_ids = list(grid.get_node_ids())
     for nid in node_ids:
