@@ -92,6 +92,13 @@ def _parse(argv):
     p.add_argument(
         "--skip-threshold", type=float, default=None, help="with --rd-weight 0: fedlvc encoder's P-frame skip threshold"
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one `fedlvc compress` and one `fedlvc decompress` of the frames (an FFV1 .mkv of them in, "
+        "an FFV1 .mkv out), by stage: video I/O, analysis, P-frame choice, contexts and tables, ANS, synthesis, "
+        "bitstream (benchmarks/_stages.py); not part of the timings",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.frames < 1:
         p.error("--repeats and --frames must be >= 1")
@@ -139,6 +146,31 @@ def _time_rounds(frames, fps, model, args, gop, rule, mp4: bytes) -> tuple[dict,
     return times, last
 
 
+def profile_file_paths(frames, fps, model, args, gop, rule) -> dict:
+    """Stage profiles of the command-line paths: ``compress_file`` of an FFV1 .mkv of ``frames`` (video decode and
+    colour conversion included) and ``decompress_file`` to an FFV1 .mkv (video write included)."""
+    from _stages import StageSampler
+
+    from common.codec import compress_file, decompress_file
+    from common.video import write_video
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lvc, dst = Path(tmp) / "in.mkv", Path(tmp) / "out.lvc", Path(tmp) / "out.mkv"
+        write_video(src, list(frames), fps)
+        compress_file(src, lvc, model, args.quality, gop, rule=rule)  # warm-up: tables, first-call imports
+        with StageSampler() as encode:
+            compress_file(src, lvc, model, args.quality, gop, rule=rule)
+        with StageSampler() as decode:
+            decompress_file(lvc, dst, model)
+        out = {"encode": encode.result(), "decode": decode.result()}
+    for kind, r in out.items():
+        C.log(f"  {kind} profile ({len(frames)} frames, {r['wall_seconds']:.2f} s, {r['samples']} samples):")
+        for stage, v in r["stages"].items():
+            C.log(f"    {stage:<40} {v['seconds']:7.2f} s  {100 * v['share']:5.1f} %")
+    return out
+
+
 def main(argv=None) -> int:
     args, rule = _parse(argv)
     with C.json_stdout() as emit:
@@ -161,6 +193,7 @@ def main(argv=None) -> int:
         )
         times, last = _time_rounds(frames, fps, model, args, gop, rule, x264_bytes(frames, fps, crf=args.crf))
         fps_best = {k: n / min(v) for k, v in times.items()}
+        profile = profile_file_paths(frames, fps, model, args, gop, rule) if args.profile else None
         emit(
             {
                 "benchmark": "codec_speed",
@@ -190,6 +223,7 @@ def main(argv=None) -> int:
                 "cpu_count": os.cpu_count(),
                 "hardware": hw,
                 **C.model_info(args.model, model),
+                **({"profile": profile} if profile else {}),
             }
         )
     return 0
