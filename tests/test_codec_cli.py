@@ -252,6 +252,35 @@ def test_a_script_sees_exactly_the_one_line_error(lvc, chunks, tiny_model_path, 
     assert listing(dst) == set()
 
 
+def test_compress_and_decompress_import_no_federation_or_training_stack(odd_clip, tiny_model_path, dirs):
+    """Start fast (issue 34): coding a file needs torch, PyAV and the entropy coder, not Flower, Opacus, Ray,
+    matplotlib, SciPy or sympy (torch imports sympy on a first autograd call with grad_outputs): none of them is
+    imported by `fedlvc compress` and `fedlvc decompress`, parser included."""
+    import subprocess
+    import sys
+
+    src, dst = dirs
+    script = (
+        "import sys\n"
+        "from client.cli import main\n"
+        f"assert main(['compress', {str(odd_clip)!r}, {str(dst / 'a.lvc')!r}, '--model', {str(tiny_model_path)!r},"
+        " '--quiet']) == 0\n"
+        f"assert main(['decompress', {str(dst / 'a.lvc')!r}, {str(dst / 'a.y4m')!r}, '--model',"
+        f" {str(tiny_model_path)!r}, '--quiet']) == 0\n"
+        "heavy = {'flwr', 'opacus', 'ray', 'matplotlib', 'scipy', 'sympy'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ------------------------------------------------------------------------------------- bad input: compress
 
 
