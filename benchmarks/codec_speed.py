@@ -99,6 +99,13 @@ def _parse(argv):
         "an FFV1 .mkv out), by stage: video I/O, analysis, P-frame choice, contexts and tables, ANS, synthesis, "
         "bitstream (benchmarks/_stages.py); not part of the timings",
     )
+    p.add_argument(
+        "--startup-runs",
+        type=int,
+        default=3,
+        help="times `fedlvc compress` of a 1-frame clip (its first frame) runs as a new process, the fastest "
+        "reported: start-up, imports and loading the model included (default 3; 0 = skip)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.frames < 1:
         p.error("--repeats and --frames must be >= 1")
@@ -144,6 +151,35 @@ def _time_rounds(frames, fps, model, args, gop, rule, mp4: bytes) -> tuple[dict,
                 f"x264 enc {n / res.encode_seconds:.1f} fps, dec {n / (t4 - t3):.1f} fps"
             )
     return times, last
+
+
+def startup_seconds(frame, fps, args) -> list[float]:
+    """Wall seconds of ``fedlvc compress`` of a 1-frame clip as a new process (the installed ``fedlvc`` beside this
+    Python, else ``python -m client.cli``), ``--startup-runs`` times: what a site waits for one short file."""
+    import subprocess
+    import sys
+
+    from common.video import write_video
+
+    script = Path(sys.executable).with_name("fedlvc")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "client.cli"]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    seconds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "one.mkv", Path(tmp) / "one.lvc"
+        write_video(src, [frame], fps)
+        model = ["--model", args.model] if args.model else []
+        for _ in range(args.startup_runs):
+            t0 = time.perf_counter()
+            subprocess.run(
+                [*command, "compress", str(src), str(out), *model, "--quality", str(args.quality), "--quiet"],
+                check=True,
+                capture_output=True,
+            )
+            seconds.append(time.perf_counter() - t0)
+    C.log(f"  1-frame fedlvc compress, process start included: {min(seconds, default=float('nan')):.2f} s (best)")
+    return seconds
 
 
 def profile_file_paths(frames, fps, model, args, gop, rule) -> dict:
@@ -194,6 +230,7 @@ def main(argv=None) -> int:
         times, last = _time_rounds(frames, fps, model, args, gop, rule, x264_bytes(frames, fps, crf=args.crf))
         fps_best = {k: n / min(v) for k, v in times.items()}
         profile = profile_file_paths(frames, fps, model, args, gop, rule) if args.profile else None
+        startup = startup_seconds(frames[0], fps, args) if args.startup_runs else []
         emit(
             {
                 "benchmark": "codec_speed",
@@ -223,6 +260,8 @@ def main(argv=None) -> int:
                 "cpu_count": os.cpu_count(),
                 "hardware": hw,
                 **C.model_info(args.model, model),
+                "one_frame_compress_seconds": min(startup) if startup else None,
+                "one_frame_compress_runs": startup,
                 **({"profile": profile} if profile else {}),
             }
         )
