@@ -389,8 +389,7 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
             assert [d["reason"] for d in r["dropped"]] == ["The FAB could not be verified."]
     assert not list((tmp_path / "w" / "site_2").glob("*/*.lvc"))
     assert not (tmp_path / "w" / "site_2" / "state" / "privacy_ledger.json").exists()
-    # Nothing we started is left listening.
-    time.sleep(2)
+    # Nothing we started is left listening (deploy_local waited for every process it stopped to exit).
     assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
     # A site's compressed video (the last run's final compression) decodes with that run's final global model.
     from client.cli import main as cli
