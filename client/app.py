@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import time
 
 import numpy as np
 import torch
@@ -71,19 +69,6 @@ def _model_from(msg: Message, policy: SitePolicy, key: str = "arrays") -> Fedlvc
     except (RuntimeError, KeyError, TypeError) as e:
         raise FedlvcError(f"the server's model arrays do not fit its model-config: {str(e)[:300]}") from None
     return model
-
-
-FAULT_ENV = "FEDLVC_INJECT_FAULT"  # testing aid: "<site number>:<round>" makes that site crash in that round
-HANG_ENV = "FEDLVC_INJECT_HANG"  # testing aid: "<site number>:<round>:<seconds>" makes that site stall
-
-
-def _inject_fault(site_number: int, server_round: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec and spec == f"{site_number}:{server_round}":
-        raise RuntimeError(f"fault injected by {FAULT_ENV}={spec}")
-    hang = os.environ.get(HANG_ENV, "").split(":")
-    if len(hang) == 3 and hang[:2] == [str(site_number), str(server_round)]:
-        time.sleep(float(hang[2]))
 
 
 def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
@@ -209,13 +194,15 @@ def _train_round(model: FedlvcCodec, rows: list, rc: RunConfig, plan, policy: Si
     return result["loss"]
 
 
-@app.train(mods=[secure_aggregation_mod, central_dp_mod])
+TRAIN_MODS = [secure_aggregation_mod, central_dp_mod]  # outermost first; tests/fault_mod.py adds one inside
+
+
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     rc = RunConfig.from_mapping(context.run_config)
     policy = SitePolicy.of(context.node_config)
     name, number = site_identity(context.node_config, context.node_id)
     server_round = _round(msg)
-    _inject_fault(number, server_round)
     model = _model_from(msg, policy)
     received = {k: v.clone() for k, v in model.state_dict().items()} if masked() else None
     plan = policy.plan(rc)

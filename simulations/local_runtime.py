@@ -102,14 +102,16 @@ class SimulationRuntime:
         cpus_per_site: int = 1,
         timeout: float = 3600,
         log: Path | None = None,
+        app: Path = APP_DIR,
     ) -> dict:
-        """Submit one run of the app and wait for it; returns {"run_id", "status", "output"}."""
+        """Submit one run of the app (the one in ``app``: this repository's unless told) and wait for it; returns
+        {"run_id", "status", "output"}."""
         before = {r["run-id"] for r in self.list_runs()}
         proc = subprocess.run(
             [
                 flwr_bin("flwr"),
                 "run",
-                str(APP_DIR),
+                str(app),
                 "sim",
                 "--stream",
                 "--run-config",

@@ -22,6 +22,7 @@ from common.errors import FedlvcError
 from common.fedconfig import RunConfig
 from common.model import FedlvcCodec
 from server.strategy import SiteFedAvg
+from tests.fault_mod import Fault, faulty_app
 from tests.test_federation import RUN as FEDERATION_RUN
 from tests.test_federation import TINY
 
@@ -39,12 +40,13 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.p
 
 
 class LoopbackGrid:
-    """A Grid whose sites are ClientApps in this process: every message goes through ``client_app.app`` with
-    the site's own Context (its state carries the SecAgg+ keys between stages); an exception becomes an error
-    reply, as Flower makes it. ``sent``/``received`` keep every message either way."""
+    """A Grid whose sites are ClientApps in this process: every message goes through ``app`` (the site's
+    ClientApp, ``client_app.app`` unless told) with the site's own Context (its state carries the SecAgg+ keys
+    between stages); an exception becomes an error reply, as Flower makes it. ``sent``/``received`` keep every
+    message either way."""
 
-    def __init__(self, contexts: dict[int, Context]):
-        self.contexts, self.sent, self.received = contexts, [], []
+    def __init__(self, contexts: dict[int, Context], app=None):
+        self.contexts, self.app, self.sent, self.received = contexts, app or client_app.app, [], []
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -55,7 +57,7 @@ class LoopbackGrid:
             self.sent.append(msg)
             delivered = copy.deepcopy(msg)  # as if serialised: one site's mod must not change another's message
             try:
-                reply = client_app.app(delivered, self.contexts[msg.metadata.dst_node_id])
+                reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # noqa: BLE001 - what Flower's runtime turns into an error reply
                 reply = Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
             replies.append(reply)
@@ -104,9 +106,9 @@ def _plain_update(model: FedlvcCodec, context: Context) -> dict[str, np.ndarray]
     return {k: (trained[k].double() - v.double()).numpy() for k, v in model.state_dict().items()}
 
 
-def _secure_round(run: dict, node_configs=None, monkeypatch=None):
+def _secure_round(run: dict, node_configs=None, app=None):
     model, contexts = _global(), _contexts(run, node_configs)
-    grid = LoopbackGrid(contexts)
+    grid = LoopbackGrid(contexts, app)
     fedavg = SiteFedAvg(RunConfig.from_mapping(run), min_train_nodes=3, min_available_nodes=3)
     sent = ArrayRecord(model.state_dict())
     assert fedavg.configure_train(1, sent, _train_config(model), grid) == []  # the round ran as SecAgg+
@@ -146,13 +148,13 @@ def test_the_server_gets_the_mean_update_and_never_one_sites_update():
         assert flat_masked.max() > 2**31  # uniform over [0, 2^32): far outside the quantized range
 
 
-def test_a_site_that_drops_mid_protocol_and_one_that_declines_are_left_out_of_the_mean(monkeypatch):
+def test_a_site_that_drops_mid_protocol_and_one_that_declines_are_left_out_of_the_mean():
     """Site 2 crashes in the masked-vector stage (its pairwise masks are then removed with the others' key
-    shares); site 1's policy refuses the non-private round (weight 0, zero update). The mean is site 0's."""
-    monkeypatch.setenv(client_app.FAULT_ENV, "2:1")
+    shares; tests/fault_mod.py's mod, inside SecAgg+'s); site 1's policy refuses the non-private round (weight 0,
+    zero update). The mean is site 0's."""
     run = {**RUN, "secure-aggregation": True}
-    model, contexts, grid, fedavg, arrays = _secure_round(run, {1: {"allow-non-private": "false"}})
-    monkeypatch.delenv(client_app.FAULT_ENV)
+    crash = faulty_app([Fault(site=2, round=1)])
+    model, contexts, grid, fedavg, arrays = _secure_round(run, {1: {"allow-non-private": "false"}}, crash)
     expected = _plain_update(model, list(contexts.values())[0])
     result = arrays.to_torch_state_dict()
     for k, v in model.state_dict().items():

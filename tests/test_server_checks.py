@@ -276,10 +276,11 @@ def _malformed(arrays: ArrayRecord, kind: str) -> ArrayRecord:
 class StubGrid:
     """Flower's Grid for ``server.app.main``: every node answers as an honest site would (its model moved by
     0.01 each round, plausible evaluation, compression and rd figures) unless ``train[node](ask, moved model,
-    round)`` makes its training reply or it is ``silent``; every reply crosses Flower's wire form first."""
+    round)`` makes its training reply (None: no reply that round) or it is ``silent``; every reply crosses
+    Flower's wire form first. ``timeouts`` keeps the timeout of every call."""
 
     def __init__(self, names: dict[int, str], train: dict | None = None, silent=()):
-        self.names, self.train, self.silent, self.rounds = names, train or {}, set(silent), 0
+        self.names, self.train, self.silent, self.rounds, self.timeouts = names, train or {}, set(silent), 0, []
 
     def get_node_ids(self):
         return list(self.names)
@@ -288,8 +289,10 @@ class StubGrid:
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
             self.rounds += 1
+        self.timeouts.append(timeout)
         messages.sort(key=lambda m: list(self.names).index(m.metadata.dst_node_id))  # replies in ``names`` order
-        return [_over_the_wire(self._answer(m)) for m in messages if m.metadata.dst_node_id not in self.silent]
+        replies = [self._answer(m) for m in messages if m.metadata.dst_node_id not in self.silent]
+        return [_over_the_wire(r) for r in replies if r is not None]
 
     def _answer(self, ask: Message) -> Message:
         node, kind = ask.metadata.dst_node_id, ask.metadata.message_type
@@ -372,6 +375,24 @@ def test_a_squatted_name_and_a_claimed_node_label_cannot_hide_or_mislabel_a_site
     table = capsys.readouterr().out
     assert any(line.split()[:2] == ["school@node_4", "4"] for line in table.splitlines())
     assert any(line.split()[:2] == ["node_6", "6"] for line in table.splitlines())
+
+
+def test_a_site_silent_in_a_training_round_is_dropped_from_it_and_the_round_goes_on(tmp_path):
+    """What a stalled site does to a round, without waiting for a timeout: node 2 gives no training reply in round
+    1 (Flower's grid returns without it once round-timeout has passed). The round averages the other two, history
+    says who dropped and why, and the site trains again in round 2. test_federation checks it end to end once."""
+
+    def stalled(ask, moved, server_round):
+        return None if server_round == 1 else _reply(2, moved, name="site_1", ask=ask)
+
+    grid = StubGrid({1: "site_0", 2: "site_1", 3: "site_2"}, train={2: stalled})
+    rounds, _ = _run_main(tmp_path, grid, 2, **{"round-timeout": 240.0})
+    assert set(grid.timeouts) == {240.0}  # every call waits at most round-timeout
+    first, second = rounds
+    assert [d["node_id"] for d in first["dropped"]] == [2] and "timeout" in first["dropped"][0]["reason"]
+    trained = {k for k, v in first["sites"].items() if "epsilon" in v}  # site_1's entry is its evaluation
+    assert first["sites_trained"] == 2 and trained == {"site_0", "site_2"}
+    assert second["dropped"] == [] and second["sites_trained"] == 3
 
 
 def _update_norm(arrays: ArrayRecord, model) -> float:

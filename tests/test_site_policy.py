@@ -4,12 +4,12 @@ ledger lives on its disk."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import stat
 import threading
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -331,25 +331,43 @@ def test_a_deleted_emptied_or_rolled_back_ledger_is_an_error_not_a_fresh_start(t
     assert sum(_train(node=node)[0].content["metrics"]["dp_steps"]) == RUN["local-steps"]
 
 
-def test_two_runs_on_one_state_dir_serialise_their_spending(tmp_path):
+def test_two_runs_on_one_state_dir_serialise_their_spending(tmp_path, monkeypatch):
     """While another run holds the ledger's lock and spends, a training round waits for it and then adds to
-    what the other run spent (it neither overwrites it nor checks its budget against a stale ledger)."""
+    what the other run spent (it neither overwrites it nor checks its budget against a stale ledger). The other
+    run writes only once the round has found the lock held, so the round cannot have read the ledger before."""
     state = tmp_path / "state"
     node = {"state-dir": str(state)}
     _train(node=node)  # the ledger exists: one round spent
-    result = {}
+    result, tried, flock = {}, threading.Event(), fcntl.flock
+
+    def watched_flock(fd, operation):  # the second run's lock: tried without waiting first, then waited for
+        if threading.current_thread().name == "second-run" and operation == fcntl.LOCK_EX and not tried.is_set():
+            try:
+                flock(fd, operation | fcntl.LOCK_NB)
+            except BlockingIOError:
+                tried.set()  # the other run holds it: wait for it below
+            else:
+                result["lock was free"] = True
+                tried.set()
+                return None
+        return flock(fd, operation)
 
     def second_run():
-        result["reply"] = _train(node=node, server_round=1)[0]
+        try:
+            result["reply"] = _train(node=node, server_round=1)[0]
+        finally:
+            tried.set()  # a round that failed before the lock fails the test below, not after a wait
 
+    monkeypatch.setattr(fcntl, "flock", watched_flock)
+    thread = threading.Thread(target=second_run, name="second-run")
     with _exclusive(state / LOCK):  # the other run: reads, spends, writes while it holds the lock
-        thread = threading.Thread(target=second_run)
         thread.start()
-        time.sleep(1.0)
+        assert tried.wait(timeout=300) and "lock was free" not in result  # the round waits for the lock now
         other = PrivacyLedger._read(state, 1)
         other.spend(7.0, 0.5, 5)
         other.save(None, "rdp", 1e-5)
-    thread.join(timeout=300)
+    thread.join(timeout=300)  # a bound on a stuck round, not a guess at how long one takes
+    assert not thread.is_alive()
     history = _ledger(tmp_path)["history"]
     assert [7.0, 0.5, 5] in history  # the other run's spending survived
     assert sum(n for _, _, n in history) == 2 * RUN["local-steps"] + 5
