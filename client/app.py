@@ -20,9 +20,9 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
 from common.evaluate import code_and_measure
-from common.fedconfig import RunConfig
 from common.metrics import ms_ssim, psnr_rgb
 from common.model import CodecConfig, FedlvcCodec
 from common.privacy import DPConfig, poisson_sample_rate

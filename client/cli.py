@@ -13,7 +13,7 @@ import sys
 
 from tqdm import tqdm
 
-from common import options as o
+from common.config import options as o
 from common.errors import FedlvcError
 
 EXIT_USER_ERROR = 2
@@ -144,7 +144,7 @@ def cmd_public_data(args) -> int:
 
 
 def _train_config(args):
-    """The TrainConfig of `fedlvc train`'s options (every option of common.options.TRAIN_OPTIONS)."""
+    """The TrainConfig of `fedlvc train`'s options (every option of common.config.options.TRAIN_OPTIONS)."""
     from common.codec import p_rule
     from common.training import TRAIN_OPTIONS, TrainConfig
 
@@ -322,8 +322,8 @@ def _public_data_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    """Every training setting from the schema (common.options.TRAIN_OPTIONS) and the DP settings
-    (common.options.DP_OPTIONS); building it imports neither torch nor Opacus."""
+    """Every training setting from the schema (common.config.options.TRAIN_OPTIONS) and the DP settings
+    (common.config.options.DP_OPTIONS); building it imports neither torch nor Opacus."""
     t = _subcommand(sub, "train", "train the codec on one site's videos (non-private or DP-SGD)", cmd_train)
     t.add_argument("video_dirs", nargs="+")
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors); resumes if its state exists")
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)  # an option out of its limits is a FedlvcError (common.options)
+        args = parser.parse_args(argv)  # an option out of its limits is a FedlvcError (common.config.options)
         # Progress bars are for a person watching: a script or a log gets only what it asked for (and, on a
         # user mistake, exactly the one-line error).
         args.quiet = args.quiet or not (args.progress or sys.stderr.isatty())

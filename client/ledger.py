@@ -35,8 +35,8 @@ import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
 from common.privacy import check_privacy_unit, checked_history
 from common.video import atomic_output
 

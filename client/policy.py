@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.config.fedconfig import RunConfig
+from common.config.options import ACCOUNTANTS
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.options import ACCOUNTANTS
 from common.privacy import epsilon_from_history
 
 RELEASES = ("eval", "rd", "compress-summary", "train-loss")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config.fedconfig import RunConfig
 from common.data import (
     find_videos,
     generate_site_clip,
@@ -16,7 +17,6 @@ from common.data import (
     split_held_out,
 )
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
 from common.video import probe
 
 from .ledger import state_dir_of

@@ -99,7 +99,6 @@ def type_bits(version: int) -> int:
 MAX_SIDE = 16384  # pixels
 MAX_PIXELS = 8192 * 8192
 MAX_FRAMES = 10_000_000
-MAX_GOP = 65535  # the header field is 16 bits
 
 
 @dataclass(frozen=True)

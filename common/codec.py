@@ -23,18 +23,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
+
 from . import bitstream as bs
 from .checkpoint import fingerprint
 from .contexts import next_history
 from .entropy import LatentCoder
 from .errors import FedlvcError
 from .model import FedlvcCodec
-from .options import GOP, RD_WEIGHT, SKIP_THRESHOLD
-from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
+from .rdo import choose_p_latent, synthesis_sensitivity
 from .residual import MotionPFrames, to_uint8
 from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 
-# The encoder's defaults (their limits: common.options): an I-frame every DEFAULT_GOP frames, P-frame latents
+# The encoder's defaults (their limits: common.config.options): an I-frame every DEFAULT_GOP frames, P-frame latents
 # chosen by rate-distortion cost.
 DEFAULT_GOP = GOP.default
 DEFAULT_P_RULE = PFrameRule(rd_weight=RD_WEIGHT.default)  # fedlvc compress's P-frame quantization

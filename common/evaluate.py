@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.config.options import PFrameRule
+
 from .baselines import BASELINES, DEFAULT_CRFS, encode_baseline
 from .checkpoint import fingerprint
 from .codec import check_gop, decode_stream, encode_frames
 from .errors import FedlvcError
 from .metrics import bd_rate, ms_ssim, psnr_rgb
 from .model import FedlvcCodec
-from .rdo import PFrameRule
 from .video import atomic_output, probe, read_frames
 
 

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from common.config.options import PFrameRule
+
 from .contexts import IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS, next_history, p_context
 from .errors import FedlvcError
 from .hyperprior import (
@@ -37,7 +39,7 @@ from .hyperprior import (
 )
 from .pframe import PFrameCoder
 from .priors import LIKELIHOOD_FLOOR, LevelPriorParams, TemporalPrior, latent_likelihood
-from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
+from .rdo import choose_p_latent, synthesis_sensitivity
 from .transforms import AnalysisTransform, LevelGains, SynthesisTransform, without_biases
 
 ARCHITECTURE = "fedlvc-factorized-gain-v3"  # v2 plus contexts inside a P-frame (channel groups)

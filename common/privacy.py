@@ -19,9 +19,10 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 
-from . import options as o
+from common.config import options as o
+from common.config.options import DP_OPTIONS, check_fields
+
 from .errors import FedlvcError
-from .options import DP_OPTIONS, check_fields
 from .transforms import FiLM
 
 # Extend RDP orders: at small ε the optimum sits at the largest default order.

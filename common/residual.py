@@ -34,6 +34,8 @@ import constriction
 import numpy as np
 import torch
 
+from common.config.options import PFrameRule
+
 from .contexts import MotionHistory, next_history, p_context, residual_context
 from .errors import FedlvcError
 from .motion import (
@@ -48,7 +50,7 @@ from .motion import (
     vectors_from_differences,
 )
 from .pframe import MIN_PROBABILITY, PFrameCoder
-from .rdo import PFrameRule, choose_p_latent, hook_free, synthesis_sensitivity
+from .rdo import choose_p_latent, hook_free, synthesis_sensitivity
 
 if TYPE_CHECKING:
     from .model import FedlvcCodec

@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from common.config.options import TRAIN_OPTIONS, TRAIN_PARTS, PFrameRule, check_fields
+
 from .checkpoint import load_model, read_meta, save_model
 from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
 from .model import CodecConfig, FedlvcCodec, with_adapters, with_motion, with_temporal_prior
-from .options import TRAIN_OPTIONS, TRAIN_PARTS, check_fields
 from .privacy import (
     DPConfig,
     epsilon_from_history,
@@ -30,7 +31,6 @@ from .privacy import (
     make_private,
     poisson_sample_rate,
 )
-from .rdo import PFrameRule
 from .video import atomic_output
 
 

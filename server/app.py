@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.checkpoint import save_model
-from common.fedconfig import RunConfig
+from common.config.fedconfig import RunConfig
 from common.model import with_adapters, with_temporal_prior
 from common.video import atomic_output
 

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.checkpoint import load_model
-from common.fedconfig import RunConfig
+from common.config.fedconfig import RunConfig
 from common.metrics import bd_rate
 from common.model import FedlvcCodec, with_adapters, with_temporal_prior
 

@@ -32,9 +32,9 @@ from client.personal import personal_file, personal_model, personal_seed
 from client.policy import SitePolicy
 from client.site import SIMULATED_OUT, load_site, site_identity
 from common.checkpoint import fingerprint, load_model
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
 from common.evaluate import fedlvc_points
-from common.fedconfig import RunConfig
 from server.queries import public_model, site_gain
 from simulations.sweep import held_out_frames, psnr_at_bpp
 

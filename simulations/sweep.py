@@ -23,10 +23,10 @@ import yaml
 from tqdm import tqdm
 
 from common.checkpoint import load_model
+from common.config.fedconfig import RunConfig
 from common.data import generated_site_frames, simulated_site, split_held_out
 from common.errors import FedlvcError
 from common.evaluate import baseline_points, fedlvc_points
-from common.fedconfig import RunConfig
 from common.metrics import psnr_rgb
 from common.video import atomic_output
 

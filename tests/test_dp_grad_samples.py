@@ -16,10 +16,10 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
+from common.config.options import PFrameRule
 from common.losses import RateDistortion, SegmentRateDistortion
 from common.model import CodecConfig, FedlvcCodec
 from common.privacy import fold_segment_grad_samples
-from common.rdo import PFrameRule
 from common.training import set_trainable
 
 CFG = CodecConfig(channels=8, latent_channels=8, mixtures=2)

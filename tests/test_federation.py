@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import app as client_app
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
 from common.model import CodecConfig, FedlvcCodec
 from common.privacy import RDP_ALPHAS
 
@@ -262,7 +262,7 @@ def test_run_config_errors_name_the_key():
 def test_pyproject_run_config_matches_the_typed_defaults():
     import tomllib
 
-    from common.fedconfig import RUN_OPTIONS
+    from common.config.fedconfig import RUN_OPTIONS
 
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     rc = RunConfig.from_mapping(cfg)  # every key known, every value well typed

@@ -14,10 +14,10 @@ import torch
 
 from common import bitstream as bs
 from common.codec import FrameEncoder, decode_stream, encode_frames
+from common.config.options import PFrameRule
 from common.errors import FedlvcError
 from common.model import CodecConfig, FedlvcCodec, with_motion
 from common.motion import block_grid
-from common.rdo import PFrameRule
 from common.training import set_trainable
 from tests.conftest import make_coding_model, on_both_kernel_paths
 

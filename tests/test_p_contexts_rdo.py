@@ -18,6 +18,7 @@ from test_temporal import FPS, PLAIN, H, W, cli, clip, decode_all, expect_user_e
 from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model, save_model
 from common.codec import DEFAULT_P_RULE, FrameDecoder, FrameEncoder, encode_frames
+from common.config.options import PFrameRule
 from common.contexts import (
     IN_FRAME_VALUES,
     P_GROUPS,
@@ -29,7 +30,7 @@ from common.contexts import (
 )
 from common.entropy import LatentCoder
 from common.model import ARCHITECTURE, ARCHITECTURE_V2, with_temporal_prior
-from common.rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
+from common.rdo import choose_p_latent, synthesis_sensitivity
 from common.video import write_video
 
 V2_DATA = Path(__file__).parent / "data" / "v2"

@@ -15,8 +15,8 @@ from client.ledger import state_dir_of
 from client.personal import personal_dir
 from client.policy import SitePolicy
 from client.site import site_identity, site_out_dir
+from common.config.fedconfig import RUN_OPTIONS
 from common.errors import FedlvcError
-from common.fedconfig import RUN_OPTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

@@ -20,9 +20,9 @@ import torch
 from client import app as client_app
 from client.ledger import KEY, LEDGER, LOCK, SEAL, PrivacyLedger, _exclusive, open_ledger
 from client.policy import SitePolicy
+from common.config.fedconfig import RunConfig
 from common.data import generate_site_clip
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
 from common.model import CodecConfig, FedlvcCodec
 from common.video import write_video
 from tests.conftest import allocates_at_most

@@ -8,8 +8,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from common.config.fedconfig import RunConfig
 from common.data import StreamedSite, streamed_site_frame
-from common.fedconfig import RunConfig
 
 
 def test_a_streamed_site_is_deterministic_distinct_and_moving():

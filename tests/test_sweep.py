@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from client.cli import main as cli
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
 from simulations.sweep import CSV_COLUMNS, load_sweep, psnr_at_bpp
 
 REPO = Path(__file__).resolve().parent.parent

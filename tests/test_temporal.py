@@ -20,11 +20,11 @@ from client.cli import main
 from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
+from common.config.options import MAX_GOP, PFrameRule
 from common.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
 from common.data import generate_site_clip
 from common.errors import FedlvcError
 from common.model import ARCHITECTURE_INTRA, FedlvcCodec
-from common.rdo import PFrameRule
 from common.video import read_frames, write_video
 
 W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels
@@ -579,7 +579,7 @@ def test_cli_temporal_model_defaults_to_default_gop(capsys, tmp_path, model_path
     rc, stdout, err = cli(capsys, "compress", src, out1, "--model", model_path, "--gop", 1, "--quiet")
     assert rc == 0, err
     assert header_of(out1.read_bytes()).gop == 1 and f"{len(frames)} I-frames, 0 P-frames" in stdout
-    for bad in ("--gop", bs.MAX_GOP + 1), ("--skip-threshold", -0.5), ("--skip-threshold", 10):
+    for bad in ("--gop", MAX_GOP + 1), ("--skip-threshold", -0.5), ("--skip-threshold", 10):
         msg = expect_user_error(capsys, ["compress", src, tmp_path / "x.lvc", "--model", model_path, *bad], tmp_path)
         assert bad[0] in msg
 
