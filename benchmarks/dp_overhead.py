@@ -50,7 +50,7 @@ def fixed_batch(batch: int, crop: int, num_levels: int, seed: int = 0):
     import numpy as np
     import torch
 
-    from common.data import FrameCrops, generate_site_clip
+    from common.data.clips import FrameCrops, generate_site_clip
 
     n = max(32, batch)
     frames = list(generate_site_clip(1, 0, max(320, crop), max(240, crop), n))

@@ -349,7 +349,7 @@ def _skips_ms_ssim(args, pixels: int) -> bool:
 
 def _settings(args, model):
     """(qualities, crfs, baseline names, generated clip size) from the options, checked."""
-    from common.baselines import BASELINES, DEFAULT_CRFS
+    from common.data.baselines import BASELINES, DEFAULT_CRFS
 
     qualities = (
         [int(q) for q in args.qualities.split(",")] if args.qualities else list(range(1, model.cfg.num_levels + 1))

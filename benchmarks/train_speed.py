@@ -36,12 +36,12 @@ def training_frames(clips: str | None, count: int, seed: int):
     import numpy as np
 
     if clips:
-        from common.data import find_videos, load_clips
+        from common.data.clips import find_videos, load_clips
 
         frames = [f for c in load_clips(find_videos([clips]), 1, 4) for f in c]
         rng = np.random.default_rng(seed)
         return [frames[i] for i in rng.choice(len(frames), size=min(count, len(frames)), replace=False)]
-    from common.data import generate_site_clip
+    from common.data.clips import generate_site_clip
 
     return list(generate_site_clip(1, 0, 320, 256, count))
 

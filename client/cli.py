@@ -97,7 +97,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from common.data import write_demo_data
+    from common.data.clips import write_demo_data
 
     total = args.sites * args.clips
     with tqdm(total=total, desc="demo clips", unit="clip", disable=args.quiet) as bar:
@@ -122,11 +122,11 @@ def cmd_public_data(args) -> int:
 
     photos = Path(args.photos or Path(args.outdir) / "photos")
     if args.fetch and not (photos / "MANIFEST.tsv").is_file():
-        from common.corpus import fetch_corpus
+        from common.data.corpus import fetch_corpus
 
         print(f"fetched {len(fetch_corpus(photos))} photographs into {photos} (see its MANIFEST.tsv)")
     if (photos / "MANIFEST.tsv").is_file() or args.photos:
-        from common.photovideo import corpus_photos, write_photo_clips
+        from common.data.photovideo import corpus_photos, write_photo_clips
 
         chosen = corpus_photos(photos)
         clips = Path(args.outdir) / "clips"
@@ -135,7 +135,7 @@ def cmd_public_data(args) -> int:
                               progress=lambda: bar.update(1))  # fmt: skip
         print(f"wrote {args.clips} clips over {len(chosen)} photographs (held-out ones excluded) under {clips}")
         return 0
-    from common.data import PUBLIC_STILLS, write_public_pans
+    from common.data.clips import PUBLIC_STILLS, write_public_pans
 
     with tqdm(total=len(PUBLIC_STILLS), desc="public pans", unit="clip", disable=args.quiet) as bar:
         paths = write_public_pans(args.outdir, args.frames, progress=lambda: bar.update(1))
@@ -165,7 +165,7 @@ def _dp_config(args, cfg):
         return None
     sigma = args.noise_multiplier
     if sigma is None:
-        from common.data import find_videos, load_clips, make_segments
+        from common.data.clips import find_videos, load_clips, make_segments
 
         clips = load_clips(find_videos(args.video_dirs), args.every, args.max_frames_per_video)
         n = len(make_segments(clips, cfg.segment_frames)) if cfg.segment_frames else sum(map(len, clips))

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
+from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 
 from . import bitstream as bs
 from .checkpoint import fingerprint
@@ -33,7 +34,6 @@ from .errors import FedlvcError
 from .model import FedlvcCodec
 from .rdo import choose_p_latent, synthesis_sensitivity
 from .residual import MotionPFrames, to_uint8
-from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 
 # The encoder's defaults (their limits: common.config.options): an I-frame every DEFAULT_GOP frames, P-frame latents
 # chosen by rate-distortion cost.

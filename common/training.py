@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from common.config.options import TRAIN_OPTIONS, TRAIN_PARTS, PFrameRule, check_fields
+from common.data.clips import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
+from common.data.video import atomic_output
 
 from .checkpoint import load_model, read_meta, save_model
-from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
 from .model import CodecConfig, FedlvcCodec, with_adapters, with_motion, with_temporal_prior
@@ -31,7 +32,6 @@ from .privacy import (
     make_private,
     poisson_sample_rate,
 )
-from .video import atomic_output
 
 
 class _TrainConfigMethods:

@@ -11,9 +11,9 @@ from flwr.app import ArrayRecord, Context
 
 from common.checkpoint import load_model, read_meta, save_model
 from common.config.fedconfig import RunConfig
+from common.data.video import atomic_output
 from common.model import FedlvcCodec
 from common.privacy import check_privacy_unit
-from common.video import atomic_output
 
 from .strategy import CentralDP, SiteFedAvg
 

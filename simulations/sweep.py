@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from common.checkpoint import load_model
 from common.config.fedconfig import RunConfig
-from common.data import generated_site_frames, simulated_site, split_held_out
+from common.data.clips import generated_site_frames, split_held_out
+from common.data.sites import simulated_site
+from common.data.video import atomic_output
 from common.errors import FedlvcError
 from common.evaluate import baseline_points, fedlvc_points
 from common.metrics import psnr_rgb
-from common.video import atomic_output
 
 SWEEP_KEYS = {
     "noise-multipliers",

@@ -20,9 +20,9 @@ from client.cli import main
 from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model
 from common.codec import DEFAULT_GOP, _to_tensor, decode_stream
+from common.data.video import probe, read_frames
 from common.errors import FedlvcError
 from common.metrics import psnr_rgb
-from common.video import probe, read_frames
 
 ERROR_PREFIX = "fedlvc: error: "
 

@@ -204,7 +204,7 @@ def test_v4_streams_decode_exactly_on_the_other_cpu_kernel_path(tmp_path):
 
 
 def test_fedlvc_train_builds_a_v4_model_that_compresses(tmp_path, capsys):
-    from common.video import write_video
+    from common.data.video import write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()

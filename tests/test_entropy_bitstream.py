@@ -19,7 +19,7 @@ from conftest import allocates_at_most, make_coding_model, make_tiny_model
 from common import bitstream as bs
 from common.checkpoint import load_model
 from common.codec import FrameEncoder, _to_tensor
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
 from common.entropy import LatentCoder, coding_fingerprint
 from common.errors import FedlvcError
 

@@ -397,7 +397,7 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
     model = Path(second["server_out"]) / "final.safetensors"
     lvc = next((tmp_path / "w" / "site_0" / "out").glob("*.lvc"))
     assert cli(["decompress", str(lvc), str(tmp_path / "d.mkv"), "--model", str(model), "--quiet"]) == 0
-    from common.video import read_frames
+    from common.data.video import read_frames
 
     assert read_frames(tmp_path / "d.mkv").shape == (12, 120, 160, 3)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from common import bitstream as bs
 from common.codec import decode_stream, encode_frames
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
 from common.model import CodecConfig, FedlvcCodec
 

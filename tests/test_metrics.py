@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
 from common.metrics import PSNR_CAP, bd_rate, ms_ssim, psnr_rgb
 
 

@@ -13,7 +13,7 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from common.data import FrameCrops, generate_site_clip
+from common.data.clips import FrameCrops, generate_site_clip
 from common.errors import FedlvcError
 from common.losses import RateDistortion
 from common.model import CodecConfig, FedlvcCodec
@@ -281,9 +281,9 @@ def test_dp_training_survives_empty_poisson_batches(tmp_path):
     from fractions import Fraction
 
     from common.checkpoint import load_model, read_meta
+    from common.data.video import write_video
     from common.privacy import DPConfig
     from common.training import TrainConfig, train
-    from common.video import write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -315,9 +315,9 @@ def test_plain_training_on_segments_trains_the_p_prior_and_resumes(tmp_path):
     from fractions import Fraction
 
     from common.checkpoint import load_model, read_meta
+    from common.data.video import write_video
     from common.model import with_temporal_prior
     from common.training import TrainConfig, train
-    from common.video import write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()

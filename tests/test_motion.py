@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.data.video import read_frames
 from common.motion import (
     BLOCK,
     MAX_MV,
@@ -18,7 +19,6 @@ from common.motion import (
     search_lambda,
     vectors_from_differences,
 )
-from common.video import read_frames
 
 
 def _random_frame(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -289,9 +289,9 @@ def test_a_translating_real_picture_costs_a_third_with_motion(carphone_path, def
     from PIL import Image
 
     from common.checkpoint import load_model
+    from common.data.video import read_frames
     from common.evaluate import code_and_measure
     from common.metrics import bd_rate
-    from common.video import read_frames
 
     big = np.asarray(Image.fromarray(read_frames(carphone_path, 1)[0]).resize((352, 288), Image.BICUBIC))
     clip = np.stack([big[40 + i : 168 + i, 20 + 3 * i : 180 + 3 * i] for i in range(12)])

@@ -28,10 +28,10 @@ from common.contexts import (
     p_context,
     temporal_context,
 )
+from common.data.video import write_video
 from common.entropy import LatentCoder
 from common.model import ARCHITECTURE, ARCHITECTURE_V2, with_temporal_prior
 from common.rdo import choose_p_latent, synthesis_sensitivity
-from common.video import write_video
 
 V2_DATA = Path(__file__).parent / "data" / "v2"
 

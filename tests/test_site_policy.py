@@ -21,10 +21,10 @@ from client import app as client_app
 from client.ledger import KEY, LEDGER, LOCK, SEAL, PrivacyLedger, _exclusive, open_ledger
 from client.policy import SitePolicy
 from common.config.fedconfig import RunConfig
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
+from common.data.video import write_video
 from common.errors import FedlvcError
 from common.model import CodecConfig, FedlvcCodec
-from common.video import write_video
 from tests.conftest import allocates_at_most
 from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon
 
@@ -239,7 +239,7 @@ def test_a_crafted_model_cannot_tell_a_site_with_one_bright_frame_from_one_witho
 
 
 def test_two_runs_with_the_same_seed_and_messages_draw_different_noise_but_the_same_crops():
-    from common.data import FrameCrops
+    from common.data.clips import FrameCrops
     from common.privacy import DPConfig
     from common.training import local_train
 

@@ -18,7 +18,7 @@ from conftest import make_coding_model
 
 from common.checkpoint import fingerprint, load_model
 from common.codec import decode_stream, encode_frames
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
 
 SIDE = 64
 

@@ -22,10 +22,10 @@ from common.checkpoint import load_model, save_model
 from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
 from common.config.options import MAX_GOP, PFrameRule
 from common.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
+from common.data.video import read_frames, write_video
 from common.errors import FedlvcError
 from common.model import ARCHITECTURE_INTRA, FedlvcCodec
-from common.video import read_frames, write_video
 
 W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels
 FPS = Fraction(25)

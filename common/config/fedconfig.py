@@ -256,7 +256,7 @@ class _RunConfigMethods:
 
     @property
     def streamed_sites(self) -> bool:
-        """Whether simulated sites are streamed on demand (``site-frames`` or ``demo-photos``; common.data)."""
+        """Whether simulated sites are streamed on demand (``site-frames`` or ``demo-photos``; common.data.sites)."""
         return bool(self.site_frames or self.demo_photos)
 
     @property
