@@ -35,7 +35,8 @@ def build_base_model(arg: str | None, fresh: str | None):
     """(model in train mode, description): a checkpoint's weights, or a fresh model of architecture ``fresh``
     (v3: ``CodecConfig()``, v4: ``CodecConfig.v4()``)."""
     from common.checkpoint import load_model
-    from common.model import CodecConfig, FedlvcCodec
+    from common.net.architecture import CodecConfig
+    from common.net.model import FedlvcCodec
 
     if not fresh:
         path = C.model_path(arg)
@@ -83,7 +84,7 @@ def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None, parts:
     clipping) or DP (channels_last where layout-safe, else NCHW; Opacus with Poisson sampling; its loader is
     built but never iterated); ``parts``:
     what it trains (``train-parts``)."""
-    from common.model import with_adapters
+    from common.net.model import with_adapters
     from common.training import TrainConfig, Trainer
 
     cfg = TrainConfig(crop_size=crop, batch_size=batch, learning_rate=lr, train_parts=parts)

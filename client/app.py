@@ -24,7 +24,8 @@ from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
 from common.evaluate import code_and_measure
 from common.metrics import ms_ssim, psnr_rgb
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 from common.privacy import DPConfig, poisson_sample_rate
 from common.training import local_train
 

@@ -178,7 +178,7 @@ def _dp_config(args, cfg):
 
 def _model_config(args):
     """The architecture a fresh `fedlvc train` builds (ignored with --init-model, which brings its own)."""
-    from common.model import CodecConfig
+    from common.net.architecture import CodecConfig
 
     return CodecConfig.v4() if args.architecture == "v4" else CodecConfig()
 

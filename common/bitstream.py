@@ -69,7 +69,7 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def version_for(cfg) -> int:
-    """The version a model of config ``cfg`` (common.model.CodecConfig) writes: 5 with motion-compensated
+    """The version a model of config ``cfg`` (common.net.architecture.CodecConfig) writes: 5 with motion-compensated
     P-frames, else 4 with a hyperprior (architecture v4), else 3."""
     return VERSION_MOTION if cfg.motion else VERSION_HYPER if cfg.hyper else VERSION
 

@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
 from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
+from common.net.contexts import next_history
+from common.net.model import FedlvcCodec
 
 from . import bitstream as bs
 from .checkpoint import fingerprint
-from .contexts import next_history
 from .entropy import LatentCoder
 from .errors import FedlvcError
-from .model import FedlvcCodec
 from .rdo import choose_p_latent, synthesis_sensitivity
 from .residual import MotionPFrames, to_uint8
 
@@ -119,7 +119,7 @@ def check_p_rule(rule: PFrameRule) -> None:
 
 class FrameEncoder:
     """Encodes frames of one size at one quality level to (frame type, chunk payload), in groups of
-    ``gop`` frames. ``rule`` says how a P-frame's integer latent is chosen (:class:`common.model.PFrameRule`:
+    ``gop`` frames. ``rule`` says how a P-frame's integer latent is chosen (:class:`common.config.options.PFrameRule`:
     rate–distortion optimised, or rounding with a skip threshold); the decoder does not need to know it."""
 
     def __init__(

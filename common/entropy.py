@@ -12,12 +12,13 @@ import constriction
 import numpy as np
 import torch
 
-from .contexts import MotionHistory
+from common.net.contexts import MotionHistory
+from common.net.model import FedlvcCodec
+from common.net.priors import mixture_pmf
+
 from .errors import FedlvcError
 from .hypercoder import HyperCoder, coding_tables
-from .model import FedlvcCodec
 from .pframe import MIN_PROBABILITY, PFrameCoder
-from .priors import mixture_pmf
 
 # Each payload ends (in decoding order) with a 32-bit check value, two 16-bit symbols under a uniform model:
 # the CRC-32 of the frame's position and latent (bitstream version 3, common.bitstream.latent_checksum), or

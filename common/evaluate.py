@@ -19,12 +19,12 @@ from tqdm import tqdm
 from common.config.options import PFrameRule
 from common.data.baselines import BASELINES, DEFAULT_CRFS, encode_baseline
 from common.data.video import atomic_output, probe, read_frames
+from common.net.model import FedlvcCodec
 
 from .checkpoint import fingerprint
 from .codec import check_gop, decode_stream, encode_frames
 from .errors import FedlvcError
 from .metrics import bd_rate, ms_ssim, psnr_rgb
-from .model import FedlvcCodec
 
 
 def code_and_measure(

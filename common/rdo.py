@@ -4,20 +4,16 @@ whatever integers the encoder chose."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.config.options import PFrameRule
-
-from .contexts import MotionHistory, PFrameContexts
-from .hyperprior import GDN
-from .priors import LIKELIHOOD_FLOOR, laplace_scale
-
-if TYPE_CHECKING:
-    from .model import FedlvcCodec
+from common.net.contexts import MotionHistory, PFrameContexts
+from common.net.hyperprior import GDN
+from common.net.model import FedlvcCodec
+from common.net.priors import LIKELIHOOD_FLOOR, laplace_scale
 
 
 @torch.no_grad()

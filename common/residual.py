@@ -1,7 +1,7 @@
 """Motion-compensated P-frames (model config ``motion``; bitstream version 5): block vectors on the previous
 *decoded* frame (:mod:`common.motion`) and the residual — frame minus prediction — coded by a second transform
 codec, its latent under a quantized Laplace around zero with a learned scale per (level, channel, context), the
-context being the block's motion class, where the group's earlier residuals were (common.contexts
+context being the block's motion class, where the group's earlier residuals were (common.net.contexts
 .residual_context) and the channel groups decoded before. Its training rate and its coding sit side by side here,
 as :mod:`common.pframe` keeps the latent P-frames'::
 
@@ -28,15 +28,15 @@ P-frame's residual against that fixed prediction, calling each module once on al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import constriction
 import numpy as np
 import torch
 
 from common.config.options import PFrameRule
+from common.net.contexts import MotionHistory, next_history, p_context, residual_context
+from common.net.model import FedlvcCodec
 
-from .contexts import MotionHistory, next_history, p_context, residual_context
 from .errors import FedlvcError
 from .motion import (
     MAX_MV,
@@ -51,9 +51,6 @@ from .motion import (
 )
 from .pframe import MIN_PROBABILITY, PFrameCoder
 from .rdo import choose_p_latent, hook_free, synthesis_sensitivity
-
-if TYPE_CHECKING:
-    from .model import FedlvcCodec
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

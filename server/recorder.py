@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Context
 from common.checkpoint import load_model, read_meta, save_model
 from common.config.fedconfig import RunConfig
 from common.data.video import atomic_output
-from common.model import FedlvcCodec
+from common.net.model import FedlvcCodec
 from common.privacy import check_privacy_unit
 
 from .strategy import CentralDP, SiteFedAvg

@@ -24,7 +24,8 @@ from common.codec import FrameDecoder
 from common.data.clips import generate_site_clip
 from common.data.video import write_video
 from common.entropy import LatentCoder
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 
 # The machine is small and shared with other work: one intra-op thread keeps timings predictable.
 torch.set_num_threads(1)

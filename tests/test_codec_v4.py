@@ -1,4 +1,4 @@
-"""Architecture v4 (common.hyperprior, common.hypercoder): GDN and the mean-scale hyperprior, the integer
+"""Architecture v4 (common.net.hyperprior, common.hypercoder): GDN and the mean-scale hyperprior, the integer
 hyper-synthesis and coding tables stored with the model, bitstream version 4, exact decoding on another CPU
 kernel path."""
 
@@ -20,8 +20,9 @@ from common.checkpoint import fingerprint, load_model, save_model
 from common.codec import FrameDecoder, FrameEncoder, decompress_file, encode_frames
 from common.errors import FedlvcError
 from common.hypercoder import TABLE_TOTAL, coding_tables
-from common.hyperprior import ACT_BITS, LOG_SCALE_MAX, LOG_SCALE_MIN, SCALE_LOG0, SCALE_LOG_STEP, table_index
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.hyperprior import ACT_BITS, LOG_SCALE_MAX, LOG_SCALE_MIN, SCALE_LOG0, SCALE_LOG_STEP, table_index
+from common.net.model import FedlvcCodec
 from tests.conftest import on_both_kernel_paths
 
 CFG = CodecConfig.v4(channels=16, latent_channels=16, hyper_channels=12, mixtures=2)

@@ -18,8 +18,10 @@ from torch import nn
 
 from common.config.options import PFrameRule
 from common.losses import RateDistortion, SegmentRateDistortion
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 from common.privacy import fold_segment_grad_samples
+from common.train.segments import forward_segment
 from common.training import set_trainable
 
 CFG = CodecConfig(channels=8, latent_channels=8, mixtures=2)
@@ -96,7 +98,7 @@ def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, r
         prev, cur = y.round().unflatten(0, (3, frames))[:, :2].unbind(1)
         assert (prev != cur).any()
     loss_fn = SegmentRateDistortion(model.cfg.lambdas)
-    forward = lambda m, a, b: m.forward_segment(a, b, rule)  # noqa: E731
+    forward = lambda m, a, b: forward_segment(m, a, b, rule)  # noqa: E731
     expected = _per_unit_grads(model, loss_fn, forward, x, levels)
     assert expected[0]["temporal.table.weight"].abs().sum() > 0  # the P-frame prior is trained by segments
     if cfg.adapters:  # the adapters of both transforms
@@ -118,7 +120,7 @@ def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, p
     """A motion model's segments: the intra path on the I-frames, the residual codec on the P-frames (B·(S−1)
     rows), the priors on the segments — and the coder's chain (search, prediction, choice) in between, which
     Opacus' hooks must not see and in which a row's decisions depend on that row alone."""
-    from common.model import with_motion
+    from common.net.model import with_motion
 
     torch.manual_seed(2)
     model = with_motion(FedlvcCodec(CFG)).train()
@@ -134,7 +136,7 @@ def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, p
     x = torch.stack([base[..., s : s + 32, 2 * s : 2 * s + 32] for s in range(frames)], 1)  # moving content
     levels = torch.tensor([1, 3, 4])
     loss_fn = SegmentRateDistortion(model.cfg.lambdas)
-    forward = lambda m, a, b: m.forward_segment(a, b, rule)  # noqa: E731
+    forward = lambda m, a, b: forward_segment(m, a, b, rule)  # noqa: E731
     expected = _per_unit_grads(model, loss_fn, forward, x, levels)
     assert (
         expected[0]["res_prior.table.weight"].abs().sum() > 0 and expected[0]["res_g_a.layers.0.weight"].abs().sum() > 0
@@ -176,8 +178,8 @@ def test_the_convolution_sampler_is_ours_and_exact_where_opacus_is_not(conv):
 def test_film_adapters_have_their_own_sampler_and_are_exact_on_channels_last(no_noise):
     """The adapters' sampler (a reduction, not Opacus' functorch fallback for a Conv2d subclass) gives each
     frame's own gradient whatever the layout: DP training of the adapters alone may run channels_last."""
+    from common.net.transforms import FiLM
     from common.privacy import film_grad_samples, layout_safe_samples
-    from common.transforms import FiLM
 
     assert GradSampleModule.GRAD_SAMPLERS[FiLM] is film_grad_samples
     torch.manual_seed(3)

@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from client import app as client_app
 from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 from common.privacy import RDP_ALPHAS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -791,7 +792,7 @@ def test_large_poisson_batches_in_pieces_account_one_step_per_batch():
 def test_train_parts_adapters_moves_only_the_adapters_which_start_as_the_identity():
     """train-parts = adapters: FiLM adapters added to the public model code exactly as it did (identity), and a
     DP round moves them and nothing else (1,920 parameters of the shipped architecture)."""
-    from common.model import with_adapters
+    from common.net.model import with_adapters
 
     model = _model(8)
     adapted = with_adapters(model).eval()
@@ -808,7 +809,7 @@ def test_train_parts_adapters_moves_only_the_adapters_which_start_as_the_identit
 def test_a_motion_model_trains_its_motion_parts_under_dp_and_codes_with_them():
     """train-parts = motion (segments): a DP round moves exactly the residual codec of the motion-compensated
     P-frames (every one of its parameters noised), nothing else; the site's rd answer codes I+P with motion."""
-    from common.model import with_motion
+    from common.net.model import with_motion
 
     model = with_motion(_model(13))
     ctx = _context({"train-parts": "motion", "privacy-unit": "segment", "segment-frames": 3})

@@ -16,7 +16,8 @@ from common import bitstream as bs
 from common.codec import decode_stream, encode_frames
 from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 
 
 @pytest.fixture(scope="module")

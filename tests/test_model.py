@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from common.data.clips import FrameCrops, generate_site_clip
 from common.errors import FedlvcError
 from common.losses import RateDistortion
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 from common.training import set_trainable
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
@@ -316,7 +317,7 @@ def test_plain_training_on_segments_trains_the_p_prior_and_resumes(tmp_path):
 
     from common.checkpoint import load_model, read_meta
     from common.data.video import write_video
-    from common.model import with_temporal_prior
+    from common.net.model import with_temporal_prior
     from common.training import TrainConfig, train
 
     videos = tmp_path / "videos"

@@ -16,8 +16,10 @@ from common import bitstream as bs
 from common.codec import FrameEncoder, decode_stream, encode_frames
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
-from common.model import CodecConfig, FedlvcCodec, with_motion
 from common.motion import block_grid
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec, with_motion
+from common.train.segments import forward_segment
 from common.training import set_trainable
 from tests.conftest import make_coding_model, on_both_kernel_paths
 
@@ -163,7 +165,7 @@ def test_training_the_motion_parts_moves_them_and_nothing_else():
     assert names and all(n.startswith("res_") for n in names) and len(params) == len(names)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.from_numpy(panning(4, 32, 32)).permute(0, 3, 1, 2).float().div(255)[None].repeat(2, 1, 1, 1, 1)
-    out = model.forward_segment(x, torch.tensor([1, 4]), PFrameRule(rd_weight=1.0))
+    out = forward_segment(model, x, torch.tensor([1, 4]), PFrameRule(rd_weight=1.0))
     assert out["x_hat"].shape == x.shape and out["bits"].shape == (2,) and torch.isfinite(out["bits"]).all()
     loss = (out["x_hat"] - x).pow(2).mean() + out["bits"].mean() / (4 * 32 * 32)
     opt = torch.optim.Adam(params, lr=1e-2)

@@ -20,7 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client import app as client_app
 from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.model import FedlvcCodec
+from common.net.model import FedlvcCodec
 from server.strategy import SiteFedAvg
 from tests.test_federation import RUN as FEDERATION_RUN
 from tests.test_federation import TINY

@@ -24,7 +24,8 @@ from common.config.fedconfig import RunConfig
 from common.data.clips import generate_site_clip
 from common.data.video import write_video
 from common.errors import FedlvcError
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 from tests.conftest import allocates_at_most
 from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon
 

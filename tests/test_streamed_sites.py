@@ -72,7 +72,8 @@ def test_a_dp_round_on_a_streamed_site_accounts_every_row(unit):
     from flwr.supercore.task_identity import TaskIdentity
 
     from client import app as client_app
-    from common.model import CodecConfig, FedlvcCodec
+    from common.net.architecture import CodecConfig
+    from common.net.model import FedlvcCodec
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     torch.manual_seed(0)

@@ -21,11 +21,13 @@ from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
 from common.config.options import MAX_GOP, PFrameRule
-from common.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
 from common.data.clips import generate_site_clip
 from common.data.video import read_frames, write_video
 from common.errors import FedlvcError
-from common.model import ARCHITECTURE_INTRA, FedlvcCodec
+from common.net.architecture import ARCHITECTURE_INTRA
+from common.net.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
+from common.net.model import FedlvcCodec
+from common.train.segments import forward_segment
 
 W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels
 FPS = Fraction(25)
@@ -611,7 +613,7 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, rule):
     x = torch.stack([torch.stack([_to_tensor(f, 16)[0] for f in fr]) for fr, _ in rows]).contiguous()
     levels = torch.tensor([level for _, level in rows])
     with torch.no_grad():
-        out = model.forward_segment(x, levels, rule)
+        out = forward_segment(model, x, levels, rule)
     assert out["bits"].shape == (len(rows),)
     assert out["x_hat"].shape == x.shape
     for b, (fr, level) in enumerate(rows):

@@ -13,7 +13,7 @@ import torch
 
 from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
-from common.model import FedlvcCodec
+from common.net.model import FedlvcCodec
 from common.privacy import DPConfig
 from common.training import MAX_NONFINITE_IN_A_ROW, TrainConfig, Trainer
 from tests.conftest import TINY_CONFIG

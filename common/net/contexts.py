@@ -1,7 +1,7 @@
 """P-frame contexts: integer functions of decoded latents only, so encoder and decoder agree exactly.
 
 A P-frame latent element is coded under a Laplace centred on the previous decoded latent, with a scale
-chosen by its context (:class:`common.priors.TemporalPrior`). The context combines the previous latent's
+chosen by its context (:class:`common.net.priors.TemporalPrior`). The context combines the previous latent's
 local gradient, the motion history of the element's 3x3 neighbourhood in its group of pictures
 (:class:`MotionHistory`), and (architecture v3) how many elements of the frame's channel groups decoded
 before it changed at its position (:class:`PFrameContexts`).

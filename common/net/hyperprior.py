@@ -19,25 +19,23 @@ sums stay below 2^53, exact in any summation order on any hardware. Rounding bet
 exact quotient by a power of two. Training uses the float path; the integer path differs from it by the
 rounding of weights and activations (a few 1e-4 in the log-scale), which costs nothing measurable in rate.
 
-Opacus: every parameter sits in a Conv2d (or the Embeddings of :mod:`common.transforms` and :mod:`common.priors`),
-no buffers. GDN's weights must stay non-negative: :meth:`GDN.project_` after each optimizer step; the forward
-pass also clamps the denominator, so a step that leaves the set (DP noise) cannot divide by zero.
+Opacus: every parameter sits in a Conv2d (or the Embeddings of :mod:`common.net.transforms` and
+:mod:`common.net.priors`), no buffers. GDN's weights must stay non-negative: :meth:`GDN.project_` after each
+optimizer step; the forward pass also clamps the denominator, so a step that leaves the set (DP noise) cannot
+divide by zero.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architecture import CodecConfig
 from .transforms import Adapted
-
-if TYPE_CHECKING:
-    from .model import CodecConfig
 
 GDN_FLOOR = 0.05  # lower bound of GDN's denominator (and of its bias after projection)
 
