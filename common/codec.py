@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.coding import bitstream as bs
+from common.coding.entropy import LatentCoder
+from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
 from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 from common.net.contexts import next_history
 from common.net.model import FedlvcCodec
 
-from . import bitstream as bs
 from .checkpoint import fingerprint
-from .entropy import LatentCoder
 from .errors import FedlvcError
-from .rdo import choose_p_latent, synthesis_sensitivity
 from .residual import MotionPFrames, to_uint8
 
 # The encoder's defaults (their limits: common.config.options): an I-frame every DEFAULT_GOP frames, P-frame latents

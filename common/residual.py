@@ -3,7 +3,7 @@
 codec, its latent under a quantized Laplace around zero with a learned scale per (level, channel, context), the
 context being the block's motion class, where the group's earlier residuals were (common.net.contexts
 .residual_context) and the channel groups decoded before. Its training rate and its coding sit side by side here,
-as :mod:`common.pframe` keeps the latent P-frames'::
+as :mod:`common.coding.pframe` keeps the latent P-frames'::
 
     v = search(x_t, x̂_{t−1}) ─► v − median(neighbours) ─► ANS(adaptive counts of the group) ──────────┐
     x_t − MC(x̂_{t−1}, v) ─► res_g_a ─► ×gain[q] ─► RDO ─► ŷ_r ─► ANS(Laplace(0, scale[q, c, ctx])) ─┴─► .lvc
@@ -33,6 +33,8 @@ import constriction
 import numpy as np
 import torch
 
+from common.coding.pframe import MIN_PROBABILITY, PFrameCoder
+from common.coding.rdo import choose_p_latent, hook_free, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.net.contexts import MotionHistory, next_history, p_context, residual_context
 from common.net.model import FedlvcCodec
@@ -49,8 +51,6 @@ from .motion import (
     vector_differences,
     vectors_from_differences,
 )
-from .pframe import MIN_PROBABILITY, PFrameCoder
-from .rdo import choose_p_latent, hook_free, synthesis_sensitivity
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def choose_residual(
     weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the integer residual latent (B, C, h, w) the encoder codes for ``y_r``, its context indices): the
-    P-frame rule around zero (:func:`common.rdo.choose_p_latent`: rate–distortion optimised, or rounding)
+    P-frame rule around zero (:func:`common.coding.rdo.choose_p_latent`: rate–distortion optimised, or rounding)
     under the residual contexts of the blocks' motion ``classes`` (B, h, w) and the group's ``history``."""
     base = residual_context(classes, history, y_r.shape[1])
     zeros = torch.zeros_like(y_r)
@@ -245,7 +245,7 @@ class MotionPFrames:
             return self._trial(mv, pred, y_r, rule, check, weights)
 
     def _trial(self, mv, pred, y_r, rule: PFrameRule, check, weights) -> MotionTrial:
-        from .entropy import push_check
+        from common.coding.entropy import push_check
 
         diff = vector_differences(mv.numpy())
         classes = torch.from_numpy(motion_class(mv.numpy()))[None]
@@ -271,7 +271,7 @@ class MotionPFrames:
     def decode(self, words: np.ndarray, shape: tuple[int, int, int], check) -> torch.Tensor:
         """The padded decoded frame (H, W, 3) uint8 of a P-frame's ANS words; ``check(latent, differences)`` the
         value its stream must end with. Raises FedlvcError on any damage, before the frame is reconstructed."""
-        from .entropy import pop_check
+        from common.coding.entropy import pop_check
 
         c, h, w = shape
         try:

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import FrameDecoder
+from common.coding import bitstream as bs
+from common.coding.entropy import LatentCoder
 from common.data.clips import generate_site_clip
 from common.data.video import write_video
-from common.entropy import LatentCoder
 from common.net.architecture import CodecConfig
 from common.net.model import FedlvcCodec
 

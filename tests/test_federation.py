@@ -651,7 +651,7 @@ def test_segment_privacy_unit_trains_the_temporal_prior_and_accounts_per_segment
 def test_simulation_with_segment_privacy_unit_records_the_unit(tmp_path):
     """The same ServerApp/ClientApp train the temporal model on segments; history.json names the unit and
     each site's final compression is an I+P stream."""
-    from common import bitstream as bs
+    from common.coding import bitstream as bs
 
     out = tmp_path / "out"
     rounds = _simulate(tmp_path, f"{TINY_RUN} privacy-unit='segment' segment-frames=3 gop=4", out)

@@ -12,8 +12,8 @@ from conftest import allocates_at_most
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import bitstream as bs
 from common.codec import decode_stream, encode_frames
+from common.coding import bitstream as bs
 from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
 from common.net.architecture import CodecConfig

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import bitstream as bs
 from common.codec import FrameEncoder, decode_stream, encode_frames
+from common.coding import bitstream as bs
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
 from common.motion import block_grid

@@ -17,9 +17,9 @@ import torch
 from conftest import TINY_CONFIG, chunk_payloads, make_coding_model, restream, sha256
 
 from client.cli import main
-from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
+from common.coding import bitstream as bs
 from common.config.options import MAX_GOP, PFrameRule
 from common.data.clips import generate_site_clip
 from common.data.video import read_frames, write_video

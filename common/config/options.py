@@ -156,7 +156,7 @@ GRAD_SAMPLE_MODE = Option(
     choices=("hooks", "functorch"),
 )
 # ------------------------------------------------------------------- the encoder's P-frame rule and groups
-MAX_GOP = 65535  # the .lvc header's gop field is 16 bits (common.bitstream.HEADER)
+MAX_GOP = 65535  # the .lvc header's gop field is 16 bits (common.coding.bitstream.HEADER)
 GOP = Option(
     "gop", int, 32, "group-of-pictures length: an I-frame every N frames, P-frames between (1 = intra-only)", 1, MAX_GOP
 )
@@ -190,7 +190,7 @@ class PFrameRule:
       ``κ·λ_q·255²/3 · w_c·(y − v)² + bits(v)``: the per-frame training loss ``λ_q·255²·MSE + bpp`` times
       the pixel count, with the distortion linearised per channel (``w_c``: squared error of the decoded
       frame, in [0, 1] units summed over RGB, per unit² of latent error, measured at the group's I-frame by
-      :func:`common.rdo.synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little
+      :func:`common.coding.rdo.synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little
       quality (sensor noise, a channel the decoder hardly uses, a still background where a change is
       improbable) is not coded.
     * otherwise ``skip_threshold`` T: keep the previous value where |y − previous| < ½ + T, round elsewhere.

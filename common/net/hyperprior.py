@@ -8,10 +8,10 @@ Minnen et al. 2018) whose decoder side runs in exact integer arithmetic when cod
                                       h_s (integer arithmetic when coding) ─► mean μ, log-scale of every ŷ
 
 ŷ is coded under a Gaussian of mean μ and scale σ discretised on the integers, CDF(k+½−μ) − CDF(k−½−μ) (so the
-coded latent stays an integer array and the P-frame coder of :mod:`common.pframe` works on it unchanged).
+coded latent stays an integer array and the P-frame coder of :mod:`common.coding.pframe` works on it unchanged).
 
 Exactness: the coder picks one of :data:`SCALE_LEVELS` × :data:`MEAN_FRACS` integer tables
-(:mod:`common.hypercoder`) for each element from h_s's output. Float convolutions differ in their last bits
+(:mod:`common.coding.hypercoder`) for each element from h_s's output. Float convolutions differ in their last bits
 between CPU kernels (``ATEN_CPU_CAPABILITY``) and GPUs, and a table index that flips breaks the stream. So when
 coding, h_s runs on integers: weights rounded to multiples of 2^-:data:`WEIGHT_BITS`, activations to multiples of
 2^-:data:`ACT_BITS`, and each convolution is a float64 matrix product of integer-valued operands whose partial
@@ -150,7 +150,8 @@ class HyperSynthesis(nn.Module):
 
     @torch.no_grad()
     def integer_layers(self) -> list[IntegerConv]:
-        """The convolutions with integer weights (computed once per coder: :class:`common.hypercoder.HyperCoder`)."""
+        """The convolutions with integer weights (computed once per coder:
+        :class:`common.coding.hypercoder.HyperCoder`)."""
         return [IntegerConv.of(m) for m in [*self.layers, self.out] if isinstance(m, nn.Conv2d)]
 
     @torch.no_grad()

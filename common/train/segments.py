@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from common.coding.pframe import PFrameCoder
+from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
 from common.net.contexts import next_history, p_context
 from common.net.model import FedlvcCodec
-from common.pframe import PFrameCoder
-from common.rdo import choose_p_latent, synthesis_sensitivity
 from common.residual import forward_motion_segment
 
 

@@ -5,7 +5,7 @@ Layout (integers in the header big-endian)::
     header  (49 bytes)
       magic        4s   b"FLVC"
       version      B    5 for models with motion-compensated P-frames (common.residual), 4 for models of
-                   architecture v4 (I-frames under the hyperprior, common.hypercoder), 3 for the older ones;
+                   architecture v4 (I-frames under the hyperprior, common.coding.hypercoder), 3 for the older ones;
                    versions 1 and 2 are still read (see "older versions" below). Versions 3, 4 and 5 share this
                    layout; a version 5 stream needs a motion model, a version 4 one a v4 model and a version 3
                    one an older model (the fingerprint names the model anyway)
@@ -59,7 +59,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import FedlvcError
+from common.errors import FedlvcError
 
 MAGIC = b"FLVC"
 VERSION = 3  # what models of architectures v1-v3 write

@@ -24,10 +24,9 @@ import constriction
 import numpy as np
 import torch
 
+from common.errors import FedlvcError
 from common.net.hyperprior import MEAN_FRACS, SCALE_LEVELS, Z_SUPPORT, scale_of_index, table_index
 from common.net.priors import mixture_pmf
-
-from .errors import FedlvcError
 
 TABLE_BITS = 16
 TABLE_TOTAL = 1 << TABLE_BITS

@@ -16,11 +16,10 @@ import constriction
 import numpy as np
 import torch
 
+from common.errors import FedlvcError
 from common.net.contexts import MotionHistory, PFrameContexts, p_context
 from common.net.model import FedlvcCodec
 from common.net.priors import laplace_likelihood, laplace_scale, temporal_scales
-
-from .errors import FedlvcError
 
 MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at least about this much
 
