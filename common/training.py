@@ -73,7 +73,7 @@ ENTROPY_MODULES = (
     "res_inv_gain.",
     "res_prior.",
 )
-RESIDUAL_MODULES = ("res_",)  # a motion model's residual codec (common.residual)
+RESIDUAL_MODULES = ("res_",)  # a motion model's residual codec (common.motion.residual)
 
 
 def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -> list:

@@ -1,4 +1,4 @@
-"""Block motion (common.motion): the prediction is exact integer arithmetic (so encoder and decoder agree on any
+"""Block motion (common.motion.blocks): the prediction is exact integer arithmetic (so encoder and decoder agree on any
 machine), the vector predictor inverts, and the bounded search finds known motion on real camera content."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.data.video import read_frames
-from common.motion import (
+from common.motion.blocks import (
     BLOCK,
     MAX_MV,
     MV_UNIT,

@@ -1,4 +1,4 @@
-"""Motion-compensated P-frames (model config ``motion``, bitstream version 5; common.residual): round trips that
+"""Motion-compensated P-frames (model config ``motion``, bitstream version 5; common.motion.residual): round trips that
 match the encoder's own reconstruction, random access, damaged or forged motion data refused, I-frames as the
 base model codes them, versions and models kept apart, and training that moves only the motion parts."""
 
@@ -16,7 +16,7 @@ from common.codec import FrameEncoder, decode_stream, encode_frames
 from common.coding import bitstream as bs
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
-from common.motion import block_grid
+from common.motion.blocks import block_grid
 from common.net.architecture import CodecConfig
 from common.net.model import FedlvcCodec, with_motion
 from common.train.segments import forward_segment
@@ -106,8 +106,8 @@ def test_every_damaged_byte_of_a_motion_p_frame_is_refused(tmp_path):
 
 
 def test_forged_vectors_out_of_range_are_refused_before_reconstruction(tmp_path):
-    from common.motion import MAX_MV, MotionCounts
-    from common.residual import MotionPFrames
+    from common.motion.blocks import MAX_MV, MotionCounts
+    from common.motion.residual import MotionPFrames
 
     model = motion_model()
     coder = MotionPFrames(model, 2)
@@ -247,7 +247,8 @@ def test_streams_mixing_latent_and_motion_p_frames_round_trip(tmp_path, monkeypa
     monkeypatch.setattr(FrameEncoder, "_cost", alternate)
     # every block stands still (the test model's decoded frames are too rough for the search to say so itself)
     monkeypatch.setattr(
-        "common.residual.estimate", lambda cur, ref, lam: torch.zeros(*block_grid(*cur.shape[:2]), 2, dtype=torch.int64)
+        "common.motion.residual.estimate",
+        lambda cur, ref, lam: torch.zeros(*block_grid(*cur.shape[:2]), 2, dtype=torch.int64),
     )
     encoder = FrameEncoder(model, 3, gop=5, rule=PFrameRule(rd_weight=1.0))
     types, ours = [], []

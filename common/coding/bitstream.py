@@ -4,7 +4,7 @@ Layout (integers in the header big-endian)::
 
     header  (49 bytes)
       magic        4s   b"FLVC"
-      version      B    5 for models with motion-compensated P-frames (common.residual), 4 for models of
+      version      B    5 for models with motion-compensated P-frames (common.motion.residual), 4 for models of
                    architecture v4 (I-frames under the hyperprior, common.coding.hypercoder), 3 for the older ones;
                    versions 1 and 2 are still read (see "older versions" below). Versions 3, 4 and 5 share this
                    layout; a version 5 stream needs a motion model, a version 4 one a v4 model and a version 3

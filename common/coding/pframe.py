@@ -26,7 +26,7 @@ MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at
 
 class PFrameCoder:
     """``prior``: the module giving the raw scales (the model's temporal prior by default; a motion model's
-    residual latent uses its residual prior, around zero, :mod:`common.residual`)."""
+    residual latent uses its residual prior, around zero, :mod:`common.motion.residual`)."""
 
     def __init__(self, model: FedlvcCodec, prior: torch.nn.Module | None = None):
         self.model, self.support = model, model.cfg.support

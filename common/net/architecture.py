@@ -31,7 +31,7 @@ class CodecConfig:
     stride: int = 16  # total downsampling of g_a; frames are padded to a multiple of it
     hyper_channels: int = 0  # channels of the hyper-latent z (architecture v4 only; 0 otherwise)
     adapters: bool = False  # FiLM adapters after the transforms' convolutions (common.net.transforms.FiLM)
-    motion: bool = False  # P-frames as motion-compensated residuals (common.residual) instead of latent P-frames
+    motion: bool = False  # P-frames as motion-compensated residuals (common.motion.residual) instead of latent P-frames
 
     @property
     def num_levels(self) -> int:

@@ -59,7 +59,7 @@ class FedlvcCodec(nn.Module):
             self.prior = LevelPriorParams(n, self.cfg.latent_channels, self.cfg.mixtures)
         if self.cfg.temporal:
             self.temporal = TemporalPrior(n, self.cfg.latent_channels, self.cfg.p_contexts)
-        if self.cfg.motion:  # the residual codec of motion-compensated P-frames (common.residual), zero to zero
+        if self.cfg.motion:  # the residual codec of motion-compensated P-frames (common.motion.residual), zero to zero
             res_cfg = replace(self.cfg, adapters=False)
             self.res_g_a, self.res_g_s = (without_biases(type(t)(res_cfg)) for t in (self.g_a, self.g_s))
             self.res_gain = LevelGains(n, self.cfg.latent_channels, init)

@@ -1,6 +1,6 @@
 """The training path of a group of pictures: rows of consecutive frames coded as the coder will code them, the
 first as an I-frame, the others as P-frames whose integer latents the encoder's P-frame rule chooses (latent
-P-frames here, a motion model's in :mod:`common.residual`), so that the priors learn the statistics the coder
+P-frames here, a motion model's in :mod:`common.motion.residual`), so that the priors learn the statistics the coder
 will see. Above the model: it runs the encoder's choices and the P-frame coders' training rates."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from common.coding.pframe import PFrameCoder
 from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
+from common.motion.residual import forward_motion_segment
 from common.net.contexts import next_history, p_context
 from common.net.model import FedlvcCodec
-from common.residual import forward_motion_segment
 
 
 def forward_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, rule: PFrameRule = PFrameRule()) -> dict:

@@ -1,5 +1,5 @@
 """Motion-compensated P-frames (model config ``motion``; bitstream version 5): block vectors on the previous
-*decoded* frame (:mod:`common.motion`) and the residual — frame minus prediction — coded by a second transform
+*decoded* frame (:mod:`common.motion.blocks`) and the residual — frame minus prediction — coded by a second transform
 codec, its latent under a quantized Laplace around zero with a learned scale per (level, channel, context), the
 context being the block's motion class, where the group's earlier residuals were (common.net.contexts
 .residual_context) and the channel groups decoded before. Its training rate and its coding sit side by side here,
@@ -33,14 +33,15 @@ import constriction
 import numpy as np
 import torch
 
+from common.coding.entropy import pop_check, push_check
 from common.coding.pframe import MIN_PROBABILITY, PFrameCoder
 from common.coding.rdo import choose_p_latent, hook_free, synthesis_sensitivity
 from common.config.options import PFrameRule
+from common.errors import FedlvcError
 from common.net.contexts import MotionHistory, next_history, p_context, residual_context
 from common.net.model import FedlvcCodec
 
-from .errors import FedlvcError
-from .motion import (
+from .blocks import (
     MAX_MV,
     MVD_RANGE,
     MotionCounts,
@@ -245,8 +246,6 @@ class MotionPFrames:
             return self._trial(mv, pred, y_r, rule, check, weights)
 
     def _trial(self, mv, pred, y_r, rule: PFrameRule, check, weights) -> MotionTrial:
-        from common.coding.entropy import push_check
-
         diff = vector_differences(mv.numpy())
         classes = torch.from_numpy(motion_class(mv.numpy()))[None]
         q, ctx = choose_residual(self.model, y_r, classes, self.history, self.raw, rule, self.lam, weights)
@@ -271,8 +270,6 @@ class MotionPFrames:
     def decode(self, words: np.ndarray, shape: tuple[int, int, int], check) -> torch.Tensor:
         """The padded decoded frame (H, W, 3) uint8 of a P-frame's ANS words; ``check(latent, differences)`` the
         value its stream must end with. Raises FedlvcError on any damage, before the frame is reconstructed."""
-        from common.coding.entropy import pop_check
-
         c, h, w = shape
         try:
             coder = constriction.stream.stack.AnsCoder(words)
