@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         import torch
 
         from common.codec import default_gop
-        from common.metrics import psnr_rgb
+        from common.eval.metrics import psnr_rgb
 
         C.set_threads(args.threads)
         hw = C.hardware()

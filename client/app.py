@@ -22,12 +22,12 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common.codec import decode_stream, encode_frames
 from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.evaluate import code_and_measure
-from common.metrics import ms_ssim, psnr_rgb
+from common.eval.evaluate import code_and_measure
+from common.eval.metrics import ms_ssim, psnr_rgb
 from common.net.architecture import CodecConfig
 from common.net.model import FedlvcCodec
-from common.privacy import DPConfig, poisson_sample_rate
-from common.training import local_train
+from common.train.privacy import DPConfig, poisson_sample_rate
+from common.train.training import local_train
 
 from .ledger import earlier_ledger, open_ledger, state_dir_of
 from .personal import personal_model, personal_seed

@@ -86,7 +86,7 @@ def cmd_decompress(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from common.checkpoint import load_model
-    from common.evaluate import check_output_folders, evaluate_clip, print_report, write_evaluation
+    from common.eval.evaluate import check_output_folders, evaluate_clip, print_report, write_evaluation
 
     check_output_folders(args.json, args.plot, args.grid)
     model = load_model(args.model)
@@ -146,7 +146,7 @@ def cmd_public_data(args) -> int:
 def _train_config(args):
     """The TrainConfig of `fedlvc train`'s options (every option of common.config.options.TRAIN_OPTIONS)."""
     from common.codec import p_rule
-    from common.training import TRAIN_OPTIONS, TrainConfig
+    from common.train.training import TRAIN_OPTIONS, TrainConfig
 
     rule = p_rule(args.rd_weight, args.skip_threshold)
     fields = {opt.attr: getattr(args, opt.attr) for opt in TRAIN_OPTIONS if hasattr(args, opt.attr)}
@@ -157,7 +157,7 @@ def _train_config(args):
 def _dp_config(args, cfg):
     """DP-SGD settings of `fedlvc train` (None: non-private): σ given, or planned for --target-epsilon over
     the run's steps at the Poisson rate of the rows it will train on."""
-    from common.privacy import DP_OPTIONS, DPConfig, plan_noise_multiplier, poisson_sample_rate
+    from common.train.privacy import DP_OPTIONS, DPConfig, plan_noise_multiplier, poisson_sample_rate
 
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise FedlvcError("give either --noise-multiplier or --target-epsilon, not both")
@@ -199,7 +199,7 @@ def _train_device(name: str | None):
 
 
 def cmd_train(args) -> int:
-    from common.training import train
+    from common.train.training import train
 
     device = _train_device(args.device)
     cfg = _train_config(args)

@@ -21,7 +21,7 @@ from common.checkpoint import fingerprint, load_model, save_model
 from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
 from common.net.model import FedlvcCodec, with_adapters
-from common.training import local_train
+from common.train.training import local_train
 
 from .ledger import state_dir_of
 from .policy import SitePolicy

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from common.checkpoint import load_model
 from common.config.fedconfig import RunConfig
-from common.metrics import bd_rate
+from common.eval.metrics import bd_rate
 from common.net.model import FedlvcCodec, with_adapters, with_temporal_prior
 
 from .replies import answers, checked_compress_summary, checked_rd_curves

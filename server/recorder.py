@@ -13,7 +13,7 @@ from common.checkpoint import load_model, read_meta, save_model
 from common.config.fedconfig import RunConfig
 from common.data.video import atomic_output
 from common.net.model import FedlvcCodec
-from common.privacy import check_privacy_unit
+from common.train.privacy import check_privacy_unit
 
 from .strategy import CentralDP, SiteFedAvg
 

@@ -34,7 +34,7 @@ from client.site import SIMULATED_OUT, load_site, site_identity
 from common.checkpoint import fingerprint, load_model
 from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.evaluate import fedlvc_points
+from common.eval.evaluate import fedlvc_points
 from server.queries import public_model, site_gain
 from simulations.sweep import held_out_frames, psnr_at_bpp
 

@@ -28,8 +28,8 @@ from common.data.clips import generated_site_frames, split_held_out
 from common.data.sites import simulated_site
 from common.data.video import atomic_output
 from common.errors import FedlvcError
-from common.evaluate import baseline_points, fedlvc_points
-from common.metrics import psnr_rgb
+from common.eval.evaluate import baseline_points, fedlvc_points
+from common.eval.metrics import psnr_rgb
 
 SWEEP_KEYS = {
     "noise-multipliers",

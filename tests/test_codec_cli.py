@@ -22,7 +22,7 @@ from common.codec import DEFAULT_GOP, _to_tensor, decode_stream
 from common.coding import bitstream as bs
 from common.data.video import probe, read_frames
 from common.errors import FedlvcError
-from common.metrics import psnr_rgb
+from common.eval.metrics import psnr_rgb
 
 ERROR_PREFIX = "fedlvc: error: "
 

@@ -20,7 +20,7 @@ from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
 from common.net.architecture import CodecConfig
 from common.net.model import FedlvcCodec
-from common.privacy import RDP_ALPHAS
+from common.train.privacy import RDP_ALPHAS
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = CodecConfig(channels=8, latent_channels=8, mixtures=2)

@@ -20,7 +20,7 @@ from common.motion.blocks import block_grid
 from common.net.architecture import CodecConfig
 from common.net.model import FedlvcCodec, with_motion
 from common.train.segments import forward_segment
-from common.training import set_trainable
+from common.train.training import set_trainable
 from tests.conftest import make_coding_model, on_both_kernel_paths
 
 
@@ -293,8 +293,8 @@ def test_a_translating_real_picture_costs_a_third_with_motion(carphone_path, def
 
     from common.checkpoint import load_model
     from common.data.video import read_frames
-    from common.evaluate import code_and_measure
-    from common.metrics import bd_rate
+    from common.eval.evaluate import code_and_measure
+    from common.eval.metrics import bd_rate
 
     big = np.asarray(Image.fromarray(read_frames(carphone_path, 1)[0]).resize((352, 288), Image.BICUBIC))
     clip = np.stack([big[40 + i : 168 + i, 20 + 3 * i : 180 + 3 * i] for i in range(12)])

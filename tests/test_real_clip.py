@@ -12,7 +12,7 @@ import pytest
 from client.cli import main
 from common.checkpoint import DEFAULT_MODEL, default_model_path, load_model
 from common.data.video import probe, read_frames, write_video
-from common.metrics import ms_ssim, psnr_rgb
+from common.eval.metrics import ms_ssim, psnr_rgb
 
 pytestmark = pytest.mark.slow
 

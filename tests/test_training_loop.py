@@ -1,4 +1,4 @@
-"""The one training loop (common.training.Trainer) behind single-site training and a federated round: its
+"""The one training loop (common.train.training.Trainer) behind single-site training and a federated round: its
 failure policy, and the drop_last hang of the old non-private loader."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
 from common.net.model import FedlvcCodec
-from common.privacy import DPConfig
-from common.training import MAX_NONFINITE_IN_A_ROW, TrainConfig, Trainer
+from common.train.privacy import DPConfig
+from common.train.training import MAX_NONFINITE_IN_A_ROW, TrainConfig, Trainer
 from tests.conftest import TINY_CONFIG
 
 FRAMES = list(generate_site_clip(2, 0, 64, 48, 10))
@@ -153,7 +153,7 @@ def test_plain_training_with_fewer_rows_than_the_batch_finishes(tmp_path):
     """train() without DP on 5 training frames with --batch-size 16: the old loader (drop_last, the full batch
     size) yielded no batch and the loop never ended."""
     from common.data.video import write_video
-    from common.training import TrainConfig, train
+    from common.train.training import TrainConfig, train
 
     videos = tmp_path / "videos"
     videos.mkdir()

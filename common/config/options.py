@@ -1,6 +1,6 @@
 """The one schema of fedlvc's options: name, type, default, range or choices, and help of every setting that a
 run config (``client``/``server``: :class:`common.config.fedconfig.RunConfig`), single-site training
-(:class:`common.training.TrainConfig`) or the command line (``fedlvc``) takes. Each limit and each list of
+(:class:`common.train.training.TrainConfig`) or the command line (``fedlvc``) takes. Each limit and each list of
 choices is typed here once; the configs, argparse and the pyproject check are built from it."""
 
 from __future__ import annotations
@@ -209,8 +209,9 @@ class PFrameRule:
         return self.rd_weight > 0
 
 
-# Single-site training (`fedlvc train`, common.training.TrainConfig) and DP-SGD (common.privacy.DPConfig): here,
-# not beside their code, so that building the command line imports neither torch nor Opacus.
+# Single-site training (`fedlvc train`, common.train.training.TrainConfig) and DP-SGD
+# (common.train.privacy.DPConfig): here, not beside their code, so that building the command line imports neither
+# torch nor Opacus.
 TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("steps", int, 20000, "total optimizer steps (a resumed run continues up to this)", 1, 10**9),
     BATCH_SIZE,

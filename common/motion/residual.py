@@ -161,7 +161,7 @@ def forward_motion_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Te
     Returns x_hat (B, S, 3, H, W) and per-row bits (B,) — the block vectors' bits included (a constant).
 
     Module calls: the intra transforms and gains on the B I-frames, the residual ones once on the B·(S−1)
-    P-frames, the priors on the B segments; :func:`common.privacy.fold_segment_grad_samples` sums per segment."""
+    P-frames, the priors on the B segments; :func:`common.train.privacy.fold_segment_grad_samples` sums per segment."""
     b, frames = x.shape[:2]
     x0 = x[:, 0].contiguous()
     y0 = model.analysis(x0, levels)

@@ -26,13 +26,13 @@ def forward_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, r
 
     Each module is called once: the transforms and gains on all B·S frames (rows b·S … b·S+S−1 belong
     to segment b), the priors on the B segments. Under DP-SGD the per-frame gradient samples are summed
-    per segment by :func:`common.privacy.fold_segment_grad_samples` before clipping."""
+    per segment by :func:`common.train.privacy.fold_segment_grad_samples` before clipping."""
     if not model.cfg.temporal:
         raise FedlvcError("this model has no temporal prior (intra-only architecture)")
     if model.cfg.motion:
         return forward_motion_segment(model, x, levels, rule)
     b, frames = x.shape[:2]
-    flat = x.reshape(b * frames, *x.shape[2:]).contiguous()  # not channels_last: see common.privacy
+    flat = x.reshape(b * frames, *x.shape[2:]).contiguous()  # not channels_last: see common.train.privacy
     y = model.analysis(flat, levels.repeat_interleave(frames))
     yv = y.reshape(b, frames, *y.shape[1:])
     raw = model.temporal(levels)

@@ -16,15 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from common.checkpoint import load_model, read_meta, save_model
 from common.config.options import TRAIN_OPTIONS, TRAIN_PARTS, PFrameRule, check_fields
 from common.data.clips import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
 from common.data.video import atomic_output
+from common.errors import FedlvcError
 from common.net.architecture import CodecConfig
 from common.net.model import FedlvcCodec, with_adapters, with_motion, with_temporal_prior
 from common.train.segments import forward_segment
 
-from .checkpoint import load_model, read_meta, save_model
-from .errors import FedlvcError
 from .losses import RateDistortion, SegmentRateDistortion
 from .privacy import (
     DPConfig,
@@ -196,7 +196,7 @@ class Trainer:
         """``cfg``: a :class:`TrainConfig` or a federated ``RunConfig`` (crop_size, batch_size, learning_rate,
         row_frames, train_parts, p_rule, seed and, single-site, clip_norm). ``seed``: of the crops, when not
         ``cfg.seed``. ``fast_layout``: channels_last activations (faster on a CPU; under DP only where every
-        module Opacus samples is indifferent to the layout, :func:`common.privacy.layout_safe_samples`: the
+        module Opacus samples is indifferent to the layout, :func:`common.train.privacy.layout_safe_samples`: the
         model's own module types are). ``restore(model, optimizer)`` loads a saved state before Opacus
         wraps."""
         self.model, self.device, self.dp = model.to(device).train(), device, dp
@@ -586,7 +586,7 @@ def local_train(model: FedlvcCodec, rows: list, rc, dp: DPConfig | None, seed: i
     """One site's local work in a federated round (``rc``: the run's RunConfig): ``local-steps`` optimizer steps
     on crops of its rows (frames, or segments), DP-SGD (Poisson sampling, per-sample clipping, noise on every
     trainable parameter) when ``dp`` is given. ``seed`` makes the crops and the training's own randomness
-    reproducible; DP noise and sampling come from OS entropy (``common.privacy.make_private``).
+    reproducible; DP noise and sampling come from OS entropy (``common.train.privacy.make_private``).
 
     Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "nonfinite_steps", "history" (what
     this call's accountant counted, ``[(σ, q, steps)]``; empty without DP)}."""

@@ -21,9 +21,8 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 
 from common.config import options as o
 from common.config.options import DP_OPTIONS, check_fields
+from common.errors import FedlvcError
 from common.net.transforms import FiLM
-
-from .errors import FedlvcError
 
 # Extend RDP orders: at small ε the optimum sits at the largest default order.
 RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 96, 128, 160, 192, 256, 384, 512]
