@@ -1,5 +1,5 @@
-"""The ``fedlvc`` command line: compress, decompress, evaluate, demo-data, public-data, train, sweep,
-seal-ledger.
+"""The ``fedlvc`` command line: compress, decompress, evaluate, demo-data, public-data, train, seal-ledger, and
+the subcommands installed packages add through ``fedlvc.commands`` entry points (simulations: sweep).
 
 Errors a user can cause print one line (``fedlvc: error: ...``) and exit with code 2; no output file is left
 behind and the input is never modified.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 
 from tqdm import tqdm
 
@@ -17,6 +18,7 @@ from common.config import options as o
 from common.errors import FedlvcError
 
 EXIT_USER_ERROR = 2
+COMMANDS_GROUP = "fedlvc.commands"  # entry points: build(subparsers, subcommand) adds subcommands
 
 
 def _quality(text: str) -> int:
@@ -231,14 +233,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
-    from simulations.sweep import run_sweep
-
-    out = run_sweep(args.config, args.out, progress=not args.quiet)
-    print(f"results in {out / 'results.csv'}; plots privacy_quality.png, rd_curves.png, recon_grid.png")
-    return 0
-
-
 def _compress_parser(sub) -> None:
     c = _subcommand(sub, "compress", "compress a video into a .lvc bitstream", cmd_compress)
     c.add_argument("input")
@@ -376,10 +370,10 @@ def _seal_ledger_parser(sub) -> None:
     s.add_argument("state_dir", help="the site's state-dir (check first that its ledger is the latest)")
 
 
-def _sweep_parser(sub) -> None:
-    w = _subcommand(sub, "sweep", "privacy vs quality: one federated simulation per noise setting", cmd_sweep)
-    w.add_argument("config", help="YAML: noise-multipliers, num-sites, and any run-config key")
-    w.add_argument("--out", required=True, help="output folder (a finished setting there is not rerun)")
+def _installed_commands() -> list:
+    """Parser builders of the subcommands other installed packages add (``simulations``: ``sweep``), from their
+    ``fedlvc.commands`` entry points: found in the installed metadata, so the client imports none of them."""
+    return [ep.load() for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,10 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         _demo_data_parser,
         _public_data_parser,
         _train_parser,
-        _sweep_parser,
         _seal_ledger_parser,
     ):
         build(sub)
+    for build in _installed_commands():
+        build(sub, _subcommand)  # each adds its subcommands with the options every subcommand has
     return p
 
 
