@@ -138,7 +138,7 @@ def test_architecture_module_map_names_every_module():
     modules = sorted(
         str(p.relative_to(REPO))
         for folder in ("common", "client", "server", "simulations")
-        for p in (REPO / folder).glob("*.py")
+        for p in (REPO / folder).rglob("*.py")
         if p.name != "__init__.py"
     )
     missing = [m for m in modules if f"`{m}`" not in text]
