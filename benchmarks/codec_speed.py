@@ -4,7 +4,7 @@
 fedlvc is timed over its whole file path, the one ``fedlvc compress`` / ``decompress`` use:
 ``encode_frames`` (pad → g_a → round → ANS → ``.lvc`` file on disk, entropy tables built per file) and
 ``decode_stream`` (file → ANS → g_s → RGB frames). x264's encode time is the one
-``common.baselines.encode_baseline`` measures (RGB → yuv420p → libx264 → mp4 in memory); its decode time
+``common.data.baselines.encode_baseline`` measures (RGB → yuv420p → libx264 → mp4 in memory); its decode time
 is mp4 bytes → RGB frames with PyAV. Frames are decoded from the clip into memory once, before any
 timing, for both codecs. x264 uses its own default threading; torch uses ``--threads``.
 
@@ -32,7 +32,7 @@ def x264_bytes(frames, fps, name="x264", crf=23) -> bytes:
     import av
     import numpy as np
 
-    from common.baselines import BASELINES
+    from common.data.baselines import BASELINES
 
     codec, options = BASELINES[name]
     t, h, w = frames.shape[:3]
@@ -116,8 +116,8 @@ def _parse(argv):
 def _time_rounds(frames, fps, model, args, gop, rule, mp4: bytes) -> tuple[dict, dict]:
     """(seconds per round of each kind, the last round's outputs): fedlvc encode and decode, x264 encode and
     decode, interleaved, after one warm-up round on a few frames."""
-    from common.baselines import encode_baseline
     from common.codec import decode_stream, encode_frames
+    from common.data.baselines import encode_baseline
 
     n, h, w = frames.shape[:3]
     times = {k: [] for k in ("fedlvc_encode", "fedlvc_decode", "x264_encode", "x264_decode")}
@@ -159,7 +159,7 @@ def startup_seconds(frame, fps, args) -> list[float]:
     import subprocess
     import sys
 
-    from common.video import write_video
+    from common.data.video import write_video
 
     script = Path(sys.executable).with_name("fedlvc")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "client.cli"]
@@ -188,7 +188,7 @@ def profile_file_paths(frames, fps, model, args, gop, rule) -> dict:
     from _stages import StageSampler
 
     from common.codec import compress_file, decompress_file
-    from common.video import write_video
+    from common.data.video import write_video
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         import torch
 
         from common.codec import default_gop
-        from common.metrics import psnr_rgb
+        from common.eval.metrics import psnr_rgb
 
         C.set_threads(args.threads)
         hw = C.hardware()

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--against", help="another rd.py --out JSON of the same clips (e.g. the shipped model's)")
     args = p.parse_args(argv)
     with C.json_stdout() as emit:
-        from common.metrics import bd_rate
+        from common.eval.metrics import bd_rate
 
         def bd(anchor, test):
             value = bd_rate(anchor, test)

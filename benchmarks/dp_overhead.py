@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Cost of one DP-SGD step over one non-private step: same model, same fixed batch, same crop size.
 
-Both sides are the training loop's own step (``common.training.Trainer.step``, which single-site training and
-a federated round run): the private side with Opacus as training wires it (``common.privacy.make_private``:
+Both sides are the training loop's own step (``common.train.training.Trainer.step``, which single-site training and
+a federated round run): the private side with Opacus as training wires it (``common.train.privacy.make_private``:
 Poisson sampling, per-sample clipping to C = 1 and Gaussian noise σ·C on Adam), the plain side with global
 gradient-norm clipping. Poisson sampling only changes which rows form a batch, so to compare like with like
 both sides are timed on one identical, fixed batch (the DP data loader is built but never iterated): forward
 + RD loss + backward + optimizer step. Each side uses the layout training uses for it: ``channels_last`` model
 and batch (the batch converted inside the timed step), DP too where every trainable module's per-sample
-gradients are exact on it (``common.privacy.layout_safe_samples``: the convolutions' sampler takes NCHW
+gradients are exact on it (``common.train.privacy.layout_safe_samples``: the convolutions' sampler takes NCHW
 copies, Opacus' own gets ``channels_last`` wrong, tests/test_dp_grad_samples.py), else NCHW for DP. Both
 freeze what frame-row training cannot reach (the temporal prior) and start from the same weights.
 
@@ -35,7 +35,8 @@ def build_base_model(arg: str | None, fresh: str | None):
     """(model in train mode, description): a checkpoint's weights, or a fresh model of architecture ``fresh``
     (v3: ``CodecConfig()``, v4: ``CodecConfig.v4()``)."""
     from common.checkpoint import load_model
-    from common.model import CodecConfig, FedlvcCodec
+    from common.net.architecture import CodecConfig
+    from common.net.model import FedlvcCodec
 
     if not fresh:
         path = C.model_path(arg)
@@ -50,7 +51,7 @@ def fixed_batch(batch: int, crop: int, num_levels: int, seed: int = 0):
     import numpy as np
     import torch
 
-    from common.data import FrameCrops, generate_site_clip
+    from common.data.clips import FrameCrops, generate_site_clip
 
     n = max(32, batch)
     frames = list(generate_site_clip(1, 0, max(320, crop), max(240, crop), n))
@@ -63,7 +64,7 @@ def fixed_batch(batch: int, crop: int, num_levels: int, seed: int = 0):
 
 
 class Stepper:
-    """Times one step of the training loop itself (``common.training.Trainer.step``: the step training and a
+    """Times one step of the training loop itself (``common.train.training.Trainer.step``: the step training and a
     federated round take, DP or not, with its layout and clipping) on the fixed batch."""
 
     def __init__(self, trainer):
@@ -83,8 +84,8 @@ def make_stepper(base, frames, crop: int, batch: int, lr: float, dp=None, parts:
     clipping) or DP (channels_last where layout-safe, else NCHW; Opacus with Poisson sampling; its loader is
     built but never iterated); ``parts``:
     what it trains (``train-parts``)."""
-    from common.model import with_adapters
-    from common.training import TrainConfig, Trainer
+    from common.net.model import with_adapters
+    from common.train.training import TrainConfig, Trainer
 
     cfg = TrainConfig(crop_size=crop, batch_size=batch, learning_rate=lr, train_parts=parts)
     model = with_adapters(copy.deepcopy(base)) if parts == "adapters" else copy.deepcopy(base)
@@ -114,7 +115,7 @@ def measure(plain, dp, x, levels, steps: int, warmup: int) -> dict:
 
 def measure_part(args, base, frames, x, levels, part: str) -> dict:
     """The DP step against the plain step when only ``part`` trains (the selected grad-sample mode)."""
-    from common.privacy import DPConfig
+    from common.train.privacy import DPConfig
 
     C.log(f"  parts {part}:")
     plain = make_stepper(base, frames, args.crop_size, args.batch_size, args.lr, parts=part)
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
     with C.json_stdout() as emit:
         import torch
 
-        from common.privacy import DPConfig
+        from common.train.privacy import DPConfig
 
         C.set_threads(args.threads)
         torch.manual_seed(args.seed)

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             emit({"benchmark": "figures", "written": [plot_training_log(args.training_log, DOCS / "training_v4.png")]})
         return 0
     with C.json_stdout() as emit:
-        from common.evaluate import evaluate_clip, write_evaluation
+        from common.eval.evaluate import evaluate_clip, write_evaluation
 
         C.set_threads(args.threads)
         t0 = time.perf_counter()

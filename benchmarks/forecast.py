@@ -6,7 +6,7 @@ line reaches 0 %. Prints one JSON line; ``--plot`` draws the points and lines on
 
 Each input is a ``benchmarks/rd.py --out`` JSON of one checkpoint (``--model``); its hours are the checkpoint's
 cumulative training wall time (``meta.total``, or the sum of ``meta.stages`` for the hand-assembled early ones:
-``common.training.training_totals``). The fit is a forecast to decide from, not a promise: learned codecs gain
+``common.train.training.training_totals``). The fit is a forecast to decide from, not a promise: learned codecs gain
 about a constant amount per doubling of training for a long while, then flatten.
 
 python benchmarks/rd.py --model CKPT --clips carphone:60,bikes:30 --no-ms-ssim --crfs 18,23,28,33,38,43,48 \
@@ -29,8 +29,8 @@ SERIES = {"intra": ("fedlvc-intra", "x264-intra"), "I+P": ("fedlvc", "x264")}
 
 def point(path: str) -> dict:
     """One checkpoint's hours, steps and BD-rates ({clip: {series: %}}) from its rd.py JSON."""
-    from common.metrics import bd_rate
-    from common.training import training_totals
+    from common.eval.metrics import bd_rate
+    from common.train.training import training_totals
 
     doc = json.loads(Path(path).read_text())
     totals = training_totals(doc.get("model_meta") or {})

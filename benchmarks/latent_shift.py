@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why motion is compensated on pixels, not on latents (issue 16's design choice, common/residual.py).
+"""Why motion is compensated on pixels, not on latents (issue 16's design choice, common/motion/residual.py).
 
 A camera pan of d pixels: the latent of the shifted view, against (a) the previous latent where it is (what a
 latent P-frame predicts from) and (b) the previous latent shifted by d/16 latent pixels, interpolated linearly

@@ -27,8 +27,8 @@ import resource, sys, time
 from fractions import Fraction
 from pathlib import Path
 from client.cli import main
-from common.data import generate_site_clip
-from common.video import write_video
+from common.data.clips import generate_site_clip
+from common.data.video import write_video
 frames, width, height, model, tmp = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
 write_video(tmp / "in.mkv", generate_site_clip(0, 0, width, height, frames), Fraction(25))
 extra = ["--model", model] if model else []

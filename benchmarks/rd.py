@@ -8,7 +8,7 @@ codec "fedlvc") and intra-only (gop 1: "fedlvc-intra"); BD-rates are of I+P agai
 against intra-only bytes per frame at the same PSNR; ``speed`` the encode/decode frames per second of
 every codec in this run.
 
-The numbers come from the same code as ``fedlvc evaluate`` (``common.evaluate.fedlvc_points``,
+The numbers come from the same code as ``fedlvc evaluate`` (``common.eval.evaluate.fedlvc_points``,
 ``baseline_points`` and ``bd_rates``): fedlvc's rate is the size of a real ``.lvc`` file, the baselines'
 the whole mp4; PSNR-RGB and MS-SSIM are measured on frames decoded back from those files.
 
@@ -39,8 +39,8 @@ BASELINE_ATTEMPTS = 3  # a baseline encode that raises is retried (the failure s
 
 
 def _curve(points, x_key, y_key):
-    """Strictly increasing x (dropping later duplicates, as ``common.metrics.bd_rate`` does) → arrays."""
-    from common.metrics import increasing_curve
+    """Strictly increasing x (dropping later duplicates, as ``common.eval.metrics.bd_rate`` does) → arrays."""
+    from common.eval.metrics import increasing_curve
 
     return increasing_curve((p[x_key], p[y_key]) for p in points if p["bpp"] > 0 and math.isfinite(p["psnr"]))
 
@@ -136,7 +136,7 @@ def p_versus_intra_bd(ip_points: list[dict], intra_points: list[dict]) -> float 
     """The same comparison over the whole curve, Bjøntegaard-style: P-frame bytes per frame (against the I+P
     stream's PSNR) over intra-only bytes per frame at equal PSNR, averaged in log-rate over the PSNR range
     both curves cover (PCHIP, as ``bd_rate``); None without overlap."""
-    from common.metrics import bd_rate
+    from common.eval.metrics import bd_rate
 
     p_curve = [(p["p_frame_bytes"] / p["p_frames"], p["psnr"]) for p in ip_points if p["p_frames"]]
     intra_curve = [(p["bytes"] / (p["i_frames"] + p["p_frames"]), p["psnr"]) for p in intra_points]
@@ -146,7 +146,7 @@ def p_versus_intra_bd(ip_points: list[dict], intra_points: list[dict]) -> float 
 
 def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None, similarity=None) -> dict:
     """RD of one clip; ``similarity(ref, decoded)``: MS-SSIM, or None where it is skipped."""
-    from common.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
+    from common.eval.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
 
     t0 = time.perf_counter()
     frames, fps, source = C.load_clip(name, frames_n, gen_size)
@@ -332,7 +332,7 @@ def _parse(argv):
         "--ms-ssim-max-pixels",
         type=int,
         default=250_000,
-        help="skip MS-SSIM (null) on clips whose frames have more pixels than this: common.metrics.ms_ssim "
+        help="skip MS-SSIM (null) on clips whose frames have more pixels than this: common.eval.metrics.ms_ssim "
         "costs ~6 s per 1280x720 frame per point on a busy 2-core CPU (~35 min for bigbuckbunny:16); "
         "0 = no limit (default 250000: every default clip but bigbuckbunny)",
     )
@@ -349,7 +349,7 @@ def _skips_ms_ssim(args, pixels: int) -> bool:
 
 def _settings(args, model):
     """(qualities, crfs, baseline names, generated clip size) from the options, checked."""
-    from common.baselines import BASELINES, DEFAULT_CRFS
+    from common.data.baselines import BASELINES, DEFAULT_CRFS
 
     qualities = (
         [int(q) for q in args.qualities.split(",")] if args.qualities else list(range(1, model.cfg.num_levels + 1))
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     args, rule = _parse(argv)
     with C.json_stdout() as emit:
         from common.checkpoint import read_meta
-        from common.metrics import ms_ssim
+        from common.eval.metrics import ms_ssim
 
         C.set_threads(args.threads)
 

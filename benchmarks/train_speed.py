@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Training throughput of the codec: crop pixels per second of the training loop's own step
-(``common.training.Trainer.step``: forward, RD loss, backward, gradient-norm clipping, Adam) at several
+(``common.train.training.Trainer.step``: forward, RD loss, backward, gradient-norm clipping, Adam) at several
 settings, each against the baseline setting measured in the same run.
 
 A setting is ``BATCHxCROP`` (``8x128``: batches of 8 crops of 128²), optionally with ``+compile``
@@ -36,12 +36,12 @@ def training_frames(clips: str | None, count: int, seed: int):
     import numpy as np
 
     if clips:
-        from common.data import find_videos, load_clips
+        from common.data.clips import find_videos, load_clips
 
         frames = [f for c in load_clips(find_videos([clips]), 1, 4) for f in c]
         rng = np.random.default_rng(seed)
         return [frames[i] for i in rng.choice(len(frames), size=min(count, len(frames)), replace=False)]
-    from common.data import generate_site_clip
+    from common.data.clips import generate_site_clip
 
     return list(generate_site_clip(1, 0, 320, 256, count))
 
@@ -50,7 +50,7 @@ def make_trainer(base, frames, setting: dict, lr: float, seed: int):
     """A trainer of the training loop over its own copy of ``base``; ``compile``: its forward compiled."""
     import torch
 
-    from common.training import TrainConfig, Trainer
+    from common.train.training import TrainConfig, Trainer
 
     cfg = TrainConfig(batch_size=setting["batch"], crop_size=setting["crop"], learning_rate=lr, seed=seed)
     trainer = Trainer(copy.deepcopy(base).train(), frames, cfg, fast_layout=True)

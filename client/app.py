@@ -18,15 +18,16 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.codec import decode_stream, encode_frames
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.evaluate import code_and_measure
-from common.fedconfig import RunConfig
-from common.metrics import ms_ssim, psnr_rgb
-from common.model import CodecConfig, FedlvcCodec
-from common.privacy import DPConfig, poisson_sample_rate
-from common.training import local_train
+from common.eval.metrics import psnr_rgb
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
+from common.train.privacy import DPConfig, poisson_sample_rate
+from common.train.training import local_train
 
 from .ledger import earlier_ledger, open_ledger, state_dir_of
+from .measure import coding_gop, measure, rd_points
 from .personal import personal_model, personal_seed
 from .policy import SitePolicy
 from .secure import FITINS_ARRAYS, masked, masked_update_records, positional_state_dict, secure_aggregation_mod
@@ -291,22 +292,6 @@ def _count_release(context: Context, release: str, policy: SitePolicy) -> None:
         ledger.save(context, policy.accountant, policy.delta)
 
 
-def _gop(model: FedlvcCodec, rc: RunConfig) -> int:
-    return rc.gop if model.cfg.temporal else 1
-
-
-def _measure(model: FedlvcCodec, frames: np.ndarray, quality: int, rc: RunConfig, with_ms_ssim: bool = True) -> dict:
-    """Real bpp (file bytes of a .lvc, coded as the final compression is) and PSNR / MS-SSIM of the decoded
-    frames."""
-    m, _ = code_and_measure(frames, model, quality, 25, _gop(model, rc), rc.p_rule, ms_ssim if with_ms_ssim else None)
-    return {"bpp": m["summary"]["bpp"], "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
-
-
-def rd_points(model: FedlvcCodec, frames: np.ndarray, rc: RunConfig) -> list[dict]:
-    """:func:`_measure` (without MS-SSIM) at every quality level of ``model``: one model's curve in ``query.rd``."""
-    return [_measure(model, frames, q, rc, with_ms_ssim=False) for q in range(1, model.cfg.num_levels + 1)]
-
-
 def _quality(model: FedlvcCodec, quality: int) -> int:
     if not 1 <= quality <= model.cfg.num_levels:
         raise FedlvcError(f"quality {quality} is not one of the model's levels 1..{model.cfg.num_levels}")
@@ -326,7 +311,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _reply(msg, context, {"refused": 1}, note=refused)
     _book(context, "eval")
     model = _model_from(msg, policy).eval()
-    m = _measure(model, np.stack(site.held_out), _quality(model, rc.eval_quality), rc)
+    m = measure(model, np.stack(site.held_out), _quality(model, rc.eval_quality), rc)
     _count_release(context, "eval", policy)
     return _reply(
         msg, context, {"num-examples": len(site.held_out), "bpp": m["bpp"], "psnr": m["psnr"], "ms_ssim": m["ms_ssim"]}
@@ -371,7 +356,7 @@ def compress(msg: Message, context: Context) -> Message:
     total_bytes, total_pixels, psnr_sum, frames_total = 0, 0, 0.0, 0
     for clip, frames, fps in site_clips(context.node_config, rc, context.node_id):
         path = out / f"{clip}.lvc"
-        summary = encode_frames(frames(), path, model, quality, fps, _gop(model, rc), rule=rc.p_rule)
+        summary = encode_frames(frames(), path, model, quality, fps, coding_gop(model, rc), rule=rc.p_rule)
         _, decoded = decode_stream(path, model)
         for ref, dec in zip(frames(), decoded):  # stream both: the clip is never held in memory
             psnr_sum += psnr_rgb(ref, dec)

@@ -1,5 +1,5 @@
-"""The ``fedlvc`` command line: compress, decompress, evaluate, demo-data, public-data, train, sweep,
-seal-ledger.
+"""The ``fedlvc`` command line: compress, decompress, evaluate, demo-data, public-data, train, seal-ledger, and
+the subcommands installed packages add through ``fedlvc.commands`` entry points (simulations: sweep).
 
 Errors a user can cause print one line (``fedlvc: error: ...``) and exit with code 2; no output file is left
 behind and the input is never modified.
@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 
 from tqdm import tqdm
 
-from common import options as o
+from common.config import options as o
 from common.errors import FedlvcError
 
 EXIT_USER_ERROR = 2
+COMMANDS_GROUP = "fedlvc.commands"  # entry points: build(subparsers, subcommand) adds subcommands
 
 
 def _quality(text: str) -> int:
@@ -86,7 +88,7 @@ def cmd_decompress(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from common.checkpoint import load_model
-    from common.evaluate import check_output_folders, evaluate_clip, print_report, write_evaluation
+    from common.eval.evaluate import check_output_folders, evaluate_clip, print_report, write_evaluation
 
     check_output_folders(args.json, args.plot, args.grid)
     model = load_model(args.model)
@@ -97,7 +99,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from common.data import write_demo_data
+    from common.data.clips import write_demo_data
 
     total = args.sites * args.clips
     with tqdm(total=total, desc="demo clips", unit="clip", disable=args.quiet) as bar:
@@ -122,11 +124,11 @@ def cmd_public_data(args) -> int:
 
     photos = Path(args.photos or Path(args.outdir) / "photos")
     if args.fetch and not (photos / "MANIFEST.tsv").is_file():
-        from common.corpus import fetch_corpus
+        from common.data.corpus import fetch_corpus
 
         print(f"fetched {len(fetch_corpus(photos))} photographs into {photos} (see its MANIFEST.tsv)")
     if (photos / "MANIFEST.tsv").is_file() or args.photos:
-        from common.photovideo import corpus_photos, write_photo_clips
+        from common.data.photovideo import corpus_photos, write_photo_clips
 
         chosen = corpus_photos(photos)
         clips = Path(args.outdir) / "clips"
@@ -135,7 +137,7 @@ def cmd_public_data(args) -> int:
                               progress=lambda: bar.update(1))  # fmt: skip
         print(f"wrote {args.clips} clips over {len(chosen)} photographs (held-out ones excluded) under {clips}")
         return 0
-    from common.data import PUBLIC_STILLS, write_public_pans
+    from common.data.clips import PUBLIC_STILLS, write_public_pans
 
     with tqdm(total=len(PUBLIC_STILLS), desc="public pans", unit="clip", disable=args.quiet) as bar:
         paths = write_public_pans(args.outdir, args.frames, progress=lambda: bar.update(1))
@@ -144,9 +146,9 @@ def cmd_public_data(args) -> int:
 
 
 def _train_config(args):
-    """The TrainConfig of `fedlvc train`'s options (every option of common.options.TRAIN_OPTIONS)."""
+    """The TrainConfig of `fedlvc train`'s options (every option of common.config.options.TRAIN_OPTIONS)."""
     from common.codec import p_rule
-    from common.training import TRAIN_OPTIONS, TrainConfig
+    from common.train.training import TRAIN_OPTIONS, TrainConfig
 
     rule = p_rule(args.rd_weight, args.skip_threshold)
     fields = {opt.attr: getattr(args, opt.attr) for opt in TRAIN_OPTIONS if hasattr(args, opt.attr)}
@@ -157,7 +159,7 @@ def _train_config(args):
 def _dp_config(args, cfg):
     """DP-SGD settings of `fedlvc train` (None: non-private): σ given, or planned for --target-epsilon over
     the run's steps at the Poisson rate of the rows it will train on."""
-    from common.privacy import DP_OPTIONS, DPConfig, plan_noise_multiplier, poisson_sample_rate
+    from common.train.privacy import DP_OPTIONS, DPConfig, plan_noise_multiplier, poisson_sample_rate
 
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise FedlvcError("give either --noise-multiplier or --target-epsilon, not both")
@@ -165,7 +167,7 @@ def _dp_config(args, cfg):
         return None
     sigma = args.noise_multiplier
     if sigma is None:
-        from common.data import find_videos, load_clips, make_segments
+        from common.data.clips import find_videos, load_clips, make_segments
 
         clips = load_clips(find_videos(args.video_dirs), args.every, args.max_frames_per_video)
         n = len(make_segments(clips, cfg.segment_frames)) if cfg.segment_frames else sum(map(len, clips))
@@ -178,7 +180,7 @@ def _dp_config(args, cfg):
 
 def _model_config(args):
     """The architecture a fresh `fedlvc train` builds (ignored with --init-model, which brings its own)."""
-    from common.model import CodecConfig
+    from common.net.architecture import CodecConfig
 
     return CodecConfig.v4() if args.architecture == "v4" else CodecConfig()
 
@@ -199,7 +201,7 @@ def _train_device(name: str | None):
 
 
 def cmd_train(args) -> int:
-    from common.training import train
+    from common.train.training import train
 
     device = _train_device(args.device)
     cfg = _train_config(args)
@@ -228,14 +230,6 @@ def cmd_train(args) -> int:
     unit = "segments" if cfg.segment_frames else "frames"
     at = "" if eps is None else f", epsilon {eps:.3f} at delta {args.delta}"
     print(f"{args.out}: {summary['steps']} steps on {summary['rows']} {unit}{at}")
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    from simulations.sweep import run_sweep
-
-    out = run_sweep(args.config, args.out, progress=not args.quiet)
-    print(f"results in {out / 'results.csv'}; plots privacy_quality.png, rd_curves.png, recon_grid.png")
     return 0
 
 
@@ -322,8 +316,8 @@ def _public_data_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    """Every training setting from the schema (common.options.TRAIN_OPTIONS) and the DP settings
-    (common.options.DP_OPTIONS); building it imports neither torch nor Opacus."""
+    """Every training setting from the schema (common.config.options.TRAIN_OPTIONS) and the DP settings
+    (common.config.options.DP_OPTIONS); building it imports neither torch nor Opacus."""
     t = _subcommand(sub, "train", "train the codec on one site's videos (non-private or DP-SGD)", cmd_train)
     t.add_argument("video_dirs", nargs="+")
     t.add_argument("--out", required=True, help="checkpoint to write (.safetensors); resumes if its state exists")
@@ -376,10 +370,10 @@ def _seal_ledger_parser(sub) -> None:
     s.add_argument("state_dir", help="the site's state-dir (check first that its ledger is the latest)")
 
 
-def _sweep_parser(sub) -> None:
-    w = _subcommand(sub, "sweep", "privacy vs quality: one federated simulation per noise setting", cmd_sweep)
-    w.add_argument("config", help="YAML: noise-multipliers, num-sites, and any run-config key")
-    w.add_argument("--out", required=True, help="output folder (a finished setting there is not rerun)")
+def _installed_commands() -> list:
+    """Parser builders of the subcommands other installed packages add (``simulations``: ``sweep``), from their
+    ``fedlvc.commands`` entry points: found in the installed metadata, so the client imports none of them."""
+    return [ep.load() for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,17 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
         _demo_data_parser,
         _public_data_parser,
         _train_parser,
-        _sweep_parser,
         _seal_ledger_parser,
     ):
         build(sub)
+    for build in _installed_commands():
+        build(sub, _subcommand)  # each adds its subcommands with the options every subcommand has
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)  # an option out of its limits is a FedlvcError (common.options)
+        args = parser.parse_args(argv)  # an option out of its limits is a FedlvcError (common.config.options)
         # Progress bars are for a person watching: a script or a log gets only what it asked for (and, on a
         # user mistake, exactly the one-line error).
         args.quiet = args.quiet or not (args.progress or sys.stderr.isatty())

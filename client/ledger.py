@@ -35,10 +35,10 @@ import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.config.fedconfig import RunConfig
+from common.data.video import atomic_output
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.privacy import check_privacy_unit, checked_history
-from common.video import atomic_output
+from common.train.privacy import check_privacy_unit, checked_history
 
 LEDGER, SEAL, LOCK, KEY = "privacy_ledger.json", "privacy_ledger.seal", "privacy_ledger.lock", "privacy_ledger.key"
 FORMAT = 3  # 3: both files sealed with the key; 2 (before): unsealed, see seal_old_ledger

@@ -18,10 +18,10 @@ import dataclasses
 from pathlib import Path
 
 from common.checkpoint import fingerprint, load_model, save_model
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.model import FedlvcCodec, with_adapters
-from common.training import local_train
+from common.net.model import FedlvcCodec, with_adapters
+from common.train.training import local_train
 
 from .ledger import state_dir_of
 from .policy import SitePolicy

@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.config.fedconfig import RunConfig
+from common.config.options import ACCOUNTANTS
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.options import ACCOUNTANTS
-from common.privacy import epsilon_from_history
+from common.train.privacy import epsilon_from_history
 
 RELEASES = ("eval", "rd", "compress-summary", "train-loss")
 SITE_ACCOUNTANTS = tuple(a for a in ACCOUNTANTS if a != "gdp")  # gdp can underestimate ε, does not compose

@@ -6,18 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import (
+from common.config.fedconfig import RunConfig
+from common.data.clips import (
     find_videos,
     generate_site_clip,
     make_segments,
     sample_frames,
     sample_segments,
-    simulated_site,
     split_held_out,
 )
+from common.data.sites import simulated_site
+from common.data.video import probe
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.video import probe
 
 from .ledger import state_dir_of
 from .policy import SitePolicy
@@ -73,7 +73,7 @@ def _frame_bytes(rc: RunConfig, videos: list) -> float:
         return 8 * 4 * (2 * max(rc.demo_width, rc.demo_height)) ** 2 * 3.0
     if not videos:
         return rc.demo_clips * rc.demo_frames * rc.demo_width * rc.demo_height * 3.0
-    from common.video import probe
+    from common.data.video import probe
 
     info = probe(videos[0])
     return rc.site_max_frames * info.width * info.height * 3.0
@@ -148,7 +148,7 @@ def site_clips(node_config, rc: RunConfig, node_id: int = 0):
     fps) per clip, so that a clip can be streamed twice (encode, then compare) without holding it."""
     from fractions import Fraction
 
-    from common.video import iter_frames, probe
+    from common.data.video import iter_frames, probe
 
     _, pid = site_identity(node_config, node_id)
     video_dir = str(node_config.get("video-dir", "") or "")

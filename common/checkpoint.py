@@ -16,10 +16,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.coding.hypercoder import CodingTables, coding_tables
+from common.data.video import atomic_output
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
+
 from .errors import FedlvcError
-from .hypercoder import CodingTables, coding_tables
-from .model import CodecConfig, FedlvcCodec
-from .video import atomic_output
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_MODEL_NAME = "fedlvc-default.safetensors"

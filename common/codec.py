@@ -3,7 +3,7 @@
 Frames come in groups of pictures of length ``gop``: the first of each group is an I-frame (its latent
 coded under the factorized prior), the others P-frames (their latent coded under the temporal prior,
 around the previous decoded latent; or, for a motion model, block vectors and a motion-compensated residual,
-:mod:`common.residual`). Decoding can start at any I-frame.
+:mod:`common.motion.residual`). Decoding can start at any I-frame.
 
 Both directions stream: the encoder holds one frame, the previous latent and the group's motion history
 (two arrays of the latent's size), the decoder one chunk, one frame and the same (a motion model: the
@@ -23,18 +23,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import bitstream as bs
-from .checkpoint import fingerprint
-from .contexts import next_history
-from .entropy import LatentCoder
-from .errors import FedlvcError
-from .model import FedlvcCodec
-from .options import GOP, RD_WEIGHT, SKIP_THRESHOLD
-from .rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
-from .residual import MotionPFrames, to_uint8
-from .video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
+from common.coding import bitstream as bs
+from common.coding.entropy import LatentCoder
+from common.coding.rdo import choose_p_latent, synthesis_sensitivity
+from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
+from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
+from common.motion.residual import MotionPFrames, to_uint8
+from common.net.contexts import next_history
+from common.net.model import FedlvcCodec
 
-# The encoder's defaults (their limits: common.options): an I-frame every DEFAULT_GOP frames, P-frame latents
+from .checkpoint import fingerprint
+from .errors import FedlvcError
+
+# The encoder's defaults (their limits: common.config.options): an I-frame every DEFAULT_GOP frames, P-frame latents
 # chosen by rate-distortion cost.
 DEFAULT_GOP = GOP.default
 DEFAULT_P_RULE = PFrameRule(rd_weight=RD_WEIGHT.default)  # fedlvc compress's P-frame quantization
@@ -118,7 +119,7 @@ def check_p_rule(rule: PFrameRule) -> None:
 
 class FrameEncoder:
     """Encodes frames of one size at one quality level to (frame type, chunk payload), in groups of
-    ``gop`` frames. ``rule`` says how a P-frame's integer latent is chosen (:class:`common.model.PFrameRule`:
+    ``gop`` frames. ``rule`` says how a P-frame's integer latent is chosen (:class:`common.config.options.PFrameRule`:
     rate–distortion optimised, or rounding with a skip threshold); the decoder does not need to know it."""
 
     def __init__(
@@ -236,7 +237,7 @@ class FrameEncoder:
 
     def _encode_motion(self, frame: np.ndarray, key: int) -> tuple[int, bytes]:
         """:meth:`encode` for a motion model. An I-frame as always (its decoded frame the group's first
-        reference). At a P position the motion-compensated frame (M, :class:`common.residual.MotionPFrames`)
+        reference). At a P position the motion-compensated frame (M, :class:`common.motion.residual.MotionPFrames`)
         and, where at least half of the blocks stand still (a fixed camera), the latent P-frame around the
         group's last latent too: the one of lower rate–distortion cost is coded; both ends keep both states."""
         st = self.state

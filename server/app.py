@@ -14,9 +14,9 @@ from flwr.serverapp.strategy import (
 )
 
 from common.checkpoint import save_model
-from common.fedconfig import RunConfig
-from common.model import with_adapters, with_temporal_prior
-from common.video import atomic_output
+from common.config.fedconfig import RunConfig
+from common.data.video import atomic_output
+from common.net.model import with_adapters, with_temporal_prior
 
 from .queries import final_compression, gain_over_public, public_model, summary, summary_table
 from .recorder import RoundRecorder, earlier_ledgers, history_rounds, initial_model

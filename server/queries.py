@@ -11,9 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.checkpoint import load_model
-from common.fedconfig import RunConfig
-from common.metrics import bd_rate
-from common.model import FedlvcCodec, with_adapters, with_temporal_prior
+from common.config.fedconfig import RunConfig
+from common.eval.metrics import bd_rate
+from common.net.model import FedlvcCodec, with_adapters, with_temporal_prior
 
 from .replies import answers, checked_compress_summary, checked_rd_curves
 from .strategy import SiteFedAvg

@@ -10,10 +10,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 
 from common.checkpoint import load_model, read_meta, save_model
-from common.fedconfig import RunConfig
-from common.model import FedlvcCodec
-from common.privacy import check_privacy_unit
-from common.video import atomic_output
+from common.config.fedconfig import RunConfig
+from common.data.video import atomic_output
+from common.net.model import FedlvcCodec
+from common.train.privacy import check_privacy_unit
 
 from .strategy import CentralDP, SiteFedAvg
 

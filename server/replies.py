@@ -18,9 +18,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.privacy import checked_history
+from common.train.privacy import checked_history
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _RESERVED = re.compile(r"node_[0-9]+", re.IGNORECASE)  # the server's labels of nodes by id

@@ -11,8 +11,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from common.fedconfig import RunConfig
-from common.privacy import epsilon_from_history
+from common.config.fedconfig import RunConfig
+from common.train.privacy import epsilon_from_history
 
 from .replies import (
     BadReply,

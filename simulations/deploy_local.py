@@ -41,8 +41,8 @@ from simulations.local_runtime import APP_DIR, flwr_bin, flwr_env, flwr_json, la
 
 
 def _generate_site_videos(folder: Path, site: int, frames: int) -> None:
-    from common.data import generate_site_clip
-    from common.video import write_video
+    from common.data.clips import generate_site_clip
+    from common.data.video import write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     for c in range(2):

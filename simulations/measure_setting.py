@@ -3,7 +3,7 @@ have reported for its final shared model, with the functions they use.
 
 - per site: BD-rate of the final model (and of the personal model the site stored for it, when
   ``SITES_DIR/<site>/personal/`` holds one) against the public model on the site's held-out frames, as ``query.rd``
-  measures them (``load_site``, ``client.app.rd_points``, ``server.queries.site_gain``);
+  measures them (``load_site``, ``client.measure.rd_points``, ``server.queries.site_gain``);
 - ``--train-personal N ...``: first trains the personal models those sites had not stored yet, as the site does
   in ``query.compress`` / ``query.rd`` (``client.personal.personal_model`` from the final model, on the site's
   training rows, with the site's seed, stored where the simulated site keeps it), so a run stopped while its
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from client.app import rd_points
+from client.measure import rd_points
 from client.personal import personal_file, personal_model, personal_seed
 from client.policy import SitePolicy
 from client.site import SIMULATED_OUT, load_site, site_identity
 from common.checkpoint import fingerprint, load_model
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.evaluate import fedlvc_points
-from common.fedconfig import RunConfig
+from common.eval.evaluate import fedlvc_points
 from server.queries import public_model, site_gain
 from simulations.sweep import held_out_frames, psnr_at_bpp
 

@@ -23,12 +23,13 @@ import yaml
 from tqdm import tqdm
 
 from common.checkpoint import load_model
-from common.data import generated_site_frames, simulated_site, split_held_out
+from common.config.fedconfig import RunConfig
+from common.data.clips import generated_site_frames, split_held_out
+from common.data.sites import simulated_site
+from common.data.video import atomic_output
 from common.errors import FedlvcError
-from common.evaluate import baseline_points, fedlvc_points
-from common.fedconfig import RunConfig
-from common.metrics import psnr_rgb
-from common.video import atomic_output
+from common.eval.evaluate import baseline_points, fedlvc_points
+from common.eval.metrics import psnr_rgb
 
 SWEEP_KEYS = {
     "noise-multipliers",

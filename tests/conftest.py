@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import FrameDecoder
-from common.data import generate_site_clip
-from common.entropy import LatentCoder
-from common.model import CodecConfig, FedlvcCodec
-from common.video import write_video
+from common.coding import bitstream as bs
+from common.coding.entropy import LatentCoder
+from common.data.clips import generate_site_clip
+from common.data.video import write_video
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 
 # The machine is small and shared with other work: one intra-op thread keeps timings predictable.
 torch.set_num_threads(1)

@@ -17,12 +17,12 @@ import torch
 from conftest import ODD_FRAMES, ODD_HEIGHT, ODD_WIDTH, sha256
 
 from client.cli import main
-from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model
 from common.codec import DEFAULT_GOP, _to_tensor, decode_stream
+from common.coding import bitstream as bs
+from common.data.video import probe, read_frames
 from common.errors import FedlvcError
-from common.metrics import psnr_rgb
-from common.video import probe, read_frames
+from common.eval.metrics import psnr_rgb
 
 ERROR_PREFIX = "fedlvc: error: "
 

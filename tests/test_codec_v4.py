@@ -1,4 +1,4 @@
-"""Architecture v4 (common.hyperprior, common.hypercoder): GDN and the mean-scale hyperprior, the integer
+"""Architecture v4 (common.net.hyperprior, common.coding.hypercoder): GDN and the mean-scale hyperprior, the integer
 hyper-synthesis and coding tables stored with the model, bitstream version 4, exact decoding on another CPU
 kernel path."""
 
@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from client.cli import main
-from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model, save_model
 from common.codec import FrameDecoder, FrameEncoder, decompress_file, encode_frames
+from common.coding import bitstream as bs
+from common.coding.hypercoder import TABLE_TOTAL, coding_tables
 from common.errors import FedlvcError
-from common.hypercoder import TABLE_TOTAL, coding_tables
-from common.hyperprior import ACT_BITS, LOG_SCALE_MAX, LOG_SCALE_MIN, SCALE_LOG0, SCALE_LOG_STEP, table_index
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.hyperprior import ACT_BITS, LOG_SCALE_MAX, LOG_SCALE_MIN, SCALE_LOG0, SCALE_LOG_STEP, table_index
+from common.net.model import FedlvcCodec
 from tests.conftest import on_both_kernel_paths
 
 CFG = CodecConfig.v4(channels=16, latent_channels=16, hyper_channels=12, mixtures=2)
@@ -163,7 +164,7 @@ _CROSS_SCRIPT = """
 import io, sys
 from fractions import Fraction
 import numpy as np, torch
-from common import bitstream as bs
+from common.coding import bitstream as bs
 from common.checkpoint import load_model
 from common.codec import DEFAULT_P_RULE, FrameDecoder, FrameEncoder, encode_frames
 model_path, clip_path, mine, other = sys.argv[1:5]
@@ -204,7 +205,7 @@ def test_v4_streams_decode_exactly_on_the_other_cpu_kernel_path(tmp_path):
 
 
 def test_fedlvc_train_builds_a_v4_model_that_compresses(tmp_path, capsys):
-    from common.video import write_video
+    from common.data.video import write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -2,7 +2,7 @@
 segment rows (per-frame samples folded per segment) — checked against one backward pass per unit.
 
 The layout matters: on channels_last tensors Opacus' convolution sampler returns wrong per-sample
-gradients, which would silently break the clipping bound; ours (``common.privacy.conv2d_grad_samples``)
+gradients, which would silently break the clipping bound; ours (``common.train.privacy.conv2d_grad_samples``)
 hands it NCHW copies, so every check runs on NCHW and on channels_last models and batches."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from common.losses import RateDistortion, SegmentRateDistortion
-from common.model import CodecConfig, FedlvcCodec
-from common.privacy import fold_segment_grad_samples
-from common.rdo import PFrameRule
-from common.training import set_trainable
+from common.config.options import PFrameRule
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
+from common.train.losses import RateDistortion, SegmentRateDistortion
+from common.train.privacy import fold_segment_grad_samples
+from common.train.segments import forward_segment
+from common.train.training import set_trainable
 
 CFG = CodecConfig(channels=8, latent_channels=8, mixtures=2)
 CFG_V4 = CodecConfig.v4(channels=8, latent_channels=8, hyper_channels=8, mixtures=2)
@@ -60,7 +62,7 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 @pytest.mark.parametrize("parts", ["all", "entropy"])
 @pytest.mark.parametrize("cfg", [CFG, CFG_V4, CFG_FILM], ids=["v3", "v4", "v3-adapters"])
 def test_frame_rows_grad_samples_are_per_frame_gradients(no_noise, cfg, parts, layout):
-    from common.privacy import layout_safe_samples
+    from common.train.privacy import layout_safe_samples
 
     torch.manual_seed(0)
     model = FedlvcCodec(cfg).train()
@@ -96,7 +98,7 @@ def test_segment_rows_grad_samples_are_per_segment_gradients(no_noise, frames, r
         prev, cur = y.round().unflatten(0, (3, frames))[:, :2].unbind(1)
         assert (prev != cur).any()
     loss_fn = SegmentRateDistortion(model.cfg.lambdas)
-    forward = lambda m, a, b: m.forward_segment(a, b, rule)  # noqa: E731
+    forward = lambda m, a, b: forward_segment(m, a, b, rule)  # noqa: E731
     expected = _per_unit_grads(model, loss_fn, forward, x, levels)
     assert expected[0]["temporal.table.weight"].abs().sum() > 0  # the P-frame prior is trained by segments
     if cfg.adapters:  # the adapters of both transforms
@@ -118,7 +120,7 @@ def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, p
     """A motion model's segments: the intra path on the I-frames, the residual codec on the P-frames (B·(S−1)
     rows), the priors on the segments — and the coder's chain (search, prediction, choice) in between, which
     Opacus' hooks must not see and in which a row's decisions depend on that row alone."""
-    from common.model import with_motion
+    from common.net.model import with_motion
 
     torch.manual_seed(2)
     model = with_motion(FedlvcCodec(CFG)).train()
@@ -134,7 +136,7 @@ def test_motion_segment_grad_samples_are_per_segment_gradients(no_noise, rule, p
     x = torch.stack([base[..., s : s + 32, 2 * s : 2 * s + 32] for s in range(frames)], 1)  # moving content
     levels = torch.tensor([1, 3, 4])
     loss_fn = SegmentRateDistortion(model.cfg.lambdas)
-    forward = lambda m, a, b: m.forward_segment(a, b, rule)  # noqa: E731
+    forward = lambda m, a, b: forward_segment(m, a, b, rule)  # noqa: E731
     expected = _per_unit_grads(model, loss_fn, forward, x, levels)
     assert (
         expected[0]["res_prior.table.weight"].abs().sum() > 0 and expected[0]["res_g_a.layers.0.weight"].abs().sum() > 0
@@ -157,7 +159,7 @@ def test_the_convolution_sampler_is_ours_and_exact_where_opacus_is_not(conv):
     check starts failing, Opacus fixed it and ours could go); ours equals it on NCHW inputs."""
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
-    from common.privacy import conv2d_grad_samples
+    from common.train.privacy import conv2d_grad_samples
 
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_samples
     torch.manual_seed(0)
@@ -176,8 +178,8 @@ def test_the_convolution_sampler_is_ours_and_exact_where_opacus_is_not(conv):
 def test_film_adapters_have_their_own_sampler_and_are_exact_on_channels_last(no_noise):
     """The adapters' sampler (a reduction, not Opacus' functorch fallback for a Conv2d subclass) gives each
     frame's own gradient whatever the layout: DP training of the adapters alone may run channels_last."""
-    from common.privacy import film_grad_samples, layout_safe_samples
-    from common.transforms import FiLM
+    from common.net.transforms import FiLM
+    from common.train.privacy import film_grad_samples, layout_safe_samples
 
     assert GradSampleModule.GRAD_SAMPLERS[FiLM] is film_grad_samples
     torch.manual_seed(3)
@@ -208,8 +210,8 @@ def test_film_adapters_have_their_own_sampler_and_are_exact_on_channels_last(no_
     [("adapters", "hooks", True), ("entropy", "hooks", True), ("all", "hooks", True), ("all", "functorch", False)],
 )
 def test_dp_training_runs_channels_last_only_when_every_sampled_module_allows_it(parts, mode, safe):
-    from common.privacy import DPConfig
-    from common.training import TrainConfig, Trainer
+    from common.train.privacy import DPConfig
+    from common.train.training import TrainConfig, Trainer
 
     frames = [np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(4)]
     cfg = TrainConfig(crop_size=32, batch_size=2, learning_rate=1e-3, train_parts=parts)
@@ -224,7 +226,7 @@ def test_dp_training_runs_channels_last_only_when_every_sampled_module_allows_it
 
 
 def test_a_module_of_another_type_keeps_dp_training_nchw():
-    from common.privacy import layout_safe_samples
+    from common.train.privacy import layout_safe_samples
 
     assert layout_safe_samples(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)))
     assert not layout_safe_samples(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))  # its sampler: untested

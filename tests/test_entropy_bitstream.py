@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import allocates_at_most, make_coding_model, make_tiny_model
 
-from common import bitstream as bs
 from common.checkpoint import load_model
 from common.codec import FrameEncoder, _to_tensor
-from common.data import generate_site_clip
-from common.entropy import LatentCoder, coding_fingerprint
+from common.coding import bitstream as bs
+from common.coding.entropy import LatentCoder, coding_fingerprint
+from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
 
 # constriction's ANS coder flushes a 64-bit state and works in 32-bit words: a constant overhead of at most
@@ -359,7 +359,7 @@ def test_latent_coder_decode_rejects_a_shape_smaller_than_encoded():
 _TABLES_SCRIPT = """
 import torch
 from common.checkpoint import load_model
-from common.entropy import coding_fingerprint
+from common.coding.entropy import coding_fingerprint
 print(torch.backends.cpu.get_cpu_capability(), coding_fingerprint(load_model(None)))
 """
 

@@ -16,10 +16,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import app as client_app
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.model import CodecConfig, FedlvcCodec
-from common.privacy import RDP_ALPHAS
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
+from common.train.privacy import RDP_ALPHAS
 from tests.fault_mod import Fault, app_with_faults
 
 REPO = Path(__file__).resolve().parent.parent
@@ -263,7 +264,7 @@ def test_run_config_errors_name_the_key():
 def test_pyproject_run_config_matches_the_typed_defaults():
     import tomllib
 
-    from common.fedconfig import RUN_OPTIONS
+    from common.config.fedconfig import RUN_OPTIONS
 
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     rc = RunConfig.from_mapping(cfg)  # every key known, every value well typed
@@ -397,7 +398,7 @@ def test_deployment_superlink_and_two_supernodes_over_tls(tmp_path):
     model = Path(second["server_out"]) / "final.safetensors"
     lvc = next((tmp_path / "w" / "site_0" / "out").glob("*.lvc"))
     assert cli(["decompress", str(lvc), str(tmp_path / "d.mkv"), "--model", str(model), "--quiet"]) == 0
-    from common.video import read_frames
+    from common.data.video import read_frames
 
     assert read_frames(tmp_path / "d.mkv").shape == (12, 120, 160, 3)
 
@@ -632,7 +633,7 @@ def test_segment_privacy_unit_trains_the_temporal_prior_and_accounts_per_segment
 def test_simulation_with_segment_privacy_unit_records_the_unit(tmp_path):
     """The same ServerApp/ClientApp train the temporal model on segments; history.json names the unit and
     each site's final compression is an I+P stream."""
-    from common import bitstream as bs
+    from common.coding import bitstream as bs
 
     out = tmp_path / "out"
     rounds = _simulate(tmp_path, f"{TINY_RUN} privacy-unit='segment' segment-frames=3 gop=4", out)
@@ -773,7 +774,7 @@ def test_large_poisson_batches_in_pieces_account_one_step_per_batch():
 def test_train_parts_adapters_moves_only_the_adapters_which_start_as_the_identity():
     """train-parts = adapters: FiLM adapters added to the public model code exactly as it did (identity), and a
     DP round moves them and nothing else (1,920 parameters of the shipped architecture)."""
-    from common.model import with_adapters
+    from common.net.model import with_adapters
 
     model = _model(8)
     adapted = with_adapters(model).eval()
@@ -790,7 +791,7 @@ def test_train_parts_adapters_moves_only_the_adapters_which_start_as_the_identit
 def test_a_motion_model_trains_its_motion_parts_under_dp_and_codes_with_them():
     """train-parts = motion (segments): a DP round moves exactly the residual codec of the motion-compensated
     P-frames (every one of its parameters noised), nothing else; the site's rd answer codes I+P with motion."""
-    from common.model import with_motion
+    from common.net.model import with_motion
 
     model = with_motion(_model(13))
     ctx = _context({"train-parts": "motion", "privacy-unit": "segment", "segment-frames": 3})

@@ -12,11 +12,12 @@ from conftest import allocates_at_most
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import bitstream as bs
 from common.codec import decode_stream, encode_frames
-from common.data import generate_site_clip
+from common.coding import bitstream as bs
+from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
-from common.model import CodecConfig, FedlvcCodec
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 
 
 @pytest.fixture(scope="module")

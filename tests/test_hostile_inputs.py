@@ -7,8 +7,8 @@ import os
 from fractions import Fraction
 
 from client.cli import main as cli
-from common.data import generate_site_clip
-from common.video import write_video
+from common.data.clips import generate_site_clip
+from common.data.video import write_video
 
 
 def test_a_video_that_fails_mid_stream_leaves_no_partial_output(tmp_path, capsys):

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from common.data import generate_site_clip
-from common.metrics import PSNR_CAP, bd_rate, ms_ssim, psnr_rgb
+from common.data.clips import generate_site_clip
+from common.eval.metrics import PSNR_CAP, bd_rate, ms_ssim, psnr_rgb
 
 
 @pytest.fixture(scope="module")

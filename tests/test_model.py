@@ -13,11 +13,12 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from common.data import FrameCrops, generate_site_clip
+from common.data.clips import FrameCrops, generate_site_clip
 from common.errors import FedlvcError
-from common.losses import RateDistortion
-from common.model import CodecConfig, FedlvcCodec
-from common.training import set_trainable
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
+from common.train.losses import RateDistortion
+from common.train.training import set_trainable
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
 
@@ -109,8 +110,8 @@ def test_dp_sgd_clips_each_sample(crop_frames):
 
 def test_empty_poisson_batch_step_adds_noise_only(crop_frames):
     """An empty Poisson batch is still a DP-SGD step: the parameters move by noise alone and the accountant
-    counts the step (common.training.empty_batch_step)."""
-    from common.training import empty_batch_step
+    counts the step (common.train.training.empty_batch_step)."""
+    from common.train.training import empty_batch_step
 
     model = make_tiny_model(5).train()
     engine, pmodel, poptim, _ = _private(model, crop_frames, noise_multiplier=1.0, lr=0.1)
@@ -281,9 +282,9 @@ def test_dp_training_survives_empty_poisson_batches(tmp_path):
     from fractions import Fraction
 
     from common.checkpoint import load_model, read_meta
-    from common.privacy import DPConfig
-    from common.training import TrainConfig, train
-    from common.video import write_video
+    from common.data.video import write_video
+    from common.train.privacy import DPConfig
+    from common.train.training import TrainConfig, train
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -315,9 +316,9 @@ def test_plain_training_on_segments_trains_the_p_prior_and_resumes(tmp_path):
     from fractions import Fraction
 
     from common.checkpoint import load_model, read_meta
-    from common.model import with_temporal_prior
-    from common.training import TrainConfig, train
-    from common.video import write_video
+    from common.data.video import write_video
+    from common.net.model import with_temporal_prior
+    from common.train.training import TrainConfig, train
 
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -1,4 +1,4 @@
-"""Block motion (common.motion): the prediction is exact integer arithmetic (so encoder and decoder agree on any
+"""Block motion (common.motion.blocks): the prediction is exact integer arithmetic (so encoder and decoder agree on any
 machine), the vector predictor inverts, and the bounded search finds known motion on real camera content."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.motion import (
+from common.data.video import read_frames
+from common.motion.blocks import (
     BLOCK,
     MAX_MV,
     MV_UNIT,
@@ -18,7 +19,6 @@ from common.motion import (
     search_lambda,
     vectors_from_differences,
 )
-from common.video import read_frames
 
 
 def _random_frame(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Motion-compensated P-frames (model config ``motion``, bitstream version 5; common.residual): round trips that
+"""Motion-compensated P-frames (model config ``motion``, bitstream version 5; common.motion.residual): round trips that
 match the encoder's own reconstruction, random access, damaged or forged motion data refused, I-frames as the
 base model codes them, versions and models kept apart, and training that moves only the motion parts."""
 
@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from common import bitstream as bs
 from common.codec import FrameEncoder, decode_stream, encode_frames
+from common.coding import bitstream as bs
+from common.config.options import PFrameRule
 from common.errors import FedlvcError
-from common.model import CodecConfig, FedlvcCodec, with_motion
-from common.motion import block_grid
-from common.rdo import PFrameRule
-from common.training import set_trainable
+from common.motion.blocks import block_grid
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec, with_motion
+from common.train.segments import forward_segment
+from common.train.training import set_trainable
 from tests.conftest import make_coding_model, on_both_kernel_paths
 
 
@@ -104,8 +106,8 @@ def test_every_damaged_byte_of_a_motion_p_frame_is_refused(tmp_path):
 
 
 def test_forged_vectors_out_of_range_are_refused_before_reconstruction(tmp_path):
-    from common.motion import MAX_MV, MotionCounts
-    from common.residual import MotionPFrames
+    from common.motion.blocks import MAX_MV, MotionCounts
+    from common.motion.residual import MotionPFrames
 
     model = motion_model()
     coder = MotionPFrames(model, 2)
@@ -163,7 +165,7 @@ def test_training_the_motion_parts_moves_them_and_nothing_else():
     assert names and all(n.startswith("res_") for n in names) and len(params) == len(names)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.from_numpy(panning(4, 32, 32)).permute(0, 3, 1, 2).float().div(255)[None].repeat(2, 1, 1, 1, 1)
-    out = model.forward_segment(x, torch.tensor([1, 4]), PFrameRule(rd_weight=1.0))
+    out = forward_segment(model, x, torch.tensor([1, 4]), PFrameRule(rd_weight=1.0))
     assert out["x_hat"].shape == x.shape and out["bits"].shape == (2,) and torch.isfinite(out["bits"]).all()
     loss = (out["x_hat"] - x).pow(2).mean() + out["bits"].mean() / (4 * 32 * 32)
     opt = torch.optim.Adam(params, lr=1e-2)
@@ -245,7 +247,8 @@ def test_streams_mixing_latent_and_motion_p_frames_round_trip(tmp_path, monkeypa
     monkeypatch.setattr(FrameEncoder, "_cost", alternate)
     # every block stands still (the test model's decoded frames are too rough for the search to say so itself)
     monkeypatch.setattr(
-        "common.residual.estimate", lambda cur, ref, lam: torch.zeros(*block_grid(*cur.shape[:2]), 2, dtype=torch.int64)
+        "common.motion.residual.estimate",
+        lambda cur, ref, lam: torch.zeros(*block_grid(*cur.shape[:2]), 2, dtype=torch.int64),
     )
     encoder = FrameEncoder(model, 3, gop=5, rule=PFrameRule(rd_weight=1.0))
     types, ours = [], []
@@ -289,9 +292,9 @@ def test_a_translating_real_picture_costs_a_third_with_motion(carphone_path, def
     from PIL import Image
 
     from common.checkpoint import load_model
-    from common.evaluate import code_and_measure
-    from common.metrics import bd_rate
-    from common.video import read_frames
+    from common.data.video import read_frames
+    from common.eval.evaluate import code_and_measure
+    from common.eval.metrics import bd_rate
 
     big = np.asarray(Image.fromarray(read_frames(carphone_path, 1)[0]).resize((352, 288), Image.BICUBIC))
     clip = np.stack([big[40 + i : 168 + i, 20 + 3 * i : 180 + 3 * i] for i in range(12)])

@@ -15,10 +15,15 @@ import torch
 from conftest import restream
 from test_temporal import FPS, PLAIN, H, W, cli, clip, decode_all, expect_user_error, make_temporal_model, payloads
 
-from common import bitstream as bs
 from common.checkpoint import fingerprint, load_model, save_model
 from common.codec import DEFAULT_P_RULE, FrameDecoder, FrameEncoder, encode_frames
-from common.contexts import (
+from common.coding import bitstream as bs
+from common.coding.entropy import LatentCoder
+from common.coding.rdo import choose_p_latent, synthesis_sensitivity
+from common.config.options import PFrameRule
+from common.data.video import write_video
+from common.net.architecture import ARCHITECTURE, ARCHITECTURE_V2
+from common.net.contexts import (
     IN_FRAME_VALUES,
     P_GROUPS,
     TEMPORAL_CONTEXTS,
@@ -27,10 +32,7 @@ from common.contexts import (
     p_context,
     temporal_context,
 )
-from common.entropy import LatentCoder
-from common.model import ARCHITECTURE, ARCHITECTURE_V2, with_temporal_prior
-from common.rdo import PFrameRule, choose_p_latent, synthesis_sensitivity
-from common.video import write_video
+from common.net.model import with_temporal_prior
 
 V2_DATA = Path(__file__).parent / "data" / "v2"
 
@@ -368,8 +370,8 @@ def test_cli_train_upgrades_a_v2_model_and_trains_only_its_temporal_prior(capsys
 def test_rdo_bits_in_closed_form_equal_the_likelihood():
     """choose_p_latent prices candidates with a closed form of the quantized Laplace (faster than calling
     laplace_likelihood three times per group); it must stay the same function, floor included."""
-    from common.priors import laplace_likelihood, laplace_scale
-    from common.rdo import _laplace_bits
+    from common.coding.rdo import _laplace_bits
+    from common.net.priors import laplace_likelihood, laplace_scale
 
     scale = laplace_scale(torch.linspace(-8, 6, 57, dtype=torch.float64))[:, None]
     k = torch.arange(0, 40, dtype=torch.float64)[None, :]

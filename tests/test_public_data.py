@@ -1,5 +1,5 @@
-"""The public photo corpus (common.corpus: selection, conversion, manifest, the GCompris bundles) and the
-training video made from it (common.photovideo). The download itself needs the network and is not run here;
+"""The public photo corpus (common.data.corpus: selection, conversion, manifest, the GCompris bundles) and the
+training video made from it (common.data.photovideo). The download itself needs the network and is not run here;
 everything after it is."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from client.cli import main
-from common.corpus import rcc_files, readme_licences, write_corpus
-from common.photovideo import HELD_OUT_SHARE, corpus_photos, is_held_out, photo_clip
+from common.data.corpus import rcc_files, readme_licences, write_corpus
+from common.data.photovideo import HELD_OUT_SHARE, corpus_photos, is_held_out, photo_clip
 from tests.conftest import random_jpeg
 
 
@@ -60,7 +60,7 @@ def test_the_corpus_keeps_originals_converts_the_rest_and_writes_the_manifest(tm
     assert (album["width"], album["height"], album["src_format"]) == ("32", "48", "JPEG+rot90")
     assert manifest["scikit-learn__china.jpg"]["licence"] == "CC-BY-2.0"
     with pytest.raises(Exception, match="not empty|exist"):
-        from common.corpus import fetch_corpus
+        from common.data.corpus import fetch_corpus
 
         fetch_corpus(tmp_path / "photos")  # refuses a folder that already holds something, before downloading
 
@@ -112,7 +112,7 @@ def test_cli_writes_clips_over_a_photo_corpus(corpus, tmp_path, capsys):
     out = tmp_path / "public"
     args = ["public-data", str(out), "--photos", str(corpus), "--clips", "2", "--frames", "4", "--width", "64"]
     assert main([*args, "--height", "48", "--quiet"]) == 0
-    from common.video import read_frames
+    from common.data.video import read_frames
 
     clips = sorted((out / "clips").glob("*.mkv"))
     assert [c.name for c in clips] == ["photo_0000.mkv", "photo_0001.mkv"]
@@ -123,7 +123,7 @@ def test_cli_writes_clips_over_a_photo_corpus(corpus, tmp_path, capsys):
 
 def test_the_camera_view_stays_inside_the_photograph():
     """A zoom-out past the photograph's edge once gave a negative crop box (PIL refused it mid-run)."""
-    from common.photovideo import _camera
+    from common.data.photovideo import _camera
 
     outside = 0
     for seed in range(200):
@@ -137,7 +137,7 @@ def test_the_camera_view_stays_inside_the_photograph():
 def test_the_private_apt_configuration_names_absolute_folders(tmp_path, monkeypatch):
     """apt reads a relative Dir:: path under /etc/apt/: `fedlvc public-data data/public --fetch` from a project
     folder failed so ("Unable to read /etc/apt/data/public/..."). No network here: apt is not run."""
-    import common.corpus as corpus
+    from common.data import corpus
 
     calls = []
     monkeypatch.setattr(corpus, "_run", lambda cmd, **kw: calls.append((cmd, kw)))

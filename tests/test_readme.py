@@ -15,8 +15,8 @@ from client.ledger import state_dir_of
 from client.personal import personal_dir
 from client.policy import SitePolicy
 from client.site import site_identity, site_out_dir
+from common.config.fedconfig import RUN_OPTIONS
 from common.errors import FedlvcError
-from common.fedconfig import RUN_OPTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -138,7 +138,7 @@ def test_architecture_module_map_names_every_module():
     modules = sorted(
         str(p.relative_to(REPO))
         for folder in ("common", "client", "server", "simulations")
-        for p in (REPO / folder).glob("*.py")
+        for p in (REPO / folder).rglob("*.py")
         if p.name != "__init__.py"
     )
     missing = [m for m in modules if f"`{m}`" not in text]

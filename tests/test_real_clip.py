@@ -11,8 +11,8 @@ import pytest
 
 from client.cli import main
 from common.checkpoint import DEFAULT_MODEL, default_model_path, load_model
-from common.metrics import ms_ssim, psnr_rgb
-from common.video import probe, read_frames, write_video
+from common.data.video import probe, read_frames, write_video
+from common.eval.metrics import ms_ssim, psnr_rgb
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client import app as client_app
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.model import FedlvcCodec
+from common.net.model import FedlvcCodec
 from server.strategy import SiteFedAvg
 from tests.fault_mod import Fault, faulty_app
 from tests.test_federation import RUN as FEDERATION_RUN

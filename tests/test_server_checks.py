@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from client.site import site_identity
-from common.fedconfig import RunConfig
+from common.config.fedconfig import RunConfig
 from server.recorder import RoundRecorder
 from server.strategy import SiteFedAvg
 from tests.test_federation import _model

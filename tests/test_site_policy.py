@@ -20,11 +20,12 @@ import torch
 from client import app as client_app
 from client.ledger import KEY, LEDGER, LOCK, SEAL, PrivacyLedger, _exclusive, open_ledger
 from client.policy import SitePolicy
-from common.data import generate_site_clip
+from common.config.fedconfig import RunConfig
+from common.data.clips import generate_site_clip
+from common.data.video import write_video
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
-from common.model import CodecConfig, FedlvcCodec
-from common.video import write_video
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec
 from tests.conftest import allocates_at_most
 from tests.test_federation import RUN, _context, _message, _model, _rd_message, independent_epsilon
 
@@ -181,7 +182,7 @@ def _bright_crop_detector(gradient: bool):
 def _crops_behave(model, frames, gradient: bool) -> None:
     """The crafted model does what the attack needs: every crop of the site's ordinary frames has a finite loss
     and gradient; a white crop has a non-finite loss, or (``gradient``) a finite loss and a non-finite gradient."""
-    from common.losses import RateDistortion
+    from common.train.losses import RateDistortion
 
     loss_fn, model = RateDistortion(model.cfg.lambdas), model.train()
     gen = torch.Generator().manual_seed(0)
@@ -239,9 +240,9 @@ def test_a_crafted_model_cannot_tell_a_site_with_one_bright_frame_from_one_witho
 
 
 def test_two_runs_with_the_same_seed_and_messages_draw_different_noise_but_the_same_crops():
-    from common.data import FrameCrops
-    from common.privacy import DPConfig
-    from common.training import local_train
+    from common.data.clips import FrameCrops
+    from common.train.privacy import DPConfig
+    from common.train.training import local_train
 
     frames = [f for f in generate_site_clip(3, 0, 64, 48, 10)]
 
@@ -263,7 +264,7 @@ def test_two_runs_with_the_same_seed_and_messages_draw_different_noise_but_the_s
 
 
 def test_dp_noise_does_not_come_from_torchs_default_generator():
-    from common.privacy import secure_generator
+    from common.train.privacy import secure_generator
 
     draws = []
     for _ in range(2):
@@ -678,7 +679,7 @@ def test_no_history_can_hang_the_accountant_and_a_bounded_epsilon_is_never_small
     long history's PRV ε is its RDP ε. Both only raise ε."""
     import random
 
-    from common.privacy import bounded_history, checked_history, epsilon_from_history
+    from common.train.privacy import bounded_history, checked_history, epsilon_from_history
 
     rng = random.Random(0)
     history = [(rng.uniform(0.5, 3), rng.uniform(0.01, 0.5), rng.randint(1, 50)) for _ in range(36)]

@@ -8,8 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from common.data import StreamedSite, streamed_site_frame
-from common.fedconfig import RunConfig
+from common.config.fedconfig import RunConfig
+from common.data.clips import streamed_site_frame
+from common.data.sites import StreamedSite
 
 
 def test_a_streamed_site_is_deterministic_distinct_and_moving():
@@ -71,7 +72,8 @@ def test_a_dp_round_on_a_streamed_site_accounts_every_row(unit):
     from flwr.supercore.task_identity import TaskIdentity
 
     from client import app as client_app
-    from common.model import CodecConfig, FedlvcCodec
+    from common.net.architecture import CodecConfig
+    from common.net.model import FedlvcCodec
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     torch.manual_seed(0)
@@ -94,8 +96,8 @@ def test_a_photo_site_films_only_held_out_photographs(corpus, tmp_path):
     deterministic per site, moving and noisy, generated on demand."""
     from client.policy import SitePolicy
     from client.site import load_site, site_clips
-    from common.data import simulated_site
-    from common.photovideo import corpus_photos
+    from common.data.photovideo import corpus_photos
+    from common.data.sites import simulated_site
 
     rc = RunConfig.from_mapping(
         {"demo-photos": str(corpus), "site-frames": 400, "demo-frames": 40, "demo-width": 64, "demo-height": 48}

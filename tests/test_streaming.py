@@ -18,7 +18,7 @@ from conftest import make_coding_model
 
 from common.checkpoint import fingerprint, load_model
 from common.codec import decode_stream, encode_frames
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
 
 SIDE = 64
 
@@ -74,7 +74,7 @@ def test_decoding_memory_does_not_grow_with_frames(streams, model):
 
 def test_motion_decoding_memory_does_not_grow_with_frames(tmp_path, model):
     """A motion model's decoder holds the previous decoded frame, the group's residual history and counts."""
-    from common.model import with_motion
+    from common.net.model import with_motion
 
     motion = with_motion(model)
     paths = {}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.cli import main as cli
+from common.config.fedconfig import RunConfig
 from common.errors import FedlvcError
-from common.fedconfig import RunConfig
 from simulations.sweep import CSV_COLUMNS, load_sweep, psnr_at_bpp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,3 +246,15 @@ def test_the_sweep_measures_a_streamed_site_on_the_frames_it_holds_out():
         node = {"partition-id": k, "num-partitions": 2}
         site = load_site(node, rc, SitePolicy.of(node), k)
         assert np.array_equal(np.stack(site.held_out), frames[k * rc.eval_frames : (k + 1) * rc.eval_frames])
+
+
+def test_fedlvc_offers_sweep_without_the_client_importing_simulations():
+    """``fedlvc sweep`` comes from simulations' ``fedlvc.commands`` entry point: building the command line loads that
+    light parser builder only, never the sweep (nor torch), and the client has no import of simulations."""
+    code = (
+        "import sys; from client.cli import build_parser; "
+        "args = build_parser().parse_args(['sweep', 'c.yaml', '--out', 'o', '--quiet']); "
+        "print(args.func.__module__, sorted(m for m in ('simulations.sweep', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.split() == ["simulations.commands", "[]"]

@@ -17,15 +17,17 @@ import torch
 from conftest import TINY_CONFIG, chunk_payloads, make_coding_model, restream, sha256
 
 from client.cli import main
-from common import bitstream as bs
 from common.checkpoint import load_model, save_model
 from common.codec import DEFAULT_GOP, FrameDecoder, FrameEncoder, _to_frame, _to_tensor, decode_stream, encode_frames
-from common.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
-from common.data import generate_site_clip
+from common.coding import bitstream as bs
+from common.config.options import MAX_GOP, PFrameRule
+from common.data.clips import generate_site_clip
+from common.data.video import read_frames, write_video
 from common.errors import FedlvcError
-from common.model import ARCHITECTURE_INTRA, FedlvcCodec
-from common.rdo import PFrameRule
-from common.video import read_frames, write_video
+from common.net.architecture import ARCHITECTURE_INTRA
+from common.net.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
+from common.net.model import FedlvcCodec
+from common.train.segments import forward_segment
 
 W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels
 FPS = Fraction(25)
@@ -579,7 +581,7 @@ def test_cli_temporal_model_defaults_to_default_gop(capsys, tmp_path, model_path
     rc, stdout, err = cli(capsys, "compress", src, out1, "--model", model_path, "--gop", 1, "--quiet")
     assert rc == 0, err
     assert header_of(out1.read_bytes()).gop == 1 and f"{len(frames)} I-frames, 0 P-frames" in stdout
-    for bad in ("--gop", bs.MAX_GOP + 1), ("--skip-threshold", -0.5), ("--skip-threshold", 10):
+    for bad in ("--gop", MAX_GOP + 1), ("--skip-threshold", -0.5), ("--skip-threshold", 10):
         msg = expect_user_error(capsys, ["compress", src, tmp_path / "x.lvc", "--model", model_path, *bad], tmp_path)
         assert bad[0] in msg
 
@@ -611,7 +613,7 @@ def test_forward_segment_bits_equal_the_coders_ideal_bits(frames, seed, rule):
     x = torch.stack([torch.stack([_to_tensor(f, 16)[0] for f in fr]) for fr, _ in rows]).contiguous()
     levels = torch.tensor([level for _, level in rows])
     with torch.no_grad():
-        out = model.forward_segment(x, levels, rule)
+        out = forward_segment(model, x, levels, rule)
     assert out["bits"].shape == (len(rows),)
     assert out["x_hat"].shape == x.shape
     for b, (fr, level) in enumerate(rows):

@@ -1,4 +1,4 @@
-"""The one training loop (common.training.Trainer) behind single-site training and a federated round: its
+"""The one training loop (common.train.training.Trainer) behind single-site training and a federated round: its
 failure policy, and the drop_last hang of the old non-private loader."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import generate_site_clip
+from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
-from common.model import FedlvcCodec
-from common.privacy import DPConfig
-from common.training import MAX_NONFINITE_IN_A_ROW, TrainConfig, Trainer
+from common.net.model import FedlvcCodec
+from common.train.privacy import DPConfig
+from common.train.training import MAX_NONFINITE_IN_A_ROW, TrainConfig, Trainer
 from tests.conftest import TINY_CONFIG
 
 FRAMES = list(generate_site_clip(2, 0, 64, 48, 10))
@@ -152,8 +152,8 @@ def test_a_dp_batch_in_pieces_takes_the_same_step(monkeypatch, piece, segment_fr
 def test_plain_training_with_fewer_rows_than_the_batch_finishes(tmp_path):
     """train() without DP on 5 training frames with --batch-size 16: the old loader (drop_last, the full batch
     size) yielded no batch and the loop never ended."""
-    from common.training import TrainConfig, train
-    from common.video import write_video
+    from common.data.video import write_video
+    from common.train.training import TrainConfig, train
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -181,7 +181,7 @@ def test_cli_train_plans_sigma_for_a_target_epsilon(tmp_path, capsys):
     at ε ≈ 8; giving σ as well is one clear error."""
     from client.cli import main
     from common.checkpoint import read_meta
-    from common.video import write_video
+    from common.data.video import write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -206,7 +206,7 @@ def test_cli_train_device_and_cumulative_totals(tmp_path, capsys):
 
     from client.cli import main
     from common.checkpoint import read_meta
-    from common.video import write_video
+    from common.data.video import write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()

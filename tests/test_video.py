@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import ODD_FRAMES, ODD_HEIGHT, ODD_WIDTH
 
+from common.data.video import VideoWriter, check_output_path, iter_frames, probe, read_frames, write_video
 from common.errors import FedlvcError
-from common.video import VideoWriter, check_output_path, iter_frames, probe, read_frames, write_video
 
 
 @pytest.mark.parametrize("width,height", [(70, 45), (33, 17), (1, 1), (3, 2)])
@@ -165,8 +165,8 @@ def test_reading_a_truncated_clip_fails_cleanly_or_gives_a_prefix(tmp_path, odd_
 def test_sample_frames_is_bounded_uniform_and_ordered(tmp_path):
     from fractions import Fraction
 
-    from common.data import generate_site_clip, sample_frames
-    from common.video import read_frames, write_video
+    from common.data.clips import generate_site_clip, sample_frames
+    from common.data.video import read_frames, write_video
 
     paths = []
     for c in range(2):

@@ -16,7 +16,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import FedlvcError
+from common.errors import FedlvcError
 
 DEFAULT_FPS = Fraction(25)
 TEXT_DEMUXERS = {"tty"}

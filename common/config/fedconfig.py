@@ -1,6 +1,6 @@
 """Typed run configuration of the federation: the one source of defaults for the ServerApp, the ClientApp
 and the sweep. Keys are Flower run-config names (``num-server-rounds``...), a contract for scripts and docs;
-each key's type, default, limits and help come from the option schema (:mod:`common.options`), and
+each key's type, default, limits and help come from the option schema (:mod:`common.config.options`), and
 ``pyproject.toml``'s ``[tool.flwr.app.config]`` is checked against it (tests/test_federation.py).
 
 Upper bounds matter too: a run config comes from whoever submits the run, and sizes in it decide what a site
@@ -12,9 +12,10 @@ import os
 from dataclasses import field, make_dataclass
 from pathlib import Path
 
+from common.errors import FedlvcError
+
 from . import options as o
-from .errors import FedlvcError
-from .options import Option
+from .options import Option, PFrameRule
 
 RUN_OPTIONS: tuple[Option, ...] = (
     Option("num-server-rounds", int, 3, "FedAvg rounds", 1, 100_000),
@@ -250,14 +251,12 @@ class _RunConfigMethods:
         return self.segment_frames if self.privacy_unit == "segment" else 1
 
     @property
-    def p_rule(self):
-        from .rdo import PFrameRule
-
+    def p_rule(self) -> PFrameRule:
         return PFrameRule.of(self.rd_weight, self.skip_threshold)
 
     @property
     def streamed_sites(self) -> bool:
-        """Whether simulated sites are streamed on demand (``site-frames`` or ``demo-photos``; common.data)."""
+        """Whether simulated sites are streamed on demand (``site-frames`` or ``demo-photos``; common.data.sites)."""
         return bool(self.site_frames or self.demo_photos)
 
     @property

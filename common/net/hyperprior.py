@@ -8,10 +8,10 @@ Minnen et al. 2018) whose decoder side runs in exact integer arithmetic when cod
                                       h_s (integer arithmetic when coding) ─► mean μ, log-scale of every ŷ
 
 ŷ is coded under a Gaussian of mean μ and scale σ discretised on the integers, CDF(k+½−μ) − CDF(k−½−μ) (so the
-coded latent stays an integer array and the P-frame coder of :mod:`common.pframe` works on it unchanged).
+coded latent stays an integer array and the P-frame coder of :mod:`common.coding.pframe` works on it unchanged).
 
 Exactness: the coder picks one of :data:`SCALE_LEVELS` × :data:`MEAN_FRACS` integer tables
-(:mod:`common.hypercoder`) for each element from h_s's output. Float convolutions differ in their last bits
+(:mod:`common.coding.hypercoder`) for each element from h_s's output. Float convolutions differ in their last bits
 between CPU kernels (``ATEN_CPU_CAPABILITY``) and GPUs, and a table index that flips breaks the stream. So when
 coding, h_s runs on integers: weights rounded to multiples of 2^-:data:`WEIGHT_BITS`, activations to multiples of
 2^-:data:`ACT_BITS`, and each convolution is a float64 matrix product of integer-valued operands whose partial
@@ -19,25 +19,23 @@ sums stay below 2^53, exact in any summation order on any hardware. Rounding bet
 exact quotient by a power of two. Training uses the float path; the integer path differs from it by the
 rounding of weights and activations (a few 1e-4 in the log-scale), which costs nothing measurable in rate.
 
-Opacus: every parameter sits in a Conv2d (or the Embeddings of :mod:`common.transforms` and :mod:`common.priors`),
-no buffers. GDN's weights must stay non-negative: :meth:`GDN.project_` after each optimizer step; the forward
-pass also clamps the denominator, so a step that leaves the set (DP noise) cannot divide by zero.
+Opacus: every parameter sits in a Conv2d (or the Embeddings of :mod:`common.net.transforms` and
+:mod:`common.net.priors`), no buffers. GDN's weights must stay non-negative: :meth:`GDN.project_` after each
+optimizer step; the forward pass also clamps the denominator, so a step that leaves the set (DP noise) cannot
+divide by zero.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architecture import CodecConfig
 from .transforms import Adapted
-
-if TYPE_CHECKING:
-    from .model import CodecConfig
 
 GDN_FLOOR = 0.05  # lower bound of GDN's denominator (and of its bias after projection)
 
@@ -152,7 +150,8 @@ class HyperSynthesis(nn.Module):
 
     @torch.no_grad()
     def integer_layers(self) -> list[IntegerConv]:
-        """The convolutions with integer weights (computed once per coder: :class:`common.hypercoder.HyperCoder`)."""
+        """The convolutions with integer weights (computed once per coder:
+        :class:`common.coding.hypercoder.HyperCoder`)."""
         return [IntegerConv.of(m) for m in [*self.layers, self.out] if isinstance(m, nn.Conv2d)]
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 per channel, discretised as CDF(k+½) − CDF(k−½)) and the temporal prior of a P-frame latent (a quantized
 Laplace around the previous decoded latent, its scale per channel and context). Each is an Embedding
 looked up by the level, so DP-SGD gives it per-sample gradients; the coder's tables are built from them
-(:mod:`common.entropy`)."""
+(:mod:`common.coding.entropy`)."""
 
 from __future__ import annotations
 

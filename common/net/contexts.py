@@ -1,7 +1,7 @@
 """P-frame contexts: integer functions of decoded latents only, so encoder and decoder agree exactly.
 
 A P-frame latent element is coded under a Laplace centred on the previous decoded latent, with a scale
-chosen by its context (:class:`common.priors.TemporalPrior`). The context combines the previous latent's
+chosen by its context (:class:`common.net.priors.TemporalPrior`). The context combines the previous latent's
 local gradient, the motion history of the element's 3x3 neighbourhood in its group of pictures
 (:class:`MotionHistory`), and (architecture v3) how many elements of the frame's channel groups decoded
 before it changed at its position (:class:`PFrameContexts`).
@@ -93,7 +93,7 @@ def temporal_context(prev: torch.Tensor, history: MotionHistory | None) -> torch
 def residual_context(motion_class: torch.Tensor, history: MotionHistory | None, channels: int) -> torch.Tensor:
     """Context index (B, C, h, w) int64 of every element of a motion-compensated residual latent (architecture
     motion): the motion class of its block (``motion_class`` (B, h, w) in 0..len(GRADIENT_BOUNDS), see
-    :func:`common.motion.motion_class`) in place of the previous latent's gradient bucket, times MOTION_VALUES,
+    :func:`common.motion.blocks.motion_class`) in place of the previous latent's gradient bucket, times MOTION_VALUES,
     plus the :func:`history_value` of the residual latents the group coded before (``history``: of residual
     latents around zero). The same index range as :func:`temporal_context`, so a P-frame prior's table serves."""
     m = motion_class.to(torch.int64)[:, None].expand(-1, channels, -1, -1)

@@ -1,9 +1,9 @@
 """Motion-compensated P-frames (model config ``motion``; bitstream version 5): block vectors on the previous
-*decoded* frame (:mod:`common.motion`) and the residual — frame minus prediction — coded by a second transform
+*decoded* frame (:mod:`common.motion.blocks`) and the residual — frame minus prediction — coded by a second transform
 codec, its latent under a quantized Laplace around zero with a learned scale per (level, channel, context), the
-context being the block's motion class, where the group's earlier residuals were (common.contexts
+context being the block's motion class, where the group's earlier residuals were (common.net.contexts
 .residual_context) and the channel groups decoded before. Its training rate and its coding sit side by side here,
-as :mod:`common.pframe` keeps the latent P-frames'::
+as :mod:`common.coding.pframe` keeps the latent P-frames'::
 
     v = search(x_t, x̂_{t−1}) ─► v − median(neighbours) ─► ANS(adaptive counts of the group) ──────────┐
     x_t − MC(x̂_{t−1}, v) ─► res_g_a ─► ×gain[q] ─► RDO ─► ŷ_r ─► ANS(Laplace(0, scale[q, c, ctx])) ─┴─► .lvc
@@ -28,15 +28,20 @@ P-frame's residual against that fixed prediction, calling each module once on al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import constriction
 import numpy as np
 import torch
 
-from .contexts import MotionHistory, next_history, p_context, residual_context
-from .errors import FedlvcError
-from .motion import (
+from common.coding.entropy import pop_check, push_check
+from common.coding.pframe import MIN_PROBABILITY, PFrameCoder
+from common.coding.rdo import choose_p_latent, hook_free, synthesis_sensitivity
+from common.config.options import PFrameRule
+from common.errors import FedlvcError
+from common.net.contexts import MotionHistory, next_history, p_context, residual_context
+from common.net.model import FedlvcCodec
+
+from .blocks import (
     MAX_MV,
     MVD_RANGE,
     MotionCounts,
@@ -47,11 +52,6 @@ from .motion import (
     vector_differences,
     vectors_from_differences,
 )
-from .pframe import MIN_PROBABILITY, PFrameCoder
-from .rdo import PFrameRule, choose_p_latent, hook_free, synthesis_sensitivity
-
-if TYPE_CHECKING:
-    from .model import FedlvcCodec
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def choose_residual(
     weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the integer residual latent (B, C, h, w) the encoder codes for ``y_r``, its context indices): the
-    P-frame rule around zero (:func:`common.rdo.choose_p_latent`: rate–distortion optimised, or rounding)
+    P-frame rule around zero (:func:`common.coding.rdo.choose_p_latent`: rate–distortion optimised, or rounding)
     under the residual contexts of the blocks' motion ``classes`` (B, h, w) and the group's ``history``."""
     base = residual_context(classes, history, y_r.shape[1])
     zeros = torch.zeros_like(y_r)
@@ -161,7 +161,7 @@ def forward_motion_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Te
     Returns x_hat (B, S, 3, H, W) and per-row bits (B,) — the block vectors' bits included (a constant).
 
     Module calls: the intra transforms and gains on the B I-frames, the residual ones once on the B·(S−1)
-    P-frames, the priors on the B segments; :func:`common.privacy.fold_segment_grad_samples` sums per segment."""
+    P-frames, the priors on the B segments; :func:`common.train.privacy.fold_segment_grad_samples` sums per segment."""
     b, frames = x.shape[:2]
     x0 = x[:, 0].contiguous()
     y0 = model.analysis(x0, levels)
@@ -246,8 +246,6 @@ class MotionPFrames:
             return self._trial(mv, pred, y_r, rule, check, weights)
 
     def _trial(self, mv, pred, y_r, rule: PFrameRule, check, weights) -> MotionTrial:
-        from .entropy import push_check
-
         diff = vector_differences(mv.numpy())
         classes = torch.from_numpy(motion_class(mv.numpy()))[None]
         q, ctx = choose_residual(self.model, y_r, classes, self.history, self.raw, rule, self.lam, weights)
@@ -272,8 +270,6 @@ class MotionPFrames:
     def decode(self, words: np.ndarray, shape: tuple[int, int, int], check) -> torch.Tensor:
         """The padded decoded frame (H, W, 3) uint8 of a P-frame's ANS words; ``check(latent, differences)`` the
         value its stream must end with. Raises FedlvcError on any damage, before the frame is reconstructed."""
-        from .entropy import pop_check
-
         c, h, w = shape
         try:
             coder = constriction.stream.stack.AnsCoder(words)

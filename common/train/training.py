@@ -16,12 +16,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_model, read_meta, save_model
-from .data import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
-from .errors import FedlvcError
+from common.checkpoint import load_model, read_meta, save_model
+from common.config.options import TRAIN_OPTIONS, TRAIN_PARTS, PFrameRule, check_fields
+from common.data.clips import FrameCrops, SegmentCrops, find_videos, load_clips, make_segments
+from common.data.video import atomic_output
+from common.errors import FedlvcError
+from common.net.architecture import CodecConfig
+from common.net.model import FedlvcCodec, with_adapters, with_motion, with_temporal_prior
+from common.train.segments import forward_segment
+
 from .losses import RateDistortion, SegmentRateDistortion
-from .model import CodecConfig, FedlvcCodec, with_adapters, with_motion, with_temporal_prior
-from .options import TRAIN_OPTIONS, TRAIN_PARTS, check_fields
 from .privacy import (
     DPConfig,
     epsilon_from_history,
@@ -30,8 +34,6 @@ from .privacy import (
     make_private,
     poisson_sample_rate,
 )
-from .rdo import PFrameRule
-from .video import atomic_output
 
 
 class _TrainConfigMethods:
@@ -71,7 +73,7 @@ ENTROPY_MODULES = (
     "res_inv_gain.",
     "res_prior.",
 )
-RESIDUAL_MODULES = ("res_",)  # a motion model's residual codec (common.residual)
+RESIDUAL_MODULES = ("res_",)  # a motion model's residual codec (common.motion.residual)
 
 
 def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -> list:
@@ -89,7 +91,7 @@ def set_trainable(model: FedlvcCodec, segment_frames: int, parts: str = "all") -
     if parts == "motion" and not (segment_frames and model.cfg.motion):
         raise FedlvcError("training only the motion parts needs a motion model (--motion) and segments")
     if parts == "adapters" and not model.cfg.adapters:
-        raise FedlvcError("training only the adapters needs a model with adapters (common.model.with_adapters)")
+        raise FedlvcError("training only the adapters needs a model with adapters (common.net.model.with_adapters)")
     for name, p in model.named_parameters():
         temporal = name.startswith("temporal.")
         residual = name.startswith(RESIDUAL_MODULES)
@@ -135,7 +137,7 @@ def rows_dataset(
         return (
             SegmentCrops(rows, crop, num_levels, seed=seed),
             SegmentRateDistortion,
-            lambda m, x, lv: m.forward_segment(x, lv, rule),
+            lambda m, x, lv: forward_segment(m, x, lv, rule),
         )
     return FrameCrops(rows, crop, num_levels, seed=seed), RateDistortion, lambda m, x, lv: m(x, lv)
 
@@ -194,7 +196,7 @@ class Trainer:
         """``cfg``: a :class:`TrainConfig` or a federated ``RunConfig`` (crop_size, batch_size, learning_rate,
         row_frames, train_parts, p_rule, seed and, single-site, clip_norm). ``seed``: of the crops, when not
         ``cfg.seed``. ``fast_layout``: channels_last activations (faster on a CPU; under DP only where every
-        module Opacus samples is indifferent to the layout, :func:`common.privacy.layout_safe_samples`: the
+        module Opacus samples is indifferent to the layout, :func:`common.train.privacy.layout_safe_samples`: the
         model's own module types are). ``restore(model, optimizer)`` loads a saved state before Opacus
         wraps."""
         self.model, self.device, self.dp = model.to(device).train(), device, dp
@@ -344,7 +346,7 @@ def validation_loss(model: FedlvcCodec, crops: torch.Tensor, rule: PFrameRule = 
     total, per_level = 0.0, []
     for q in range(model.cfg.num_levels):
         levels = torch.full((crops.shape[0],), q, dtype=torch.long, device=crops.device)
-        out = model.forward_segment(crops, levels, rule) if segments else model(crops, levels)
+        out = forward_segment(model, crops, levels, rule) if segments else model(crops, levels)
         out["x_hat"] = out["x_hat"].clamp(0, 1)
         total += loss_fn(out, crops, levels).mean().item()
         mse = loss_fn.terms["mse"].mean().item()
@@ -533,7 +535,7 @@ def train(
 ) -> dict:
     """Train on the frames of ``video_dirs`` and write the best checkpoint to ``out`` (.safetensors), on
     ``device`` (checkpoints are written from the CPU). ``motion``: give the model motion-compensated P-frames
-    first (:func:`common.model.with_motion`).
+    first (:func:`common.net.model.with_motion`).
 
     Resumes from ``<out>.train-state.*`` when present. Returns a summary (steps, validation, ε)."""
     out, model_cfg = Path(out), model_cfg or CodecConfig()
@@ -584,7 +586,7 @@ def local_train(model: FedlvcCodec, rows: list, rc, dp: DPConfig | None, seed: i
     """One site's local work in a federated round (``rc``: the run's RunConfig): ``local-steps`` optimizer steps
     on crops of its rows (frames, or segments), DP-SGD (Poisson sampling, per-sample clipping, noise on every
     trainable parameter) when ``dp`` is given. ``seed`` makes the crops and the training's own randomness
-    reproducible; DP noise and sampling come from OS entropy (``common.privacy.make_private``).
+    reproducible; DP noise and sampling come from OS entropy (``common.train.privacy.make_private``).
 
     Updates ``model`` in place. Returns {"loss", "steps", "sample_rate", "nonfinite_steps", "history" (what
     this call's accountant counted, ``[(σ, q, steps)]``; empty without DP)}."""

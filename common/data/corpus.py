@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FedlvcError
+from common.errors import FedlvcError
 
 DEBIAN = {  # package → suite
     "mate-backgrounds": "bookworm",

@@ -4,48 +4,16 @@ whatever integers the encoder chose."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contexts import MotionHistory, PFrameContexts
-from .hyperprior import GDN
-from .priors import LIKELIHOOD_FLOOR, laplace_scale
-
-if TYPE_CHECKING:
-    from .model import FedlvcCodec
-
-
-@dataclass(frozen=True)
-class PFrameRule:
-    """How an encoder picks the integer latent of a P-frame; the decoder needs none of it.
-
-    * ``rd_weight`` κ > 0: rate–distortion optimised quantization. Channel group by channel group (in coding
-      order, so each group sees the in-frame contexts of the decisions before it), every element takes the
-      value among {previous value, round(y), round(y) one step towards the previous value} that minimises
-      ``κ·λ_q·255²/3 · w_c·(y − v)² + bits(v)``: the per-frame training loss ``λ_q·255²·MSE + bpp`` times
-      the pixel count, with the distortion linearised per channel (``w_c``: squared error of the decoded
-      frame, in [0, 1] units summed over RGB, per unit² of latent error, measured at the group's I-frame by
-      :func:`synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little
-      quality (sensor noise, a channel the decoder hardly uses, a still background where a change is
-      improbable) is not coded.
-    * otherwise ``skip_threshold`` T: keep the previous value where |y − previous| < ½ + T, round elsewhere.
-    """
-
-    rd_weight: float = 0.0
-    skip_threshold: float = 0.0
-
-    @classmethod
-    def of(cls, rd_weight: float, skip_threshold: float) -> PFrameRule:
-        """The rule of a config holding both settings: the skip threshold counts only without RDO."""
-        return cls(rd_weight, 0.0 if rd_weight > 0 else skip_threshold)
-
-    @property
-    def uses_rd(self) -> bool:
-        return self.rd_weight > 0
+from common.config.options import PFrameRule
+from common.net.contexts import MotionHistory, PFrameContexts
+from common.net.hyperprior import GDN
+from common.net.model import FedlvcCodec
+from common.net.priors import LIKELIHOOD_FLOOR, laplace_scale
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Training video from the photo corpus (:mod:`common.corpus`): a camera moving over a real photograph (pan,
+"""Training video from the photo corpus (:mod:`common.data.corpus`): a camera moving over a real photograph (pan,
 zoom, hand shake), objects cut from other photographs moving across it, sensor noise, and, for some clips,
 the artefacts of a lossy source (x264). Each clip is a deterministic function of the photo list, its index
 and the seed.
@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import bounce
-from .errors import FedlvcError
+from common.errors import FedlvcError
+
+from .baselines import encode_baseline
+from .clips import bounce
+from .video import write_video
 
 HELD_OUT_SHARE = 10  # one photograph in ten, by name
 
@@ -129,8 +132,6 @@ def photo_clip(photos: list[Path], index: int, width: int = 256, height: int = 1
             frame += rng.normal(0, 1, frame.shape) * np.sqrt(read_noise**2 + shot_gain * np.clip(frame, 0, 255))
         out[i] = np.clip(np.rint(frame), 0, 255)
     if rng.random() < 0.5:  # a lossy source: what a camera or a recorder did to the picture
-        from .baselines import encode_baseline
-
         out = encode_baseline(out, "x264", int(rng.integers(18, 31)), Fraction(25)).decoded
     return out
 
@@ -139,8 +140,6 @@ def write_photo_clips(photos: list[Path], outdir: str | os.PathLike, clips: int,
                       height: int = 192, seed: int = 0, progress=None) -> list[Path]:  # fmt: skip
     """``clips`` training clips from ``photos`` as FFV1 ``.mkv`` (lossless) in ``outdir``; an existing clip
     is kept, so an interrupted run resumes."""
-    from .video import write_video
-
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -19,10 +19,10 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 
-from . import options as o
-from .errors import FedlvcError
-from .options import DP_OPTIONS, check_fields
-from .transforms import FiLM
+from common.config import options as o
+from common.config.options import DP_OPTIONS, check_fields
+from common.errors import FedlvcError
+from common.net.transforms import FiLM
 
 # Extend RDP orders: at small ε the optimum sits at the largest default order.
 RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 96, 128, 160, 192, 256, 384, 512]
@@ -56,7 +56,7 @@ def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
 
 @register_grad_sampler(FiLM)
 def film_grad_samples(layer: FiLM, activations, backprops: torch.Tensor) -> dict:
-    """Per-sample gradients of a :class:`common.transforms.FiLM` adapter (a per-channel scale and shift): for
+    """Per-sample gradients of a :class:`common.net.transforms.FiLM` adapter (a per-channel scale and shift): for
     sample n and channel c, Σ over positions of input × output gradient, and Σ of the output gradient. FiLM
     is a Conv2d subclass, which Opacus would otherwise hand to functorch (its sampler table is looked up by
     exact type): one vmapped convolution backward per layer, for what is one reduction. Indifferent to the
@@ -122,7 +122,7 @@ def make_private(model, optimizer, loader, dp: DPConfig, history=None):
 
 def fold_segment_grad_samples(model, batch: int, frames: int) -> None:
     """Turn per-frame gradient samples into per-segment ones after a backward pass of
-    ``FedlvcCodec.forward_segment`` on ``batch`` segments of ``frames`` frames.
+    :func:`common.train.segments.forward_segment` on ``batch`` segments of ``frames`` frames.
 
     Modules that ran on all frames hold ``batch·frames`` samples, the segment's frames consecutive; their
     sum is the segment's gradient. Opacus scaled each by its own row count (``loss_reduction="mean"``),

@@ -1,8 +1,8 @@
 """The P-frame latent codec: its training rate and its coding side by side, as CompressAI keeps a latent
 codec's likelihood and its entropy coding in one class. Change how P-frames are modelled here.
 
-    ŷ_t ─► context (common.contexts: ŷ_{t−1}, the group's motion history, the channel groups of ŷ_t before)
-        ─► scale = temporal prior[q, channel, context] (common.priors.TemporalPrior)
+    ŷ_t ─► context (common.net.contexts: ŷ_{t−1}, the group's motion history, the channel groups of ŷ_t before)
+        ─► scale = temporal prior[q, channel, context] (common.net.priors.TemporalPrior)
         ─► p(ŷ_t) = quantized Laplace(ŷ_{t−1}, scale) ─► ANS (channel order; decoded group by group)
 
 Training (:meth:`PFrameCoder.training_bits`) and coding (:meth:`PFrameCoder.encode` / :meth:`decode`) use the
@@ -12,25 +12,21 @@ only, so encoder and decoder agree exactly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import constriction
 import numpy as np
 import torch
 
-from .contexts import MotionHistory, PFrameContexts, p_context
-from .errors import FedlvcError
-from .priors import laplace_likelihood, laplace_scale, temporal_scales
-
-if TYPE_CHECKING:
-    from .model import FedlvcCodec
+from common.errors import FedlvcError
+from common.net.contexts import MotionHistory, PFrameContexts, p_context
+from common.net.model import FedlvcCodec
+from common.net.priors import laplace_likelihood, laplace_scale, temporal_scales
 
 MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at least about this much
 
 
 class PFrameCoder:
     """``prior``: the module giving the raw scales (the model's temporal prior by default; a motion model's
-    residual latent uses its residual prior, around zero, :mod:`common.residual`)."""
+    residual latent uses its residual prior, around zero, :mod:`common.motion.residual`)."""
 
     def __init__(self, model: FedlvcCodec, prior: torch.nn.Module | None = None):
         self.model, self.support = model, model.cfg.support

@@ -1,6 +1,6 @@
 """The one schema of fedlvc's options: name, type, default, range or choices, and help of every setting that a
-run config (``client``/``server``: :class:`common.fedconfig.RunConfig`), single-site training
-(:class:`common.training.TrainConfig`) or the command line (``fedlvc``) takes. Each limit and each list of
+run config (``client``/``server``: :class:`common.config.fedconfig.RunConfig`), single-site training
+(:class:`common.train.training.TrainConfig`) or the command line (``fedlvc``) takes. Each limit and each list of
 choices is typed here once; the configs, argparse and the pyproject check are built from it."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .bitstream import MAX_GOP
-from .errors import FedlvcError
+from common.errors import FedlvcError
 
 _KINDS = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -157,6 +156,7 @@ GRAD_SAMPLE_MODE = Option(
     choices=("hooks", "functorch"),
 )
 # ------------------------------------------------------------------- the encoder's P-frame rule and groups
+MAX_GOP = 65535  # the .lvc header's gop field is 16 bits (common.coding.bitstream.HEADER)
 GOP = Option(
     "gop", int, 32, "group-of-pictures length: an I-frame every N frames, P-frames between (1 = intra-only)", 1, MAX_GOP
 )
@@ -180,8 +180,38 @@ SKIP_THRESHOLD = Option(
 )
 
 
-# Single-site training (`fedlvc train`, common.training.TrainConfig) and DP-SGD (common.privacy.DPConfig): here,
-# not beside their code, so that building the command line imports neither torch nor Opacus.
+@dataclass(frozen=True)
+class PFrameRule:
+    """How an encoder picks the integer latent of a P-frame; the decoder needs none of it.
+
+    * ``rd_weight`` κ > 0: rate–distortion optimised quantization. Channel group by channel group (in coding
+      order, so each group sees the in-frame contexts of the decisions before it), every element takes the
+      value among {previous value, round(y), round(y) one step towards the previous value} that minimises
+      ``κ·λ_q·255²/3 · w_c·(y − v)² + bits(v)``: the per-frame training loss ``λ_q·255²·MSE + bpp`` times
+      the pixel count, with the distortion linearised per channel (``w_c``: squared error of the decoded
+      frame, in [0, 1] units summed over RGB, per unit² of latent error, measured at the group's I-frame by
+      :func:`common.coding.rdo.synthesis_sensitivity`) and the rate under the temporal prior. A change that buys little
+      quality (sensor noise, a channel the decoder hardly uses, a still background where a change is
+      improbable) is not coded.
+    * otherwise ``skip_threshold`` T: keep the previous value where |y − previous| < ½ + T, round elsewhere.
+    """
+
+    rd_weight: float = 0.0
+    skip_threshold: float = 0.0
+
+    @classmethod
+    def of(cls, rd_weight: float, skip_threshold: float) -> PFrameRule:
+        """The rule of a config holding both settings: the skip threshold counts only without RDO."""
+        return cls(rd_weight, 0.0 if rd_weight > 0 else skip_threshold)
+
+    @property
+    def uses_rd(self) -> bool:
+        return self.rd_weight > 0
+
+
+# Single-site training (`fedlvc train`, common.train.training.TrainConfig) and DP-SGD
+# (common.train.privacy.DPConfig): here, not beside their code, so that building the command line imports neither
+# torch nor Opacus.
 TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("steps", int, 20000, "total optimizer steps (a resumed run continues up to this)", 1, 10**9),
     BATCH_SIZE,

@@ -4,8 +4,8 @@ Layout (integers in the header big-endian)::
 
     header  (49 bytes)
       magic        4s   b"FLVC"
-      version      B    5 for models with motion-compensated P-frames (common.residual), 4 for models of
-                   architecture v4 (I-frames under the hyperprior, common.hypercoder), 3 for the older ones;
+      version      B    5 for models with motion-compensated P-frames (common.motion.residual), 4 for models of
+                   architecture v4 (I-frames under the hyperprior, common.coding.hypercoder), 3 for the older ones;
                    versions 1 and 2 are still read (see "older versions" below). Versions 3, 4 and 5 share this
                    layout; a version 5 stream needs a motion model, a version 4 one a v4 model and a version 3
                    one an older model (the fingerprint names the model anyway)
@@ -59,7 +59,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import FedlvcError
+from common.errors import FedlvcError
 
 MAGIC = b"FLVC"
 VERSION = 3  # what models of architectures v1-v3 write
@@ -69,7 +69,7 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def version_for(cfg) -> int:
-    """The version a model of config ``cfg`` (common.model.CodecConfig) writes: 5 with motion-compensated
+    """The version a model of config ``cfg`` (common.net.architecture.CodecConfig) writes: 5 with motion-compensated
     P-frames, else 4 with a hyperprior (architecture v4), else 3."""
     return VERSION_MOTION if cfg.motion else VERSION_HYPER if cfg.hyper else VERSION
 
@@ -99,7 +99,6 @@ def type_bits(version: int) -> int:
 MAX_SIDE = 16384  # pixels
 MAX_PIXELS = 8192 * 8192
 MAX_FRAMES = 10_000_000
-MAX_GOP = 65535  # the header field is 16 bits
 
 
 @dataclass(frozen=True)

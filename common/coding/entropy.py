@@ -12,15 +12,16 @@ import constriction
 import numpy as np
 import torch
 
-from .contexts import MotionHistory
-from .errors import FedlvcError
+from common.errors import FedlvcError
+from common.net.contexts import MotionHistory
+from common.net.model import FedlvcCodec
+from common.net.priors import mixture_pmf
+
 from .hypercoder import HyperCoder, coding_tables
-from .model import FedlvcCodec
 from .pframe import MIN_PROBABILITY, PFrameCoder
-from .priors import mixture_pmf
 
 # Each payload ends (in decoding order) with a 32-bit check value, two 16-bit symbols under a uniform model:
-# the CRC-32 of the frame's position and latent (bitstream version 3, common.bitstream.latent_checksum), or
+# the CRC-32 of the frame's position and latent (bitstream version 3, common.coding.bitstream.latent_checksum), or
 # a fixed sentinel (versions 1 and 2). Damage, or decoding a payload as a larger latent than it holds (a
 # header forged to claim another frame size), changes or eats into it, so the frame is refused.
 SENTINEL = 0x00F1_007C  # the fixed check value of versions 1 and 2 (16-bit symbols 0xF1, 0x7C)
@@ -105,7 +106,8 @@ class LatentCoder:
         """Encode a clipped integer latent (C, h, w) to bytes (a whole number of 32-bit words): an I-frame,
         or a P-frame when the previous decoded latent ``prev`` (and the group's motion ``history``) is given
         (``params``: its :meth:`PFrameCoder.params`, or an I-frame's from :meth:`intra`, when already computed).
-        ``check``: the 32-bit value the stream ends with (versions 3, 4: :func:`common.bitstream.latent_checksum`).
+        ``check``: the 32-bit value the stream ends with (versions 3, 4:
+        :func:`common.coding.bitstream.latent_checksum`).
         """
         coder = constriction.stream.stack.AnsCoder()
         push_check(coder, check)  # bottom of the stack: decoded last

@@ -1,4 +1,4 @@
-"""I-frame coding of architecture v4 (:mod:`common.hyperprior`) with exact integer tables.
+"""I-frame coding of architecture v4 (:mod:`common.net.hyperprior`) with exact integer tables.
 
 The coding tables are integers, derived once from the model and stored with it (``tables.*`` tensors in the
 checkpoint, outside ``state_dict``, so FedAvg never averages them):
@@ -24,9 +24,9 @@ import constriction
 import numpy as np
 import torch
 
-from .errors import FedlvcError
-from .hyperprior import MEAN_FRACS, SCALE_LEVELS, Z_SUPPORT, scale_of_index, table_index
-from .priors import mixture_pmf
+from common.errors import FedlvcError
+from common.net.hyperprior import MEAN_FRACS, SCALE_LEVELS, Z_SUPPORT, scale_of_index, table_index
+from common.net.priors import mixture_pmf
 
 TABLE_BITS = 16
 TABLE_TOTAL = 1 << TABLE_BITS

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .baselines import BASELINES, DEFAULT_CRFS, encode_baseline
-from .checkpoint import fingerprint
-from .codec import check_gop, decode_stream, encode_frames
-from .errors import FedlvcError
+from common.checkpoint import fingerprint
+from common.codec import DEFAULT_GOP, check_gop, decode_stream, encode_frames
+from common.config.options import PFrameRule
+from common.data.baselines import BASELINES, DEFAULT_CRFS, encode_baseline
+from common.data.video import atomic_output, probe, read_frames
+from common.errors import FedlvcError
+from common.net.model import FedlvcCodec
+
 from .metrics import bd_rate, ms_ssim, psnr_rgb
-from .model import FedlvcCodec
-from .rdo import PFrameRule
-from .video import atomic_output, probe, read_frames
 
 
 def code_and_measure(
@@ -128,8 +129,6 @@ def bd_rates(points: list[dict], test: str = "fedlvc") -> dict:
 def fedlvc_codec_names(model: FedlvcCodec, gops=None) -> dict[int, str]:
     """{gop: codec name}: by default I+P at the default group length as "fedlvc" and intra-only as
     "fedlvc-intra" (an intra-only model: just "fedlvc", gop 1)."""
-    from .codec import DEFAULT_GOP
-
     gops = list(gops or ([DEFAULT_GOP, 1] if model.cfg.temporal else [1]))
     names = {}
     for i, g in enumerate(dict.fromkeys(gops)):
