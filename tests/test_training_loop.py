@@ -229,3 +229,39 @@ def test_cli_train_device_and_cumulative_totals(tmp_path, capsys):
     assert all(line["total_h"] >= round(before["wall_seconds"] / 3600, 3) for line in lines)
     meta = read_meta(second)  # the best step's checkpoint: its own steps on top of the first run's
     assert meta["total"]["steps"] == 3 + meta["steps"] and meta["total"]["wall_seconds"] > before["wall_seconds"]
+
+
+def test_cli_train_compile_is_for_non_private_frame_rows(tmp_path, capsys):
+    """`fedlvc train --compile` is refused with DP (Opacus hooks the eager model) and with segment rows (their
+    forward runs the encoder's choices), each with one clear line."""
+    from client.cli import main
+    from common.data.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mkv", FRAMES, Fraction(25))
+    common = ["train", str(videos), "--out", str(tmp_path / "m.safetensors"), "--steps", "2", "--compile", "--quiet"]
+    assert main([*common, "--noise-multiplier", "1"]) == 2
+    assert "--compile is for non-private training" in capsys.readouterr().err
+    assert main([*common, "--privacy-unit", "segment", "--segment-frames", "2"]) == 2
+    assert "'compile' is for frame rows" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_compile_trains(tmp_path):
+    """`fedlvc train --compile` trains frame rows through the compiled forward and records the setting."""
+    from client.cli import main
+    from common.checkpoint import load_model, read_meta
+    from common.data.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mkv", FRAMES, Fraction(25))
+    out = tmp_path / "m.safetensors"
+    args = ["train", str(videos), "--out", str(out), "--steps", "3", "--batch-size", "4", "--crop-size", "32"]
+    assert main([*args, "--compile", "--validate-every", "1", "--quiet"]) == 0
+    meta = read_meta(out)
+    assert meta["train"]["compile"] is True and meta["steps"] >= 1
+    start = load_model().state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in load_model(out).state_dict().items())

@@ -241,6 +241,13 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     TRAIN_PART,
     RD_WEIGHT,
     SKIP_THRESHOLD,
+    Option(
+        "compile",
+        bool,
+        False,
+        "torch.compile the model's forward pass of frame-row training without DP (1.14x the crop pixels a second "
+        "of a v4 step on the 2-core CPU, docs/results.md); the first steps wait for the compilation",
+    ),
 )
 
 DP_OPTIONS = (NOISE_MULTIPLIER, MAX_GRAD_NORM, DELTA, ACCOUNTANT, GRAD_SAMPLE_MODE)

@@ -41,6 +41,8 @@ class _TrainConfigMethods:
         check_fields(self, TRAIN_OPTIONS, "training setting")
         if self.segment_frames == 1:
             raise FedlvcError("training setting 'segment-frames' must be 0 (frame rows) or at least 2")
+        if self.compile and self.segment_frames:
+            raise FedlvcError("training setting 'compile' is for frame rows (a segment's forward runs the encoder)")
 
     @property
     def p_rule(self) -> PFrameRule:
@@ -211,6 +213,9 @@ class Trainer:
         self.fast_layout = fast_layout and (dp is None or layout_safe_samples(self.model, dp.grad_sample_mode))
         if self.fast_layout:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if getattr(cfg, "compile", False):  # single-site only (TrainConfig): frame rows, no DP (checked there)
+            compiled, forward = torch.compile(self.model), self.forward
+            self.forward = lambda m, x, lv: forward(compiled, x, lv)
         self.optimizer = torch.optim.Adam(param_groups(self.model, cfg.train_parts, cfg.learning_rate))
         self.restored = restore(self.model, self.optimizer) if restore else None
         self.loss_fn = loss_cls(model.cfg.lambdas)
@@ -500,7 +505,9 @@ def trained_before(init_model: str | Path | None) -> dict:
     return training_totals(read_meta(init_model) if init_model else {})
 
 
-def _check_run(out: Path, cfg: TrainConfig, model_cfg: CodecConfig) -> None:
+def _check_run(out: Path, cfg: TrainConfig, model_cfg: CodecConfig, dp: DPConfig | None) -> None:
+    if cfg.compile and dp is not None:
+        raise FedlvcError("--compile is for non-private training (Opacus' hooks see the eager model)")
     if out.suffix != ".safetensors":
         raise FedlvcError(f"--out must end in .safetensors: {out}")
     if not out.parent.is_dir():
@@ -539,7 +546,7 @@ def train(
 
     Resumes from ``<out>.train-state.*`` when present. Returns a summary (steps, validation, ε)."""
     out, model_cfg = Path(out), model_cfg or CodecConfig()
-    _check_run(out, cfg, model_cfg)
+    _check_run(out, cfg, model_cfg, dp)
     torch.manual_seed(cfg.seed)
     paths, train_rows, held_out = _training_rows(video_dirs, cfg)
     model = _start_model(init_model, model_cfg, cfg, motion)
