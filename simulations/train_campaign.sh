@@ -26,7 +26,7 @@ CURRENT=$CAMPAIGN/current # a link to the run in progress
 stage_args() {
   case "$1" in
     intra) echo "--steps 200000 --batch-size 8 --crop-size 128 --lr 3e-4 --lr-drop-at 0.9 --checkpoint-seconds 300
-      --validate-every 500 --compile" ;;
+      --validate-every 500 --compile --ema 0.999" ;;
     pframes) echo "--privacy-unit segment --segment-frames 8 --train-parts temporal --rd-weight 1 --steps 800
       --batch-size 4 --crop-size 128 --lr 0.01 --lr-drop-at 0.75 --checkpoint-seconds 300 --validate-every 200" ;;
     *) echo "unknown stage: $1 (intra or pframes)" >&2; return 2 ;;

@@ -265,3 +265,34 @@ def test_cli_train_compile_trains(tmp_path):
     assert meta["train"]["compile"] is True and meta["steps"] >= 1
     start = load_model().state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in load_model(out).state_dict().items())
+
+
+def test_an_average_of_the_weights_is_what_validation_and_the_checkpoint_use_and_it_resumes(tmp_path):
+    """`--ema D`: after every step the average moves by (1 − D) towards the weights; the checkpoint holds the
+    average (not the last step's weights), and a resumed run continues the saved average instead of starting a
+    new one from the weights."""
+    from safetensors.torch import load_file
+
+    from client.cli import main
+    from common.checkpoint import load_model
+    from common.data.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mkv", FRAMES, Fraction(25))
+    out = tmp_path / "m.safetensors"
+    state = tmp_path / "m.train-state.safetensors"
+    args = ["train", str(videos), "--out", str(out), "--batch-size", "4", "--crop-size", "32", "--ema", "0.5"]
+    assert main([*args, "--steps", "3", "--validate-every", "100", "--quiet"]) == 0
+    first = load_file(str(state))
+    average = {k[4:]: v for k, v in first.items() if k.startswith("ema.")}
+    weights = {k[6:]: v for k, v in first.items() if k.startswith("model.")}
+    assert average and set(average) <= set(weights)
+    assert any(not torch.equal(average[k], weights[k]) for k in average)  # the average lags the weights
+    saved = load_model(out).state_dict()
+    assert all(torch.equal(saved[k], average[k]) for k in average)  # the last save was the best: the average
+    assert main([*args, "--steps", "4", "--validate-every", "100", "--quiet"]) == 0  # resumes: one more step
+    second = load_file(str(state))
+    for k, before in average.items():
+        expected = before + 0.5 * (second[f"model.{k}"] - before)
+        torch.testing.assert_close(second[f"ema.{k}"], expected, rtol=1e-6, atol=1e-7)

@@ -242,6 +242,16 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     RD_WEIGHT,
     SKIP_THRESHOLD,
     Option(
+        "ema",
+        float,
+        0.0,
+        "decay per step of an exponential moving average of the weights, which validation and the checkpoints use "
+        "(0 = off; 0.999 averages about the last 1,000 steps: a smoother, usually better model than the last step)",
+        0,
+        1,
+        hi_open=True,
+    ),
+    Option(
         "compile",
         bool,
         False,

@@ -8,6 +8,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, field, make_dataclass
 from pathlib import Path
 
@@ -325,6 +326,35 @@ class Trainer:
         return self.model
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights (Polyak averaging): after each step
+    ``average ← average + (1 − decay)·(weights − average)``. Validation and checkpoints use the average
+    (:meth:`applied`), training goes on with the weights themselves. A convex combination, so GDN's weights stay
+    non-negative."""
+
+    def __init__(self, model: FedlvcCodec, decay: float, saved: dict | None = None):
+        self.decay = decay
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        for k, v in (saved or {}).items():  # a resumed run's average
+            self.average[k].copy_(v)
+
+    @torch.no_grad()
+    def update(self, model: FedlvcCodec) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.average:
+                self.average[k].lerp_(v, 1.0 - self.decay)
+
+    @contextmanager
+    def applied(self, model: FedlvcCodec):
+        """The model holds the averaged weights inside the block, its own ones again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.average}
+        model.load_state_dict(self.average, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own, strict=False)
+
+
 def _validation_crops(rows: list, size: int, limit: int = 48) -> torch.Tensor:
     """Centre crops (N, 3, s, s) of frame rows, or (N, S, 3, s, s) of segment rows."""
     if rows and isinstance(rows[0], list):
@@ -365,8 +395,9 @@ def _state_paths(out: Path):
     return Path(f"{stem}.train-state.safetensors"), Path(f"{stem}.train-state.json")
 
 
-def _save_state(out: Path, model, optimizer, info: dict) -> None:
+def _save_state(out: Path, model, optimizer, info: dict, average: WeightAverage | None = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in (average.average if average else {}).items()})
     for i, st in optimizer.state_dict()["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
@@ -382,6 +413,12 @@ def _read_info(out: Path) -> dict | None:
     """The saved training state's JSON (steps, best validation, DP history), or None to start afresh."""
     tpath, jpath = _state_paths(out)
     return json.loads(jpath.read_text()) if tpath.is_file() and jpath.is_file() else None
+
+
+def _saved_average(out: Path) -> dict:
+    """The weight average of a saved training state ({} when it has none)."""
+    tensors = load_file(str(_state_paths(out)[0]))
+    return {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
 
 
 def _load_tensors(out: Path, model, optimizer) -> None:
@@ -422,6 +459,8 @@ class _Checkpoints:
     ):
         self.out, self.trainer, self.cfg, self.dp, self.info, self.meta = out, trainer, cfg, dp, info, meta
         self.val_crops, self.log = val_crops.to(trainer.device), log
+        saved = _saved_average(out) if info["step"] else {}
+        self.average = WeightAverage(trainer.model, cfg.ema, saved) if cfg.ema else None
         self.before = meta["trained_before"]
         self.started, self.last = time.time() - info["wall_seconds"], time.time()
         self.nonfinite_before = info.get("nonfinite_steps", 0)
@@ -443,7 +482,21 @@ class _Checkpoints:
             or time.time() - self.last > self.cfg.checkpoint_seconds
         )
 
+    def step_done(self) -> None:
+        if self.average is not None:
+            self.average.update(self.trainer.model)
+
     def save(self, running: list, lr: float | None) -> dict:
+        """Validate and (when it is the best so far, or under DP) write the checkpoint, with the averaged weights
+        when ``ema`` is on; then the resumable state."""
+        model = self.trainer.model
+        with self.average.applied(model) if self.average else nullcontext(model):
+            val = self._save_model(running, lr)
+        _save_state(self.out, model, self.trainer.optimizer, self.info, self.average)
+        self.last = time.time()
+        return val
+
+    def _save_model(self, running: list, lr: float | None) -> dict:
         info, model = self.info, self.trainer.model
         info["wall_seconds"] = time.time() - self.started
         info["nonfinite_steps"] = self.nonfinite_before + self.trainer.nonfinite_steps
@@ -482,8 +535,6 @@ class _Checkpoints:
             # the integer coding tables of a checkpoint are derived on the CPU
             on_cpu = torch.device(self.trainer.device).type == "cpu"
             save_model(self.out, model if on_cpu else copy.deepcopy(model).cpu(), meta)
-        _save_state(self.out, model, self.trainer.optimizer, info)
-        self.last = time.time()
         return val
 
 
@@ -571,6 +622,7 @@ def train(
         lr = cfg.learning_rate * (0.1 if info["step"] >= cfg.lr_drop_at * cfg.steps else 1.0)
         loss = trainer.step(x, levels, lr)
         info["step"] += 1
+        checkpoints.step_done()
         if not math.isnan(loss):
             running.append(loss)
             if progress:
