@@ -36,37 +36,8 @@ def forward_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, r
     y = model.analysis(flat, levels.repeat_interleave(frames))
     yv = y.reshape(b, frames, *y.shape[1:])
     raw = model.temporal(levels)
-    groups = model.cfg.p_groups
     lam = torch.tensor(model.cfg.lambdas, dtype=y.dtype, device=y.device)[levels]
-    weights = None
-    # The latents the coder will hold (the encoder's P-frame rule; straight-through), with the motion
-    # history each P-frame is coded under.
-    targets, coded, histories, contexts = [], [], [None], [None]
-    for s in range(frames):
-        ys = yv[:, s]
-        if s == 0:
-            q = torch.round(ys.detach())
-            if rule.uses_rd:
-                weights = synthesis_sensitivity(model, q, levels)
-        else:
-            if s >= 2:
-                histories.append(next_history(histories[-1], coded[s - 2], coded[s - 1]))
-            found = []  # with RDO: the contexts the choice was made under, which code it
-            q = choose_p_latent(
-                ys.detach(),
-                coded[-1],
-                histories[-1],
-                raw.detach(),
-                groups,
-                rule,
-                model.cfg.support,
-                lam,
-                weights,
-                found,
-            )
-            contexts.append(found[0] if found else p_context(coded[-1], histories[-1], q, groups))
-        targets.append(ys + (q - ys).detach())
-        coded.append(q)
+    targets, coded, contexts = _coded_latents(model, yv, levels, raw, lam, rule)
     if model.training:
         y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
     else:
@@ -77,3 +48,28 @@ def forward_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, r
     for s in range(1, frames):
         bits = bits + PFrameCoder.training_bits(raw, targets[s], coded[s - 1], contexts[s])
     return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
+
+
+def _coded_latents(model: FedlvcCodec, yv: torch.Tensor, levels, raw, lam, rule: PFrameRule) -> tuple[list, list, list]:
+    """(straight-through targets, the latents the coder will hold, the contexts each P-frame is coded under) of a
+    segment's latents ``yv`` (B, S, C, h, w), frame by frame as the encoder chooses them (its P-frame rule),
+    with the motion history of the group."""
+    groups, support, weights = model.cfg.p_groups, model.cfg.support, None
+    targets, coded, histories, contexts = [], [], [None], [None]
+    for s in range(yv.shape[1]):
+        ys = yv[:, s]
+        if s == 0:
+            q = torch.round(ys.detach())
+            if rule.uses_rd:
+                weights = synthesis_sensitivity(model, q, levels)
+        else:
+            if s >= 2:
+                histories.append(next_history(histories[-1], coded[s - 2], coded[s - 1]))
+            found = []  # with RDO: the contexts the choice was made under, which code it
+            q = choose_p_latent(
+                ys.detach(), coded[-1], histories[-1], raw.detach(), groups, rule, support, lam, weights, found
+            )
+            contexts.append(found[0] if found else p_context(coded[-1], histories[-1], q, groups))
+        targets.append(ys + (q - ys).detach())
+        coded.append(q)
+    return targets, coded, contexts
