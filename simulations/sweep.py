@@ -253,6 +253,46 @@ def _check_summary(out: Path, setting: Setting) -> None:
         )
 
 
+def _measured_models(out: Path, settings: list[Setting], rc: RunConfig) -> list[tuple]:
+    """(name, setting or None, final model, its privacy record) of the public model and every setting's run."""
+    public = load_model(rc.init_model or None)
+    models = [
+        ("public", None, public, {"epsilon": 0.0, "sample_rate": 0.0, "steps": 0, "rounds": 0, "units_per_site": ""})
+    ]
+    for s in settings:
+        run_dir = out / "runs" / s.name
+        models.append((s.name, s, load_model(run_dir / "final.safetensors"), _site_privacy(run_dir / "history.json")))
+    return models
+
+
+def _fedlvc_row(base: dict, privacy: dict, name: str, s: Setting | None, p: dict) -> dict:
+    return {
+        **base,
+        **privacy,
+        "setting": name,
+        "codec": "fedlvc",
+        "noise_multiplier": "" if s is None else s.noise_multiplier,
+        "clip_only": "" if s is None else s.clip_only,
+        "quality": p["quality"],
+        "crf": "",
+        "bpp": p["bpp"],
+        "psnr": p["psnr"],
+        "ms_ssim": p["ms_ssim"],
+    }
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                r = dict(r)
+                if isinstance(r.get("epsilon"), float) and math.isinf(r["epsilon"]):
+                    r["epsilon"] = "inf"
+                writer.writerow(r)
+
+
 def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig, sites: int, progress: bool) -> None:
     frames = held_out_frames(rc, sites)
     crfs = tuple(sweep.get("x264-crfs", (18, 23, 28, 33, 38)))
@@ -265,57 +305,18 @@ def write_results(out: Path, sweep: dict, settings: list[Setting], rc: RunConfig
         "unit_frames": rc.unit_frames,
         "sites": sites,
     }
-    public = load_model(rc.init_model or None)
-    models = [
-        ("public", None, public, {"epsilon": 0.0, "sample_rate": 0.0, "steps": 0, "rounds": 0, "units_per_site": ""})
-    ]
-    for s in settings:
-        run_dir = out / "runs" / s.name
-        models.append((s.name, s, load_model(run_dir / "final.safetensors"), _site_privacy(run_dir / "history.json")))
-    qualities = list(range(1, public.cfg.num_levels + 1))
+    models = _measured_models(out, settings, rc)
+    qualities = list(range(1, models[0][2].cfg.num_levels + 1))
     for name, s, model, privacy in tqdm(models, desc="measure", unit="model", disable=not progress):
         points, decoded = fedlvc_points(frames, model, qualities, 25, keep_decoded=(rc.final_quality,))
         curves[name] = points
         grid.append((name, privacy["epsilon"], decoded[rc.final_quality]))
-        for p in points:
-            rows.append(
-                {
-                    **base,
-                    **privacy,
-                    "setting": name,
-                    "codec": "fedlvc",
-                    "noise_multiplier": "" if s is None else s.noise_multiplier,
-                    "clip_only": "" if s is None else s.clip_only,
-                    "quality": p["quality"],
-                    "crf": "",
-                    "bpp": p["bpp"],
-                    "psnr": p["psnr"],
-                    "ms_ssim": p["ms_ssim"],
-                }
-            )
+        rows += [_fedlvc_row(base, privacy, name, s, p) for p in points]
     x264, _ = baseline_points(frames, 25, ["x264"], crfs)
     curves["x264"] = x264
-    for p in x264:
-        rows.append(
-            {
-                "setting": "x264",
-                "codec": "x264",
-                "crf": p["crf"],
-                "bpp": p["bpp"],
-                "psnr": p["psnr"],
-                "ms_ssim": p["ms_ssim"],
-                "sites": sites,
-            }
-        )
-    with atomic_output(out / "results.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for r in rows:
-                r = dict(r)
-                if isinstance(r.get("epsilon"), float) and math.isinf(r["epsilon"]):
-                    r["epsilon"] = "inf"
-                writer.writerow(r)
+    keys = ("crf", "bpp", "psnr", "ms_ssim")
+    rows += [{"setting": "x264", "codec": "x264", **{k: p[k] for k in keys}, "sites": sites} for p in x264]
+    _write_csv(out / "results.csv", rows)
     write_site_gains(out, settings)
     matched = float(sweep.get("matched-bpp") or np.median([p["bpp"] for p in curves["public"]]))
     write_study(out / "study.json", models, curves, matched, rc, settings)
