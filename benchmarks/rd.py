@@ -144,9 +144,31 @@ def p_versus_intra_bd(ip_points: list[dict], intra_points: list[dict]) -> float 
     return None if bd is None else 1 + bd / 100
 
 
+def _baseline_runs(frames, fps, names, crfs, similarity) -> tuple[list, list]:
+    """(points of every baseline at every crf, the failed attempts): each point tried up to BASELINE_ATTEMPTS
+    times."""
+    from common.eval.evaluate import baseline_points
+
+    theirs, failures = [], []
+    for n in names:
+        for crf in crfs:
+            for attempt in range(1, BASELINE_ATTEMPTS + 1):
+                try:
+                    pts, _ = baseline_points(frames, fps, [n], [crf], similarity=similarity)
+                except Exception as e:  # e.g. libx265 via FFmpeg emitting a garbage DTS on very short clips
+                    failures.append({"codec": n, "crf": crf, "attempt": attempt, "error": f"{type(e).__name__}: {e}"})
+                    C.log(f"  {n} crf {crf}: attempt {attempt} failed: {type(e).__name__}: {e}")
+                    continue
+                theirs += pts
+                p = pts[0]
+                C.log(f"  {p['codec']} crf {p['crf']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB")
+                break
+    return theirs, failures
+
+
 def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None, similarity=None) -> dict:
     """RD of one clip; ``similarity(ref, decoded)``: MS-SSIM, or None where it is skipped."""
-    from common.eval.evaluate import baseline_points, bd_rates, fedlvc_codec_names, fedlvc_points
+    from common.eval.evaluate import bd_rates, fedlvc_codec_names, fedlvc_points
 
     t0 = time.perf_counter()
     frames, fps, source = C.load_clip(name, frames_n, gen_size)
@@ -165,20 +187,7 @@ def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 
     ours = by_codec["fedlvc"]
     p_vs_i = p_versus_i(ours, by_codec.get("fedlvc-intra", []))
     p_vs_intra_bd = p_versus_intra_bd(ours, by_codec.get("fedlvc-intra", []))
-    theirs, failures = [], []
-    for n in names:
-        for crf in crfs:
-            for attempt in range(1, BASELINE_ATTEMPTS + 1):
-                try:
-                    pts, _ = baseline_points(frames, fps, [n], [crf], similarity=similarity)
-                except Exception as e:  # e.g. libx265 via FFmpeg emitting a garbage DTS on very short clips
-                    failures.append({"codec": n, "crf": crf, "attempt": attempt, "error": f"{type(e).__name__}: {e}"})
-                    C.log(f"  {n} crf {crf}: attempt {attempt} failed: {type(e).__name__}: {e}")
-                    continue
-                theirs += pts
-                p = pts[0]
-                C.log(f"  {p['codec']} crf {p['crf']}: {p['bpp']:.4f} bpp {p['psnr']:.2f} dB")
-                break
+    theirs, failures = _baseline_runs(frames, fps, names, crfs, similarity)
     points = [p for pts in by_codec.values() for p in pts] + theirs
     bd = bd_rates(points)
     ranges = {}
@@ -226,6 +235,37 @@ def _fmt_bd(v) -> str:
     return "no overlap" if v is None else f"{v:+.1f} %"
 
 
+def _no_overlap(clip: dict, n: str) -> bool:
+    """Whether baseline ``n`` was measured on the clip but shares no PSNR range with fedlvc (no BD-rate)."""
+    return clip["bd_rate_vs"].get(n) is None and n in clip["ranges"]
+
+
+def _overlap_note(key: str, c: dict, n: str) -> str:
+    """Why there is no BD-rate against baseline ``n`` on clip ``key``: the ranges, and fedlvc's best point."""
+    best = max(c["equal_quality"][n], key=lambda row: row["fedlvc_psnr"])
+    same_bpp = best[f"{n}_psnr_at_same_bpp"]
+    fact = (
+        f"{n} reaches {same_bpp:.2f} dB at that bpp"
+        if isinstance(same_bpp, float)
+        else f"that bpp is outside {n}'s measured range"
+    )
+    rb = c["ranges"][n]
+    n_pts = sum(1 for q in c["points"] if q["codec"] == n)
+    dom = best["dominated_by"]
+    dom_txt = (
+        f"; every measured {n} point has higher PSNR at fewer bits"
+        if dom and len(dom) == n_pts
+        else f"; dominated by {n} {', '.join(dom)}"
+        if dom
+        else ""
+    )
+    return (
+        f"{key} vs {n}: no PSNR overlap — {n} spans {rb['psnr'][0]:.2f}–{rb['psnr'][1]:.2f} dB "
+        f"({rb['bpp'][0]:.3f}–{rb['bpp'][1]:.3f} bpp); fedlvc's best point q{best['quality']} "
+        f"is {best['fedlvc_psnr']:.2f} dB at {best['fedlvc_bpp']:.3f} bpp; {fact}{dom_txt}"
+    )
+
+
 def markdown(result: dict, names) -> str:
     cols = {
         "fedlvc-intra": "BD-rate vs fedlvc intra-only",
@@ -256,32 +296,7 @@ def markdown(result: dict, names) -> str:
         )
         cells += [f"{r['bpp'][0]:.3f}–{r['bpp'][1]:.3f}", f"{r['psnr'][0]:.2f}–{r['psnr'][1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-        for n in names:
-            if n.startswith("fedlvc"):
-                continue
-            if c["bd_rate_vs"].get(n) is None and n in c["ranges"]:
-                best = max(c["equal_quality"][n], key=lambda row: row["fedlvc_psnr"])
-                same_bpp = best[f"{n}_psnr_at_same_bpp"]
-                fact = (
-                    f"{n} reaches {same_bpp:.2f} dB at that bpp"
-                    if isinstance(same_bpp, float)
-                    else f"that bpp is outside {n}'s measured range"
-                )
-                rb = c["ranges"][n]
-                n_pts = sum(1 for q in c["points"] if q["codec"] == n)
-                dom = best["dominated_by"]
-                dom_txt = (
-                    f"; every measured {n} point has higher PSNR at fewer bits"
-                    if dom and len(dom) == n_pts
-                    else f"; dominated by {n} {', '.join(dom)}"
-                    if dom
-                    else ""
-                )
-                notes.append(
-                    f"{key} vs {n}: no PSNR overlap — {n} spans {rb['psnr'][0]:.2f}–{rb['psnr'][1]:.2f} dB "
-                    f"({rb['bpp'][0]:.3f}–{rb['bpp'][1]:.3f} bpp); fedlvc's best point q{best['quality']} "
-                    f"is {best['fedlvc_psnr']:.2f} dB at {best['fedlvc_bpp']:.3f} bpp; {fact}{dom_txt}"
-                )
+        notes += [_overlap_note(key, c, n) for n in names if not n.startswith("fedlvc") and _no_overlap(c, n)]
     meta = result.get("model_meta") or {}
     out = "\n".join(lines)
     out += (
