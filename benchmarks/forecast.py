@@ -73,7 +73,7 @@ def plot(points: list[dict], fits: dict, path: str) -> None:
     for (clip, series), f in fits.items():
         pts = [(p["hours"], p["bd_rate_percent"][clip][series]) for p in points if clip in p["bd_rate_percent"]]
         pts = [(h, v) for h, v in pts if v is not None]
-        (line,) = ax.plot(*zip(*pts), "o", label=f"{clip} {series}")
+        (line,) = ax.plot(*zip(*pts), "o" if f else "o:", label=f"{clip} {series}" + ("" if f else " (not fitted)"))
         if f:
             hs = [min(h for h, _ in pts), max(f["hours_to_zero"] or 0, max(h for h, _ in pts))]
             ax.plot(hs, [f["at_1h"] + f["per_doubling"] * math.log2(h) for h in hs], "--", color=line.get_color())
@@ -92,6 +92,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="rd.py --out JSONs, one per checkpoint")
     p.add_argument("--plot", help="PNG to draw")
+    p.add_argument(
+        "--fit",
+        default="intra",
+        help="comma list of the series to fit (intra, I+P; default intra: the I+P points also move whenever the "
+        "P-frame stage is rerun, not with the hours alone)",
+    )
     args = p.parse_args(argv)
     with C.json_stdout() as emit:
         points = sorted((point(r) for r in args.runs), key=lambda q: q["hours"])
@@ -99,7 +105,8 @@ def main(argv=None) -> int:
         fits = {}
         for clip, series in keys:
             pts = [(q["hours"], q["bd_rate_percent"].get(clip, {}).get(series)) for q in points]
-            fits[(clip, series)] = fit([(h, v) for h, v in pts if v is not None and h > 0])
+            fitted = series in args.fit.split(",")
+            fits[(clip, series)] = fit([(h, v) for h, v in pts if v is not None and h > 0]) if fitted else None
         if args.plot:
             plot(points, fits, args.plot)
         emit(
