@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from common.coding import bitstream as bs
-from common.coding.entropy import LatentCoder
+from common.coding.entropy import LatentCoders, pack
+from common.coding.latent import Condition, LatentCodec
 from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
 from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
@@ -39,17 +40,6 @@ from .errors import FedlvcError
 # chosen by rate-distortion cost.
 DEFAULT_GOP = GOP.default
 DEFAULT_P_RULE = PFrameRule(rd_weight=RD_WEIGHT.default)  # fedlvc compress's P-frame quantization
-
-
-def p_rule(rd_weight: float | None = None, skip_threshold: float | None = None) -> PFrameRule:
-    """The P-frame rule of the command-line options: rate–distortion optimised with weight ``rd_weight``
-    (default DEFAULT_RD_WEIGHT), or, with ``rd_weight`` 0, rounding with ``skip_threshold``."""
-    rd = RD_WEIGHT.default if rd_weight is None else rd_weight
-    if skip_threshold is not None and rd > 0:
-        raise FedlvcError("--skip-threshold applies only without rate-distortion optimisation: add --rd-weight 0")
-    rule = PFrameRule(rd_weight=rd, skip_threshold=skip_threshold or 0.0)
-    check_p_rule(rule)
-    return rule
 
 
 def padded_size(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -82,6 +72,15 @@ def check_gop(model: FedlvcCodec, gop: int) -> None:
         raise FedlvcError("this model is intra-only (no temporal prior): use --gop 1")
 
 
+def check_encoding(model: FedlvcCodec, quality: int, gop: int, rule: PFrameRule) -> None:
+    """Refuse what an encoder cannot do: the one check of an encoding's settings, made by :class:`FrameEncoder`
+    (which every way of encoding builds before it reads a frame or opens an output)."""
+    model.check_level(quality - 1)
+    check_gop(model, gop)
+    RD_WEIGHT.check(rule.rd_weight, "option")
+    SKIP_THRESHOLD.check(rule.skip_threshold, "option")
+
+
 class _GroupState:
     """The previous decoded latent of the current group of pictures and the group's motion history (all a
     P-frame depends on)."""
@@ -94,9 +93,10 @@ class _GroupState:
     def frame_type(self) -> int:
         return bs.frame_type_at(self.index, self.gop)
 
-    def references(self) -> tuple:
-        """(prev, history) for the next frame: (None, None) when it is an I-frame."""
-        return (None, None) if self.frame_type == bs.FRAME_INTRA else (self.prev, self.history)
+    def condition(self, level: int) -> Condition:
+        """What the next frame's latent is coded under: the level and, for a P-frame, the group's previous latent
+        and motion history."""
+        return Condition(level) if self.frame_type == bs.FRAME_INTRA else Condition(level, self.prev, self.history)
 
     def advance(self, y_hat: np.ndarray | None) -> None:
         """On to the next frame; ``y_hat``: the decoded latent (None: a motion model, whose P-frames need none
@@ -112,9 +112,13 @@ class _GroupState:
         self.index += 1
 
 
-def check_p_rule(rule: PFrameRule) -> None:
-    RD_WEIGHT.check(rule.rd_weight, "option")
-    SKIP_THRESHOLD.check(rule.skip_threshold, "option")
+@dataclass(frozen=True)
+class Decision:
+    """What an encoder decided for a frame's latent: the coder that codes it, the latent and its parameters."""
+
+    codec: LatentCodec
+    latent: np.ndarray
+    params: object
 
 
 class FrameEncoder:
@@ -125,17 +129,15 @@ class FrameEncoder:
     def __init__(
         self, model: FedlvcCodec, quality: int, track_bits: bool = False, gop: int = 1, rule: PFrameRule = PFrameRule()
     ):
-        model.check_level(quality - 1)
-        check_gop(model, gop)
-        check_p_rule(rule)
+        check_encoding(model, quality, gop, rule)
         self.model, self.level = model.eval(), quality - 1
-        self.coder = LatentCoder(model)
+        self.coders = LatentCoders(model)
         self._levels = torch.tensor([self.level])
         self.state = _GroupState(gop)
         self.rule = rule
-        self._weights = None  # channel sensitivities of the current group (rate-distortion optimisation)
-        self._contexts = None  # context indices of the P-frame latent just chosen
-        self._intra_params = None  # coding parameters of the I-frame latent just chosen (v4)
+        self._weights = (
+            None  # channel sensitivities of the current group, from its I-frame (rate-distortion optimisation)
+        )
         self._raw = None  # the temporal prior's raw scales at this level (1, C, contexts)
         self._lam = torch.tensor([model.cfg.lambdas[self.level]])
         self.track_bits = track_bits
@@ -152,36 +154,34 @@ class FrameEncoder:
 
     def latent(self, frame: np.ndarray) -> np.ndarray:
         """The quantized latent this encoder would code for ``frame`` as an I-frame."""
-        return self.coder.intra(np.round(self.analysis(frame)).astype(np.int64))[0]
+        return self.coders.intra.fit(np.round(self.analysis(frame)).astype(np.int64), Condition(self.level))[0]
 
-    def choose(self, y: np.ndarray) -> np.ndarray:
-        """The integer latent to code for the scaled latent ``y`` of the next frame."""
-        st = self.state
-        if st.frame_type == bs.FRAME_INTRA:
-            y_hat, self._intra_params = self.coder.intra(np.round(y).astype(np.int64))
-            if self.rule.uses_rd and st.gop > 1:
-                self._weights = synthesis_sensitivity(self.model, torch.from_numpy(y_hat).float()[None], self._levels)
-            return y_hat
-        prev, history = st.references()
+    def choose(self, y: np.ndarray) -> Decision:
+        """What to code for the scaled latent ``y`` of the next frame: an I-frame's latent fitted to its coder, or
+        the P-frame latent the encoder's rule chooses with the contexts it chose it under."""
+        condition = self.state.condition(self.level)
+        if condition.intra:
+            latent, params = self.coders.intra.fit(np.round(y).astype(np.int64), condition)
+            if self.rule.uses_rd and self.state.gop > 1:
+                self._weights = synthesis_sensitivity(self.model, torch.from_numpy(latent).float()[None], self._levels)
+            return Decision(self.coders.intra, latent, params)
         if self._raw is None:
             with torch.no_grad():
                 self._raw = self.model.temporal(self._levels)
-        contexts = []
         with torch.inference_mode():  # many small tensor operations: skip autograd's bookkeeping
-            chosen = choose_p_latent(
+            chosen, contexts = choose_p_latent(
                 torch.from_numpy(y)[None],
-                torch.from_numpy(prev).float()[None],
-                history,
+                torch.from_numpy(condition.prev).float()[None],
+                condition.history,
                 self._raw,
                 self.model.cfg.p_groups,
                 self.rule,
-                self.coder.support,
+                self.coders.p.support,
                 self._lam,
                 self._weights,
-                contexts_out=contexts,
             )
-        self._contexts = contexts[0][0].numpy() if contexts else None
-        return chosen[0].numpy().astype(np.int64)
+        latent = chosen[0].numpy().astype(np.int64)
+        return Decision(self.coders.p, latent, self.coders.p.params(contexts[0].numpy(), condition))
 
     def encode(self, frame: np.ndarray, key: int = 0) -> tuple[int, bytes]:
         """(frame type, ANS payload) of the next frame; ``key``: the stream key of the header it goes under
@@ -199,28 +199,10 @@ class FrameEncoder:
     def _latent_frame(self, frame: np.ndarray, key: int) -> tuple[np.ndarray, bytes, float]:
         """(latent, ANS payload, ideal bits when tracked) of the next frame coded in latent space: an I-frame, or
         a P-frame around the previous decoded latent; the group's state is not moved on."""
-        st = self.state
-        self._contexts = None
-        y_hat = self.choose(self.analysis(frame))
-        prev, history = st.references()
-        params = self._intra_params if prev is None else None
-        if prev is not None:  # the contexts the choice was made under are the ones the frame is coded under
-            params = (
-                self.coder.p.params_of(prev, self._contexts, self.level)
-                if self._contexts is not None
-                else self.coder.p.params(prev, history, self.level, y_hat)
-            )
-        bits = 0.0
-        if self.track_bits:
-            bits = (
-                self.coder.bits(y_hat, self.level, params)
-                if prev is None
-                else self.coder.p.bits(y_hat, prev, history, self.level, params)
-            )
-        payload = self.coder.encode(
-            y_hat, self.level, prev, history, params, check=bs.latent_checksum(y_hat, st.index, key)
-        )
-        return y_hat, payload, bits
+        d = self.choose(self.analysis(frame))
+        check = bs.latent_checksum(d.latent, self.state.index, key)
+        bits = d.codec.bits(d.latent, d.params) if self.track_bits else 0.0
+        return d.latent, pack(d.codec, d.latent, d.params, check), bits
 
     def _count(self, ftype: int, payload: bytes) -> None:
         name = bs.FRAME_TYPE_NAMES[bs.FRAME_PREDICTED if ftype == bs.FRAME_MOTION else ftype]
@@ -295,7 +277,7 @@ class FrameDecoder:
         ph, pw = padded_size(height, width, model.cfg.stride)
         s = model.cfg.stride
         self.shape = (model.cfg.latent_channels, ph // s, pw // s)
-        self.coder = LatentCoder(model)
+        self.coders = LatentCoders(model)
         self._levels = torch.tensor([self.level])
         self.version, self.key = version, key
         self.motion = MotionPFrames(model, self.level) if model.cfg.motion else None
@@ -333,7 +315,8 @@ class FrameDecoder:
             st.advance(None)
             return decoded
         check = None if self.version < 3 else (lambda y: bs.latent_checksum(y, index, self.key))
-        y_hat = self.coder.decode(payload, self.level, self.shape, *st.references(), check=check)
+        condition = st.condition(self.level)
+        y_hat = self.coders.latent(payload, condition, self.shape, check)
         if self.motion is None:
             st.advance(y_hat)
             return y_hat
@@ -438,9 +421,6 @@ def compress_file(
     check_output_path(out, (".lvc",))
     if _same_file(input_path, out):
         raise FedlvcError("the output would overwrite the input")
-    model.check_level(quality - 1)
-    check_gop(model, gop)
-    check_p_rule(DEFAULT_P_RULE if rule is None else rule)
     info = probe(input_path)
     with tqdm(total=info.frames, desc="compress", unit="frame", disable=not progress) as bar:
         return encode_frames(iter_frames(input_path), out, model, quality, info.fps, gop, bar, rule)
