@@ -24,8 +24,9 @@ STAGES = {
     "analysis (g_a, h_a)": {"codec": {"analysis"}, "model": {"analysis"}, "hypercoder": {"hyper_latent"}},
     "P-frame choice (RDO, motion search)": {
         "codec": {"choose"},
+        "pframe": {"choose"},
         "rdo": {"choose_p_latent", "synthesis_sensitivity"},
-        "residual": {"choose_residual", "residual_sensitivity", "trial", "_trial"},
+        "residual": {"residual_sensitivity", "trial", "_trial"},
         "motion": {"estimate"},
     },
     "contexts, parameters and tables": {

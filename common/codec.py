@@ -26,7 +26,7 @@ from tqdm import tqdm
 from common.coding import bitstream as bs
 from common.coding.entropy import LatentCoders, pack
 from common.coding.latent import Condition, LatentCodec
-from common.coding.rdo import choose_p_latent, synthesis_sensitivity
+from common.coding.rdo import synthesis_sensitivity
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
 from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 from common.motion.residual import MotionPFrames, to_uint8
@@ -75,10 +75,10 @@ def check_gop(model: FedlvcCodec, gop: int) -> None:
 def check_encoding(model: FedlvcCodec, quality: int, gop: int, rule: PFrameRule) -> None:
     """Refuse what an encoder cannot do: the one check of an encoding's settings, made by :class:`FrameEncoder`
     (which every way of encoding builds before it reads a frame or opens an output)."""
-    model.check_level(quality - 1)
     check_gop(model, gop)
     RD_WEIGHT.check(rule.rd_weight, "option")
     SKIP_THRESHOLD.check(rule.skip_threshold, "option")
+    model.check_level(quality - 1)
 
 
 class _GroupState:
@@ -131,21 +131,14 @@ class FrameEncoder:
     ):
         check_encoding(model, quality, gop, rule)
         self.model, self.level = model.eval(), quality - 1
+        self.state = _GroupState(gop)
         self.coders = LatentCoders(model)
         self._levels = torch.tensor([self.level])
-        self.state = _GroupState(gop)
         self.rule = rule
-        self._weights = (
-            None  # channel sensitivities of the current group, from its I-frame (rate-distortion optimisation)
-        )
-        self._raw = None  # the temporal prior's raw scales at this level (1, C, contexts)
-        self._lam = torch.tensor([model.cfg.lambdas[self.level]])
+        self._weights = None  # the group's channel sensitivities, from its I-frame (rate-distortion optimisation)
         self.track_bits = track_bits
         self.ideal_bits = 0.0  # −Σ log2 p of everything encoded so far (when track_bits)
-        self.bytes_by_type = {"I": 0, "P": 0}
-        self.frames_by_type = {"I": 0, "P": 0}
         self.motion = MotionPFrames(model, self.level) if model.cfg.motion else None
-        self.motion_frames = 0  # P positions coded as motion-compensated frames (M)
 
     @torch.inference_mode()
     def analysis(self, frame: np.ndarray) -> np.ndarray:
@@ -165,23 +158,8 @@ class FrameEncoder:
             if self.rule.uses_rd and self.state.gop > 1:
                 self._weights = synthesis_sensitivity(self.model, torch.from_numpy(latent).float()[None], self._levels)
             return Decision(self.coders.intra, latent, params)
-        if self._raw is None:
-            with torch.no_grad():
-                self._raw = self.model.temporal(self._levels)
-        with torch.inference_mode():  # many small tensor operations: skip autograd's bookkeeping
-            chosen, contexts = choose_p_latent(
-                torch.from_numpy(y)[None],
-                torch.from_numpy(condition.prev).float()[None],
-                condition.history,
-                self._raw,
-                self.model.cfg.p_groups,
-                self.rule,
-                self.coders.p.support,
-                self._lam,
-                self._weights,
-            )
-        latent = chosen[0].numpy().astype(np.int64)
-        return Decision(self.coders.p, latent, self.coders.p.params(contexts[0].numpy(), condition))
+        latent, params = self.coders.p.choose(torch.from_numpy(y)[None], condition, self.rule, self._weights)
+        return Decision(self.coders.p, latent, params)
 
     def encode(self, frame: np.ndarray, key: int = 0) -> tuple[int, bytes]:
         """(frame type, ANS payload) of the next frame; ``key``: the stream key of the header it goes under
@@ -192,7 +170,6 @@ class FrameEncoder:
         ftype = st.frame_type
         y_hat, payload, bits = self._latent_frame(frame, key)
         self.ideal_bits += bits
-        self._count(ftype, payload)
         st.advance(y_hat)
         return ftype, payload
 
@@ -203,12 +180,6 @@ class FrameEncoder:
         check = bs.latent_checksum(d.latent, self.state.index, key)
         bits = d.codec.bits(d.latent, d.params) if self.track_bits else 0.0
         return d.latent, pack(d.codec, d.latent, d.params, check), bits
-
-    def _count(self, ftype: int, payload: bytes) -> None:
-        name = bs.FRAME_TYPE_NAMES[bs.FRAME_PREDICTED if ftype == bs.FRAME_MOTION else ftype]
-        self.bytes_by_type[name] += bs.chunk_size(payload, ftype, bs.version_for(self.model.cfg))
-        self.frames_by_type[name] += 1
-        self.motion_frames += ftype == bs.FRAME_MOTION
 
     def _cost(self, frame: np.ndarray, decoded: torch.Tensor, payload: bytes, ftype: int) -> float:
         """The training loss of a coded frame times its pixels: λ·255²·MSE·pixels + bits (on disk)."""
@@ -243,7 +214,6 @@ class FrameEncoder:
             else:
                 self.motion.follow(decoded)
         self.ideal_bits += bits if self.track_bits else 0.0
-        self._count(ftype, payload)
         st.advance(y_hat)
         return ftype, payload
 
@@ -352,20 +322,25 @@ def encode_frames(
     encoder = FrameEncoder(model, quality, track_bits=True, gop=gop, rule=DEFAULT_P_RULE if rule is None else rule)
     fp = fingerprint(model)
     count, size, header = 0, None, None
+    frames_by_type, bytes_by_type, motion_frames = {"I": 0, "P": 0}, {"I": 0, "P": 0}, 0
     with atomic_output(output) as tmp, open(tmp, "wb") as f:
         f.write(bytes(bs.HEADER_SIZE))  # placeholder, rewritten once the frame count is known
         for frame in frames:
             if size is None:
                 size = frame.shape[:2]
-                version = bs.version_for(model.cfg)
-                header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), 0, gop, version)
+                header = bs.StreamHeader(
+                    fp, quality, size[1], size[0], Fraction(fps), 0, gop, bs.version_for(model.cfg)
+                )
             elif frame.shape[:2] != size:
                 raise FedlvcError(
                     f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
                     f"expected {size[1]}x{size[0]} (size changes are not supported)"
                 )
             ftype, payload = encoder.encode(frame, header.stream_key)
-            bs.write_chunk(f, payload, ftype, header.version)
+            name = "I" if ftype == bs.FRAME_INTRA else "P"  # a motion-compensated frame (M) is a P-frame
+            bytes_by_type[name] += bs.write_chunk(f, payload, ftype, header.version)
+            frames_by_type[name] += 1
+            motion_frames += ftype == bs.FRAME_MOTION
             count += 1
             if progress is not None:
                 progress.update(1)
@@ -386,17 +361,10 @@ def encode_frames(
         "bytes": total,
         "bpp": total * 8 / pixels,
         "ideal_bpp": encoder.ideal_bits / pixels,
-        "frames_by_type": dict(encoder.frames_by_type),
-        **({"motion_frames": encoder.motion_frames} if model.cfg.motion else {}),
-        "chunk_bytes_by_type": dict(encoder.bytes_by_type),
+        "frames_by_type": frames_by_type,
+        **({"motion_frames": motion_frames} if model.cfg.motion else {}),
+        "chunk_bytes_by_type": bytes_by_type,
     }
-
-
-def _same_file(a, b) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def default_gop(model: FedlvcCodec) -> int:
@@ -418,9 +386,7 @@ def compress_file(
     out = Path(output_path)
     if out.suffix.lower() != ".lvc":
         raise FedlvcError(f"the compressed output must end in .lvc: {out}")
-    check_output_path(out, (".lvc",))
-    if _same_file(input_path, out):
-        raise FedlvcError("the output would overwrite the input")
+    check_output_path(out, (".lvc",), source=input_path)
     info = probe(input_path)
     with tqdm(total=info.frames, desc="compress", unit="frame", disable=not progress) as bar:
         return encode_frames(iter_frames(input_path), out, model, quality, info.fps, gop, bar, rule)
@@ -512,9 +478,7 @@ def decompress_file(
 ) -> dict:
     """Decode a ``.lvc`` file (or frames start .. start+count-1 of it) to ``.mkv`` (FFV1 RGB), ``.y4m`` or
     ``.mp4``; no output is left on error."""
-    check_output_path(output_path)
-    if _same_file(input_path, output_path):
-        raise FedlvcError("the output would overwrite the input")
+    check_output_path(output_path, source=input_path)
     header, frames = decode_stream(input_path, model, start, count)
     with (
         VideoWriter(output_path, header.width, header.height, header.fps) as writer,

@@ -17,12 +17,14 @@ import constriction
 import numpy as np
 import torch
 
+from common.config.options import PFrameRule
 from common.errors import FedlvcError
 from common.net.contexts import PFrameContexts, p_context
 from common.net.model import FedlvcCodec
 from common.net.priors import laplace_likelihood, laplace_scale, temporal_scales
 
 from .latent import Condition, Training
+from .rdo import choose_p_latent
 
 MIN_PROBABILITY = 2.0**-24  # constriction (perfect=False) gives every symbol at least about this much
 
@@ -35,6 +37,7 @@ class PFrameCoder:
     def __init__(self, model: FedlvcCodec, prior: torch.nn.Module | None = None):
         self.model, self.support = model, model.cfg.support
         self.prior = prior
+        self._raw: dict[int, torch.Tensor] = {}
         self._scales: dict[int, np.ndarray] = {}
         self._laplace = constriction.stream.model.QuantizedLaplace(-self.support, self.support)
 
@@ -49,15 +52,37 @@ class PFrameCoder:
 
     # ------------------------------------------------------------------------------------------- coding
 
-    def scale_table(self, level: int) -> np.ndarray:
-        """(C, contexts) float64 Laplace scales of the P-frame prior."""
-        if level not in self._scales:
+    def raw(self, level: int) -> torch.Tensor:
+        """(1, C, contexts) float32: the prior's raw scales at ``level``."""
+        if level not in self._raw:
             if not self.model.cfg.temporal:
                 raise FedlvcError("this model is intra-only: it cannot code P-frames (use --gop 1)")
             with torch.no_grad():
-                raw = (self.prior or self.model.temporal)(torch.tensor([level]))[0].double()
-                self._scales[level] = laplace_scale(raw).numpy()
+                self._raw[level] = (self.prior or self.model.temporal)(torch.tensor([level]))
+        return self._raw[level]
+
+    def scale_table(self, level: int) -> np.ndarray:
+        """(C, contexts) float64 Laplace scales of the P-frame prior."""
+        if level not in self._scales:
+            with torch.no_grad():
+                self._scales[level] = laplace_scale(self.raw(level)[0].double()).numpy()
         return self._scales[level]
+
+    def choose(
+        self, y: torch.Tensor, condition: Condition, rule: PFrameRule, weights: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """The encoder's side of a P-frame, in place of :meth:`fit`: (the latent its P-frame ``rule`` chooses for
+        the scaled latent ``y`` (1, C, h, w), :func:`common.coding.rdo.choose_p_latent`, ``weights`` (1, C) being
+        the group's channel sensitivities for rate–distortion optimisation; its :meth:`params` under the contexts
+        it was chosen under)."""
+        lam = torch.tensor([self.model.cfg.lambdas[condition.level]])
+        prev = torch.from_numpy(condition.prev).float()[None]
+        raw, groups = self.raw(condition.level), self.model.cfg.p_groups
+        with torch.inference_mode():  # many small tensor operations: skip autograd's bookkeeping
+            chosen, contexts = choose_p_latent(
+                y, prev, condition.history, raw, groups, rule, self.support, lam, weights, condition.base
+            )
+        return chosen[0].numpy().astype(np.int64), self.params(contexts[0].numpy(), condition)
 
     def fit(self, y_hat: np.ndarray, condition: Condition) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """(the latent clipped to the support, its :meth:`params` under the contexts it makes: with in-frame

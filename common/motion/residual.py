@@ -92,24 +92,6 @@ class ResidualCoder(PFrameCoder):
         return Condition(level, np.zeros(shape, dtype=np.int64), history, base)
 
 
-def choose_residual(
-    model: FedlvcCodec,
-    y_r: torch.Tensor,
-    base: torch.Tensor,
-    history: MotionHistory | None,
-    raw: torch.Tensor,
-    rule: PFrameRule,
-    lam: torch.Tensor,
-    weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the integer residual latent (B, C, h, w) the encoder codes for ``y_r``, its context indices): the
-    P-frame rule around zero (:func:`common.coding.rdo.choose_p_latent`: rate–distortion optimised, or rounding)
-    under the residual contexts ``base`` (:func:`common.net.contexts.residual_context` of the blocks' motion
-    classes and the group's ``history``)."""
-    zeros = torch.zeros_like(y_r)
-    return choose_p_latent(y_r, zeros, history, raw, model.cfg.p_groups, rule, model.cfg.support, lam, weights, base)
-
-
 def residual_sensitivity(model: FedlvcCodec, y_r: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """(B, C) channel sensitivities of the residual synthesis for rate–distortion optimisation, measured once per
     group of pictures at its first P-frame's residual latent before rounding (at an all-zero latent every
@@ -131,7 +113,7 @@ class _Chain:
 def _coder_chain(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, rule: PFrameRule, raw) -> _Chain:
     """The coder's decisions on segments ``x`` (B, S, 3, H, W), without gradients or module calls."""
     b, frames = x.shape[:2]
-    support = model.cfg.support
+    support, groups = model.cfg.support, model.cfg.p_groups
     y0 = (hook_free(model.g_a, x[:, 0] - 0.5) * _gains(model.gain, levels)).round().clamp(-support, support)
     ref = to_uint8(hook_free(model.g_s, y0 * _gains(model.inv_gain, levels)) + 0.5)
     lam = torch.tensor(model.cfg.lambdas, dtype=x.dtype)[levels]
@@ -151,8 +133,8 @@ def _coder_chain(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, rule
         y_r = hook_free(model.res_g_a, to_unit(cur) - unit) * _gains(model.res_gain, levels)
         if rule.uses_rd and weights is None:
             weights = residual_sensitivity(model, y_r, levels)
-        base = residual_context(classes, history, y_r.shape[1])
-        q, ctx = choose_residual(model, y_r, base, history, raw, rule, lam, weights)
+        base = residual_context(classes, history, y_r.shape[1])  # the P-frame rule around zero, as the coder's
+        q, ctx = choose_p_latent(y_r, torch.zeros_like(y_r), history, raw, groups, rule, support, lam, weights, base)
         ref = to_uint8(unit + hook_free(model.res_g_s, q * _gains(model.res_inv_gain, levels)))
         history = next_history(history, torch.zeros_like(q), q)
         preds.append(unit)
@@ -216,8 +198,6 @@ class MotionPFrames:
         self.model, self.level = model, level
         self.levels = torch.tensor([level])
         self.residual = ResidualCoder(model)
-        with torch.no_grad():
-            self.raw = model.res_prior(self.levels)
         self.lam = torch.tensor([model.cfg.lambdas[level]])
         self.ref: torch.Tensor | None = None
         self.history: MotionHistory | None = None
@@ -261,9 +241,8 @@ class MotionPFrames:
         diff = vector_differences(mv.numpy())
         classes = torch.from_numpy(motion_class(mv.numpy()))[None]
         condition = ResidualCoder.condition(self.level, classes, self.history, y_r.shape[1:])
-        q, ctx = choose_residual(self.model, y_r, condition.base, self.history, self.raw, rule, self.lam, weights)
-        latent = q[0].numpy().astype(np.int64)
-        params = self.residual.params(ctx[0].numpy(), condition)
+        latent, params = self.residual.choose(y_r, condition, rule, weights)
+        q = torch.from_numpy(latent)[None]
         coder = constriction.stream.stack.AnsCoder()
         push_check(coder, check(latent, diff))
         self.residual.compress(coder, latent, params)
