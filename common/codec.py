@@ -278,10 +278,7 @@ class FrameDecoder:
         index = st.index
         frame_type = st.frame_type if frame_type is None else frame_type
         if frame_type == bs.FRAME_MOTION:
-            if len(payload) % 4:
-                raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
-            words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-            decoded = self.motion.decode(words, self.shape, lambda y, d: bs.motion_checksum(y, d, index, self.key))
+            decoded = self.motion.unpack(payload, self.shape, lambda y, d: bs.motion_checksum(y, d, index, self.key))
             st.advance(None)
             return decoded
         check = None if self.version < 3 else (lambda y: bs.latent_checksum(y, index, self.key))

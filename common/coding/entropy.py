@@ -1,6 +1,8 @@
-"""Entropy coding of quantized latents with the model's learned prior (constriction's ANS coder).
+"""Entropy coding of quantized latents (constriction's ANS coder): the factorized-prior I-frame coder, a model's
+latent coders (:class:`LatentCoders`) and a frame's payload — one coder's latent on top of a 32-bit check value
+(:func:`pack`, :func:`unpack`).
 
-For quality level q and channel c the prior's discretised pmf over the symbols ``k ∈ [-R, R]`` is
+For quality level q and channel c the factorized prior's discretised pmf over the symbols ``k ∈ [-R, R]`` is
 ``CDF(k+½) − CDF(k−½)``, with the tails folded into the two end symbols, the same formula the training
 loss uses for the rate. Tables are computed in float64 from the weights, so encoder and decoder that load
 the same checkpoint build bit-identical models.
@@ -121,6 +123,13 @@ class LatentCoders:
         return unpack(self.of(condition), payload, condition, shape, check)
 
 
+def payload_words(payload: bytes) -> np.ndarray:
+    """The 32-bit ANS words of a payload; refused unless it is a whole number of them."""
+    if len(payload) % 4:
+        raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
+    return np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+
+
 def pack(codec: LatentCodec, latent: np.ndarray, params, check: int = SENTINEL) -> bytes:
     """One frame's payload (a whole number of 32-bit words): the latent pushed by ``codec`` with ``params`` on
     top of the 32-bit ``check`` value (versions 3, 4: :func:`common.coding.bitstream.latent_checksum`)."""
@@ -135,9 +144,7 @@ def unpack(codec: LatentCodec, payload: bytes, condition: Condition, shape: tupl
     """Inverse of :func:`pack`: the latent (C, h, w) int64. ``check``: a function of the decoded latent giving the
     check value the stream must end with (None: the fixed sentinel). Raises FedlvcError when the payload does not
     decode to exactly ``shape`` with that check value."""
-    if len(payload) % 4:
-        raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
-    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+    words = payload_words(payload)
     try:
         ans = constriction.stream.stack.AnsCoder(words)
         out = codec.decompress(ans, condition, shape)

@@ -33,7 +33,7 @@ import constriction
 import numpy as np
 import torch
 
-from common.coding.entropy import LatentCoders, pop_check, push_check
+from common.coding.entropy import LatentCoders, payload_words, pop_check, push_check
 from common.coding.latent import Condition, Training
 from common.coding.pframe import MIN_PROBABILITY, PFrameCoder
 from common.coding.rdo import choose_p_latent, hook_free, synthesis_sensitivity
@@ -259,10 +259,11 @@ class MotionPFrames:
         return MotionTrial(payload, bits, decoded, float((mv == 0).all(-1).float().mean()), commit)
 
     @torch.inference_mode()
-    def decode(self, words: np.ndarray, shape: tuple[int, int, int], check) -> torch.Tensor:
-        """The padded decoded frame (H, W, 3) uint8 of a P-frame's ANS words; ``check(latent, differences)`` the
+    def unpack(self, payload: bytes, shape: tuple[int, int, int], check) -> torch.Tensor:
+        """The padded decoded frame (H, W, 3) uint8 of a P-frame's payload; ``check(latent, differences)`` the
         value its stream must end with. Raises FedlvcError on any damage, before the frame is reconstructed."""
-        c, h, w = shape
+        _, h, w = shape
+        words = payload_words(payload)
         try:
             coder = constriction.stream.stack.AnsCoder(words)
             diff = np.stack([coder.decode(m, h * w) for m in self._vector_models()], -1).reshape(h, w, 2)
