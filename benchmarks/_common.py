@@ -93,11 +93,11 @@ def load_model(arg: str | None):
 def p_rule_arg(parser, args):
     """The P-frame rule of ``--rd-weight`` / ``--skip-threshold`` (as ``fedlvc compress`` reads them); a
     combination it refuses ends the script through ``parser.error`` (one line, exit 2)."""
-    from common.codec import p_rule
+    from common.config.options import PFrameRule
     from common.errors import FedlvcError
 
     try:
-        return p_rule(args.rd_weight, args.skip_threshold)
+        return PFrameRule.from_options(args.rd_weight, args.skip_threshold)
     except FedlvcError as e:
         parser.error(str(e))
 

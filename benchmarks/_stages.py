@@ -24,18 +24,23 @@ STAGES = {
     "analysis (g_a, h_a)": {"codec": {"analysis"}, "model": {"analysis"}, "hypercoder": {"hyper_latent"}},
     "P-frame choice (RDO, motion search)": {
         "codec": {"choose"},
+        "pframe": {"choose"},
         "rdo": {"choose_p_latent", "synthesis_sensitivity"},
-        "residual": {"choose_residual", "residual_sensitivity", "trial", "_trial"},
+        "residual": {"residual_sensitivity", "trial", "_trial"},
         "motion": {"estimate"},
     },
     "contexts, parameters and tables": {
         "contexts": None,
-        "pframe": {"params", "params_of", "scale_table"},
-        "hypercoder": {"params", "fit", "_groups", "_gauss_model", "_z_models", "integer_layers"},
-        "entropy": {"pmf", "_categoricals", "intra", "clip"},
+        "pframe": {"params", "fit", "scale_table"},
+        "hypercoder": {"_element_tables", "fit", "_groups", "_gauss_model", "_z_models", "integer_layers"},
+        "entropy": {"pmf", "_categoricals", "fit", "_symbols"},
         "motion": {"motion_class", "vector_differences", "vectors_from_differences", "median_predictor"},
     },
-    "ANS coding": {"entropy": {"encode", "decode"}, "pframe": {"encode", "decode"}, "hypercoder": {"encode", "decode"}},
+    "ANS coding": {
+        "entropy": {"pack", "unpack", "compress", "decompress"},
+        "pframe": {"compress", "decompress"},
+        "hypercoder": {"compress", "decompress"},
+    },
     "synthesis (g_s) and prediction": {
         "model": {"synthesis"},
         "codec": {"intra_frame", "reconstruct", "_to_frame"},

@@ -32,9 +32,9 @@ def split_bits(frames, model, quality: int, threshold: int) -> dict:
             encoder.encode(frame)
             i_bits = encoder.ideal_bits
             continue
-        prev, history = encoder.state.references()
+        condition = encoder.state.condition(quality - 1)
         encoder.encode(frame)
-        means, scales = encoder.coder.p.params(prev, history, quality - 1, encoder.state.prev)
+        means, scales = encoder.coders.p.fit(encoder.state.prev, condition)[1]
         y = encoder.state.prev.reshape(-1).astype(np.float64)
         p = laplace_likelihood(*(torch.from_numpy(a) for a in (y, means, scales))).numpy()
         bits = -np.log2(np.maximum(p, 2.0**-24)).reshape(encoder.state.prev.shape)

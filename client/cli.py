@@ -57,9 +57,9 @@ def _progress_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_compress(args) -> int:
     from common.checkpoint import load_model
-    from common.codec import compress_file, p_rule
+    from common.codec import compress_file
 
-    rule = p_rule(args.rd_weight, args.skip_threshold)
+    rule = o.PFrameRule.from_options(args.rd_weight, args.skip_threshold)
     model = load_model(args.model)
     summary = compress_file(
         args.input, args.output, model, quality=args.quality, gop=args.gop, progress=not args.quiet, rule=rule
@@ -147,10 +147,9 @@ def cmd_public_data(args) -> int:
 
 def _train_config(args):
     """The TrainConfig of `fedlvc train`'s options (every option of common.config.options.TRAIN_OPTIONS)."""
-    from common.codec import p_rule
     from common.train.training import TRAIN_OPTIONS, TrainConfig
 
-    rule = p_rule(args.rd_weight, args.skip_threshold)
+    rule = o.PFrameRule.from_options(args.rd_weight, args.skip_threshold)
     fields = {opt.attr: getattr(args, opt.attr) for opt in TRAIN_OPTIONS if hasattr(args, opt.attr)}
     fields.update(segment_frames=args.segment_frames if args.privacy_unit == "segment" else 0)
     return TrainConfig(**{**fields, "rd_weight": rule.rd_weight, "skip_threshold": rule.skip_threshold})
@@ -245,7 +244,7 @@ def _compress_parser(sub) -> None:
 
 
 def _p_rule_options(parser, what: str) -> None:
-    """--rd-weight and --skip-threshold, unset by default (common.codec.p_rule: the encoder's default rule)."""
+    """--rd-weight and --skip-threshold, unset by default (PFrameRule.from_options: the encoder's default rule)."""
     o.RD_WEIGHT.add_to(parser, default=None, help=what + o.RD_WEIGHT.help + f" (default {o.RD_WEIGHT.default:g})")
     o.SKIP_THRESHOLD.add_to(parser, default=None, help=what + o.SKIP_THRESHOLD.help + " (default 0: plain rounding)")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from common.coding import bitstream as bs
-from common.coding.entropy import LatentCoder
-from common.coding.rdo import choose_p_latent, synthesis_sensitivity
+from common.coding.entropy import LatentCoders, pack
+from common.coding.latent import Condition, LatentCodec
+from common.coding.rdo import synthesis_sensitivity
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
 from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 from common.motion.residual import MotionPFrames, to_uint8
@@ -39,17 +40,6 @@ from .errors import FedlvcError
 # chosen by rate-distortion cost.
 DEFAULT_GOP = GOP.default
 DEFAULT_P_RULE = PFrameRule(rd_weight=RD_WEIGHT.default)  # fedlvc compress's P-frame quantization
-
-
-def p_rule(rd_weight: float | None = None, skip_threshold: float | None = None) -> PFrameRule:
-    """The P-frame rule of the command-line options: rate–distortion optimised with weight ``rd_weight``
-    (default DEFAULT_RD_WEIGHT), or, with ``rd_weight`` 0, rounding with ``skip_threshold``."""
-    rd = RD_WEIGHT.default if rd_weight is None else rd_weight
-    if skip_threshold is not None and rd > 0:
-        raise FedlvcError("--skip-threshold applies only without rate-distortion optimisation: add --rd-weight 0")
-    rule = PFrameRule(rd_weight=rd, skip_threshold=skip_threshold or 0.0)
-    check_p_rule(rule)
-    return rule
 
 
 def padded_size(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -82,6 +72,15 @@ def check_gop(model: FedlvcCodec, gop: int) -> None:
         raise FedlvcError("this model is intra-only (no temporal prior): use --gop 1")
 
 
+def check_encoding(model: FedlvcCodec, quality: int, gop: int, rule: PFrameRule) -> None:
+    """Refuse what an encoder cannot do: the one check of an encoding's settings, made by :class:`FrameEncoder`
+    (which every way of encoding builds before it reads a frame or opens an output)."""
+    check_gop(model, gop)
+    RD_WEIGHT.check(rule.rd_weight, "option")
+    SKIP_THRESHOLD.check(rule.skip_threshold, "option")
+    model.check_level(quality - 1)
+
+
 class _GroupState:
     """The previous decoded latent of the current group of pictures and the group's motion history (all a
     P-frame depends on)."""
@@ -94,9 +93,10 @@ class _GroupState:
     def frame_type(self) -> int:
         return bs.frame_type_at(self.index, self.gop)
 
-    def references(self) -> tuple:
-        """(prev, history) for the next frame: (None, None) when it is an I-frame."""
-        return (None, None) if self.frame_type == bs.FRAME_INTRA else (self.prev, self.history)
+    def condition(self, level: int) -> Condition:
+        """What the next frame's latent is coded under: the level and, for a P-frame, the group's previous latent
+        and motion history."""
+        return Condition(level) if self.frame_type == bs.FRAME_INTRA else Condition(level, self.prev, self.history)
 
     def advance(self, y_hat: np.ndarray | None) -> None:
         """On to the next frame; ``y_hat``: the decoded latent (None: a motion model, whose P-frames need none
@@ -112,9 +112,13 @@ class _GroupState:
         self.index += 1
 
 
-def check_p_rule(rule: PFrameRule) -> None:
-    RD_WEIGHT.check(rule.rd_weight, "option")
-    SKIP_THRESHOLD.check(rule.skip_threshold, "option")
+@dataclass(frozen=True)
+class Decision:
+    """What an encoder decided for a frame's latent: the coder that codes it, the latent and its parameters."""
+
+    codec: LatentCodec
+    latent: np.ndarray
+    params: object
 
 
 class FrameEncoder:
@@ -125,25 +129,16 @@ class FrameEncoder:
     def __init__(
         self, model: FedlvcCodec, quality: int, track_bits: bool = False, gop: int = 1, rule: PFrameRule = PFrameRule()
     ):
-        model.check_level(quality - 1)
-        check_gop(model, gop)
-        check_p_rule(rule)
+        check_encoding(model, quality, gop, rule)
         self.model, self.level = model.eval(), quality - 1
-        self.coder = LatentCoder(model)
-        self._levels = torch.tensor([self.level])
         self.state = _GroupState(gop)
+        self.coders = LatentCoders(model)
+        self._levels = torch.tensor([self.level])
         self.rule = rule
-        self._weights = None  # channel sensitivities of the current group (rate-distortion optimisation)
-        self._contexts = None  # context indices of the P-frame latent just chosen
-        self._intra_params = None  # coding parameters of the I-frame latent just chosen (v4)
-        self._raw = None  # the temporal prior's raw scales at this level (1, C, contexts)
-        self._lam = torch.tensor([model.cfg.lambdas[self.level]])
+        self._weights = None  # the group's channel sensitivities, from its I-frame (rate-distortion optimisation)
         self.track_bits = track_bits
         self.ideal_bits = 0.0  # −Σ log2 p of everything encoded so far (when track_bits)
-        self.bytes_by_type = {"I": 0, "P": 0}
-        self.frames_by_type = {"I": 0, "P": 0}
         self.motion = MotionPFrames(model, self.level) if model.cfg.motion else None
-        self.motion_frames = 0  # P positions coded as motion-compensated frames (M)
 
     @torch.inference_mode()
     def analysis(self, frame: np.ndarray) -> np.ndarray:
@@ -152,36 +147,19 @@ class FrameEncoder:
 
     def latent(self, frame: np.ndarray) -> np.ndarray:
         """The quantized latent this encoder would code for ``frame`` as an I-frame."""
-        return self.coder.intra(np.round(self.analysis(frame)).astype(np.int64))[0]
+        return self.coders.intra.fit(np.round(self.analysis(frame)).astype(np.int64), Condition(self.level))[0]
 
-    def choose(self, y: np.ndarray) -> np.ndarray:
-        """The integer latent to code for the scaled latent ``y`` of the next frame."""
-        st = self.state
-        if st.frame_type == bs.FRAME_INTRA:
-            y_hat, self._intra_params = self.coder.intra(np.round(y).astype(np.int64))
-            if self.rule.uses_rd and st.gop > 1:
-                self._weights = synthesis_sensitivity(self.model, torch.from_numpy(y_hat).float()[None], self._levels)
-            return y_hat
-        prev, history = st.references()
-        if self._raw is None:
-            with torch.no_grad():
-                self._raw = self.model.temporal(self._levels)
-        contexts = []
-        with torch.inference_mode():  # many small tensor operations: skip autograd's bookkeeping
-            chosen = choose_p_latent(
-                torch.from_numpy(y)[None],
-                torch.from_numpy(prev).float()[None],
-                history,
-                self._raw,
-                self.model.cfg.p_groups,
-                self.rule,
-                self.coder.support,
-                self._lam,
-                self._weights,
-                contexts_out=contexts,
-            )
-        self._contexts = contexts[0][0].numpy() if contexts else None
-        return chosen[0].numpy().astype(np.int64)
+    def choose(self, y: np.ndarray) -> Decision:
+        """What to code for the scaled latent ``y`` of the next frame: an I-frame's latent fitted to its coder, or
+        the P-frame latent the encoder's rule chooses with the contexts it chose it under."""
+        condition = self.state.condition(self.level)
+        if condition.intra:
+            latent, params = self.coders.intra.fit(np.round(y).astype(np.int64), condition)
+            if self.rule.uses_rd and self.state.gop > 1:
+                self._weights = synthesis_sensitivity(self.model, torch.from_numpy(latent).float()[None], self._levels)
+            return Decision(self.coders.intra, latent, params)
+        latent, params = self.coders.p.choose(torch.from_numpy(y)[None], condition, self.rule, self._weights)
+        return Decision(self.coders.p, latent, params)
 
     def encode(self, frame: np.ndarray, key: int = 0) -> tuple[int, bytes]:
         """(frame type, ANS payload) of the next frame; ``key``: the stream key of the header it goes under
@@ -192,41 +170,16 @@ class FrameEncoder:
         ftype = st.frame_type
         y_hat, payload, bits = self._latent_frame(frame, key)
         self.ideal_bits += bits
-        self._count(ftype, payload)
         st.advance(y_hat)
         return ftype, payload
 
     def _latent_frame(self, frame: np.ndarray, key: int) -> tuple[np.ndarray, bytes, float]:
         """(latent, ANS payload, ideal bits when tracked) of the next frame coded in latent space: an I-frame, or
         a P-frame around the previous decoded latent; the group's state is not moved on."""
-        st = self.state
-        self._contexts = None
-        y_hat = self.choose(self.analysis(frame))
-        prev, history = st.references()
-        params = self._intra_params if prev is None else None
-        if prev is not None:  # the contexts the choice was made under are the ones the frame is coded under
-            params = (
-                self.coder.p.params_of(prev, self._contexts, self.level)
-                if self._contexts is not None
-                else self.coder.p.params(prev, history, self.level, y_hat)
-            )
-        bits = 0.0
-        if self.track_bits:
-            bits = (
-                self.coder.bits(y_hat, self.level, params)
-                if prev is None
-                else self.coder.p.bits(y_hat, prev, history, self.level, params)
-            )
-        payload = self.coder.encode(
-            y_hat, self.level, prev, history, params, check=bs.latent_checksum(y_hat, st.index, key)
-        )
-        return y_hat, payload, bits
-
-    def _count(self, ftype: int, payload: bytes) -> None:
-        name = bs.FRAME_TYPE_NAMES[bs.FRAME_PREDICTED if ftype == bs.FRAME_MOTION else ftype]
-        self.bytes_by_type[name] += bs.chunk_size(payload, ftype, bs.version_for(self.model.cfg))
-        self.frames_by_type[name] += 1
-        self.motion_frames += ftype == bs.FRAME_MOTION
+        d = self.choose(self.analysis(frame))
+        check = bs.latent_checksum(d.latent, self.state.index, key)
+        bits = d.codec.bits(d.latent, d.params) if self.track_bits else 0.0
+        return d.latent, pack(d.codec, d.latent, d.params, check), bits
 
     def _cost(self, frame: np.ndarray, decoded: torch.Tensor, payload: bytes, ftype: int) -> float:
         """The training loss of a coded frame times its pixels: λ·255²·MSE·pixels + bits (on disk)."""
@@ -261,7 +214,6 @@ class FrameEncoder:
             else:
                 self.motion.follow(decoded)
         self.ideal_bits += bits if self.track_bits else 0.0
-        self._count(ftype, payload)
         st.advance(y_hat)
         return ftype, payload
 
@@ -295,7 +247,7 @@ class FrameDecoder:
         ph, pw = padded_size(height, width, model.cfg.stride)
         s = model.cfg.stride
         self.shape = (model.cfg.latent_channels, ph // s, pw // s)
-        self.coder = LatentCoder(model)
+        self.coders = LatentCoders(model)
         self._levels = torch.tensor([self.level])
         self.version, self.key = version, key
         self.motion = MotionPFrames(model, self.level) if model.cfg.motion else None
@@ -326,14 +278,12 @@ class FrameDecoder:
         index = st.index
         frame_type = st.frame_type if frame_type is None else frame_type
         if frame_type == bs.FRAME_MOTION:
-            if len(payload) % 4:
-                raise FedlvcError("bitstream chunk is not a whole number of 32-bit words")
-            words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-            decoded = self.motion.decode(words, self.shape, lambda y, d: bs.motion_checksum(y, d, index, self.key))
+            decoded = self.motion.unpack(payload, self.shape, lambda y, d: bs.motion_checksum(y, d, index, self.key))
             st.advance(None)
             return decoded
         check = None if self.version < 3 else (lambda y: bs.latent_checksum(y, index, self.key))
-        y_hat = self.coder.decode(payload, self.level, self.shape, *st.references(), check=check)
+        condition = st.condition(self.level)
+        y_hat = self.coders.latent(payload, condition, self.shape, check)
         if self.motion is None:
             st.advance(y_hat)
             return y_hat
@@ -369,20 +319,25 @@ def encode_frames(
     encoder = FrameEncoder(model, quality, track_bits=True, gop=gop, rule=DEFAULT_P_RULE if rule is None else rule)
     fp = fingerprint(model)
     count, size, header = 0, None, None
+    frames_by_type, bytes_by_type, motion_frames = {"I": 0, "P": 0}, {"I": 0, "P": 0}, 0
     with atomic_output(output) as tmp, open(tmp, "wb") as f:
         f.write(bytes(bs.HEADER_SIZE))  # placeholder, rewritten once the frame count is known
         for frame in frames:
             if size is None:
                 size = frame.shape[:2]
-                version = bs.version_for(model.cfg)
-                header = bs.StreamHeader(fp, quality, size[1], size[0], Fraction(fps), 0, gop, version)
+                header = bs.StreamHeader(
+                    fp, quality, size[1], size[0], Fraction(fps), 0, gop, bs.version_for(model.cfg)
+                )
             elif frame.shape[:2] != size:
                 raise FedlvcError(
                     f"frame {count} has size {frame.shape[1]}x{frame.shape[0]}, "
                     f"expected {size[1]}x{size[0]} (size changes are not supported)"
                 )
             ftype, payload = encoder.encode(frame, header.stream_key)
-            bs.write_chunk(f, payload, ftype, header.version)
+            name = "I" if ftype == bs.FRAME_INTRA else "P"  # a motion-compensated frame (M) is a P-frame
+            bytes_by_type[name] += bs.write_chunk(f, payload, ftype, header.version)
+            frames_by_type[name] += 1
+            motion_frames += ftype == bs.FRAME_MOTION
             count += 1
             if progress is not None:
                 progress.update(1)
@@ -403,17 +358,10 @@ def encode_frames(
         "bytes": total,
         "bpp": total * 8 / pixels,
         "ideal_bpp": encoder.ideal_bits / pixels,
-        "frames_by_type": dict(encoder.frames_by_type),
-        **({"motion_frames": encoder.motion_frames} if model.cfg.motion else {}),
-        "chunk_bytes_by_type": dict(encoder.bytes_by_type),
+        "frames_by_type": frames_by_type,
+        **({"motion_frames": motion_frames} if model.cfg.motion else {}),
+        "chunk_bytes_by_type": bytes_by_type,
     }
-
-
-def _same_file(a, b) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def default_gop(model: FedlvcCodec) -> int:
@@ -435,12 +383,7 @@ def compress_file(
     out = Path(output_path)
     if out.suffix.lower() != ".lvc":
         raise FedlvcError(f"the compressed output must end in .lvc: {out}")
-    check_output_path(out, (".lvc",))
-    if _same_file(input_path, out):
-        raise FedlvcError("the output would overwrite the input")
-    model.check_level(quality - 1)
-    check_gop(model, gop)
-    check_p_rule(DEFAULT_P_RULE if rule is None else rule)
+    check_output_path(out, (".lvc",), source=input_path)
     info = probe(input_path)
     with tqdm(total=info.frames, desc="compress", unit="frame", disable=not progress) as bar:
         return encode_frames(iter_frames(input_path), out, model, quality, info.fps, gop, bar, rule)
@@ -532,9 +475,7 @@ def decompress_file(
 ) -> dict:
     """Decode a ``.lvc`` file (or frames start .. start+count-1 of it) to ``.mkv`` (FFV1 RGB), ``.y4m`` or
     ``.mp4``; no output is left on error."""
-    check_output_path(output_path)
-    if _same_file(input_path, output_path):
-        raise FedlvcError("the output would overwrite the input")
+    check_output_path(output_path, source=input_path)
     header, frames = decode_stream(input_path, model, start, count)
     with (
         VideoWriter(output_path, header.width, header.height, header.fps) as writer,

@@ -21,7 +21,7 @@ import torch
 from common.checkpoint import load_model, save_model
 from common.codec import FrameDecoder
 from common.coding import bitstream as bs
-from common.coding.entropy import LatentCoder
+from common.coding.entropy import LatentCoders
 from common.data.clips import generate_site_clip
 from common.data.video import write_video
 from common.net.architecture import CodecConfig
@@ -110,20 +110,17 @@ def restream(data: bytes, model: FedlvcCodec, **changes) -> bytes:
     old = bs.read_header(io.BytesIO(data), len(data))
     new = dataclasses.replace(old, **changes)
     decoder = FrameDecoder(model, old.quality, old.height, old.width, old.gop, old.version, old.stream_key)
-    coder = LatentCoder(model)
+    coders = LatentCoders(model)
     out = io.BytesIO()
     out.write(new.pack())
     for i, (span, payload) in enumerate(zip(bs.chunk_table(data), chunk_payloads(data))):
-        prev, history = decoder.state.references()
+        condition = decoder.state.condition(decoder.level)
         y_hat = decoder.decode_latent(payload + bytes(-len(payload) % 4))
         if new.version >= 3:
-            bs.write_chunk(
-                out,
-                coder.encode(y_hat, decoder.level, prev, history, check=bs.latent_checksum(y_hat, i, new.stream_key)),
-                span.frame_type,
-            )
+            check = bs.latent_checksum(y_hat, i, new.stream_key)
+            bs.write_chunk(out, coders.payload(y_hat, condition, check), span.frame_type)
         else:
-            words = coder.encode(y_hat, decoder.level, prev, history)
+            words = coders.payload(y_hat, condition)
             out.write(bs.CHUNK.pack(span.frame_type, len(words), bs.chunk_crc(words, i, new.stream_key)) + words)
     return out.getvalue()
 

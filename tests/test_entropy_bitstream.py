@@ -1,4 +1,4 @@
-"""Entropy coding (LatentCoder, ANS) and the .lvc container header (StreamHeader / read_header)."""
+"""Entropy coding (LatentCoders, ANS) and the .lvc container header (StreamHeader / read_header)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from conftest import allocates_at_most, make_coding_model, make_tiny_model
 from common.checkpoint import load_model
 from common.codec import FrameEncoder, _to_tensor
 from common.coding import bitstream as bs
-from common.coding.entropy import LatentCoder, coding_fingerprint
+from common.coding.entropy import LatentCoders, coding_fingerprint
+from common.coding.latent import Condition
 from common.data.clips import generate_site_clip
 from common.errors import FedlvcError
 
@@ -37,37 +38,37 @@ def big_frame() -> np.ndarray:
     return next(iter(generate_site_clip(3, 0, 256, 192, 1)))
 
 
-# --------------------------------------------------------------------------------------------- LatentCoder
+# -------------------------------------------------------------------------------------------- LatentCoders
 
 
 @pytest.mark.parametrize("level", range(6))
 def test_latent_coder_round_trip_is_exact(level):
     model = make_tiny_model(0)
-    coder = LatentCoder(model)
+    coder = LatentCoders(model)
     rng = np.random.default_rng(level)
     y = np.rint(rng.normal(0, 2.0, (model.cfg.latent_channels, 5, 7))).astype(np.int64)
-    payload = coder.encode(y, level)
+    payload = coder.payload(y, Condition(level))
     assert isinstance(payload, bytes) and len(payload) % 4 == 0 and len(payload) > 0
-    out = coder.decode(payload, level, y.shape)
+    out = coder.latent(payload, Condition(level), y.shape)
     assert out.dtype == np.int64
     np.testing.assert_array_equal(out, y)
 
 
 def test_latent_coder_round_trip_of_extreme_symbols_clips_to_support():
     model = make_tiny_model(0)
-    coder = LatentCoder(model)
+    coder = LatentCoders(model)
     r = model.cfg.support
     rng = np.random.default_rng(7)
     y = rng.choice([-r - 40, -r, -r + 1, -1, 0, 2, r - 1, r, r + 1000], size=(model.cfg.latent_channels, 3, 4))
-    out = coder.decode(coder.encode(y, 2), 2, y.shape)
+    out = coder.latent(coder.payload(y, Condition(2)), Condition(2), y.shape)
     np.testing.assert_array_equal(out, np.clip(y, -r, r))
 
 
 def test_latent_coder_pmf_is_normalised():
     model = make_tiny_model(0)
-    coder = LatentCoder(model)
+    coder = LatentCoders(model)
     for level in range(model.cfg.num_levels):
-        pmf = coder.pmf(level)
+        pmf = coder.intra.pmf(level)
         assert pmf.shape == (model.cfg.latent_channels, 2 * model.cfg.support + 1)
         assert pmf.dtype == np.float64 and (pmf >= 0).all()
         np.testing.assert_allclose(pmf.sum(1), 1.0, rtol=1e-12)
@@ -75,14 +76,14 @@ def test_latent_coder_pmf_is_normalised():
 
 def test_latent_coder_decode_rejects_wrong_payloads():
     model = make_tiny_model(0)
-    coder = LatentCoder(model)
+    coder = LatentCoders(model)
     y = np.zeros((model.cfg.latent_channels, 2, 2), dtype=np.int64)
     y[0, 0, 0] = 3
-    payload = coder.encode(y, 1)
+    payload = coder.payload(y, Condition(1))
     with pytest.raises(FedlvcError, match="32-bit words"):
-        coder.decode(payload + b"\x00", 1, y.shape)
+        coder.latent(payload + b"\x00", Condition(1), y.shape)
     with pytest.raises(FedlvcError):
-        coder.decode(payload + b"\x01\x02\x03\x04" * 4, 1, y.shape)  # data left over
+        coder.latent(payload + b"\x01\x02\x03\x04" * 4, Condition(1), y.shape)  # data left over
 
 
 @pytest.mark.parametrize("quality", range(1, 7))
@@ -98,7 +99,7 @@ def test_coded_size_matches_ideal_bits(big_frame, quality):
     assert abs(bits - ideal) <= 0.01 * ideal + ANS_OVERHEAD_BITS, (bits, ideal)
     # And the payload really decodes back to the same latent.
     check = lambda y: bs.latent_checksum(y, 0, 0)  # noqa: E731 - frame 0 of a stream with key 0
-    np.testing.assert_array_equal(encoder.coder.decode(payload, quality - 1, y_hat.shape, check=check), y_hat)
+    np.testing.assert_array_equal(encoder.coders.latent(payload, Condition(quality - 1), y_hat.shape, check), y_hat)
 
 
 @pytest.mark.parametrize("quality", [1, 3, 6])
@@ -338,20 +339,20 @@ def test_version_2_chunks_are_read_with_their_payload_checksum():
 
 def test_latent_coder_decode_rejects_a_shape_larger_than_encoded():
     model = make_coding_model(0)
-    coder = LatentCoder(model)
+    coder = LatentCoders(model)
     y = np.rint(np.random.default_rng(0).normal(0, 2.0, (model.cfg.latent_channels, 3, 5))).astype(np.int64)
-    payload = coder.encode(y, 3)
+    payload = coder.payload(y, Condition(3))
     with pytest.raises(FedlvcError):
-        coder.decode(payload, 3, (model.cfg.latent_channels, 4, 5))
+        coder.latent(payload, Condition(3), (model.cfg.latent_channels, 4, 5))
 
 
 def test_latent_coder_decode_rejects_a_shape_smaller_than_encoded():
     model = make_coding_model(0)
-    coder = LatentCoder(model)
+    coder = LatentCoders(model)
     y = np.rint(np.random.default_rng(0).normal(0, 2.0, (model.cfg.latent_channels, 3, 5))).astype(np.int64)
-    payload = coder.encode(y, 3)
+    payload = coder.payload(y, Condition(3))
     with pytest.raises(FedlvcError, match="frame size in the header|left over|damaged"):
-        coder.decode(payload, 3, (model.cfg.latent_channels, 2, 5))
+        coder.latent(payload, Condition(3), (model.cfg.latent_channels, 2, 5))
 
 
 # ------------------------------------------------------------------------------------ portability of tables

@@ -123,7 +123,7 @@ def test_forged_vectors_out_of_range_are_refused_before_reconstruction(tmp_path)
     for c in (1, 0):
         ans.encode_reverse(diff[..., c].reshape(-1).astype(np.int32) + 2 * MAX_MV, models[c])
     with pytest.raises(FedlvcError, match="motion vector out of range"):
-        coder.decode(ans.get_compressed(), (model.cfg.latent_channels, 2, 3), lambda y, d: 0)
+        coder.unpack(ans.get_compressed().astype("<u4").tobytes(), (model.cfg.latent_channels, 2, 3), lambda y, d: 0)
 
 
 def test_versions_and_models_are_kept_apart(tmp_path):

@@ -18,7 +18,8 @@ from test_temporal import FPS, PLAIN, H, W, cli, clip, decode_all, expect_user_e
 from common.checkpoint import fingerprint, load_model, save_model
 from common.codec import DEFAULT_P_RULE, FrameDecoder, FrameEncoder, encode_frames
 from common.coding import bitstream as bs
-from common.coding.entropy import LatentCoder
+from common.coding.entropy import LatentCoders
+from common.coding.latent import Condition
 from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.data.video import write_video
@@ -103,13 +104,13 @@ def test_a_decoder_needs_only_the_earlier_groups():
 def test_p_frame_scales_depend_on_the_earlier_groups(v3_model):
     """The coder's scales for a later group change when an earlier group changes (the in-frame context is
     really used), and not for the first group."""
-    coder = LatentCoder(v3_model)
+    coder = LatentCoders(v3_model).p
     prev = np.zeros((8, 3, 3), dtype=np.int64)
     still = prev.copy()
     moved = prev.copy()
     moved[0:2] = 2  # the whole first group changed everywhere
-    a = coder.p.params(prev, None, 3, still)[1].reshape(8, 9)
-    b = coder.p.params(prev, None, 3, moved)[1].reshape(8, 9)
+    a = coder.fit(still, Condition(3, prev))[1][1].reshape(8, 9)
+    b = coder.fit(moved, Condition(3, prev))[1][1].reshape(8, 9)
     first = channel_groups(8, P_GROUPS)[0]
     np.testing.assert_array_equal(a[first], b[first])
     assert not np.allclose(a[first.stop :], b[first.stop :])
@@ -144,8 +145,8 @@ def test_rdo_picks_the_cheapest_candidate(v3_model, seed):
     lam = torch.tensor([v3_model.cfg.lambdas[level]])
     raw = v3_model.temporal(torch.tensor([level])).detach()
     rule = PFrameRule(rd_weight=kappa)
-    chosen = choose_p_latent(y, prev, history, raw, P_GROUPS, rule, 255, lam, weights)[0].numpy()
-    table = LatentCoder(v3_model).p.scale_table(level)
+    chosen = choose_p_latent(y, prev, history, raw, P_GROUPS, rule, 255, lam, weights)[0][0].numpy()
+    table = LatentCoders(v3_model).p.scale_table(level)
     yn, pn = y[0].double().numpy(), prev[0].numpy()
     r = np.round(yn)
     towards = np.where(np.abs(r - pn) >= 2, r - np.sign(r - pn), r)
@@ -165,11 +166,11 @@ def test_rdo_limits(v3_model):
     y, prev, history = _random_case(5)
     raw = v3_model.temporal(torch.tensor([2])).detach()
     lam, w = torch.tensor([0.01]), torch.ones(1, 8)
-    big = choose_p_latent(y, prev, history, raw, P_GROUPS, PFrameRule(rd_weight=1e6), 255, lam, w)
-    tiny = choose_p_latent(y, prev, history, raw, P_GROUPS, PFrameRule(rd_weight=1e-9), 255, lam, w)
+    big, _ = choose_p_latent(y, prev, history, raw, P_GROUPS, PFrameRule(rd_weight=1e6), 255, lam, w)
+    tiny, _ = choose_p_latent(y, prev, history, raw, P_GROUPS, PFrameRule(rd_weight=1e-9), 255, lam, w)
     assert torch.equal(big, torch.round(y))
     assert torch.equal(tiny, prev)
-    skip = choose_p_latent(y, prev, history, raw, P_GROUPS, PFrameRule(skip_threshold=0.5), 255)
+    skip, _ = choose_p_latent(y, prev, history, raw, P_GROUPS, PFrameRule(skip_threshold=0.5), 255)
     assert torch.equal(skip, torch.where((y - prev).abs() < 1.0, prev, torch.round(y)))
 
 

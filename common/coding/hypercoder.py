@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 import constriction
 import numpy as np
@@ -27,6 +29,8 @@ import torch
 from common.errors import FedlvcError
 from common.net.hyperprior import MEAN_FRACS, SCALE_LEVELS, Z_SUPPORT, scale_of_index, table_index
 from common.net.priors import mixture_pmf
+
+from .latent import Condition, IntraCoder
 
 TABLE_BITS = 16
 TABLE_TOTAL = 1 << TABLE_BITS
@@ -139,16 +143,34 @@ def _categorical(counts: np.ndarray):
     return constriction.stream.model.Categorical(counts.astype(np.float64) / TABLE_TOTAL, perfect=False)
 
 
-class HyperCoder:
-    """Codes I-frame latents of a v4 model: ``params`` (what the decoder can rebuild from ẑ), ``encode`` and
-    ``decode`` on a constriction ANS stack, ``bits`` (the ideal code length under the same tables)."""
+class HyperParams(NamedTuple):
+    """How an I-frame latent of a v4 model is coded: the level, ẑ (Z, h', w') int64 and, per element of the latent
+    (flattened, channel order), its table, the integer part of its mean and its table's radius."""
+
+    level: int
+    z_hat: np.ndarray
+    table: np.ndarray
+    offset: np.ndarray
+    radius: np.ndarray
+
+
+class HyperCoder(IntraCoder):
+    """Codes I-frame latents of a v4 model under the integer tables (a latent coder, :mod:`common.coding.latent`):
+    ẑ under its factorized prior, then the latent under the Gaussian table of each element, which ẑ selects
+    through h_s's integer path. The tables are read on first use (training needs only :meth:`training_bits`)."""
 
     def __init__(self, model):
-        self.model = model
-        self.tables = coding_tables(model)
+        super().__init__(model)
         self._gauss: dict[int, object] = {}
         self._z: dict[int, list] = {}
-        self._layers = model.h_s.integer_layers()
+
+    @cached_property
+    def tables(self) -> CodingTables:
+        return coding_tables(self.model)
+
+    @cached_property
+    def _layers(self) -> list:
+        return self.model.h_s.integer_layers()
 
     # ----------------------------------------------------------------------------------------- encoder side
 
@@ -158,22 +180,24 @@ class HyperCoder:
         z = self.model.h_a(torch.from_numpy(y_hat).float()[None])
         return torch.round(z).clamp(-Z_SUPPORT, Z_SUPPORT)[0].numpy().astype(np.int64)
 
-    def params(self, z_hat: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _element_tables(self, z_hat: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(table, offset, radius) of every element of the latent (flattened, channel order) from ẑ."""
         mean_q, log_scale_q = self.model.h_s.integer_forward(torch.from_numpy(z_hat)[None], shape[1:], self._layers)
         table, offset = table_index(mean_q[0], log_scale_q[0])
         table, offset = table.reshape(-1).numpy(), offset.reshape(-1).numpy()
         return table, offset, self.tables.radius[table // MEAN_FRACS].astype(np.int64)
 
-    def fit(self, y_hat: np.ndarray, support: int) -> tuple[np.ndarray, tuple]:
-        """The latent the encoder codes (``y_hat`` brought into its tables' ranges and ±``support``, where the
-        decoder accepts it) and its coding parameters."""
+    def fit(self, y_hat: np.ndarray, condition: Condition) -> tuple[np.ndarray, HyperParams]:
+        """The latent the encoder codes (``y_hat`` brought into ±support, where the decoder accepts it, and into
+        its tables' ranges) and its coding parameters."""
+        y_hat = np.clip(y_hat, -self.support, self.support)
         z_hat = self.hyper_latent(y_hat)
-        table, offset, radius = self.params(z_hat, y_hat.shape)
-        lo, hi = np.maximum(offset - radius, -support), np.minimum(offset + radius, support)
+        table, offset, radius = self._element_tables(z_hat, y_hat.shape)
+        lo, hi = np.maximum(offset - radius, -self.support), np.minimum(offset + radius, self.support)
         if (lo > hi).any():
             raise FedlvcError("this model's hyperprior puts latent means out of range: it cannot code this frame")
-        return np.clip(y_hat.reshape(-1), lo, hi).reshape(y_hat.shape), (z_hat, table, offset, radius)
+        fitted = np.clip(y_hat.reshape(-1), lo, hi).reshape(y_hat.shape)
+        return fitted, HyperParams(condition.level, z_hat, table, offset, radius)
 
     # --------------------------------------------------------------------------------------------- coding
 
@@ -193,40 +217,38 @@ class HyperCoder:
         bounds = np.flatnonzero(np.diff(table[order])) + 1
         return order, np.split(order, bounds)
 
-    def encode(self, coder, y_hat: np.ndarray, level: int, params: tuple) -> None:
-        """Push an I-frame latent (fitted by :meth:`fit`) and its ẑ onto ``coder``."""
-        z_hat, table, offset, radius = params
-        sym = y_hat.reshape(-1) - offset + radius
-        if sym.min() < 0 or (sym > 2 * radius).any():
+    def compress(self, ans, latent: np.ndarray, params: HyperParams) -> None:
+        """Push an I-frame latent (fitted by :meth:`fit`) and its ẑ onto ``ans``."""
+        sym = latent.reshape(-1) - params.offset + params.radius
+        if sym.min() < 0 or (sym > 2 * params.radius).any():
             raise ValueError("latent outside its coding tables (call fit first)")
-        _, groups = self._groups(table)
+        _, groups = self._groups(params.table)
         for g in reversed(groups):
-            coder.encode_reverse(sym[g].astype(np.int32), self._gauss_model(int(table[g[0]])))
-        zs = (z_hat + Z_SUPPORT).reshape(z_hat.shape[0], -1).astype(np.int32)
-        models = self._z_models(level)
+            ans.encode_reverse(sym[g].astype(np.int32), self._gauss_model(int(params.table[g[0]])))
+        zs = (params.z_hat + Z_SUPPORT).reshape(params.z_hat.shape[0], -1).astype(np.int32)
+        models = self._z_models(params.level)
         for c in reversed(range(zs.shape[0])):
-            coder.encode_reverse(zs[c], models[c])
+            ans.encode_reverse(zs[c], models[c])
 
-    def decode(self, coder, level: int, shape: tuple[int, int, int]) -> np.ndarray:
+    def decompress(self, ans, condition: Condition, shape: tuple[int, int, int]) -> np.ndarray:
         c, h, w = shape
         zh, zw = -(-h // 4), -(-w // 4)
-        models = self._z_models(level)
-        z_hat = np.stack([coder.decode(models[i], zh * zw) for i in range(len(models))]).astype(np.int64)
-        table, offset, radius = self.params(z_hat.reshape(-1, zh, zw) - Z_SUPPORT, shape)
+        models = self._z_models(condition.level)
+        z_hat = np.stack([ans.decode(models[i], zh * zw) for i in range(len(models))]).astype(np.int64)
+        table, offset, radius = self._element_tables(z_hat.reshape(-1, zh, zw) - Z_SUPPORT, shape)
         sym = np.empty(table.size, dtype=np.int64)
         _, groups = self._groups(table)
         for g in groups:
-            sym[g] = coder.decode(self._gauss_model(int(table[g[0]])), g.size)
+            sym[g] = ans.decode(self._gauss_model(int(table[g[0]])), g.size)
         return (sym - radius + offset).reshape(shape)
 
-    def bits(self, y_hat: np.ndarray, level: int, params: tuple) -> float:
+    def bits(self, latent: np.ndarray, params: HyperParams) -> float:
         """Ideal code length in bits of the latent and ẑ under the integer tables."""
-        z_hat, table, offset, radius = params
-        sym = y_hat.reshape(-1) - offset + radius
+        sym = latent.reshape(-1) - params.offset + params.radius
         total = 0.0
-        for g in self._groups(table)[1]:
-            counts = self.tables.gauss[int(table[g[0]])]
+        for g in self._groups(params.table)[1]:
+            counts = self.tables.gauss[int(params.table[g[0]])]
             total -= np.log2(counts[sym[g]] / TABLE_TOTAL).sum()
-        zs = (z_hat + Z_SUPPORT).reshape(z_hat.shape[0], -1)
-        probs = np.take_along_axis(self.tables.z[level], zs, axis=1) / TABLE_TOTAL
+        zs = (params.z_hat + Z_SUPPORT).reshape(params.z_hat.shape[0], -1)
+        probs = np.take_along_axis(self.tables.z[params.level], zs, axis=1) / TABLE_TOTAL
         return float(total - np.log2(probs).sum())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config.options import PFrameRule
-from common.net.contexts import MotionHistory, PFrameContexts
+from common.net.contexts import MotionHistory, PFrameContexts, p_context
 from common.net.hyperprior import GDN
 from common.net.model import FedlvcCodec
 from common.net.priors import LIKELIHOOD_FLOOR, laplace_scale
@@ -38,20 +38,25 @@ def choose_p_latent(
     support: int,
     lam: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-    contexts_out: list | None = None,
     base: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The integer latent (B, C, h, w) (float) an encoder codes for the P-frame latent ``y`` on top of the
-    previous decoded latent ``prev`` (see :class:`PFrameRule`). ``raw``: the temporal prior's raw scales
-    (B, C, K); ``lam`` (B,) the λ of each row's level and ``weights`` (B, C) its channel sensitivities
-    (both only for rate–distortion optimisation). With RDO, ``contexts_out`` (a list) receives the context
-    indices (B, C, h, w) of the chosen latent — the ones it will be coded under. ``base``: the contexts before the
-    in-frame value when they are not the temporal ones of ``prev`` (a motion model's residual latent)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the integer latent (B, C, h, w) (float) an encoder codes for the P-frame latent ``y`` on top of the
+    previous decoded latent ``prev`` (see :class:`PFrameRule`), the context indices (B, C, h, w) it is coded
+    under). ``raw``: the temporal prior's raw scales (B, C, K); ``lam`` (B,) the λ of each row's level and
+    ``weights`` (B, C) its channel sensitivities (both only for rate–distortion optimisation). ``base``: the
+    contexts before the in-frame value when they are not the temporal ones of ``prev`` (a motion model's residual
+    latent)."""
     r = torch.round(y).clamp(-support, support)
     if not rule.uses_rd:
         if rule.skip_threshold > 0:
             r = torch.where((y - prev).abs() < 0.5 + rule.skip_threshold, prev, r)
-        return r
+        return r, p_context(prev, history, r, groups, base)
+    return _rd_choice(y, prev, history, raw, groups, rule, r, lam, weights, base)
+
+
+def _rd_choice(y, prev, history, raw, groups: int, rule: PFrameRule, r, lam, weights, base):
+    """:func:`choose_p_latent` with rate–distortion optimisation, from the rounded latent ``r``: channel group
+    by channel group, each element the cheapest of the previous value, ``r`` and ``r`` one step towards it."""
     towards = torch.where((r - prev).abs() >= 2, r - torch.sign(r - prev), r)
     dist = (rule.rd_weight * 255.0**2 / 3.0) * (lam[:, None] * weights)[:, :, None, None]
     # Per (row, channel, context): the bits of the previous value, the constant part of the bits of any
@@ -64,11 +69,10 @@ def choose_p_latent(
     )
     contexts = PFrameContexts(prev, history, groups, base)
     out = torch.empty_like(r)
-    ctx_all = torch.empty_like(contexts.base) if contexts_out is not None else None
+    ctx_all = torch.empty_like(contexts.base)
     for g, sl in enumerate(contexts.slices):
         ctx = contexts.of(g)
-        if ctx_all is not None:
-            ctx_all[:, sl] = ctx
+        ctx_all[:, sl] = ctx
         zero, step, per_step = (torch.gather(t[:, sl], 2, ctx.flatten(2)).view_as(ctx) for t in tables)
         ys, ps, d = y[:, sl], prev[:, sl], dist[:, sl]
         best, best_cost = ps, d * (ys - ps) ** 2 + zero.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
@@ -78,9 +82,7 @@ def choose_p_latent(
             best, best_cost = torch.where(better, cand, best), torch.where(better, cost, best_cost)
         out[:, sl] = best
         contexts.add(g, best)
-    if contexts_out is not None:
-        contexts_out.append(ctx_all)
-    return out
+    return out, ctx_all
 
 
 def hook_free(transform: nn.Module, x: torch.Tensor) -> torch.Tensor:

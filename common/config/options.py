@@ -204,6 +204,16 @@ class PFrameRule:
         """The rule of a config holding both settings: the skip threshold counts only without RDO."""
         return cls(rd_weight, 0.0 if rd_weight > 0 else skip_threshold)
 
+    @classmethod
+    def from_options(cls, rd_weight: float | None = None, skip_threshold: float | None = None) -> PFrameRule:
+        """The rule of the command-line options (unset: None): rate–distortion optimised with weight ``rd_weight``
+        (default RD_WEIGHT's), or, with ``rd_weight`` 0, rounding with ``skip_threshold``. Their ranges are checked
+        where they are read (the command line) and where the rule is used (the encoder, the training config)."""
+        rd = RD_WEIGHT.default if rd_weight is None else rd_weight
+        if skip_threshold is not None and rd > 0:
+            raise FedlvcError("--skip-threshold applies only without rate-distortion optimisation: add --rd-weight 0")
+        return cls(rd_weight=rd, skip_threshold=skip_threshold or 0.0)
+
     @property
     def uses_rd(self) -> bool:
         return self.rd_weight > 0

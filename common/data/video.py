@@ -96,8 +96,9 @@ OUTPUT_FORMATS = {
 }
 
 
-def check_output_path(path: str | os.PathLike, suffixes=tuple(OUTPUT_FORMATS)) -> Path:
-    """Refuse an output whose folder is missing or whose suffix we cannot write, before any work."""
+def check_output_path(path: str | os.PathLike, suffixes=tuple(OUTPUT_FORMATS), source=None) -> Path:
+    """Refuse an output whose folder is missing, whose suffix we cannot write, or that is the input ``source``
+    (when given), before any work."""
     p = Path(path)
     if p.suffix.lower() not in suffixes:
         raise FedlvcError(f"cannot write {p}: the output must end in one of {', '.join(suffixes)}")
@@ -105,7 +106,16 @@ def check_output_path(path: str | os.PathLike, suffixes=tuple(OUTPUT_FORMATS)) -
         raise FedlvcError(f"output folder does not exist: {p.parent}")
     if p.is_dir():
         raise FedlvcError(f"output is a directory: {p}")
+    if source is not None and _same_file(source, p):
+        raise FedlvcError("the output would overwrite the input")
     return p
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 @contextmanager

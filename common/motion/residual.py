@@ -33,12 +33,13 @@ import constriction
 import numpy as np
 import torch
 
-from common.coding.entropy import pop_check, push_check
+from common.coding.entropy import LatentCoders, payload_words, pop_check, push_check
+from common.coding.latent import Condition, Training
 from common.coding.pframe import MIN_PROBABILITY, PFrameCoder
 from common.coding.rdo import choose_p_latent, hook_free, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
-from common.net.contexts import MotionHistory, next_history, p_context, residual_context
+from common.net.contexts import MotionHistory, next_history, residual_context
 from common.net.model import FedlvcCodec
 
 from .blocks import (
@@ -75,28 +76,20 @@ def vector_bits(diff: np.ndarray, counts: MotionCounts) -> float:
                       for c in range(2)))  # fmt: skip
 
 
-@torch.no_grad()
-def choose_residual(
-    model: FedlvcCodec,
-    y_r: torch.Tensor,
-    classes: torch.Tensor,
-    history: MotionHistory | None,
-    raw: torch.Tensor,
-    rule: PFrameRule,
-    lam: torch.Tensor,
-    weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the integer residual latent (B, C, h, w) the encoder codes for ``y_r``, its context indices): the
-    P-frame rule around zero (:func:`common.coding.rdo.choose_p_latent`: rate–distortion optimised, or rounding)
-    under the residual contexts of the blocks' motion ``classes`` (B, h, w) and the group's ``history``."""
-    base = residual_context(classes, history, y_r.shape[1])
-    zeros = torch.zeros_like(y_r)
-    found: list = []
-    q = choose_p_latent(
-        y_r, zeros, history, raw, model.cfg.p_groups, rule, model.cfg.support, lam, weights, found, base=base
-    )
-    ctx = found[0] if found else p_context(zeros, history, q, model.cfg.p_groups, base)
-    return q, ctx
+class ResidualCoder(PFrameCoder):
+    """The residual latents of motion-compensated P-frames (a latent coder, :mod:`common.coding.latent`): a
+    P-frame coder around zero under the residual prior, whose contexts before the in-frame value are the blocks'
+    motion classes and the group's residual history (:meth:`condition`)."""
+
+    def __init__(self, model: FedlvcCodec):
+        super().__init__(model, model.res_prior)
+
+    @staticmethod
+    def condition(level: int, classes: torch.Tensor, history: MotionHistory | None, shape) -> Condition:
+        """What a residual latent of ``shape`` (C, h, w) is coded under: means zero, the contexts of the blocks'
+        motion ``classes`` (1, h, w) and the group's residual ``history``."""
+        base = residual_context(classes, history, shape[0])
+        return Condition(level, np.zeros(shape, dtype=np.int64), history, base)
 
 
 def residual_sensitivity(model: FedlvcCodec, y_r: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -120,7 +113,7 @@ class _Chain:
 def _coder_chain(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, rule: PFrameRule, raw) -> _Chain:
     """The coder's decisions on segments ``x`` (B, S, 3, H, W), without gradients or module calls."""
     b, frames = x.shape[:2]
-    support = model.cfg.support
+    support, groups = model.cfg.support, model.cfg.p_groups
     y0 = (hook_free(model.g_a, x[:, 0] - 0.5) * _gains(model.gain, levels)).round().clamp(-support, support)
     ref = to_uint8(hook_free(model.g_s, y0 * _gains(model.inv_gain, levels)) + 0.5)
     lam = torch.tensor(model.cfg.lambdas, dtype=x.dtype)[levels]
@@ -140,7 +133,8 @@ def _coder_chain(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, rule
         y_r = hook_free(model.res_g_a, to_unit(cur) - unit) * _gains(model.res_gain, levels)
         if rule.uses_rd and weights is None:
             weights = residual_sensitivity(model, y_r, levels)
-        q, ctx = choose_residual(model, y_r, classes, history, raw, rule, lam, weights)
+        base = residual_context(classes, history, y_r.shape[1])  # the P-frame rule around zero, as the coder's
+        q, ctx = choose_p_latent(y_r, torch.zeros_like(y_r), history, raw, groups, rule, support, lam, weights, base)
         ref = to_uint8(unit + hook_free(model.res_g_s, q * _gains(model.res_inv_gain, levels)))
         history = next_history(history, torch.zeros_like(q), q)
         preds.append(unit)
@@ -167,7 +161,7 @@ def forward_motion_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Te
     y0 = model.analysis(x0, levels)
     y0_tilde = y0 + torch.empty_like(y0).uniform_(-0.5, 0.5) if model.training else torch.round(y0)
     x0_hat = model.synthesis(y0_tilde, levels)
-    bits = -torch.log2(model.intra_likelihoods(y0_tilde, levels)).sum(1)
+    bits = LatentCoders(model).intra.training_bits(y0_tilde, Training(levels))
     raw = model.res_prior(levels)
     chain = _coder_chain(model, x, levels, rule, raw.detach())
     p_levels = levels.repeat_interleave(frames - 1)
@@ -176,8 +170,8 @@ def forward_motion_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Te
     target = y_r + (chain.chosen - y_r).detach()
     y_tilde = y_r + torch.empty_like(y_r).uniform_(-0.5, 0.5) if model.training else target
     x_hat = chain.pred + model.residual_synthesis(y_tilde, p_levels)
-    zeros = torch.zeros_like(target)
-    p_bits = PFrameCoder.training_bits(raw.repeat_interleave(frames - 1, 0), target, zeros, chain.contexts)
+    training = Training(p_levels, raw.repeat_interleave(frames - 1, 0), torch.zeros_like(target), chain.contexts)
+    p_bits = ResidualCoder.training_bits(target, training)
     bits = bits + p_bits.view(b, frames - 1).sum(1) + chain.vector_bits.to(bits)
     x_hat = torch.cat([x0_hat[:, None], x_hat.view(b, frames - 1, *x_hat.shape[1:])], 1)
     return {"x_hat": x_hat, "bits": bits}
@@ -203,9 +197,7 @@ class MotionPFrames:
     def __init__(self, model: FedlvcCodec, level: int):
         self.model, self.level = model, level
         self.levels = torch.tensor([level])
-        self.p = PFrameCoder(model, model.res_prior)
-        with torch.no_grad():
-            self.raw = model.res_prior(self.levels)
+        self.residual = ResidualCoder(model)
         self.lam = torch.tensor([model.cfg.lambdas[level]])
         self.ref: torch.Tensor | None = None
         self.history: MotionHistory | None = None
@@ -248,15 +240,15 @@ class MotionPFrames:
     def _trial(self, mv, pred, y_r, rule: PFrameRule, check, weights) -> MotionTrial:
         diff = vector_differences(mv.numpy())
         classes = torch.from_numpy(motion_class(mv.numpy()))[None]
-        q, ctx = choose_residual(self.model, y_r, classes, self.history, self.raw, rule, self.lam, weights)
-        latent = q[0].numpy().astype(np.int64)
-        params = self.p.params_of(np.zeros_like(latent), ctx[0].numpy(), self.level)
+        condition = ResidualCoder.condition(self.level, classes, self.history, y_r.shape[1:])
+        latent, params = self.residual.choose(y_r, condition, rule, weights)
+        q = torch.from_numpy(latent)[None]
         coder = constriction.stream.stack.AnsCoder()
         push_check(coder, check(latent, diff))
-        self.p.encode(coder, latent, params)
+        self.residual.compress(coder, latent, params)
         for c, m in reversed(list(enumerate(self._vector_models()))):
             coder.encode_reverse(diff[..., c].reshape(-1).astype(np.int32) + MVD_RANGE, m)
-        bits = self.p.bits(latent, np.zeros_like(latent), None, self.level, params) + vector_bits(diff, self.counts)
+        bits = self.residual.bits(latent, params) + vector_bits(diff, self.counts)
         decoded = self._decoded(pred, q)
 
         def commit() -> None:
@@ -267,10 +259,11 @@ class MotionPFrames:
         return MotionTrial(payload, bits, decoded, float((mv == 0).all(-1).float().mean()), commit)
 
     @torch.inference_mode()
-    def decode(self, words: np.ndarray, shape: tuple[int, int, int], check) -> torch.Tensor:
-        """The padded decoded frame (H, W, 3) uint8 of a P-frame's ANS words; ``check(latent, differences)`` the
+    def unpack(self, payload: bytes, shape: tuple[int, int, int], check) -> torch.Tensor:
+        """The padded decoded frame (H, W, 3) uint8 of a P-frame's payload; ``check(latent, differences)`` the
         value its stream must end with. Raises FedlvcError on any damage, before the frame is reconstructed."""
-        c, h, w = shape
+        _, h, w = shape
+        words = payload_words(payload)
         try:
             coder = constriction.stream.stack.AnsCoder(words)
             diff = np.stack([coder.decode(m, h * w) for m in self._vector_models()], -1).reshape(h, w, 2)
@@ -279,8 +272,8 @@ class MotionPFrames:
             if np.abs(mv).max(initial=0) > MAX_MV:
                 raise FedlvcError("bitstream chunk is damaged (a motion vector out of range)")
             classes = torch.from_numpy(motion_class(mv))[None]
-            base = residual_context(classes, self.history, c)
-            latent = self.p.decode(coder, np.zeros(shape, dtype=np.int64), self.history, self.level, shape, base)
+            condition = ResidualCoder.condition(self.level, classes, self.history, shape)
+            latent = self.residual.decompress(coder, condition, shape)
             pop_check(coder, check(latent, diff))
         except (ValueError, RuntimeError, AssertionError) as e:
             raise FedlvcError(f"bitstream chunk does not decode: {e}") from None

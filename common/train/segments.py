@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from common.coding.pframe import PFrameCoder
+from common.coding.entropy import LatentCoders
+from common.coding.latent import Training
 from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
 from common.motion.residual import forward_motion_segment
-from common.net.contexts import next_history, p_context
+from common.net.contexts import next_history
 from common.net.model import FedlvcCodec
 
 
@@ -44,9 +45,10 @@ def forward_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, r
         y_tilde = torch.stack(targets, 1).reshape(y.shape)
     x_hat = model.synthesis(y_tilde, levels.repeat_interleave(frames))
     first = y_tilde.reshape(b, frames, *y.shape[1:])[:, 0]
-    bits = -torch.log2(model.intra_likelihoods(first, levels)).sum(1)
+    coders = LatentCoders(model)
+    bits = coders.intra.training_bits(first, Training(levels))
     for s in range(1, frames):
-        bits = bits + PFrameCoder.training_bits(raw, targets[s], coded[s - 1], contexts[s])
+        bits = bits + coders.p.training_bits(targets[s], Training(levels, raw, coded[s - 1], contexts[s]))
     return {"x_hat": x_hat.reshape(b, frames, *x_hat.shape[1:]), "bits": bits}
 
 
@@ -65,11 +67,10 @@ def _coded_latents(model: FedlvcCodec, yv: torch.Tensor, levels, raw, lam, rule:
         else:
             if s >= 2:
                 histories.append(next_history(histories[-1], coded[s - 2], coded[s - 1]))
-            found = []  # with RDO: the contexts the choice was made under, which code it
-            q = choose_p_latent(
-                ys.detach(), coded[-1], histories[-1], raw.detach(), groups, rule, support, lam, weights, found
+            q, ctx = choose_p_latent(
+                ys.detach(), coded[-1], histories[-1], raw.detach(), groups, rule, support, lam, weights
             )
-            contexts.append(found[0] if found else p_context(coded[-1], histories[-1], q, groups))
+            contexts.append(ctx)  # the contexts the choice was made under, which code it
         targets.append(ys + (q - ys).detach())
         coded.append(q)
     return targets, coded, contexts
