@@ -30,8 +30,8 @@ from common.coding.rdo import synthesis_sensitivity
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
 from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 from common.motion.residual import MotionPFrames, to_uint8
-from common.net.contexts import next_history
 from common.net.model import FedlvcCodec
+from common.net.temporal import next_history
 
 from .checkpoint import fingerprint
 from .errors import FedlvcError
