@@ -167,8 +167,8 @@ class FrameEncoder:
         if self.motion is not None:
             return self._encode_motion(frame, key)
         st = self.state
-        ftype = st.frame_type
         y_hat, payload, bits = self._latent_frame(frame, key)
+        ftype = st.frame_type  # the coded frame's: the state moves on only below
         self.ideal_bits += bits
         st.advance(y_hat)
         return ftype, payload
