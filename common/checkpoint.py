@@ -105,8 +105,8 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
     """Load a checkpoint (the shipped default when ``path`` is None) in eval mode; refuse anything that is
-    not a safetensors file matching its JSON config and fingerprint. The file is checked as it is (finite
-    tensors, the fingerprint of its own config and tensors) before a model is built from it."""
+    not a safetensors file matching its JSON config and fingerprint. The fingerprint is that of the file's own
+    config and tensors, so the built model is never hashed back."""
     path = Path(path) if path is not None else default_model_path()
     if not path.is_file():
         if path == DEFAULT_MODEL:
@@ -124,17 +124,16 @@ def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise FedlvcError(f"model checkpoint {path} is not a valid safetensors file: {e}") from None
-    for k, v in state.items():
-        if not torch.isfinite(v).all():
-            raise FedlvcError(f"model checkpoint {path}: tensor {k} holds non-finite values")
-    if "fingerprint" in doc and doc["fingerprint"] != _digest(cfg.to_dict(), state).hex():
+    digest = _digest(cfg.to_dict(), state)  # of the file as it is; compared last, after the refusals that say more
+    model = _build(path, cfg, state)
+    if "fingerprint" in doc and doc["fingerprint"] != digest.hex():
         raise FedlvcError(f"model checkpoint {path} does not match the fingerprint in {cfg_file.name}")
-    return _build(path, cfg, state)
+    return model
 
 
 def _build(path: Path, cfg: CodecConfig, state: dict) -> FedlvcCodec:
-    """The model of config ``cfg`` holding the checked tensors ``state`` of checkpoint ``path`` (v4: its weights
-    and its integer coding tables), in eval mode; refused unless they are exactly the tensors it needs."""
+    """The model of config ``cfg`` holding the tensors ``state`` of checkpoint ``path`` (v4: its weights and its
+    integer coding tables), in eval mode; refused unless they are exactly the finite tensors it needs."""
     model = FedlvcCodec(cfg)
     tables = {k: state.pop(k) for k in list(state) if k.startswith("tables.")} if cfg.hyper else {}
     expected = model.state_dict()
@@ -149,6 +148,8 @@ def _build(path: Path, cfg: CodecConfig, state: dict) -> FedlvcCodec:
                 f"model checkpoint {path}: tensor {k} has shape {tuple(v.shape)} {v.dtype}, "
                 f"expected {tuple(expected[k].shape)} {expected[k].dtype}"
             )
+        if not torch.isfinite(v).all():
+            raise FedlvcError(f"model checkpoint {path}: tensor {k} holds non-finite values")
     model.load_state_dict(state)
     if cfg.hyper:
         model._coding_tables = CodingTables.from_tensors(tables, model)
