@@ -22,7 +22,7 @@ def split_bits(frames, model, quality: int, threshold: int) -> dict:
     import torch
 
     from common.codec import DEFAULT_P_RULE, FrameEncoder
-    from common.net.priors import laplace_likelihood
+    from common.net.temporal import laplace_likelihood
 
     encoder = FrameEncoder(model, quality, track_bits=True, gop=len(frames), rule=DEFAULT_P_RULE)
     stride = model.cfg.stride

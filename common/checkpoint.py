@@ -1,8 +1,9 @@
 """Model checkpoints: safetensors weights + a JSON config beside them, never pickles.
 
 A checkpoint ``NAME.safetensors`` has ``NAME.json`` next to it holding ``{"config": CodecConfig, "meta": {...},
-"fingerprint": hex}``. The fingerprint (a hash of the architecture config and every weight's name, shape,
-dtype and bytes) goes into each ``.lvc`` header so a stream is never decoded with another model.
+"fingerprint": hex}``. The fingerprint (a hash of the architecture config and every tensor's name, shape,
+dtype and bytes: the weights and, for v4, the integer coding tables) goes into each ``.lvc`` header so a stream is
+never decoded with another model.
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ FINGERPRINT_BYTES = 16
 
 def fingerprint(model: FedlvcCodec) -> bytes:
     """16-byte SHA-256 prefix over the architecture config and the weights (names, shapes, dtypes, bytes)."""
-    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(_tensors(model).items()):
+    return _digest(model.cfg.to_dict(), _tensors(model))
+
+
+def _digest(config: dict, tensors: dict) -> bytes:
+    """:func:`fingerprint` of an architecture config (``CodecConfig.to_dict``) and what a checkpoint of it holds."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, t in sorted(tensors.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.numpy().tobytes())
@@ -99,7 +105,8 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
     """Load a checkpoint (the shipped default when ``path`` is None) in eval mode; refuse anything that is
-    not a safetensors file matching its JSON config and fingerprint."""
+    not a safetensors file matching its JSON config and fingerprint. The fingerprint is that of the file's own
+    config and tensors, so the built model is never hashed back."""
     path = Path(path) if path is not None else default_model_path()
     if not path.is_file():
         if path == DEFAULT_MODEL:
@@ -117,6 +124,16 @@ def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise FedlvcError(f"model checkpoint {path} is not a valid safetensors file: {e}") from None
+    digest = _digest(cfg.to_dict(), state)  # of the file as it is; compared last, after the refusals that say more
+    model = _build(path, cfg, state)
+    if "fingerprint" in doc and doc["fingerprint"] != digest.hex():
+        raise FedlvcError(f"model checkpoint {path} does not match the fingerprint in {cfg_file.name}")
+    return model
+
+
+def _build(path: Path, cfg: CodecConfig, state: dict) -> FedlvcCodec:
+    """The model of config ``cfg`` holding the tensors ``state`` of checkpoint ``path`` (v4: its weights and its
+    integer coding tables), in eval mode; refused unless they are exactly the finite tensors it needs."""
     model = FedlvcCodec(cfg)
     tables = {k: state.pop(k) for k in list(state) if k.startswith("tables.")} if cfg.hyper else {}
     expected = model.state_dict()
@@ -136,6 +153,4 @@ def load_model(path: str | os.PathLike | None = None) -> FedlvcCodec:
     model.load_state_dict(state)
     if cfg.hyper:
         model._coding_tables = CodingTables.from_tensors(tables, model)
-    if "fingerprint" in doc and doc["fingerprint"] != fingerprint(model).hex():
-        raise FedlvcError(f"model checkpoint {path} does not match the fingerprint in {cfg_file.name}")
     return model.eval()

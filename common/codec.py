@@ -30,8 +30,8 @@ from common.coding.rdo import synthesis_sensitivity
 from common.config.options import GOP, RD_WEIGHT, SKIP_THRESHOLD, PFrameRule
 from common.data.video import VideoWriter, atomic_output, check_output_path, iter_frames, probe
 from common.motion.residual import MotionPFrames, to_uint8
-from common.net.contexts import next_history
 from common.net.model import FedlvcCodec
+from common.net.temporal import next_history
 
 from .checkpoint import fingerprint
 from .errors import FedlvcError
@@ -167,8 +167,8 @@ class FrameEncoder:
         if self.motion is not None:
             return self._encode_motion(frame, key)
         st = self.state
-        ftype = st.frame_type
         y_hat, payload, bits = self._latent_frame(frame, key)
+        ftype = st.frame_type  # the coded frame's: the state moves on only below
         self.ideal_bits += bits
         st.advance(y_hat)
         return ftype, payload

@@ -24,7 +24,8 @@ from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.data.video import write_video
 from common.net.architecture import ARCHITECTURE, ARCHITECTURE_V2
-from common.net.contexts import (
+from common.net.model import with_temporal_prior
+from common.net.temporal import (
     IN_FRAME_VALUES,
     P_GROUPS,
     TEMPORAL_CONTEXTS,
@@ -33,7 +34,6 @@ from common.net.contexts import (
     p_context,
     temporal_context,
 )
-from common.net.model import with_temporal_prior
 
 V2_DATA = Path(__file__).parent / "data" / "v2"
 
@@ -371,14 +371,12 @@ def test_cli_train_upgrades_a_v2_model_and_trains_only_its_temporal_prior(capsys
 def test_rdo_bits_in_closed_form_equal_the_likelihood():
     """choose_p_latent prices candidates with a closed form of the quantized Laplace (faster than calling
     laplace_likelihood three times per group); it must stay the same function, floor included."""
-    from common.coding.rdo import _laplace_bits
-    from common.net.priors import laplace_likelihood, laplace_scale
+    from common.net.temporal import laplace_bit_tables, laplace_bits, laplace_likelihood, laplace_scale
 
-    scale = laplace_scale(torch.linspace(-8, 6, 57, dtype=torch.float64))[:, None]
+    raw = torch.linspace(-8, 6, 57, dtype=torch.float64)[:, None]
+    scale = laplace_scale(raw)
     k = torch.arange(0, 40, dtype=torch.float64)[None, :]
-    zero = -torch.log2(-torch.expm1(-0.5 / scale))
-    step = 1.0 - torch.log2(-torch.expm1(-1.0 / scale))
-    closed = _laplace_bits(zero.expand_as(k * scale), step.expand_as(k * scale), 1.0 / (scale * math.log(2.0)), k)
+    closed = laplace_bits(*(t.expand_as(k * scale) for t in laplace_bit_tables(raw)), k)
     exact = -torch.log2(laplace_likelihood(k, torch.zeros(()), scale))
     torch.testing.assert_close(closed, exact, rtol=1e-9, atol=1e-9)
     assert exact.max() == pytest.approx(-math.log2(1e-9))  # the floor is reached and matched

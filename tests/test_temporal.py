@@ -25,8 +25,8 @@ from common.data.clips import generate_site_clip
 from common.data.video import read_frames, write_video
 from common.errors import FedlvcError
 from common.net.architecture import ARCHITECTURE_INTRA
-from common.net.contexts import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
 from common.net.model import FedlvcCodec
+from common.net.temporal import MOTION_VALUES, NO_MOTION_HISTORY, TEMPORAL_CONTEXTS, next_history, temporal_context
 from common.train.segments import forward_segment
 
 W, H, N = 48, 40, 10  # padded to 48x48: a 3x3 latent of 8 channels

@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from common.net.contexts import MotionHistory
+from common.net.temporal import MotionHistory
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Condition:
     """What encoder and decoder both hold before a latent is coded: the quality level (0-based) and, for a
     P-frame, the previous decoded latent ``prev`` (the means; zeros for a motion residual), the group's motion
     ``history`` and the contexts ``base`` before the in-frame value when they are not the temporal ones of
-    ``prev`` (a motion residual's, :func:`common.net.contexts.residual_context`)."""
+    ``prev`` (a motion residual's, :func:`common.net.temporal.residual_context`)."""
 
     level: int
     prev: np.ndarray | None = None

@@ -1,8 +1,8 @@
 """The P-frame latent codec: its training rate and its coding side by side, as CompressAI keeps a latent
 codec's likelihood and its entropy coding in one class. Change how P-frames are modelled here.
 
-    ŷ_t ─► context (common.net.contexts: ŷ_{t−1}, the group's motion history, the channel groups of ŷ_t before)
-        ─► scale = temporal prior[q, channel, context] (common.net.priors.TemporalPrior)
+    ŷ_t ─► context (common.net.temporal: ŷ_{t−1}, the group's motion history, the channel groups of ŷ_t before)
+        ─► scale = temporal prior[q, channel, context] (common.net.temporal.TemporalPrior)
         ─► p(ŷ_t) = quantized Laplace(ŷ_{t−1}, scale) ─► ANS (channel order; decoded group by group)
 
 Training (:meth:`PFrameCoder.training_bits`) and coding (:meth:`PFrameCoder.compress` / :meth:`decompress`) use
@@ -19,9 +19,8 @@ import torch
 
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
-from common.net.contexts import PFrameContexts, p_context
 from common.net.model import FedlvcCodec
-from common.net.priors import laplace_likelihood, laplace_scale, temporal_scales
+from common.net.temporal import PFrameContexts, laplace_likelihood, laplace_scale, p_context, temporal_scales
 
 from .latent import Condition, Training
 from .rdo import choose_p_latent

@@ -10,21 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config.options import PFrameRule
-from common.net.contexts import MotionHistory, PFrameContexts, p_context
 from common.net.hyperprior import GDN
 from common.net.model import FedlvcCodec
-from common.net.priors import LIKELIHOOD_FLOOR, laplace_scale
-
-
-@torch.no_grad()
-def _laplace_bits(
-    zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor, distance: torch.Tensor
-) -> torch.Tensor:
-    """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
-    (same floor), in closed form from its bits at distance 0 (``zero``: −log2(1 − e^(−½/s))), the constant
-    part of the others (``step``: −log2(½·(1 − e^(−1/s)))) and ``per_step`` = 1/(s·ln 2)."""
-    bits = torch.where(distance < 0.5, zero, step + (distance - 0.5) * per_step)
-    return bits.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
+from common.net.priors import LIKELIHOOD_FLOOR
+from common.net.temporal import MotionHistory, PFrameContexts, laplace_bit_tables, laplace_bits, p_context
 
 
 @torch.no_grad()
@@ -61,12 +50,7 @@ def _rd_choice(y, prev, history, raw, groups: int, rule: PFrameRule, r, lam, wei
     dist = (rule.rd_weight * 255.0**2 / 3.0) * (lam[:, None] * weights)[:, :, None, None]
     # Per (row, channel, context): the bits of the previous value, the constant part of the bits of any
     # other value, and 1/(scale·ln 2) — tabulated once, gathered per element below.
-    scale = laplace_scale(raw)
-    tables = (
-        -torch.log2(-torch.expm1(-0.5 / scale)),
-        1.0 - torch.log2(-torch.expm1(-1.0 / scale)),
-        1.0 / (scale * math.log(2.0)),
-    )
+    tables = laplace_bit_tables(raw)
     contexts = PFrameContexts(prev, history, groups, base)
     out = torch.empty_like(r)
     ctx_all = torch.empty_like(contexts.base)
@@ -77,7 +61,7 @@ def _rd_choice(y, prev, history, raw, groups: int, rule: PFrameRule, r, lam, wei
         ys, ps, d = y[:, sl], prev[:, sl], dist[:, sl]
         best, best_cost = ps, d * (ys - ps) ** 2 + zero.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
         for cand in (r[:, sl], towards[:, sl]):
-            cost = d * (ys - cand) ** 2 + _laplace_bits(zero, step, per_step, (cand - ps).abs())
+            cost = d * (ys - cand) ** 2 + laplace_bits(zero, step, per_step, (cand - ps).abs())
             better = cost < best_cost
             best, best_cost = torch.where(better, cand, best), torch.where(better, cost, best_cost)
         out[:, sl] = best

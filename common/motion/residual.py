@@ -1,7 +1,7 @@
 """Motion-compensated P-frames (model config ``motion``; bitstream version 5): block vectors on the previous
 *decoded* frame (:mod:`common.motion.blocks`) and the residual — frame minus prediction — coded by a second transform
 codec, its latent under a quantized Laplace around zero with a learned scale per (level, channel, context), the
-context being the block's motion class, where the group's earlier residuals were (common.net.contexts
+context being the block's motion class, where the group's earlier residuals were (common.net.temporal
 .residual_context) and the channel groups decoded before. Its training rate and its coding sit side by side here,
 as :mod:`common.coding.pframe` keeps the latent P-frames'::
 
@@ -39,8 +39,8 @@ from common.coding.pframe import MIN_PROBABILITY, PFrameCoder
 from common.coding.rdo import choose_p_latent, hook_free, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
-from common.net.contexts import MotionHistory, next_history, residual_context
 from common.net.model import FedlvcCodec
+from common.net.temporal import MotionHistory, next_history, residual_context
 
 from .blocks import (
     MAX_MV,

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from common.errors import FedlvcError
 
-from .contexts import IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS
+from .temporal import IN_FRAME_VALUES, P_GROUPS, TEMPORAL_CONTEXTS
 
 ARCHITECTURE = "fedlvc-factorized-gain-v3"  # v2 plus contexts inside a P-frame (channel groups)
 ARCHITECTURE_V2 = "fedlvc-factorized-gain-v2"  # v1 plus the temporal (P-frame) prior; still loads and decodes

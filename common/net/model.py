@@ -27,9 +27,9 @@ from torch import nn
 from common.errors import FedlvcError
 
 from .architecture import ARCHITECTURE, ARCHITECTURE_V4, CodecConfig
-from .contexts import TEMPORAL_CONTEXTS
 from .hyperprior import GDN, Z_SUPPORT, AnalysisGDN, HyperAnalysis, HyperSynthesis, SynthesisGDN, gaussian_likelihood
-from .priors import LIKELIHOOD_FLOOR, LevelPriorParams, TemporalPrior, latent_likelihood
+from .priors import LIKELIHOOD_FLOOR, LevelPriorParams, latent_likelihood
+from .temporal import TEMPORAL_CONTEXTS, TemporalPrior
 from .transforms import AnalysisTransform, LevelGains, SynthesisTransform, without_biases
 
 

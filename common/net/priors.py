@@ -1,8 +1,6 @@
-"""The learned entropy models, per quality level: the factorized prior of an I-frame latent (a logistic mixture
-per channel, discretised as CDF(k+½) − CDF(k−½)) and the temporal prior of a P-frame latent (a quantized
-Laplace around the previous decoded latent, its scale per channel and context). Each is an Embedding
-looked up by the level, so DP-SGD gives it per-sample gradients; the coder's tables are built from them
-(:mod:`common.coding.entropy`)."""
+"""The factorized prior of an I-frame latent, per quality level: a logistic mixture per channel, discretised as
+CDF(k+½) − CDF(k−½). An Embedding looked up by the level, so DP-SGD gives it per-sample gradients; the coder's
+tables are built from it (:mod:`common.coding.entropy`). The P-frame prior is :mod:`common.net.temporal`."""
 
 from __future__ import annotations
 
@@ -11,10 +9,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .contexts import TEMPORAL_CONTEXTS
-
-MIN_LAPLACE_SCALE = 0.03
 
 
 class LevelPriorParams(nn.Module):
@@ -70,38 +64,3 @@ def latent_likelihood(y: torch.Tensor, logits, means, log_scales) -> torch.Tenso
     lower_s = mixture_cdf(-(yf + 0.5), lg, -mu, ls)
     p = torch.where(yf > mu.mean(-1), upper_s - lower_s, upper - lower)
     return p.clamp_min(LIKELIHOOD_FLOOR).view_as(y)
-
-
-class TemporalPrior(nn.Module):
-    """Per-level, per-channel, per-context Laplace scales of a P-frame latent around the previous decoded
-    latent: ``forward(levels)`` → raw scale parameters (B, C, contexts). An Embedding, so DP-SGD gives it
-    per-sample gradients like the other priors."""
-
-    def __init__(self, num_levels: int, channels: int, contexts: int = TEMPORAL_CONTEXTS):
-        super().__init__()
-        self.channels, self.contexts = channels, contexts
-        self.table = nn.Embedding(num_levels, channels * contexts)
-        with torch.no_grad():
-            self.table.weight.fill_(0.0)  # softplus(0) + floor ≈ 0.72 quantization steps at start
-
-    def forward(self, levels: torch.Tensor) -> torch.Tensor:
-        return self.table(levels).view(-1, self.channels, self.contexts)
-
-
-def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
-    return MIN_LAPLACE_SCALE + F.softplus(raw)
-
-
-def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """p(y) of integer-valued y under a Laplace(mean, scale) quantized to unit bins centred on integers."""
-    a = (y - mean).abs()
-    inner = 1.0 - 0.5 * (torch.exp(-(0.5 - a).clamp_min(0) / scale) + torch.exp(-(0.5 + a) / scale))
-    outer = 0.5 * torch.exp(-(a - 0.5).clamp_min(0) / scale) * -torch.expm1(-1.0 / scale)
-    return torch.where(a < 0.5, inner, outer).clamp_min(LIKELIHOOD_FLOOR)
-
-
-def temporal_scales(raw: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-    """Laplace scale of every element: raw (B, C, K) gathered by ctx (B, C, h, w)."""
-    b, c = ctx.shape[:2]
-    picked = torch.gather(raw, 2, ctx.reshape(b, c, -1))
-    return laplace_scale(picked).view_as(ctx)

@@ -13,8 +13,8 @@ from common.coding.rdo import choose_p_latent, synthesis_sensitivity
 from common.config.options import PFrameRule
 from common.errors import FedlvcError
 from common.motion.residual import forward_motion_segment
-from common.net.contexts import next_history
 from common.net.model import FedlvcCodec
+from common.net.temporal import next_history
 
 
 def forward_segment(model: FedlvcCodec, x: torch.Tensor, levels: torch.Tensor, rule: PFrameRule = PFrameRule()) -> dict:

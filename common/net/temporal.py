@@ -1,18 +1,24 @@
-"""P-frame contexts: integer functions of decoded latents only, so encoder and decoder agree exactly.
+"""The P-frame (temporal) prior: what a P-frame latent element is conditioned on and its probability under it.
 
-A P-frame latent element is coded under a Laplace centred on the previous decoded latent, with a scale
-chosen by its context (:class:`common.net.priors.TemporalPrior`). The context combines the previous latent's
-local gradient, the motion history of the element's 3x3 neighbourhood in its group of pictures
+A P-frame latent element is coded under a Laplace centred on the previous decoded latent, quantized to unit bins
+(:func:`laplace_likelihood`; :func:`laplace_bits` is its closed form in bits for the encoder's rate–distortion
+choice), with a scale per quality level, channel and context (:class:`TemporalPrior`). The context is an
+integer function of decoded latents only, so encoder and decoder agree exactly: it combines the previous
+latent's local gradient, the motion history of the element's 3x3 neighbourhood in its group of pictures
 (:class:`MotionHistory`), and (architecture v3) how many elements of the frame's channel groups decoded
 before it changed at its position (:class:`PFrameContexts`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .priors import LIKELIHOOD_FLOOR
 
 # P-frame contexts (see temporal_context): 5 buckets of the previous latent's local gradient × 8 motion values:
 # no history yet (the first P-frame of a group), 4 buckets of the last change in the 3×3 neighbourhood, or
@@ -31,6 +37,66 @@ TEMPORAL_CONTEXTS = (len(GRADIENT_BOUNDS) + 1) * MOTION_VALUES
 P_GROUPS = 4
 IN_FRAME_BOUNDS = (2, 4)
 IN_FRAME_VALUES = 2 + len(IN_FRAME_BOUNDS) + 1
+
+
+MIN_LAPLACE_SCALE = 0.03
+
+
+class TemporalPrior(nn.Module):
+    """Per-level, per-channel, per-context Laplace scales of a P-frame latent around the previous decoded
+    latent: ``forward(levels)`` → raw scale parameters (B, C, contexts). An Embedding, so DP-SGD gives it
+    per-sample gradients like the other priors."""
+
+    def __init__(self, num_levels: int, channels: int, contexts: int = TEMPORAL_CONTEXTS):
+        super().__init__()
+        self.channels, self.contexts = channels, contexts
+        self.table = nn.Embedding(num_levels, channels * contexts)
+        with torch.no_grad():
+            self.table.weight.fill_(0.0)  # softplus(0) + floor ≈ 0.72 quantization steps at start
+
+    def forward(self, levels: torch.Tensor) -> torch.Tensor:
+        return self.table(levels).view(-1, self.channels, self.contexts)
+
+
+def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
+    return MIN_LAPLACE_SCALE + F.softplus(raw)
+
+
+def laplace_likelihood(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """p(y) of integer-valued y under a Laplace(mean, scale) quantized to unit bins centred on integers."""
+    a = (y - mean).abs()
+    inner = 1.0 - 0.5 * (torch.exp(-(0.5 - a).clamp_min(0) / scale) + torch.exp(-(0.5 + a) / scale))
+    outer = 0.5 * torch.exp(-(a - 0.5).clamp_min(0) / scale) * -torch.expm1(-1.0 / scale)
+    return torch.where(a < 0.5, inner, outer).clamp_min(LIKELIHOOD_FLOOR)
+
+
+def temporal_scales(raw: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Laplace scale of every element: raw (B, C, K) gathered by ctx (B, C, h, w)."""
+    b, c = ctx.shape[:2]
+    picked = torch.gather(raw, 2, ctx.reshape(b, c, -1))
+    return laplace_scale(picked).view_as(ctx)
+
+
+def laplace_bit_tables(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pieces of :func:`laplace_bits` for the raw scales ``raw`` (any shape), each shaped like it: the bits at
+    distance 0 (−log2(1 − e^(−½/s))), the constant part of the bits at any other distance
+    (−log2(½·(1 − e^(−1/s)))) and 1/(s·ln 2)."""
+    scale = laplace_scale(raw)
+    return (
+        -torch.log2(-torch.expm1(-0.5 / scale)),
+        1.0 - torch.log2(-torch.expm1(-1.0 / scale)),
+        1.0 / (scale * math.log(2.0)),
+    )
+
+
+@torch.no_grad()
+def laplace_bits(
+    zero: torch.Tensor, step: torch.Tensor, per_step: torch.Tensor, distance: torch.Tensor
+) -> torch.Tensor:
+    """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
+    (same floor), in closed form from the :func:`laplace_bit_tables` of its scale."""
+    bits = torch.where(distance < 0.5, zero, step + (distance - 0.5) * per_step)
+    return bits.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
 
 
 @dataclass
