@@ -4,7 +4,8 @@ on its past and codes what comes next with it.
 
 The site's past (``--past``, default frames 0-39 of ``tree``, Debian opencv-doc's fixed outdoor camera) is written
 losslessly to a folder, and the site trains on it as a site would, with ``fedlvc train --init-model SHARED`` and
-no noise (the best checkpoint by validation on every 20th past frame). Then the shared and the personal model
+no noise (the best checkpoint by validation on every 20th past frame; ``--segment-frames N``: on segments of N
+frames, I+P, so that the P-frame prior learns the scene too). Then the shared and the personal model
 code the held-out frames (``--test``, default 40-67) as ``benchmarks/rd.py`` does (``run_clip``: real ``.lvc``
 files, every quality, I+P and intra-only) beside x264 medium and x264 intra-only on the same frames; BD-rates on
 PSNR-RGB, personal against shared and each against x264. Prints one JSON line. ``--personal PATH`` keeps the
@@ -48,6 +49,8 @@ def train_personal(args, shared: Path, personal: Path, folder: Path) -> dict:
     command = ["--threads", str(args.threads), "train", str(site), "--init-model", str(shared), "--out"]
     command += [str(personal), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--crop-size"]
     command += [str(args.crop_size), "--lr", str(args.lr), "--validate-every", str(args.validate_every), "--quiet"]
+    if args.segment_frames:  # rows of consecutive frames: the P-frame prior learns the scene too
+        command += ["--privacy-unit", "segment", "--segment-frames", str(args.segment_frames)]
     if fedlvc(command) != 0:
         raise SystemExit("fedlvc train failed")
     return {"source": source, "frames": len(frames), "command": "fedlvc " + " ".join(command), **read_meta(personal)}
@@ -101,6 +104,9 @@ def _parse(argv):
     p.add_argument("--crop-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4, help="personal learning rate (default 1e-4)")
     p.add_argument("--validate-every", type=int, default=50)
+    p.add_argument(
+        "--segment-frames", type=int, default=0, help="train on segments of this many frames (I+P), 0: on frames"
+    )
     p.add_argument("--crfs", default="18,23,28,33,38,43,48", help="x264 crfs (default 18,23,28,33,38,43,48)")
     p.add_argument("--baselines", default="x264,x264-intra")
     p.add_argument("--gop", type=int, default=32)
