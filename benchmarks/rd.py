@@ -97,9 +97,10 @@ def parse_clips(spec: str, frames_override: int | None):
         else:
             key = Path(name).stem
         first, dash, last = n.partition("-")
-        start = int(first) if dash else 0
-        if dash and (start < 0 or int(last) < start or name in C.GENERATED_CLIPS):
+        well_formed = first.isdigit() and last.isdigit() and int(first) <= int(last)
+        if dash and (name in C.GENERATED_CLIPS or not well_formed):
             raise SystemExit(f"bad frame range in {item!r}: FIRST-LAST, 0 <= FIRST <= LAST, real clips only")
+        start = int(first) if dash else 0
         frames = frames_override or (int(last) - start + 1 if dash else int(n) if n else None)
         if frames is None and (name in C.GENERATED_CLIPS):
             frames = 30

@@ -51,7 +51,7 @@ setup() {
     (cd "$CAMPAIGN" && "$VENV/bin/fedlvc" public-data "$DATA/public" --fetch --clips 240 --frames 24 --width 256 \
       --height 192 --quiet)
   fi
-  # Generated scenes, a minor share: sites 0-3 and 8-19 (a quarter of the frames; sites 4-7 are evaluation scenes,
+  # Generated scenes, a minor share: sites 0-3 and 8-19, a quarter of the frames (sites 4-7 are left out: 4 and 7 are
   # benchmarks/rd.py's static and moving cameras). Sites 12-19 were added in session 38, when v4 still coded the
   # generated cameras 70-90 % worse than v3 (docs/results.md, codec v4), from 14 % of the frames before.
   if [ ! -d "$DATA/gen" ]; then
