@@ -3,8 +3,6 @@ whatever integers the encoder chose."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,8 +10,14 @@ from torch import nn
 from common.config.options import PFrameRule
 from common.net.hyperprior import GDN
 from common.net.model import FedlvcCodec
-from common.net.priors import LIKELIHOOD_FLOOR
-from common.net.temporal import MotionHistory, PFrameContexts, laplace_bit_tables, laplace_bits, p_context
+from common.net.temporal import (
+    MAX_LAPLACE_BITS,
+    MotionHistory,
+    PFrameContexts,
+    laplace_bit_tables,
+    laplace_bits,
+    p_context,
+)
 
 
 @torch.no_grad()
@@ -59,7 +63,7 @@ def _rd_choice(y, prev, history, raw, groups: int, rule: PFrameRule, r, lam, wei
         ctx_all[:, sl] = ctx
         zero, step, per_step = (torch.gather(t[:, sl], 2, ctx.flatten(2)).view_as(ctx) for t in tables)
         ys, ps, d = y[:, sl], prev[:, sl], dist[:, sl]
-        best, best_cost = ps, d * (ys - ps) ** 2 + zero.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
+        best, best_cost = ps, d * (ys - ps) ** 2 + zero.clamp_max(MAX_LAPLACE_BITS)
         for cand in (r[:, sl], towards[:, sl]):
             cost = d * (ys - cand) ** 2 + laplace_bits(zero, step, per_step, (cand - ps).abs())
             better = cost < best_cost

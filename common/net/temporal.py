@@ -40,6 +40,7 @@ IN_FRAME_VALUES = 2 + len(IN_FRAME_BOUNDS) + 1
 
 
 MIN_LAPLACE_SCALE = 0.03
+MAX_LAPLACE_BITS = -math.log2(LIKELIHOOD_FLOOR)  # what laplace_likelihood's floor costs
 
 
 class TemporalPrior(nn.Module):
@@ -96,7 +97,7 @@ def laplace_bits(
     """−log2 p of an integer ``distance`` from the mean under the quantized Laplace of :func:`laplace_likelihood`
     (same floor), in closed form from the :func:`laplace_bit_tables` of its scale."""
     bits = torch.where(distance < 0.5, zero, step + (distance - 0.5) * per_step)
-    return bits.clamp_max(-math.log2(LIKELIHOOD_FLOOR))
+    return bits.clamp_max(MAX_LAPLACE_BITS)
 
 
 @dataclass
