@@ -68,6 +68,14 @@ def clip_path(name: str) -> Path:
     return p
 
 
+def frame_range(text: str, item: str) -> tuple[int, int]:
+    """(first frame, frames) of ``FIRST-LAST`` (inclusive); ``item`` names it in the one-line refusal."""
+    first, _, last = text.partition("-")
+    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise SystemExit(f"bad frame range in {item!r}: FIRST-LAST, 0 <= FIRST <= LAST")
+    return int(first), int(last) - int(first) + 1
+
+
 def load_clip(name: str, frames: int | None, gen_size=(320, 240), start: int = 0):
     """(frames array (T, H, W, 3) uint8, fps, description) of a named/real clip (from its frame ``start``) or a
     generated one."""

@@ -26,21 +26,13 @@ import _common as C
 import rd
 
 
-def _range(text: str) -> tuple[int, int]:
-    """(first frame, frames) of ``FIRST-LAST`` (inclusive)."""
-    first, _, last = text.partition("-")
-    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
-        raise SystemExit(f"bad frame range {text!r}: FIRST-LAST")
-    return int(first), int(last) - int(first) + 1
-
-
 def train_personal(args, shared: Path, personal: Path, folder: Path) -> dict:
     """The site's own ``fedlvc train`` on its past frames (written losslessly to ``folder``), without noise."""
     from client.cli import main as fedlvc
     from common.checkpoint import read_meta
     from common.data.video import write_video
 
-    start, n = _range(args.past)
+    start, n = C.frame_range(args.past, args.past)
     frames, fps, source = C.load_clip(args.clip, n, start=start)
     site = folder / "site"
     site.mkdir()
@@ -60,7 +52,7 @@ def measure(model_path: Path, args, baselines: list[str]) -> dict:
     """rd.py's measurement of the test frames with one model (and the baselines when given)."""
     from common.checkpoint import fingerprint, load_model
 
-    start, n = _range(args.test)
+    start, n = C.frame_range(args.test, args.test)
     model = load_model(model_path)
     levels = list(range(1, model.cfg.num_levels + 1))
     crfs = tuple(int(c) for c in args.crfs.split(","))
@@ -118,7 +110,7 @@ def _parse(argv):
 def main(argv=None) -> int:
     args = _parse(argv)
     for frames in (args.past, args.test):  # a bad range fails before any work
-        _range(frames)
+        C.frame_range(frames, frames)
     with C.json_stdout() as emit, tempfile.TemporaryDirectory() as tmp:
         C.set_threads(args.threads)
         shared = C.model_path(args.model)

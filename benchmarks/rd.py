@@ -96,12 +96,13 @@ def parse_clips(spec: str, frames_override: int | None):
             key = name
         else:
             key = Path(name).stem
-        first, dash, last = n.partition("-")
-        well_formed = first.isdigit() and last.isdigit() and int(first) <= int(last)
-        if dash and (name in C.GENERATED_CLIPS or not well_formed):
-            raise SystemExit(f"bad frame range in {item!r}: FIRST-LAST, 0 <= FIRST <= LAST, real clips only")
-        start = int(first) if dash else 0
-        frames = frames_override or (int(last) - start + 1 if dash else int(n) if n else None)
+        if "-" not in n:
+            start, count = 0, int(n) if n else None
+        elif name in C.GENERATED_CLIPS:
+            raise SystemExit(f"bad frame range in {item!r}: frame ranges are for real clips only")
+        else:
+            start, count = C.frame_range(n, item)
+        frames = frames_override or count
         if frames is None and (name in C.GENERATED_CLIPS):
             frames = 30
         out.append((key, name, frames, start))
