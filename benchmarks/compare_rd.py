@@ -6,6 +6,7 @@ two runs of the same clips (``--against``), each fedlvc curve of the first again
 
 python benchmarks/rd.py --model NEW.safetensors --out new.json ...   # and the same command without --model
 python benchmarks/compare_rd.py new.json --against old.json
+python benchmarks/compare_rd.py new-a.json new-b.json --against old.json   # a model measured in two runs
 """
 
 from __future__ import annotations
@@ -30,10 +31,20 @@ def curves(path: str | Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
     return out
 
 
+def curves_of(paths: list[str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """:func:`curves` of several rd.py runs of one model (different clips, e.g. a long run split in two)."""
+    out: dict = {}
+    for path in paths:
+        out.update(curves(path))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="an rd.py --out JSON")
-    p.add_argument("--against", help="another rd.py --out JSON of the same clips (e.g. the shipped model's)")
+    p.add_argument("run", nargs="+", help="rd.py --out JSONs of one model (their clips together)")
+    p.add_argument(
+        "--against", nargs="+", help="rd.py --out JSONs of another model on the same clips (e.g. the shipped model's)"
+    )
     args = p.parse_args(argv)
     with C.json_stdout() as emit:
         from common.eval.metrics import bd_rate
@@ -42,8 +53,8 @@ def main(argv=None) -> int:
             value = bd_rate(anchor, test)
             return None if value is None else round(value, 2)
 
-        ours = curves(args.run)
-        result = {"benchmark": "compare_rd", "run": args.run, "clips": {}}
+        ours = curves_of(args.run)
+        result = {"benchmark": "compare_rd", "run": " ".join(args.run), "clips": {}}
         for clip, codecs in ours.items():
             row = {
                 "bd_rate_percent": {
@@ -56,8 +67,8 @@ def main(argv=None) -> int:
             }
             result["clips"][clip] = row
         if args.against:
-            result["against"] = args.against
-            theirs = curves(args.against)
+            result["against"] = " ".join(args.against)
+            theirs = curves_of(args.against)
             for clip, row in result["clips"].items():
                 if clip in theirs:
                     row["vs_against"] = {
